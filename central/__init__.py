@@ -1,0 +1,1 @@
+"""Central engine: the full (MoE) model on PyTorch + transformers, DeepSpeed tensor parallel."""

@@ -1,0 +1,36 @@
+"""The aiohttp application: routes, middlewares, limits."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..node import Node
+from . import ops, openai
+from .errors import Handler, error_middleware
+from .keys import NODE
+
+
+@web.middleware
+async def in_flight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts requests being served, so a stop can wait for them to finish."""
+    node = request.app[NODE]
+    node.in_flight += 1
+    try:
+        return await handler(request)
+    finally:
+        node.in_flight -= 1
+
+
+def create_app(node: Node) -> web.Application:
+    app = web.Application(
+        middlewares=[in_flight_middleware, error_middleware],
+        client_max_size=node.config.limits.max_body_bytes,
+    )
+    app[NODE] = node
+    app.router.add_post("/v1/chat/completions", openai.chat_completions)
+    app.router.add_post("/v1/completions", openai.completions)
+    app.router.add_get("/v1/models", openai.list_models)
+    app.router.add_get("/health", ops.health)
+    app.router.add_get("/ready", ops.ready)
+    app.router.add_get("/cluster", ops.cluster)
+    return app

@@ -1,0 +1,113 @@
+"""Every failure becomes an HTTP answer here, and only here, in OpenAI's error shape:
+`{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from ..engine import ContextLengthExceeded, EngineError, EngineNotReady, QueueFull
+from ..tokenizer import ChatTemplateError
+
+log = structlog.get_logger("dsnode.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str, available: list[str]) -> APIError:
+    names = ", ".join(sorted(available)) or "none"
+    return APIError(
+        404,
+        f"The model `{model}` does not exist or is not served by this cluster (available: {names}).",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The one switch from internal errors to HTTP."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return APIError(
+            429,
+            str(exc),
+            type="server_overloaded",
+            code="queue_full",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+    if isinstance(exc, ContextLengthExceeded):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, ChatTemplateError):
+        return APIError(400, str(exc), param="messages", code="invalid_messages")
+    if isinstance(exc, EngineNotReady):
+        return APIError(
+            503, f"The model is not ready: {exc.reason}", type="service_unavailable",
+            code="not_ready", headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, EngineError):
+        return APIError(500, str(exc), type="server_error", code="engine_error")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return APIError(413, "The request body is too large.", code="request_too_large")
+    if isinstance(exc, web.HTTPException):
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        return APIError(exc.status, exc.reason, type=kind, code=_slug(exc.reason))
+    return APIError(500, "Internal server error.", type="server_error", code="internal_error")
+
+
+def error_response(error: APIError) -> web.Response:
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+def sse_error_event(error: APIError) -> bytes:
+    return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and the like pass through
+        return error_response(to_api_error(exc))
+    except APIError as exc:
+        return error_response(exc)
+    except (QueueFull, ContextLengthExceeded, ChatTemplateError, EngineError) as exc:
+        return error_response(to_api_error(exc))
+    except Exception as exc:
+        log.exception("unhandled_error", path=request.path, error=str(exc))
+        return error_response(to_api_error(exc))
+
+
+def _slug(reason: str) -> str:
+    return reason.lower().replace(" ", "_")

@@ -1,0 +1,179 @@
+"""Answer a completion request with this node's own engine, streamed (SSE) or whole."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from ..config import LimitsSection
+from ..engine import Delta, Engine, EngineError, GenerationRequest, SamplingParams
+from ..tokenizer import TextTokenizer
+from . import headers
+from .errors import APIError, bad_request, sse_error_event, to_api_error
+from .record import RequestRecord
+from .responses import DONE, Shape, chunk, full_response, sse, usage, usage_chunk
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+Body = ChatCompletionRequest | CompletionRequest
+
+# Tokenizing a prompt this long moves off the event loop (tokenizers is fast, but not free).
+TOKENIZE_IN_THREAD_CHARS = 32_768
+
+
+async def prompt_token_ids(tokenizer: TextTokenizer, body: Body) -> list[int]:
+    if isinstance(body, CompletionRequest) and isinstance(body.prompt, list) and isinstance(body.prompt[0], int):
+        ids = list(body.prompt)  # type: ignore[arg-type]
+        too_big = [i for i in ids if i >= tokenizer.vocab_size]
+        if too_big:
+            raise bad_request(f"Token id {too_big[0]} is outside the vocabulary ({tokenizer.vocab_size}).", "prompt")
+        return ids
+    size = _prompt_chars(body)
+    if size > TOKENIZE_IN_THREAD_CHARS:
+        return await asyncio.to_thread(_tokenize, tokenizer, body)
+    return _tokenize(tokenizer, body)
+
+
+def _prompt_chars(body: Body) -> int:
+    if isinstance(body, ChatCompletionRequest):
+        return sum(len(m.text()) for m in body.messages)
+    prompt = body.prompt
+    return len(prompt) if isinstance(prompt, str) else sum(len(str(p)) for p in prompt)
+
+
+def _tokenize(tokenizer: TextTokenizer, body: Body) -> list[int]:
+    if isinstance(body, ChatCompletionRequest):
+        return tokenizer.encode_chat([m.for_template() for m in body.messages])
+    prompt = body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])
+    return tokenizer.encode(prompt)
+
+
+def sampling_params(body: Body, prompt_tokens: int, max_context: int, limits: LimitsSection) -> SamplingParams:
+    """OpenAI parameters → engine parameters. Without max_tokens, the rest of the context (vLLM)."""
+    requested = body.requested_max_tokens()
+    param = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens else "max_tokens"
+    if limits.max_tokens is not None and requested is not None and requested > limits.max_tokens:
+        raise bad_request(
+            f"'{param}' is {requested}, over this server's limit of {limits.max_tokens}.", param, "max_tokens_too_large"
+        )
+    max_tokens = requested if requested is not None else max(0, max_context - prompt_tokens)
+    if limits.max_tokens is not None:
+        max_tokens = min(max_tokens, limits.max_tokens)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(0, body.top_k),
+        seed=body.seed,
+        stop=body.stop_sequences(),
+        ignore_eos=body.ignore_eos,
+    )
+
+
+async def serve_local(
+    request: web.Request,
+    engine: Engine,
+    body: Body,
+    prompt_ids: list[int],
+    record: RequestRecord,
+    limits: LimitsSection,
+) -> web.StreamResponse:
+    params = sampling_params(body, len(prompt_ids), engine.info.max_context, limits)
+    record.prompt_tokens = len(prompt_ids)
+    shape = Shape.new(record.endpoint, record.request_id, body.model)
+    stream = engine.generate(GenerationRequest(record.request_id, tuple(prompt_ids), params))
+    async with aclosing(stream):
+        first = await anext(stream)  # admission errors surface here, before any header is sent
+        echo = _echo_text(engine.tokenizer, body, prompt_ids)
+        if body.stream:
+            return await _stream(request, stream, first, shape, body, record, echo)
+        return await _whole(stream, first, shape, record, echo)
+
+
+def _echo_text(tokenizer: TextTokenizer, body: Body, prompt_ids: list[int]) -> str:
+    if isinstance(body, CompletionRequest) and body.echo:
+        return body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt_ids)
+    return ""
+
+
+def _response_headers(record: RequestRecord) -> dict[str, str]:
+    return {headers.NODE: record.node, headers.ROUTE: "local", headers.REQUEST_ID: record.request_id}
+
+
+async def _whole(
+    stream: AsyncIterator[Delta], first: Delta, shape: Shape, record: RequestRecord, echo: str
+) -> web.Response:
+    parts, last = [echo], first
+    async for delta in _with_first(first, stream):
+        record.mark_token()
+        parts.append(delta.text)
+        last = delta
+    record.completion_tokens, record.finish_reason = last.completion_tokens, last.finish_reason
+    body = full_response(shape, "".join(parts), last.finish_reason, usage(last.prompt_tokens, last.completion_tokens))
+    return web.json_response(body, headers=_response_headers(record))
+
+
+async def _stream(
+    request: web.Request,
+    stream: AsyncIterator[Delta],
+    first: Delta,
+    shape: Shape,
+    body: Body,
+    record: RequestRecord,
+    echo: str,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **_response_headers(record),
+        }
+    )
+    await response.prepare(request)
+    include_usage = body.include_usage
+    last = first
+    if shape.chat:
+        await response.write(sse(chunk(shape, "", first=True, with_usage_field=include_usage)))
+    elif echo:
+        await response.write(sse(chunk(shape, echo, with_usage_field=include_usage)))
+    try:
+        async for delta in _with_first(first, stream):
+            record.mark_token()
+            last = delta
+            for piece in _delta_chunks(shape, delta, include_usage):
+                await response.write(sse(piece))
+    except (EngineError, APIError) as exc:  # mid-stream failure: say so, then end the stream properly
+        error = to_api_error(exc)
+        record.status, record.error = error.status, error.message
+        await response.write(sse_error_event(error))
+    record.completion_tokens, record.finish_reason = last.completion_tokens, last.finish_reason
+    if include_usage:
+        await response.write(sse(usage_chunk(shape, usage(last.prompt_tokens, last.completion_tokens))))
+    await response.write(DONE)
+    await response.write_eof()
+    return response
+
+
+def _delta_chunks(shape: Shape, delta: Delta, include_usage: bool) -> list[dict[str, Any]]:
+    """Chat sends the last text and the finish reason in separate chunks (as OpenAI does)."""
+    reason = delta.finish_reason
+    if not delta.text:
+        return [chunk(shape, "", reason, with_usage_field=include_usage)] if reason else []
+    if shape.chat and reason:
+        return [
+            chunk(shape, delta.text, None, with_usage_field=include_usage),
+            chunk(shape, "", reason, with_usage_field=include_usage),
+        ]
+    return [chunk(shape, delta.text, reason, with_usage_field=include_usage)]
+
+
+async def _with_first(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    yield first
+    if first.finish_reason is None:
+        async for delta in rest:
+            yield delta
+            if delta.finish_reason is not None:
+                return

@@ -1,0 +1,31 @@
+"""Operator endpoints: `/health`, `/ready`, `/cluster`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..cluster.advert import advertisement
+from .keys import NODE
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process is serving HTTP."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: the local model is loaded and the node accepts work."""
+    node = request.app[NODE]
+    state = node.readiness()
+    if state.ready:
+        return web.json_response({"status": "ready", "node": node.name, "model": node.config.model.name})
+    return web.json_response(
+        {"status": "not_ready", "node": node.name, "reason": state.reason},
+        status=503,
+        headers={"Retry-After": "5"},
+    )
+
+
+async def cluster(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return web.json_response({"node": advertisement(node), "peers": []})

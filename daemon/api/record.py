@@ -1,0 +1,78 @@
+"""One record per request: filled in while it is served, then logged (and counted) exactly once."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    endpoint: str  # "chat" | "completion"
+    node: str  # the node that generated the answer
+    route: str = "local"  # "local" | "forwarded"
+    model: str = ""
+    stream: bool = False
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    upstream: str | None = None  # forwarded: the peer that served it
+    route_reason: str = ""
+    error: str | None = None
+    client: str | None = None
+    user: str | None = None  # the client's identity (API key name), never the key
+    started: float = field(default_factory=time.monotonic)
+    admitted: float | None = None  # engine accepted it (local) / upstream answered headers
+    first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finished: float | None = None
+
+    def mark_token(self) -> None:
+        now = time.monotonic()
+        if self.first_token is None:
+            self.first_token = now
+        self.token_times.append(now)
+
+    def done(self, status: int | None = None, error: str | None = None) -> None:
+        if status is not None:
+            self.status = status
+        if error is not None:
+            self.error = error
+        self.finished = time.monotonic()
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.started
+
+    @property
+    def duration_s(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    def inter_token_s(self) -> list[float]:
+        times = self.token_times
+        return [b - a for a, b in zip(times, times[1:])]
+
+    def fields(self) -> dict[str, Any]:
+        """The structured fields of the per-request log event."""
+        out: dict[str, Any] = {
+            "request_id": self.request_id,
+            "endpoint": self.endpoint,
+            "route": self.route,
+            "node": self.node,
+            "model": self.model,
+            "stream": self.stream,
+            "status": self.status,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "finish_reason": self.finish_reason,
+            "duration_ms": round(self.duration_s * 1000, 1),
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1),
+        }
+        for key in ("upstream", "route_reason", "error", "client", "user"):
+            value = getattr(self, key)
+            if value:
+                out[key] = value
+        return out

@@ -1,0 +1,101 @@
+"""OpenAI response bodies and stream chunks for chat and text completions."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What every body of one request shares."""
+
+    endpoint: str  # "chat" | "completion"
+    response_id: str
+    model: str
+    created: int
+
+    @classmethod
+    def new(cls, endpoint: str, request_id: str, model: str) -> "Shape":
+        prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
+        return cls(endpoint, prefix + request_id, model, int(time.time()))
+
+    @property
+    def chat(self) -> bool:
+        return self.endpoint == "chat"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def full_response(shape: Shape, text: str, finish_reason: str | None, use: dict[str, int]) -> dict[str, Any]:
+    if shape.chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        kind = "text_completion"
+    return {
+        "id": shape.response_id,
+        "object": kind,
+        "created": shape.created,
+        "model": shape.model,
+        "choices": [choice],
+        "usage": use,
+    }
+
+
+def chunk(
+    shape: Shape,
+    text: str,
+    finish_reason: str | None = None,
+    first: bool = False,
+    with_usage_field: bool = False,
+) -> dict[str, Any]:
+    if shape.chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        kind = "text_completion"
+    body: dict[str, Any] = {
+        "id": shape.response_id,
+        "object": kind,
+        "created": shape.created,
+        "model": shape.model,
+        "choices": [choice],
+    }
+    if with_usage_field:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk(shape: Shape, use: dict[str, int]) -> dict[str, Any]:
+    kind = "chat.completion.chunk" if shape.chat else "text_completion"
+    return {
+        "id": shape.response_id,
+        "object": kind,
+        "created": shape.created,
+        "model": shape.model,
+        "choices": [],
+        "usage": use,
+    }
+
+
+def sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"

@@ -1,0 +1,338 @@
+"""`BatchingEngine`: the engine contract on top of the pure scheduler and a backend's model runner.
+
+One worker thread owns the model runner: it asks the scheduler for a step, runs it (prefill chunks one
+sequence at a time, decodes batched), samples, detokenizes, and hands each request its deltas on the
+event loop with `call_soon_threadsafe`. The event loop never waits on the model. The scheduler is
+shared with the loop under a lock only for quick bookkeeping (admission, aborts), never for compute.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol, Sequence
+
+import numpy as np
+import structlog
+
+from .detokenizer import Detokenizer
+from .engine import (
+    ContextLengthExceeded,
+    Delta,
+    Engine,
+    EngineError,
+    EngineLoad,
+    EngineNotReady,
+    FinishReason,
+    GenerationRequest,
+    Health,
+    ModelInfo,
+    QueueFull,
+)
+from .sampling import new_generator, sample_token
+from .scheduler import RequestTooLarge, Scheduler, SchedulerConfig, StepPlan, WaitingQueueFull
+from .tokenizer import TextTokenizer
+
+log = structlog.get_logger("dsnode.engine")
+
+THROUGHPUT_WINDOW_S = 10.0
+
+
+class ModelRunner(Protocol):
+    """What a backend provides: forward passes with a per-sequence KV cache. Called from one thread."""
+
+    def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Feed tokens at positions start.. of `seq_id`; returns the last position's logits (V,)."""
+        ...
+
+    def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
+        """Feed one token to each sequence, batched; returns logits (n, V) in the order given."""
+        ...
+
+    def release(self, seq_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RunnerDied(EngineError):
+    """The runner cannot continue (a tensor-parallel rank died, the device was lost)."""
+
+
+@dataclass
+class _Live:
+    seq_id: str
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delta | BaseException]
+    detok: Detokenizer
+    rng: np.random.Generator
+    tokens: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+
+    def send(self, item: Delta | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    runner: ModelRunner
+    tokenizer: TextTokenizer
+    info: ModelInfo
+
+
+class BatchingEngine(Engine):
+    """Subclasses implement `_load_blocking()` (runs in a thread) and return the runner and facts."""
+
+    def __init__(self, batching: SchedulerConfig) -> None:
+        self._batching = batching
+        self._scheduler = Scheduler(batching)
+        self._cond = threading.Condition()
+        self._live: dict[str, _Live] = {}
+        self._to_release: list[str] = []
+        self._ids = itertools.count()
+        self._loaded: Loaded | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._failure: str | None = None
+        self._sampled: deque[tuple[float, int]] = deque()
+
+    @abc.abstractmethod
+    def _load_blocking(self) -> Loaded: ...
+
+    # --- contract -----------------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        return self._require_loaded().info
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self._require_loaded().tokenizer
+
+    async def load(self) -> None:
+        try:
+            self._loaded = await asyncio.to_thread(self._load_blocking)
+        except Exception as exc:
+            self._failure = f"model failed to load: {exc}"
+            raise
+        self._thread = threading.Thread(target=self._work, name="dsnode-engine", daemon=True)
+        self._thread.start()
+
+    def health(self) -> Health:
+        if self._failure:
+            return Health(False, self._failure)
+        if self._loaded is None:
+            return Health(False, "model is loading")
+        if self._stopping:
+            return Health(False, "engine is shutting down")
+        return Health(True)
+
+    def load_figures(self) -> EngineLoad:
+        with self._cond:
+            waiting, running = self._scheduler.num_waiting, self._scheduler.num_active
+            held = self._scheduler.held_tokens
+        return EngineLoad(
+            waiting, running, held, self._batching.max_batch_tokens, self._throughput(), self._batching.max_queue
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        live = self._admit(request)
+        finished = False
+        try:
+            while True:
+                item = await live.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._abort(live.seq_id)
+
+    async def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._fail_all(EngineNotReady("the node is shutting down"))
+        if self._loaded is not None:
+            await asyncio.to_thread(self._loaded.runner.close)
+
+    # --- intake (event loop) ------------------------------------------------------------------
+    def _require_loaded(self) -> Loaded:
+        if self._loaded is None:
+            raise EngineNotReady("model is loading")
+        return self._loaded
+
+    def _admit(self, request: GenerationRequest) -> _Live:
+        health = self.health()
+        if not health.ready:
+            raise EngineNotReady(health.reason)
+        loaded = self._require_loaded()
+        prompt_len, max_tokens = len(request.prompt_ids), request.params.max_tokens
+        if prompt_len + max_tokens > loaded.info.max_context or prompt_len == 0:
+            raise ContextLengthExceeded(prompt_len, max_tokens, loaded.info.max_context)
+        seq_id = f"{request.request_id}#{next(self._ids)}"
+        live = _Live(
+            seq_id,
+            request,
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+            Detokenizer(loaded.tokenizer, request.params.stop),
+            new_generator(request.params),
+            tokens=list(request.prompt_ids),
+        )
+        with self._cond:
+            try:
+                self._scheduler.add(seq_id, prompt_len, max_tokens)
+            except WaitingQueueFull as exc:
+                raise QueueFull(exc.waiting, exc.max_queue) from None
+            except RequestTooLarge:
+                raise ContextLengthExceeded(prompt_len, max_tokens, loaded.info.max_context) from None
+            self._live[seq_id] = live
+            self._cond.notify()
+        return live
+
+    def _abort(self, seq_id: str) -> None:
+        with self._cond:
+            self._live.pop(seq_id, None)
+            if self._scheduler.abort(seq_id):
+                self._to_release.append(seq_id)
+            self._cond.notify()
+
+    # --- worker thread ------------------------------------------------------------------------
+    def _work(self) -> None:
+        runner = self._require_loaded().runner
+        while True:
+            with self._cond:
+                while not self._stopping and not self._scheduler.has_work() and not self._to_release:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                plan = self._scheduler.schedule()
+                releases, self._to_release = self._to_release + list(plan.preempted), []
+            try:
+                for seq_id in releases:
+                    runner.release(seq_id)
+                if plan.empty:
+                    continue
+                sampled = self._execute(runner, plan)
+            except RunnerDied as exc:
+                self._die(str(exc))
+                return
+            except Exception as exc:  # one bad step fails its requests, not the node
+                log.exception("engine_step_failed", error=str(exc))
+                self._fail_step(runner, plan, EngineError(f"the model failed on this request: {exc}"))
+                continue
+            self._finish_step(runner, plan, sampled)
+
+    def _execute(self, runner: ModelRunner, plan: StepPlan) -> dict[str, int]:
+        sampled: dict[str, int] = {}
+        for feed in plan.prefill:
+            live = self._live.get(feed.seq_id)
+            if live is None:
+                continue
+            logits = runner.prefill(feed.seq_id, live.tokens[feed.start : feed.end], feed.start)
+            if feed.sample:
+                sampled[feed.seq_id] = sample_token(logits, live.request.params, live.rng)
+        decoding = [(f.seq_id, self._live.get(f.seq_id)) for f in plan.decode]
+        decoding = [(seq_id, live) for seq_id, live in decoding if live is not None]
+        if decoding:
+            logits = runner.decode([s for s, _ in decoding], [live.tokens[-1] for _, live in decoding])
+            for row, (seq_id, live) in enumerate(decoding):
+                sampled[seq_id] = sample_token(logits[row], live.request.params, live.rng)
+        return sampled
+
+    def _finish_step(self, runner: ModelRunner, plan: StepPlan, sampled: dict[str, int]) -> None:
+        outgoing: list[tuple[_Live, Delta]] = []
+        ended: set[str] = set()
+        for seq_id, token in sampled.items():
+            live = self._live.get(seq_id)
+            if live is None:
+                continue
+            delta = self._advance(live, token)
+            outgoing.append((live, delta))
+            if delta.finish_reason is not None:
+                ended.add(seq_id)
+        with self._cond:
+            self._scheduler.update(plan, finished=ended)
+            for seq_id in ended:
+                self._scheduler.finish(seq_id)
+                self._live.pop(seq_id, None)
+        for seq_id in ended:
+            runner.release(seq_id)
+        self._count_sampled(len(sampled))
+        for live, delta in outgoing:
+            live.send(delta)
+
+    def _advance(self, live: _Live, token: int) -> Delta:
+        params = live.request.params
+        live.tokens.append(token)
+        live.completion_tokens += 1
+        reason: FinishReason | None = None
+        if token in self._require_loaded().tokenizer.eos_token_ids and not params.ignore_eos:
+            text, reason = live.detok.flush(), "stop"
+        else:
+            text = live.detok.push(token)
+            if live.detok.stopped:
+                reason = "stop"
+            elif live.completion_tokens >= params.max_tokens:
+                text, reason = text + live.detok.flush(), "length"
+        return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason)
+
+    def _fail_step(self, runner: ModelRunner, plan: StepPlan, error: EngineError) -> None:
+        ids = {f.seq_id for f in (*plan.prefill, *plan.decode)}
+        with self._cond:
+            victims = [self._live.pop(s) for s in ids if s in self._live]
+            for seq_id in ids:
+                self._scheduler.abort(seq_id)
+        for seq_id in ids:
+            try:
+                runner.release(seq_id)
+            except Exception:  # the runner's state is suspect; drop what we can
+                log.exception("engine_release_failed", seq_id=seq_id)
+        for live in victims:
+            live.send(error)
+
+    def _die(self, reason: str) -> None:
+        log.error("engine_died", reason=reason)
+        with self._cond:
+            self._failure = f"engine died: {reason}"
+        self._fail_all(EngineNotReady(self._failure))
+
+    def _fail_all(self, error: EngineError) -> None:
+        with self._cond:
+            victims = list(self._live.values())
+            self._live.clear()
+            for live in victims:
+                self._scheduler.abort(live.seq_id)
+        for live in victims:
+            live.send(error)
+
+    def _count_sampled(self, n: int) -> None:
+        now = time.monotonic()
+        self._sampled.append((now, n))
+        while self._sampled and self._sampled[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._sampled.popleft()
+
+    def _throughput(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._sampled) if t >= now - THROUGHPUT_WINDOW_S]
+        return round(sum(n for _, n in recent) / THROUGHPUT_WINDOW_S, 2) if recent else 0.0
+
+
+def context_limit(model_limit: int, configured: int | None, batching: SchedulerConfig) -> int:
+    """The context a node advertises: the model's, lowered by the config and by the batch budget."""
+    limits = [model_limit, batching.max_batch_tokens]
+    if configured:
+        limits.append(configured)
+    return min(limits)

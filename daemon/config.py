@@ -1,0 +1,369 @@
+"""`/etc/dsnode/dsnode.toml`, parsed and validated once into immutable objects.
+
+Every problem is reported as `file: key: why (got value)`; `load_config` collects all of them before
+raising, so an operator fixes a file in one pass. Nothing else in dsnode reads the file or the
+environment for settings. Relative paths are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = Path("/etc/dsnode/dsnode.toml")
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def _as_path(value: Any) -> Any:
+    """TOML has no path type: accept a non-empty string for Path fields (strict mode would not)."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("must not be empty")
+        return Path(value)
+    return value
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' → (host, port); raises ValueError with the reason."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]\s]+):(\d+)", value)
+    if not match:
+        raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:8000 or [::]:8000")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be between 0 and 65535")
+    if match.group(1):
+        ipaddress.IPv6Address(host)
+    return host, port
+
+
+def check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if port == 0:
+        raise ValueError("has an invalid port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be the node's base URL, without a path (e.g. http://10.0.0.5:8000)")
+    return value.rstrip("/")
+
+
+class NodeSection(_Section):
+    name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    role: Literal["edge", "central"]
+    listen: str = "0.0.0.0:8000"
+    advertise_url: str | None = None  # how peers reach this node, if not derivable from `listen`
+    drain_timeout: PositiveFloat = 30.0  # seconds in-flight requests get to finish on stop
+    watchdog: bool = True  # send WATCHDOG=1 when systemd asks for it
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value)
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class ModelSection(_Section):
+    name: str
+    path: Path
+    backend: Literal["onnx", "deepspeed", "transformers"]
+    max_context: PositiveInt | None = None  # default: the model's own limit
+    quantization: Literal["none", "int8", "nf4"] = "none"  # central bitsandbytes; ONNX reads its manifest
+    tensor_parallel: PositiveInt | None = None  # deepspeed: default all local GPUs (1 on CPU)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: PositiveInt | None = None  # CPU threads for inference (default: all cores)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not MODEL_NAME_RE.match(value):
+            raise ValueError("must be 1-128 characters: letters, digits and . _ : / @ -")
+        return value
+
+    _path = field_validator("path", mode="before")(lambda cls, v: _as_path(v))
+
+
+class BatchingSection(_Section):
+    max_batch_tokens: PositiveInt = 32768  # KV tokens the running batch may hold
+    max_running: PositiveInt = 64  # sequences decoded together
+    max_queue: Annotated[int, Field(ge=0)] = 256  # waiting requests before 429
+    prefill_chunk_tokens: PositiveInt = 2048  # prompt tokens prefilled per step
+
+
+class UpstreamSection(_Section):
+    url: str
+    weight: PositiveInt = 1
+    max_fails: Annotated[int, Field(ge=0)] | None = None  # nginx's meaning; default from [routing]
+    fail_timeout: PositiveFloat | None = None  # seconds
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_url(value)
+
+
+class RoutingSection(_Section):
+    long_prompt_tokens: PositiveInt = 2048
+    max_fails: Annotated[int, Field(ge=0)] = 1  # failures within fail_timeout that mark a peer down
+    fail_timeout: PositiveFloat = 10.0  # seconds
+    poll_interval: PositiveFloat = 2.0  # seconds between advertisement polls
+    poll_timeout: PositiveFloat = 2.0
+    connect_timeout: PositiveFloat = 2.0
+    first_token_timeout: PositiveFloat = 120.0  # forwarded: until the upstream answers headers
+    upstream: tuple[UpstreamSection, ...] = ()
+
+    @field_validator("upstream", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _unique_upstreams(self) -> "RoutingSection":
+        urls = [u.url for u in self.upstream]
+        dupes = sorted({u for u in urls if urls.count(u) > 1})
+        if dupes:
+            raise ValueError(f"upstream urls must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class AuthSection(_Section):
+    api_keys_file: Path | None = None  # one key per line, or sha256:<hex>
+    cluster_secret_file: Path | None = None  # shared by every node of the cluster
+
+    _paths = field_validator("api_keys_file", "cluster_secret_file", mode="before")(lambda cls, v: _as_path(v))
+
+
+class LimitsSection(_Section):
+    max_body_bytes: PositiveInt = 8 * 1024 * 1024
+    max_prompt_tokens: PositiveInt | None = None
+    max_tokens: PositiveInt | None = None  # cap on a request's max_tokens
+    max_messages: PositiveInt = 1024
+    max_concurrent_per_key: PositiveInt | None = None
+
+
+class TlsSection(_Section):
+    cert_file: Path | None = None  # serve HTTPS when set (with key_file)
+    key_file: Path | None = None
+    ca_file: Path | None = None  # trust for https:// upstreams (default: system store)
+
+    _paths = field_validator("cert_file", "key_file", "ca_file", mode="before")(lambda cls, v: _as_path(v))
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsSection":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class LoggingSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console", "journal"] = "auto"
+
+
+class Config(_Section):
+    node: NodeSection
+    model: ModelSection
+    batching: BatchingSection = Field(default_factory=BatchingSection)
+    routing: RoutingSection = Field(default_factory=RoutingSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    tls: TlsSection = Field(default_factory=TlsSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    source: Path | None = None  # the file it came from (set by load_config)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration for the start-up log: paths to secrets, never secrets."""
+        return self.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    key: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.why}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def load_config(path: Path | str) -> Config:
+    """Read, parse and validate; raises ConfigError listing every problem."""
+    path = Path(path)
+    raw = _read_toml(path)
+    _resolve_paths(raw, path.resolve().parent)
+    problems = _check_files(raw, str(path))
+    try:
+        config = Config.model_validate({**raw, "source": path})
+    except ValidationError as exc:
+        problems = [_problem(path, err) for err in exc.errors()] + problems
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), "(file)", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([Problem(str(path), "(file)", "is not UTF-8 text")]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(path), "(syntax)", f"invalid TOML: {exc}")]) from None
+    if "source" in data:
+        raise ConfigError([Problem(str(path), "source", "unknown key")])
+    return data
+
+
+_PATH_KEYS = {
+    "model": ("path",),
+    "auth": ("api_keys_file", "cluster_secret_file"),
+    "tls": ("cert_file", "key_file", "ca_file"),
+}
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for section, keys in _PATH_KEYS.items():
+        table = raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                table[key] = str(base / value)
+
+
+def _check_files(raw: dict[str, Any], file: str) -> list[Problem]:
+    """Checks that need the file system (on the raw tables, so they run even when others fail)."""
+    problems: list[Problem] = []
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    model_dir, backend = model.get("path"), model.get("backend")
+    if isinstance(model_dir, str) and model_dir:
+        problems += _check_model_dir(Path(model_dir), backend, file)
+    for section, keys in _PATH_KEYS.items():
+        table = raw.get(section)
+        if section == "model" or not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if isinstance(value, str) and value and not Path(value).is_file():
+                problems.append(Problem(file, f"{section}.{key}", f"no such file (got {value!r})"))
+    quantization = model.get("quantization", "none")
+    if backend == "onnx" and quantization != "none":
+        problems.append(
+            Problem(
+                file,
+                "model.quantization",
+                "applies to the deepspeed/transformers backends; an ONNX model's quantization is "
+                f"fixed by dsnode convert (got {quantization!r})",
+            )
+        )
+    return problems
+
+
+def _check_model_dir(model_dir: Path, backend: Any, file: str) -> list[Problem]:
+    if not model_dir.is_dir():
+        return [Problem(file, "model.path", f"no such model folder (got {str(model_dir)!r})")]
+    if backend == "onnx":
+        marker, kind = "manifest.json", "a converted ONNX model (see dsnode convert)"
+    else:
+        marker, kind = "config.json", "a Hugging Face model folder"
+    if not (model_dir / marker).is_file():
+        return [Problem(file, "model.path", f"is not {kind}: no {marker} (got {str(model_dir)!r})")]
+    return []
+
+
+_WHY = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "path_type": "must be a path string",
+    "tuple_type": "must be a list",
+    "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
+    "dict_type": "must be a table",
+}
+
+
+def _problem(path: Path, err: Any) -> Problem:
+    key = _dotted(err["loc"])
+    kind = err["type"]
+    if kind == "literal_error":
+        why = f"must be one of {err['ctx']['expected']}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        why = f"must be {op} {next(iter(err['ctx'].values()))}"
+    elif kind == "value_error":
+        why = str(err["ctx"]["error"])
+    else:
+        why = _WHY.get(kind, err["msg"])
+    if kind != "missing":
+        why += f" (got {_show(err.get('input'))})"
+    return Problem(str(path), key or "(top level)", why)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.startswith("function-"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

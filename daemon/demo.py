@@ -1,0 +1,227 @@
+"""`dsnode demo`: a central and an edge node on loopback, serving the bundled models.
+
+The central serves the DeepSeek-V3-architecture MoE model (transformers backend, CPU); the edge serves
+the dense model as int8 ONNX and forwards prompts longer than `long_prompt_tokens` to the central.
+Both are real `dsnode serve` processes with real config files, as on a LAN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .api import headers
+
+MODEL_NAME = "deepseek-r1-tiny"  # both nodes serve this name: the edge a distilled int8 variant
+DEMO_LONG_PROMPT_TOKENS = 48
+READY_TIMEOUT_S = 180.0
+
+SHORT_PROMPT = "It was the best of times"
+LONG_PROMPT = (
+    "We hold these truths to be self-evident, that all men are created equal, that they are endowed by "
+    "their Creator with certain unalienable Rights, that among these are Life, Liberty and the pursuit "
+    "of Happiness. Four score and seven years ago our fathers brought forth on this continent, a new "
+    "nation, conceived in Liberty, and"
+)
+
+
+def prepare_models(cache_dir: Path, onnx: bool = True) -> Any:
+    """The bundled models (built on first use) and, if the converter is installed, the int8 ONNX edge model."""
+    from dsnode.central.bundled import ensure_bundled
+
+    models = ensure_bundled(cache_dir, log=lambda m: print(f"[models] {m}", flush=True))
+    if onnx and not (models.dense_onnx_int8 / "manifest.json").exists():
+        try:
+            from dsnode.edge.convert import convert_model
+        except ModuleNotFoundError as exc:
+            print(f"[models] skipping the ONNX edge model: {exc}", flush=True)
+            return models
+        convert_model(models.dense, models.dense_onnx_int8, quant="int8")
+    return models
+
+
+@dataclass
+class DemoNode:
+    name: str
+    url: str
+    config: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+
+def node_configs(models: Any, work: Path, port: int) -> tuple[DemoNode, DemoNode]:
+    central = DemoNode("central-1", f"http://127.0.0.1:{port}", work / "central.toml", work / "central.log")
+    edge = DemoNode("edge-1", f"http://127.0.0.1:{port + 1}", work / "edge.toml", work / "edge.log")
+    central.config.write_text(
+        f"""[node]
+name = "central-1"
+role = "central"
+listen = "127.0.0.1:{port}"
+
+[model]
+name = "{MODEL_NAME}"
+path = "{models.moe}"
+backend = "transformers"
+
+[logging]
+format = "json"
+"""
+    )
+    onnx = (models.dense_onnx_int8 / "manifest.json").exists()
+    edge.config.write_text(
+        f"""[node]
+name = "edge-1"
+role = "edge"
+listen = "127.0.0.1:{port + 1}"
+
+[model]
+name = "{MODEL_NAME}"
+path = "{models.dense_onnx_int8 if onnx else models.dense}"
+backend = "{'onnx' if onnx else 'transformers'}"
+
+[routing]
+long_prompt_tokens = {DEMO_LONG_PROMPT_TOKENS}
+
+[[routing.upstream]]
+url = "{central.url}"
+weight = 1
+
+[logging]
+format = "json"
+"""
+    )
+    return central, edge
+
+
+def start(node: DemoNode) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(node.log, "wb") as out:
+        node.process = subprocess.Popen(
+            [sys.executable, "-m", "dsnode.cli", "serve", "--config", str(node.config)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+
+
+def wait_ready(node: DemoNode, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        assert node.process is not None
+        if node.process.poll() is not None:
+            raise RuntimeError(f"{node.name} exited with {node.process.returncode}; log: {node.log}\n{_tail(node.log)}")
+        try:
+            with urllib.request.urlopen(node.url + "/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{node.name} not ready after {READY_TIMEOUT_S:.0f}s; log: {node.log}")
+
+
+def stop(node: DemoNode) -> None:
+    if node.process is None or node.process.poll() is not None:
+        return
+    node.process.send_signal(signal.SIGTERM)
+    try:
+        node.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        node.process.kill()
+        node.process.wait()
+
+
+def post(url: str, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    request = urllib.request.Request(
+        url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return json.loads(resp.read()), dict(resp.headers)
+
+
+def ask_twice(edge: DemoNode) -> bool:
+    """One short chat request (answered by the edge) and one long completion (forwarded)."""
+    ok = True
+    for label, path, body in (
+        ("short", "/v1/chat/completions",
+         {"model": MODEL_NAME, "messages": [{"role": "user", "content": SHORT_PROMPT}], "max_tokens": 32,
+          "temperature": 0}),
+        ("long", "/v1/completions", {"model": MODEL_NAME, "prompt": LONG_PROMPT, "max_tokens": 24, "temperature": 0}),
+    ):
+        try:
+            answer, got = post(edge.url, path, body)
+        except urllib.error.HTTPError as exc:
+            print(f"\n{label} request failed: HTTP {exc.code}: {exc.read().decode(errors='replace')}")
+            ok = False
+            continue
+        choice = answer["choices"][0]
+        text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
+        print(f"\n{label} prompt ({answer['usage']['prompt_tokens']} tokens) → served by "
+              f"{got.get(headers.NODE)} ({got.get(headers.ROUTE)})")
+        print(f"  prompt: {body.get('prompt') or SHORT_PROMPT!r}"[:160])
+        print(f"  answer: {text!r}")
+    return ok
+
+
+def banner(central: DemoNode, edge: DemoNode, work: Path) -> None:
+    print(f"""
+dsnode demo is running
+  central  {central.url}   (MoE model, transformers)     log: {central.log}
+  edge     {edge.url}   (dense model)                 log: {edge.log}
+  configs  {work}
+
+Try it (through the edge; prompts over {DEMO_LONG_PROMPT_TOKENS} tokens are forwarded to the central):
+  curl -s {edge.url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", "content": "{SHORT_PROMPT}"}}], "max_tokens": 32}}' -i
+  curl -s {edge.url}/cluster | python3 -m json.tool
+
+Press Ctrl-C to stop.""", flush=True)
+
+
+def run_demo(cache_dir: Path, once: bool, port: int) -> int:
+    models = prepare_models(cache_dir)
+    work = Path(tempfile.mkdtemp(prefix="dsnode-demo-"))
+    central, edge = node_configs(models, work, port)
+    nodes = (central, edge)
+    try:
+        for node in nodes:
+            start(node)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for node in nodes:
+            wait_ready(node, deadline)
+        if once:
+            return 0 if ask_twice(edge) else 1
+        banner(central, edge, work)
+        _wait_for_interrupt()
+        return 0
+    except RuntimeError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for node in reversed(nodes):
+            stop(node)
+        if once:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_for_interrupt() -> None:
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    signal.sigwait(signals)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,143 @@
+"""The one engine contract every backend implements (edge ONNX, central transformers / DeepSpeed).
+
+An engine turns prompt token ids into a stream of `Delta`s. It never touches HTTP: the daemon maps the
+errors below to status codes in one place (`dsnode.api.errors`).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Literal
+
+if TYPE_CHECKING:
+    from .tokenizer import TextTokenizer
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One streamed step of a generation: new text (possibly empty) and, on the last one, why it ended."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    backend: str
+    architecture: str
+    quantization: str
+    max_context: int
+    device: str  # e.g. "cpu", "cuda:0", "CUDAExecutionProvider"
+    tensor_parallel: int = 1
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Health:
+    ready: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    waiting: int
+    running: int
+    batch_tokens: int  # tokens held by the running batch
+    batch_token_budget: int
+    tokens_per_second: float  # generated tokens/s over the recent window
+    max_queue: int
+
+
+class EngineError(Exception):
+    """The engine failed while generating; only the affected requests see it."""
+
+
+class EngineNotReady(EngineError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class QueueFull(Exception):
+    def __init__(self, waiting: int, max_queue: int, retry_after_s: int = 1) -> None:
+        super().__init__(f"server is at capacity: {waiting} requests waiting (max_queue={max_queue})")
+        self.retry_after_s = retry_after_s
+
+
+class ContextLengthExceeded(Exception):
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int) -> None:
+        if max_tokens:
+            message = (
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for "
+                f"the completion). Please reduce the prompt or max_tokens."
+            )
+        else:
+            message = (
+                f"This model's maximum context length is {limit} tokens, and the prompt has "
+                f"{prompt_tokens} tokens, leaving no room for a completion."
+            )
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.limit = limit
+
+
+class Engine(abc.ABC):
+    """load → generate* → close. Implementations run inference off the event loop."""
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> "TextTokenizer": ...
+
+    @abc.abstractmethod
+    async def load(self) -> None:
+        """Load weights and start workers; raises on failure (the node then reports not-ready)."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream deltas; the last carries `finish_reason`. Closing the iterator early aborts the
+        generation and frees its batch slot. Raises QueueFull / ContextLengthExceeded before the
+        first delta, EngineError at any point."""
+
+    @abc.abstractmethod
+    def health(self) -> Health: ...
+
+    @abc.abstractmethod
+    def load_figures(self) -> EngineLoad: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...

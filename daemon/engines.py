@@ -1,0 +1,44 @@
+"""Which engine serves a backend name. Imports are lazy: an edge host has no torch to import."""
+
+from __future__ import annotations
+
+import importlib
+
+from .config import Config
+from .engine import Engine
+from .scheduler import SchedulerConfig
+
+# backend → (module, class, the extra that installs it)
+ENGINES = {
+    "transformers": ("dsnode.central.transformers_engine", "TransformersEngine", "central"),
+    "deepspeed": ("dsnode.central.deepspeed_engine", "DeepSpeedEngine", "central"),
+    "onnx": ("dsnode.edge.onnx_engine", "OnnxEngine", "edge"),
+}
+
+
+class BackendUnavailable(Exception):
+    pass
+
+
+def scheduler_config(config: Config) -> SchedulerConfig:
+    b = config.batching
+    return SchedulerConfig(
+        max_batch_tokens=b.max_batch_tokens,
+        max_running=b.max_running,
+        max_queue=b.max_queue,
+        prefill_chunk_tokens=b.prefill_chunk_tokens,
+    )
+
+
+def build_engine(config: Config) -> Engine:
+    module_name, class_name, extra = ENGINES[config.model.backend]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"backend {config.model.backend!r} is not installed here ({exc}); "
+            f"install it with: pip install 'dsnode[{extra}]'"
+        ) from exc
+    engine_class = getattr(module, class_name)
+    engine: Engine = engine_class(config.model, scheduler_config(config))
+    return engine
