@@ -35,7 +35,7 @@ def _check_config(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
 
     try:
-        load_config(args.path)
+        load_config(args.path, check_paths=not args.skip_paths)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a config file; print every problem")
     p.add_argument("path", type=Path)
+    p.add_argument("--skip-paths", action="store_true",
+                   help="don't check that the model folder and key files exist (a config for another host)")
     p.set_defaults(func=_check_config)
 
     p = sub.add_parser("demo", help="a central and an edge node on loopback, on the bundled models")

@@ -122,7 +122,7 @@ class ModelSection(_Section):
 class BatchingSection(_Section):
     max_batch_tokens: PositiveInt = 32768  # KV tokens the running batch may hold
     max_running: PositiveInt = 64  # sequences decoded together
-    max_queue: Annotated[int, Field(ge=0)] = 256  # waiting requests before 429
+    max_queue: PositiveInt = 256  # requests waiting for a batch slot before 429
     prefill_chunk_tokens: PositiveInt = 2048  # prompt tokens prefilled per step
 
 
@@ -228,12 +228,15 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def load_config(path: Path | str) -> Config:
-    """Read, parse and validate; raises ConfigError listing every problem."""
+def load_config(path: Path | str, check_paths: bool = True) -> Config:
+    """Read, parse and validate; raises ConfigError listing every problem.
+
+    `check_paths=False` skips the checks that need this host's files (model folder, key files), to
+    validate a config written for another machine."""
     path = Path(path)
     raw = _read_toml(path)
     _resolve_paths(raw, path.resolve().parent)
-    problems = _check_files(raw, str(path))
+    problems = _check_files(raw, str(path)) if check_paths else []
     try:
         config = Config.model_validate({**raw, "source": path})
     except ValidationError as exc:
@@ -340,7 +343,10 @@ def _problem(path: Path, err: Any) -> Problem:
         why = f"must be one of {err['ctx']['expected']}"
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
-        why = f"must be {op} {next(iter(err['ctx'].values()))}"
+        bound = next(iter(err["ctx"].values()))
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        why = f"must be {op} {bound}"
     elif kind == "value_error":
         why = str(err["ctx"]["error"])
     else:

@@ -1,0 +1,173 @@
+"""Every bad request gets OpenAI's error shape with the right status, and the node keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dsnode.api.app import create_app
+from dsnode.engine import EngineError
+from tests.daemon.api.conftest import MODEL, make_node
+
+OK = {"model": MODEL, "prompt": "It was", "max_tokens": 2, "temperature": 0}
+
+
+def assert_openai_error(body, code=None, param=None):
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and isinstance(error["type"], str)
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+async def still_serves(client):
+    response = await client.post("/v1/completions", json=OK)
+    assert response.status == 200
+    assert (await response.json())["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    "path, body, status, code, param, words",
+    [
+        ("/v1/chat/completions", b"{not json", 400, "invalid_json", None, "not valid JSON"),
+        ("/v1/chat/completions", b"[1, 2]", 400, None, None, "JSON object"),
+        ("/v1/chat/completions", b'{"model": "tiny-dense"}', 400, "missing_parameter", "messages", "messages"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}]}', 400, "missing_parameter",
+         "model", "model"),
+        ("/v1/chat/completions", b'{"model": "tiny-dense", "messages": []}', 400, "invalid_value", "messages", None),
+        ("/v1/chat/completions", b'{"model": "tiny-dense", "messages": [{"role": "wizard", "content": "x"}]}', 400,
+         "invalid_value", "messages[0].role", None),
+        ("/v1/completions", b'{"model": "nope", "prompt": "x"}', 404, "model_not_found", "model", "tiny-dense"),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "temperature": 5}', 400, "invalid_value",
+         "temperature", "2"),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "top_p": 0}', 400, "invalid_value", "top_p", None),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "max_tokens": 0}', 400, "invalid_value",
+         "max_tokens", None),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "max_tokens": "ten"}', 400, "invalid_value",
+         "max_tokens", None),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "n": 2}', 400, "unsupported_value", "n", "n=1"),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "presence_penalty": 0.5}', 400,
+         "unsupported_value", "presence_penalty", None),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": ["a", "b"]}', 400, "invalid_value", "prompt",
+         "one prompt"),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": [1, 99999]}', 400, None, "prompt", "vocabulary"),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "stop": ["a","b","c","d","e","f","g","h","i",'
+         b'"j","k","l","m","n","o","p","q"]}', 400, "invalid_value", "stop", "16"),
+        ("/v1/chat/completions", b'{"model": "tiny-dense", "messages": [{"role": "user", "content": "x"}], '
+         b'"tools": [{"type": "function"}]}', 400, None, "tools", None),
+        ("/v1/chat/completions", b'{"model": "tiny-dense", "messages": [{"role": "user", "content": "x"}], '
+         b'"response_format": {"type": "json_object"}}', 400, None, "response_format", None),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "max_tokens": 5000}', 400,
+         "context_length_exceeded", "prompt", "512"),
+    ],
+)
+async def test_bad_requests(client, path, body, status, code, param, words):
+    response = await client.post(path, data=body, headers={"Content-Type": "application/json"})
+    assert response.status == status
+    error = assert_openai_error(await response.json(), code, param)
+    if words:
+        assert words in error["message"]
+    await still_serves(client)
+
+
+async def test_context_error_names_the_numbers(client, node):
+    long_prompt = "It was the best of times, " * 60
+    prompt_tokens = len(node.engine.tokenizer.encode(long_prompt))
+    response = await client.post("/v1/completions", json={**OK, "prompt": long_prompt, "max_tokens": 100})
+    error = assert_openai_error(await response.json(), "context_length_exceeded", "prompt")
+    assert response.status == 400
+    assert f"{prompt_tokens + 100} tokens ({prompt_tokens} in the prompt, 100 for the completion)" in error["message"]
+    assert "512" in error["message"]
+
+
+async def test_unknown_path_and_method(client):
+    response = await client.get("/v1/nothing")
+    assert response.status == 404
+    assert_openai_error(await response.json())
+    response = await client.get("/v1/chat/completions")
+    assert response.status == 405
+    assert_openai_error(await response.json())
+
+
+async def test_body_too_large_is_413(tmp_path, dense_dir, aiohttp_client):
+    node = await make_node(tmp_path, dense_dir, extra="[limits]\nmax_body_bytes = 2000\nmax_messages = 2\n"
+                                                      "max_tokens = 8\n")
+    try:
+        client = await aiohttp_client(create_app(node))
+        response = await client.post("/v1/completions", json={**OK, "prompt": "x" * 5000})
+        assert response.status == 413
+        assert_openai_error(await response.json(), "request_too_large")
+        messages = [{"role": "user", "content": "a"}] * 3
+        response = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+        assert response.status == 400
+        assert_openai_error(await response.json(), "too_many_messages", "messages")
+        response = await client.post("/v1/completions", json={**OK, "max_tokens": 9})
+        assert response.status == 400
+        assert_openai_error(await response.json(), "max_tokens_too_large", "max_tokens")
+        default = await (await client.post("/v1/completions", json={**OK, "max_tokens": None})).json()
+        assert default["usage"]["completion_tokens"] <= 8
+        await still_serves(client)
+    finally:
+        await node.engine.close()
+
+
+async def test_full_queue_answers_429_with_retry_after(tmp_path, dense_dir, aiohttp_client):
+    node = await make_node(tmp_path, dense_dir, batching="max_running = 1\nmax_queue = 1\n")
+    try:
+        client = await aiohttp_client(create_app(node))
+        body = {**OK, "max_tokens": 150, "ignore_eos": True}
+        responses = await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(4)])
+        statuses = sorted(r.status for r in responses)
+        assert 200 in statuses and 429 in statuses, statuses
+        for response in responses:
+            if response.status == 429:
+                assert response.headers["Retry-After"].isdigit()
+                assert_openai_error(await response.json(), "queue_full")
+            else:
+                assert (await response.json())["usage"]["completion_tokens"] == 150
+        await still_serves(client)
+    finally:
+        await node.engine.close()
+
+
+async def test_engine_failure_mid_stream_ends_the_stream_cleanly(client, node, monkeypatch):
+    runner = node.engine._require_loaded().runner
+    real_decode = runner.decode
+    calls = {"n": 0}
+
+    def failing_decode(seq_ids, token_ids):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device error")
+        return real_decode(seq_ids, token_ids)
+
+    monkeypatch.setattr(runner, "decode", failing_decode)
+    response = await client.post("/v1/completions", json={**OK, "max_tokens": 20, "ignore_eos": True,
+                                                          "stream": True})
+    raw = (await response.read()).decode()
+    assert response.status == 200  # headers went out with the first token
+    events = [e for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert '"error"' in events[-2] and "simulated device error" in events[-2]
+    monkeypatch.setattr(runner, "decode", real_decode)
+    await still_serves(client)
+
+
+async def test_engine_failure_before_first_token_is_500(client, node, monkeypatch):
+    runner = node.engine._require_loaded().runner
+
+    def failing_prefill(*args):
+        raise EngineError("simulated prefill failure")
+
+    monkeypatch.setattr(runner, "prefill", failing_prefill)
+    response = await client.post("/v1/completions", json=OK)
+    assert response.status == 500
+    error = assert_openai_error(await response.json(), "engine_error")
+    assert error["type"] == "server_error"
+    monkeypatch.undo()
+    await still_serves(client)
