@@ -17,7 +17,7 @@ MAX_STOP_SEQUENCES = 16
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
 
 class StreamOptions(_Body):

@@ -1,0 +1,69 @@
+"""Request schemas: accepted shapes, refused values (with the parameter named), defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsnode.api.errors import APIError
+from dsnode.api.local import sampling_params
+from dsnode.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from dsnode.config import LimitsSection
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def refused(model, body) -> APIError:
+    with pytest.raises(APIError) as info:
+        parse_body(model, body)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_chat_accepts_text_parts_developer_role_and_unknown_fields():
+    body = parse_body(ChatCompletionRequest, {
+        "model": "m",
+        "messages": [{"role": "developer", "content": "be brief"},
+                     {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        "some_future_field": True,
+    })
+    assert [m.for_template() for m in body.messages] == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+
+
+def test_image_parts_are_refused():
+    error = refused(ChatCompletionRequest, {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert error.param.startswith("messages[0].content")
+
+
+@pytest.mark.parametrize("field, value, param", [
+    ("temperature", -0.1, "temperature"), ("temperature", 2.1, "temperature"), ("top_p", 1.5, "top_p"),
+    ("top_k", -2, "top_k"), ("max_tokens", 0, "max_tokens"), ("seed", "x", "seed"), ("stop", [""], "stop"),
+    ("stream", "yes", "stream"), ("n", 2, "n"), ("frequency_penalty", 1, "frequency_penalty"),
+    ("logit_bias", {"1": 5}, "logit_bias"), ("logprobs", True, "logprobs"), ("tool_choice", "auto", "tool_choice"),
+])
+def test_refused_values_name_their_parameter(field, value, param):
+    error = refused(ChatCompletionRequest, {**CHAT, field: value})
+    assert error.param == param and repr(value)[:10] in error.message
+
+
+def test_completion_prompt_forms():
+    assert parse_body(CompletionRequest, {"model": "m", "prompt": "x"}).prompt == "x"
+    assert parse_body(CompletionRequest, {"model": "m", "prompt": ["x"]}).prompt == ["x"]
+    assert parse_body(CompletionRequest, {"model": "m", "prompt": [1, 2]}).prompt == [1, 2]
+    assert refused(CompletionRequest, {"model": "m", "prompt": [-1]}).param == "prompt"
+    assert refused(CompletionRequest, {"model": "m", "prompt": ""}).param == "prompt"
+    assert refused(CompletionRequest, {"model": "m", "prompt": "x", "best_of": 2}).param == "best_of"
+
+
+def test_sampling_defaults_and_caps():
+    body = parse_body(ChatCompletionRequest, {**CHAT, "max_completion_tokens": 7, "stop": "END", "top_k": -1})
+    params = sampling_params(body, prompt_tokens=10, max_context=100, limits=LimitsSection())
+    assert (params.max_tokens, params.stop, params.top_k, params.temperature) == (7, ("END",), 0, 1.0)
+    open_ended = sampling_params(parse_body(ChatCompletionRequest, CHAT), 10, 100, LimitsSection())
+    assert open_ended.max_tokens == 90  # the rest of the context, as vLLM does
+    capped = sampling_params(parse_body(ChatCompletionRequest, CHAT), 10, 100, LimitsSection(max_tokens=5))
+    assert capped.max_tokens == 5
+    with pytest.raises(APIError) as info:
+        sampling_params(parse_body(ChatCompletionRequest, {**CHAT, "max_tokens": 6}), 10, 100, LimitsSection(max_tokens=5))
+    assert info.value.param == "max_tokens"
