@@ -18,6 +18,8 @@ from dsnode.engine import ModelInfo
 from dsnode.scheduler import SchedulerConfig
 from dsnode.tokenizer import TextTokenizer
 
+from .quantization import fix_cpu_nf4_layers, quantization_config
+
 log = structlog.get_logger("dsnode.central")
 
 
@@ -59,30 +61,44 @@ def pick_dtype(wanted: str, device: Any) -> Any:
     return torch.float32
 
 
-def quantization_config(kind: str, compute_dtype: Any) -> Any:
-    """bitsandbytes via transformers: "int8" (LLM.int8) or "nf4" (4-bit NormalFloat)."""
-    if kind == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
-    )
-
-
 def load_hf_model(model: ModelSection, device: Any, dtype: Any) -> Any:
+    """The checkpoint on `device` in `dtype`, quantized by bitsandbytes as it loads if configured."""
     from transformers import AutoModelForCausalLM
 
-    quant = quantization_config(model.quantization, dtype)
+    quant = quantization_config(model.quantization, dtype, device.type)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
     hf = AutoModelForCausalLM.from_pretrained(str(model.path), **kwargs)
     if quant is None:
         hf = hf.to(device)
+    elif model.quantization == "nf4" and device.type == "cpu":
+        fix_cpu_nf4_layers(hf)
     return hf.eval()
+
+
+def describe_model(
+    section: ModelSection,
+    hf_config: dict[str, Any],
+    backend: str,
+    batching: SchedulerConfig,
+    device: str,
+    tensor_parallel: int = 1,
+    extra: dict[str, object] | None = None,
+) -> ModelInfo:
+    """The `ModelInfo` a central engine advertises; the context limit is the model's own
+    (`max_position_embeddings`) unless `[model] max_context` or the batch budget lowers it."""
+    model_limit = int(hf_config.get("max_position_embeddings") or 2048)
+    return ModelInfo(
+        name=section.name,
+        backend=backend,
+        architecture=hf_config["architectures"][0],
+        quantization=section.quantization,
+        max_context=context_limit(model_limit, section.max_context, batching),
+        device=device,
+        tensor_parallel=tensor_parallel,
+        extra={"model_type": hf_config.get("model_type"), "model_max_context": model_limit, **(extra or {})},
+    )
 
 
 class TransformersEngine(BatchingEngine):
@@ -104,17 +120,10 @@ class TransformersEngine(BatchingEngine):
         dtype = pick_dtype(self._model.dtype, device)
         tokenizer = TextTokenizer.from_folder(self._model.path)
         hf = load_hf_model(self._model, device, dtype)
-        info = ModelInfo(
-            name=self._model.name,
-            backend=self.backend,
-            architecture=hf_config["architectures"][0],
-            quantization=self._model.quantization,
-            max_context=context_limit(
-                int(hf_config.get("max_position_embeddings") or 2048), self._model.max_context, self._batching
-            ),
-            device=str(device),
-            extra={"dtype": str(dtype).removeprefix("torch."), "model_type": hf_config.get("model_type")},
+        info = describe_model(
+            self._model, hf_config, self.backend, self._batching, str(device),
+            extra={"dtype": str(dtype).removeprefix("torch."), "weights_bytes": hf.get_memory_footprint()},
         )
         log.info("model_loaded", model=info.name, backend=info.backend, device=info.device,
-                 architecture=info.architecture, max_context=info.max_context)
+                 architecture=info.architecture, max_context=info.max_context, quantization=info.quantization)
         return Loaded(TorchRunner(hf, device), tokenizer, info)

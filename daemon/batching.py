@@ -73,6 +73,8 @@ class _Live:
     rng: np.random.Generator
     tokens: list[int] = field(default_factory=list)
     completion_tokens: int = 0
+    queued_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None  # first step that fed it: the end of its queue time
 
     def send(self, item: Delta | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -99,7 +101,12 @@ class BatchingEngine(Engine):
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failure: str | None = None
+        self._dead = False
         self._sampled: deque[tuple[float, int]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Set when the engine cannot serve any more (a tensor-parallel rank died): the server then
+        # exits non-zero so systemd restarts the node. A failed step or a failed load does not set it.
+        self.failed = asyncio.Event()
 
     @abc.abstractmethod
     def _load_blocking(self) -> Loaded: ...
@@ -114,6 +121,7 @@ class BatchingEngine(Engine):
         return self._require_loaded().tokenizer
 
     async def load(self) -> None:
+        self._loop = asyncio.get_running_loop()
         try:
             self._loaded = await asyncio.to_thread(self._load_blocking)
         except Exception as exc:
@@ -214,9 +222,10 @@ class BatchingEngine(Engine):
         runner = self._require_loaded().runner
         while True:
             with self._cond:
-                while not self._stopping and not self._scheduler.has_work() and not self._to_release:
+                while not self._stopping and not self._failure and not self._scheduler.has_work() \
+                        and not self._to_release:
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping or self._failure:
                     return
                 plan = self._scheduler.schedule()
                 releases, self._to_release = self._to_release + list(plan.preempted), []
@@ -241,6 +250,8 @@ class BatchingEngine(Engine):
             live = self._live.get(feed.seq_id)
             if live is None:
                 continue
+            if live.scheduled_at is None:
+                live.scheduled_at = time.monotonic()
             logits = runner.prefill(feed.seq_id, live.tokens[feed.start : feed.end], feed.start)
             if feed.sample:
                 sampled[feed.seq_id] = sample_token(logits, live.request.params, live.rng)
@@ -268,8 +279,8 @@ class BatchingEngine(Engine):
             for seq_id in ended:
                 self._scheduler.finish(seq_id)
                 self._live.pop(seq_id, None)
-        for seq_id in ended:
-            runner.release(seq_id)
+            # released at the top of the next iteration, where a dead runner is handled
+            self._to_release.extend(ended)
         self._count_sampled(len(sampled))
         for live, delta in outgoing:
             live.send(delta)
@@ -287,7 +298,10 @@ class BatchingEngine(Engine):
                 reason = "stop"
             elif live.completion_tokens >= params.max_tokens:
                 text, reason = text + live.detok.flush(), "length"
-        return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason)
+        queued_s = None
+        if live.completion_tokens == 1 and live.scheduled_at is not None:
+            queued_s = live.scheduled_at - live.queued_at
+        return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason, queued_s)
 
     def _fail_step(self, runner: ModelRunner, plan: StepPlan, error: EngineError) -> None:
         ids = {f.seq_id for f in (*plan.prefill, *plan.decode)}
@@ -304,10 +318,22 @@ class BatchingEngine(Engine):
             live.send(error)
 
     def _die(self, reason: str) -> None:
-        log.error("engine_died", reason=reason)
+        """The runner cannot continue: not ready for good, fail every request, set `failed`.
+        Thread-safe and idempotent (the worker thread and a backend's process monitor may both
+        report the same death); the first reason is kept."""
         with self._cond:
+            if self._dead:
+                return
+            self._dead = True
             self._failure = f"engine died: {reason}"
+            self._cond.notify_all()
+        log.error("engine_died", reason=reason)
         self._fail_all(EngineNotReady(self._failure))
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self.failed.set)
+            except RuntimeError:  # the loop is already closed: nobody is left to tell
+                pass
 
     def _fail_all(self, error: EngineError) -> None:
         with self._cond:

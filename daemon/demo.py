@@ -128,6 +128,20 @@ def wait_ready(node: DemoNode, deadline: float) -> None:
     raise RuntimeError(f"{node.name} not ready after {READY_TIMEOUT_S:.0f}s; log: {node.log}")
 
 
+def wait_for_upstreams(edge: DemoNode, deadline: float) -> None:
+    """Until the edge has polled the central and sees it ready: before that, it can't forward."""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(edge.url + "/cluster", timeout=2) as resp:
+                peers = json.loads(resp.read())["peers"]
+            if peers and all(p["healthy"] for p in peers):
+                return
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{edge.name} does not see its upstream as healthy; log: {edge.log}")
+
+
 def stop(node: DemoNode) -> None:
     if node.process is None or node.process.poll() is not None:
         return
@@ -150,11 +164,12 @@ def post(url: str, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], dic
 def ask_twice(edge: DemoNode) -> bool:
     """One short chat request (answered by the edge) and one long completion (forwarded)."""
     ok = True
-    for label, path, body in (
-        ("short", "/v1/chat/completions",
+    for label, expected, path, body in (
+        ("short", "local", "/v1/chat/completions",
          {"model": MODEL_NAME, "messages": [{"role": "user", "content": SHORT_PROMPT}], "max_tokens": 32,
           "temperature": 0}),
-        ("long", "/v1/completions", {"model": MODEL_NAME, "prompt": LONG_PROMPT, "max_tokens": 24, "temperature": 0}),
+        ("long", "forwarded", "/v1/completions",
+         {"model": MODEL_NAME, "prompt": LONG_PROMPT, "max_tokens": 24, "temperature": 0}),
     ):
         try:
             answer, got = post(edge.url, path, body)
@@ -164,8 +179,12 @@ def ask_twice(edge: DemoNode) -> bool:
             continue
         choice = answer["choices"][0]
         text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
+        route = got.get(headers.ROUTE)
         print(f"\n{label} prompt ({answer['usage']['prompt_tokens']} tokens) → served by "
-              f"{got.get(headers.NODE)} ({got.get(headers.ROUTE)})")
+              f"{got.get(headers.NODE)} ({headers.ROUTE}: {route})")
+        if route != expected:
+            print(f"  expected {headers.ROUTE}: {expected}")
+            ok = False
         print(f"  prompt: {body.get('prompt') or SHORT_PROMPT!r}"[:160])
         print(f"  answer: {text!r}")
     return ok
@@ -197,6 +216,7 @@ def run_demo(cache_dir: Path, once: bool, port: int) -> int:
         deadline = time.monotonic() + READY_TIMEOUT_S
         for node in nodes:
             wait_ready(node, deadline)
+        wait_for_upstreams(edge, deadline)
         if once:
             return 0 if ask_twice(edge) else 1
         banner(central, edge, work)

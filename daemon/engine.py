@@ -47,6 +47,7 @@ class Delta:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    queued_s: float | None = None  # first delta only: seconds from admission until the batch took it
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Structured logs (structlog): events with fields, one line each.
+"""Structured logs (structlog): events with fields, one record each.
 
 `json` writes JSON lines (what a log shipper or `jq` wants), `console` a readable line for a terminal,
-`auto` picks console on a TTY and JSON otherwise.
+`journal` sends each event to journald with its fields (`DSNODE_REQUEST_ID`, `DSNODE_ROUTE`…, see
+`dsnode.journal`). `auto` picks journal when stdout is systemd's journal stream (`$JOURNAL_STREAM`
+names it), console on a TTY, JSON otherwise.
 """
 
 from __future__ import annotations
@@ -12,41 +14,89 @@ from typing import Any, TextIO
 
 import structlog
 
+from .journal import (
+    JOURNAL_SOCKET,
+    JournalHandler,
+    JournalLoggerFactory,
+    JournalRenderer,
+    JournalSender,
+    stream_is_journal,
+)
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+def resolve_format(fmt: str, out: TextIO, journal_stream: str | None = None) -> str:
+    """`auto` → the concrete format for this output."""
+    if fmt != "auto":
+        return fmt
+    if stream_is_journal(journal_stream, out):
+        return "journal"
+    return "console" if out.isatty() else "json"
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    journal_stream: str | None = None,
+    journal_socket: str = JOURNAL_SOCKET,
+) -> str:
+    """Set up structlog (and the stdlib root logger); returns the format chosen.
+
+    `journal_stream` is `$JOURNAL_STREAM` as the entry point read it; `journal_socket` is where
+    journald listens (tests point it elsewhere)."""
     out = stream or sys.stdout
-    if fmt == "auto":
-        fmt = "console" if out.isatty() else "json"
-    renderer: Any
-    if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    fmt = resolve_format(fmt, out, journal_stream)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+    ]
+    logger_factory: Any = structlog.PrintLoggerFactory(out)
+    sender: JournalSender | None = None
+    if fmt == "journal":  # the journal stamps entries itself
+        sender = JournalSender(journal_socket)
+        logger_factory = JournalLoggerFactory(sender, out)
+        tail: list[Any] = [JournalRenderer()]
+    elif fmt == "console":
+        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+        tail = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
     else:
-        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
+        tail = [structlog.processors.JSONRenderer(sort_keys=False)]
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *processors,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
-            renderer,
+            *tail,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
-    _quiet_libraries()
+    _quiet_libraries(sender)
+    return fmt
 
 
-def _quiet_libraries() -> None:
-    """Third-party stdlib logging goes to stderr at WARNING, so it never floods the request log."""
+_our_handler: list[logging.Handler] = []  # the root handler configure_logging installed, if any
+
+
+def _quiet_libraries(sender: JournalSender | None) -> None:
+    """Third-party stdlib logging goes to stderr (or the journal) at WARNING, so it never floods
+    the request log."""
     root = logging.getLogger()
-    if not root.handlers:
+    while _our_handler:
+        root.removeHandler(_our_handler.pop())
+    handler: logging.Handler | None = None
+    if sender is not None:
+        handler = JournalHandler(sender)
+    elif not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if handler is not None:
         root.addHandler(handler)
+        _our_handler.append(handler)
     root.setLevel(logging.WARNING)
     for noisy in ("aiohttp.access", "DeepSpeed", "transformers", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -15,6 +15,7 @@ import structlog
 from . import __version__
 from .api.record import RequestRecord
 from .cluster.state import UpstreamState
+from .cluster.upstreams import Upstreams
 from .config import Config
 from .engine import Engine, Health
 from .probe import HostFacts
@@ -35,6 +36,12 @@ class Node:
     in_flight: int = 0
     observers: list[Observer] = field(default_factory=list)
     upstreams_provider: Callable[[], list[UpstreamState]] | None = None
+    upstreams: Upstreams = field(init=False)  # the balancer's view of [[routing.upstream]]
+
+    def __post_init__(self) -> None:
+        self.upstreams = Upstreams(self.config.routing)
+        if self.upstreams_provider is None:
+            self.upstreams_provider = self.upstreams.states
 
     @property
     def name(self) -> str:
@@ -79,7 +86,7 @@ class Node:
         }
 
     def upstream_states(self) -> list[UpstreamState]:
-        """The configured upstreams as this node sees them (empty until the cluster layer sets
+        """The configured upstreams as this node sees them (the balancer's, unless a test swaps
         `upstreams_provider`)."""
         return self.upstreams_provider() if self.upstreams_provider else []
 

@@ -5,8 +5,10 @@ Each step the engine asks `schedule()` what to run, runs it, and reports back wi
 - A sequence's tokens are its prompt plus what it generated so far; `computed` of them are in the
   model's KV cache. Running a sequence feeds `tokens[computed:]` (its whole prompt in chunks at first,
   then one token per step) and samples one new token once nothing is left to feed.
-- **Budget**: the active sequences together never hold more than `max_batch_tokens` tokens
-  (counting, for each, every token it knows of, so admitting it can never overflow later).
+- **Budget**: the active sequences together never hold more than `max_batch_tokens` tokens (a
+  sequence holds every token it knows of: its prompt, even the part not prefilled yet, plus what it
+  generated). A sequence is admitted only if the batch still has room for it and for one more token
+  per active sequence; decoding that would overflow the budget preempts (below).
 - **Admission** is first-come first-served: a long prompt at the head of the queue is never overtaken
   by shorter ones, so it cannot starve. New sequences join between decode steps.
 - **Prefill** is chunked (`prefill_chunk_tokens` per step) so a long prompt doesn't stall decoding.
@@ -121,8 +123,8 @@ class Scheduler:
                 f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds "
                 f"max_batch_tokens ({self.config.max_batch_tokens})"
             )
-        if len(self._waiting) >= self.config.max_queue:
-            raise WaitingQueueFull(len(self._waiting), self.config.max_queue)
+        if len(self._waiting) >= self._free_slots + self.config.max_queue:
+            raise WaitingQueueFull(self.queued, self.config.max_queue)
         self._waiting.append(Sequence(seq_id, prompt_len, max_tokens, arrival=next(self._counter)))
 
     def abort(self, seq_id: str) -> bool:
@@ -179,6 +181,17 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def queued(self) -> int:
+        """Waiting sequences that the next step cannot admit for lack of a free running slot: what
+        `max_queue` bounds. A request arriving while a step runs waits for the step boundary, but not
+        for a slot, so it does not count against the queue while `max_running` has room."""
+        return max(0, len(self._waiting) - self._free_slots)
+
+    @property
+    def _free_slots(self) -> int:
+        return max(0, self.config.max_running - len(self._active))
 
     @property
     def num_active(self) -> int:

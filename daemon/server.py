@@ -4,11 +4,17 @@ start:  listen (so /health answers while loading) → load the model → ready
 reload: SIGHUP → re-read the file → apply it whole, or keep the old one and log why
 stop:   SIGTERM/SIGINT → stop listening → let in-flight requests finish (up to drain_timeout) →
         fail what is left with a clean error → close the engine and background tasks → exit 0
+
+Under systemd (Type=notify) each step is also told to the service manager: STATUS= texts for
+`systemctl status`, READY=1 once the port serves the loaded model, RELOADING=1/READY=1 around a
+reload, STOPPING=1 at the drain, and WATCHDOG=1 from the event loop (see `dsnode.systemd`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import os
 import signal
 import ssl
 import time
@@ -20,52 +26,122 @@ from aiohttp import web
 
 from .api.app import create_app
 from .config import Config, ConfigError, load_config
+from .engine import Engine
 from .engines import BackendUnavailable, build_engine
 from .logs import configure_logging
+from .metrics import METRICS
 from .node import Node
 from .probe import probe_host
+from .systemd import Notifier, SystemdEnv, watchdog_pings
 
 log = structlog.get_logger("dsnode.server")
 
 Reloader = Callable[[Config, Config], None]  # (old, new): apply the parts this component owns
 CLEANUP_TIMEOUT_S = 5.0
+DRAIN_POLL_S = 0.05
+# What a stop may take beyond drain_timeout (engine close, connection cleanup), told to systemd
+# with EXTEND_TIMEOUT_USEC so that a long drain_timeout is not cut short by TimeoutStopSec=.
+STOP_MARGIN_S = 2 * CLEANUP_TIMEOUT_S + 10.0
 
 # Settings a reload cannot change in a running process (they need `systemctl restart dsnode`).
 RESTART_ONLY = ("node", "model", "batching", "tls", "logging")
 
 
 class NodeServer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, engine: Engine | None = None, systemd: SystemdEnv | None = None) -> None:
         self.config = config
         self.path = config.source
-        self.engine = build_engine(config)
+        self.engine = engine if engine is not None else build_engine(config)
         self.node = Node(config, self.engine, probe_host())
         self.app = create_app(self.node)
-        self.reloaders: list[Reloader] = []
+        self.reloaders: list[Reloader] = [self.node.upstreams.reload]  # [routing]: weights, upstreams
+        self.systemd = systemd or SystemdEnv()
+        self.notifier = Notifier.from_env(self.systemd)
+        self.serving = False  # READY=1 was sent: the model is loaded and the port answers
+        self.stopped_while_loading = False
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second SIGTERM/SIGINT: skip the rest of the drain
         self._reloading: asyncio.Task[None] | None = None
+        self._reload_wanted = False
 
     async def run(self) -> int:
+        """The whole life of the node; returns the process exit code."""
         self._install_signal_handlers()
+        pinger = self._start_watchdog()
+        try:
+            return await self._lifecycle()
+        finally:
+            for task in (pinger, self._reloading):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            self.notifier.close()
+            self._remove_signal_handlers()
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            self._hurry.set()
+        self._stop.set()
+
+    async def _lifecycle(self) -> int:
+        listen, model = self.config.node.listen, self.config.model
+        self.notifier.status(f"starting: listening on {listen}")
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                shutdown_timeout=CLEANUP_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, self.config.node.host, self.config.node.port,
                            ssl_context=_ssl_context(self.config), reuse_address=True)
-        await site.start()
-        log.info("listening", url=self.node.url, listen=self.config.node.listen)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("listen_failed", listen=listen, error=str(exc))
+            self.notifier.status(f"failed: cannot listen on {listen}: {exc.strerror or exc}")
+            await runner.cleanup()
+            return 1
+        log.info("listening", url=self.node.url, listen=listen)
+        self.notifier.status(f"loading model {model.name} ({model.backend}) from {model.path}")
         code = 0
         if await self._load_engine():
-            log.info("ready", model=self.engine.info.name, backend=self.engine.info.backend,
-                     max_context=self.engine.info.max_context, device=self.engine.info.device)
-            await self._stop.wait()
-        else:
+            info = self.engine.info
+            log.info("ready", model=info.name, backend=info.backend, max_context=info.max_context,
+                     device=info.device)
+            self.serving = True
+            self.notifier.ready(self._serving_status())
+            code = await self._until_stop_or_engine_failure()
+        elif not self.stopped_while_loading:
             code = 1
+            self.notifier.status(f"failed: model {model.name} did not load (see the journal)")
         await self._shutdown(runner, site)
         return code
 
-    def stop(self) -> None:
-        self._stop.set()
+    def _serving_status(self) -> str:
+        info = self.engine.info
+        return f"serving 1 model ({info.name}, {info.backend} on {info.device}) at {self.node.url}"
+
+    def _start_watchdog(self) -> "asyncio.Task[None] | None":
+        interval = self.systemd.watchdog_interval_s
+        if interval is None or not self.config.node.watchdog or not self.notifier.enabled:
+            return None
+        return asyncio.get_running_loop().create_task(
+            watchdog_pings(self.notifier, interval), name="systemd-watchdog"
+        )
+
+    async def _until_stop_or_engine_failure(self) -> int:
+        """0 on SIGTERM; 1 if the engine fails for good (a tensor-parallel rank died): its requests
+        have had their error, and exiting non-zero lets systemd's Restart=on-failure start afresh."""
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        failed: asyncio.Event | None = getattr(self.engine, "failed", None)  # BatchingEngine's
+        if failed is not None:
+            waits.append(asyncio.ensure_future(failed.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self._stop.is_set():
+            return 0
+        log.error("engine_failed", reason=self.engine.health().reason, action="exit 1 for a restart")
+        return 1
 
     # --- phases -------------------------------------------------------------------------------
     async def _load_engine(self) -> bool:
@@ -76,6 +152,8 @@ class NodeServer:
         finally:
             stopping.cancel()
         if not loading.done():  # asked to stop while loading
+            self.stopped_while_loading = True
+            log.info("stopped_while_loading", model=self.config.model.name)
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             return False
@@ -85,18 +163,40 @@ class NodeServer:
         return True
 
     async def _shutdown(self, runner: web.AppRunner, site: web.TCPSite) -> None:
-        node = self.node
-        node.draining = True
-        log.info("draining", in_flight=node.in_flight, drain_timeout_s=self.config.node.drain_timeout)
-        await site.stop()  # stop accepting connections
-        deadline = time.monotonic() + self.config.node.drain_timeout
-        while node.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if node.in_flight:
-            log.warning("drain_timeout", cancelled=node.in_flight)
-        await self.engine.close()  # fails what is left with "shutting down"
+        """Stop listening → drain (up to drain_timeout) → fail the rest cleanly → close."""
+        node, timeout = self.node, self.config.node.drain_timeout
+        node.draining = True  # /ready turns 503; a request on a kept-alive connection gets a 503
+        self.notifier.stopping(self._draining_status(timeout), extend_s=timeout + STOP_MARGIN_S)
+        log.info("draining", in_flight=node.in_flight, drain_timeout_s=timeout)
+        await site.stop()  # no new connections
+        if not await self._drain(timeout):
+            log.warning("drain_timeout", cancelled=node.in_flight, drain_timeout_s=timeout)
+        self.notifier.status(f"stopping: {node.in_flight} requests cut short" if node.in_flight else "stopping")
+        # Closing the engine fails every generation still running with "the node is shutting down":
+        # a streaming client gets an error event then `data: [DONE]`, a waiting one a 503 in
+        # OpenAI's error shape. runner.cleanup() gives those handlers time to write it.
+        await self.engine.close()
         await runner.cleanup()
         log.info("stopped")
+
+    async def _drain(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if the deadline (or a second signal) came first."""
+        node = self.node
+        deadline = time.monotonic() + timeout
+        while node.in_flight > 0 and not self._hurry.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.notifier.status(self._draining_status(left))
+            try:
+                await asyncio.wait_for(self._hurry.wait(), min(DRAIN_POLL_S, left))
+            except asyncio.TimeoutError:
+                pass
+        return node.in_flight == 0
+
+    def _draining_status(self, left_s: float) -> str:
+        n = self.node.in_flight
+        return f"draining: {n} request{'' if n == 1 else 's'} in flight, up to {left_s:.0f}s more"
 
     # --- reload -------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -105,18 +205,49 @@ class NodeServer:
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
 
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
     def _schedule_reload(self) -> None:
+        """SIGHUP. One reload at a time; a SIGHUP during one makes one more (the file may have
+        changed again since it was read)."""
+        self._reload_wanted = True
         if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.get_running_loop().create_task(self.reload())
+            self._reloading = asyncio.get_running_loop().create_task(self._reload_while_wanted())
+
+    async def _reload_while_wanted(self) -> None:
+        while self._reload_wanted:
+            self._reload_wanted = False
+            await self.reload()
 
     async def reload(self) -> bool:
-        """Re-read the config file; apply it whole or not at all. Returns whether it was applied."""
+        """Re-read the config file; apply it whole or not at all. Returns whether it was applied.
+
+        systemd hears RELOADING=1 before and READY=1 after, whatever the outcome (the old settings
+        stay on failure); not before the first READY=1, nor once stopping."""
         if self.path is None:
             return False
+        announce = self.serving and not self.node.draining
+        if announce:
+            self.notifier.reloading(f"reloading {self.path}")
+        applied = False
+        try:
+            applied = await self._apply_file()
+        finally:
+            if announce:
+                refused = "" if applied else "; the last reload was refused (see the journal)"
+                self.notifier.ready(self._serving_status() + refused)
+        return applied
+
+    async def _apply_file(self) -> bool:
+        assert self.path is not None
         try:
             new = await asyncio.to_thread(load_config, self.path)
         except ConfigError as exc:
             log.error("config_reload_failed", file=str(self.path), problems=[str(p) for p in exc.problems])
+            self.app[METRICS].count_reload(False)
             return False
         old = self.config
         frozen = [s for s in RESTART_ONLY if getattr(old, s) != getattr(new, s)]
@@ -128,6 +259,7 @@ class NodeServer:
             apply(old, new)
         self.config = self.node.config = new
         log.info("config_reloaded", file=str(self.path))
+        self.app[METRICS].count_reload(True)
         return True
 
 
@@ -140,25 +272,39 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
 
 
 def serve(path: Path) -> int:
-    """Entry point of `dsnode serve`; returns the exit code."""
+    """Entry point of `dsnode serve`; returns the exit code. The systemd variables ($NOTIFY_SOCKET,
+    $WATCHDOG_USEC, $JOURNAL_STREAM) are read here, once."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before the handlers exist must not kill us
+    faulthandler.enable(all_threads=True)  # a watchdog kill (SIGABRT) leaves every thread's stack in the log
+    systemd = SystemdEnv.from_environ(os.environ)
     try:
         config = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, flush=True)
+        Notifier.from_env(systemd).status(f"failed: {path} has {len(exc.problems)} problem(s), see the journal")
         return 1
-    configure_logging(config.logging.level, config.logging.format)
-    log.info("config", file=str(path), effective=config.redacted())
-    return _run_loop(_serve(config))
+    fmt = configure_logging(config.logging.level, config.logging.format,
+                            journal_stream=os.environ.get("JOURNAL_STREAM"))
+    log.info("config", file=str(path), log_format=fmt, effective=config.redacted())
+    return _run_loop(_serve(config, systemd))
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, systemd: SystemdEnv) -> int:
     try:
-        server = NodeServer(config)
+        server = NodeServer(config, systemd=systemd)
     except BackendUnavailable as exc:
         log.error("backend_unavailable", backend=config.model.backend, error=str(exc))
+        Notifier.from_env(systemd).status(f"failed: backend {config.model.backend} unavailable: {exc}")
         return 1
-    return await server.run()
+    code = await server.run()
+    if server.stopped_while_loading:
+        # The loader thread cannot be interrupted, and the loop's shutdown would wait for it (for
+        # as long as the model takes to load). Nothing was served, so nothing is lost by leaving now.
+        log.info("exit", code=code, detail="not waiting for the interrupted model load")
+        os._exit(code)
+    log.info("exit", code=code)
+    return code
 
 
 def _run_loop(main: "asyncio.Future[int] | object") -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..metrics import install_metrics
 from ..node import Node
-from . import ops, openai
+from . import forward, ops, openai
 from .errors import Handler, error_middleware
 from .keys import NODE
 
@@ -27,10 +28,12 @@ def create_app(node: Node) -> web.Application:
         client_max_size=node.config.limits.max_body_bytes,
     )
     app[NODE] = node
+    app.cleanup_ctx.append(forward.upstreams_context)  # the client session, forwarding pool, poller
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_post("/v1/completions", openai.completions)
     app.router.add_get("/v1/models", openai.list_models)
     app.router.add_get("/health", ops.health)
     app.router.add_get("/ready", ops.ready)
     app.router.add_get("/cluster", ops.cluster)
+    install_metrics(app, node)  # GET /metrics, and an observer counting every request
     return app

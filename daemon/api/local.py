@@ -86,6 +86,7 @@ async def serve_local(
     stream = engine.generate(GenerationRequest(record.request_id, tuple(prompt_ids), params))
     async with aclosing(stream):
         first = await anext(stream)  # admission errors surface here, before any header is sent
+        record.queued_s = first.queued_s
         echo = _echo_text(engine.tokenizer, body, prompt_ids)
         if body.stream:
             return await _stream(request, stream, first, shape, body, record, echo)

@@ -7,10 +7,11 @@ import uuid
 
 from aiohttp import web
 
-from ..engine import ContextLengthExceeded
+from ..engine import ContextLengthExceeded, EngineNotReady
 from ..node import Node
 from . import headers
 from .errors import APIError, bad_request, model_not_found, to_api_error
+from .forward import choose_route, serve_forwarded, via_of
 from .keys import NODE
 from .local import prompt_token_ids, serve_local
 from .record import RequestRecord
@@ -42,6 +43,22 @@ async def list_models(request: web.Request) -> web.Response:
                 "dsnode": {"nodes": [node.name], "local": True, "ready": local["ready"]},
             }
         )
+    for model in node.upstreams.reachable_models():  # served by healthy upstreams
+        if local is not None and model.name == local["name"]:
+            entry = data[0]
+            entry["max_model_len"] = max(entry["max_model_len"] or 0, model.max_context or 0) or None
+            entry["dsnode"]["nodes"] += model.nodes
+            continue
+        data.append(
+            {
+                "id": model.name,
+                "object": "model",
+                "created": int(node.started_at),
+                "owned_by": "dsnode",
+                "max_model_len": model.max_context,
+                "dsnode": {"nodes": list(model.nodes), "local": False, "ready": True},
+            }
+        )
     return web.json_response({"object": "list", "data": data})
 
 
@@ -52,10 +69,11 @@ def request_id_of(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
-async def read_json(request: web.Request) -> object:
+async def read_json(request: web.Request) -> tuple[bytes, object]:
+    """The body as received (forwarding passes these bytes on) and parsed."""
     raw = await request.read()
     try:
-        return json.loads(raw)
+        return raw, json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
 
@@ -79,7 +97,8 @@ async def _dispatch(request: web.Request, node: Node, endpoint: str, record: Req
     if node.draining:
         raise APIError(503, "The node is shutting down.", type="service_unavailable", code="draining",
                        headers={"Retry-After": "5"})
-    body = parse_body(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, await read_json(request))
+    raw, data = await read_json(request)
+    body = parse_body(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, data)
     record.model, record.stream, record.user = body.model, body.stream, body.user
     config = node.config
     if isinstance(body, ChatCompletionRequest) and len(body.messages) > config.limits.max_messages:
@@ -87,16 +106,31 @@ async def _dispatch(request: web.Request, node: Node, endpoint: str, record: Req
             f"{len(body.messages)} messages is over this server's limit of {config.limits.max_messages}.",
             "messages", "too_many_messages",
         )
-    if not node.serves_locally(body.model):
-        raise model_not_found(body.model, [config.model.name])
-    prompt_ids = await prompt_token_ids(node.engine.tokenizer, body)
-    if config.limits.max_prompt_tokens is not None and len(prompt_ids) > config.limits.max_prompt_tokens:
+    prompt_ids = None  # counted only for a local model: a forwarded-only model costs no tokenizing
+    if node.serves_locally(body.model) and node.engine.health().ready:
+        prompt_ids = await prompt_token_ids(node.engine.tokenizer, body)
+    limit = config.limits.max_prompt_tokens
+    if prompt_ids is not None and limit is not None and len(prompt_ids) > limit:
         raise bad_request(
             f"The prompt has {len(prompt_ids)} tokens, over this server's limit of "
             f"{config.limits.max_prompt_tokens}.", "messages" if endpoint == "chat" else "prompt",
             "prompt_too_long",
         )
-    record.route, record.route_reason = "local", "model served locally"
+    via = via_of(request)
+    route = choose_route(node, body, None if prompt_ids is None else len(prompt_ids), via)
+    record.route = "forwarded" if route.kind == "forward" else "local"
+    record.route_reason = route.reason
+    if prompt_ids is not None:
+        record.prompt_tokens = len(prompt_ids)
+    if route.kind == "forward":
+        return await serve_forwarded(request, node, raw, body, record, route, via)
+    if route.kind == "not_found":
+        raise model_not_found(body.model, list({config.model.name, *node.upstreams.known_models()}))
+    if route.kind == "loop":
+        raise APIError(508, f"The request for `{body.model}` came back to {node.name} through "
+                       f"{', '.join(via)}; it is not forwarded again.", type="server_error", code="loop_detected")
+    if prompt_ids is None:  # the local model is not ready, and no upstream serves it
+        raise EngineNotReady(node.engine.health().reason)
     try:
         return await serve_local(request, node.engine, body, prompt_ids, record, config.limits)
     except ContextLengthExceeded as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from aiohttp import web
 
 from ..cluster.advert import advertisement
@@ -28,4 +30,5 @@ async def ready(request: web.Request) -> web.Response:
 
 async def cluster(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    return web.json_response({"node": advertisement(node), "peers": []})
+    peers = [asdict(state) for state in node.upstream_states()]
+    return web.json_response({"node": advertisement(node), "peers": peers})

@@ -26,6 +26,7 @@ class RequestRecord:
     user: str | None = None  # the client's identity (API key name), never the key
     started: float = field(default_factory=time.monotonic)
     admitted: float | None = None  # engine accepted it (local) / upstream answered headers
+    queued_s: float | None = None  # local: time in the engine's waiting queue (from the first Delta)
     first_token: float | None = None
     token_times: list[float] = field(default_factory=list)
     finished: float | None = None

@@ -20,3 +20,8 @@ class UpstreamState:
     fails: int = 0  # failures within the current fail_timeout window
     forwarded: int = 0  # requests forwarded to it since start
     advert: dict[str, Any] | None = field(default=None)  # its latest advertisement
+    reachable: bool | None = None  # did the last poll answer? None before the first poll
+    in_flight: int = 0  # forwarded requests to it being served now
+    down: bool = False  # taken out by passive health (max_fails within fail_timeout)
+    max_fails: int = 1  # effective passive-health settings for this upstream
+    fail_timeout: float = 10.0

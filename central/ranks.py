@@ -1,0 +1,193 @@
+"""The tensor-parallel worker processes of one node: start them, watch them, stop them.
+
+One `dsnode serve` starts `world_size` processes (`python -m dsnode.central.tp_worker`), so the
+operator still runs a single systemd service. Rank 0 gets a control socket to the daemon; the other
+ranks only talk to rank 0, through torch.distributed.
+
+A watcher thread owns the processes: it starts them (so `PR_SET_PDEATHSIG`, which the workers set,
+fires when *it* ends, i.e. with the daemon) and polls them. When a rank exits while the group is not
+being stopped, the watcher kills the others at once (they would wait forever in a collective),
+records why, and calls `on_death(reason)`.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Callable
+
+import structlog
+
+log = structlog.get_logger("dsnode.central")
+
+POLL_S = 0.1  # how often the watcher looks at the processes
+STOP_TIMEOUT_S = 15.0  # a rank asked to close gets this long before it is killed
+
+
+class RankStartError(Exception):
+    pass
+
+
+@dataclass
+class RankGroup:
+    """`command(rank)` is the argv of a rank; `env(rank)` its environment; rank 0 also gets
+    `--control-fd N`, its end of the control socket."""
+
+    world_size: int
+    command: Callable[[int], list[str]]
+    env: Callable[[int], dict[str, str]]
+    on_death: Callable[[str], None]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    dead_reason: str | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _dead: threading.Event = field(default_factory=threading.Event)
+    _started: threading.Event = field(default_factory=threading.Event)
+    _start_error: BaseException | None = None
+    _control: Connection | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def start(self) -> Connection:
+        """Start every rank; returns the daemon's end of rank 0's control socket."""
+        if self._stopping.is_set():
+            raise RankStartError("the engine was closed before its ranks started")
+        self._thread = threading.Thread(target=self._own, name="dsnode-ranks", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise RankStartError(f"could not start the tensor-parallel ranks: {self._start_error}")
+        assert self._control is not None
+        return self._control
+
+    def wait_dead(self, timeout: float) -> str | None:
+        """The death reason, waiting up to `timeout` for the watcher to notice one."""
+        self._dead.wait(timeout)
+        return self.dead_reason
+
+    def expect_exit(self) -> None:
+        """The ranks are about to be asked to close: their exits are no longer deaths."""
+        self._stopping.set()
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """After the caller asked rank 0 to close: wait for every rank, kill the ones left."""
+        self._stopping.set()
+        for process in self.processes:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("rank_kill", pid=process.pid, why=f"still running {timeout}s after close")
+                process.kill()
+        self._join()
+
+    def kill(self) -> None:
+        self._stopping.set()
+        self._kill_all()
+        self._join()
+
+    # --- the watcher thread ---------------------------------------------------------------------
+    def _own(self) -> None:
+        try:
+            self._spawn()
+        except BaseException as exc:  # reported by start(); nothing else runs in this thread
+            self._start_error = exc
+            self._kill_all()
+            return
+        finally:
+            self._started.set()
+        self._watch()
+
+    def _spawn(self) -> None:
+        daemon_end, rank0_end = socket.socketpair()
+        try:
+            for rank in range(self.world_size):
+                argv = self.command(rank)
+                pass_fds: tuple[int, ...] = ()
+                if rank == 0:
+                    argv = [*argv, "--control-fd", str(rank0_end.fileno())]
+                    pass_fds = (rank0_end.fileno(),)
+                # stdout → our stderr: DeepSpeed prints to stdout, which is the daemon's JSON log
+                process = subprocess.Popen(argv, env=self.env(rank), pass_fds=pass_fds, stdout=2)
+                self.processes.append(process)
+                log.info("rank_started", rank=rank, pid=process.pid, world_size=self.world_size)
+        except BaseException:
+            daemon_end.close()
+            raise
+        finally:
+            rank0_end.close()
+        self._control = Connection(daemon_end.detach())
+
+    def _watch(self) -> None:
+        """Until every rank has exited; this thread must outlive them (their PR_SET_PDEATHSIG)."""
+        while True:
+            running = [p for p in self.processes if p.poll() is None]
+            if not self._stopping.is_set() and len(running) < len(self.processes):
+                self._died()
+                continue
+            if not running:
+                return
+            time.sleep(POLL_S)
+
+    def _died(self) -> None:
+        exited = [(rank, p) for rank, p in enumerate(self.processes) if p.poll() is not None]
+        # a signal is a cause; an exit code is often the effect (a peer's broken collective)
+        exited.sort(key=lambda rp: (rp[1].returncode or 0) >= 0)
+        self.dead_reason = "; ".join(
+            f"tensor-parallel rank {rank} (pid {p.pid}) {_how(p.returncode)}" for rank, p in exited
+        )
+        self._stopping.set()  # from now on, exits are ours
+        self._kill_all()
+        self._dead.set()
+        for rank, p in exited:
+            log.error("rank_died", rank=rank, pid=p.pid, returncode=p.returncode)
+        self.on_death(self.dead_reason)
+
+    def _kill_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            process.wait()
+
+    def _join(self) -> None:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def _how(returncode: int | None) -> str:
+    if returncode is None:
+        return "is unresponsive"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def free_port() -> int:
+    """A TCP port for torch.distributed's rendezvous on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def worker_env(base: dict[str, str], rank: int, world_size: int, port: int, extra: dict[str, str]) -> dict[str, str]:
+    """torch.distributed's environment contract for one rank on this host."""
+    return {
+        **base,
+        **extra,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }

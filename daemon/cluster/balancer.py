@@ -1,0 +1,252 @@
+"""The weighted balancer: nginx's smooth weighted round-robin over the upstreams that can take a request.
+
+Pure logic: no I/O, no awaits, time passed in (monotonic seconds). The forwarder asks `pick` for a
+peer and reports how it went (`failed` / `succeeded`); the advertisement poller reports what each peer
+says about itself (`advertised` / `unreachable`).
+
+A peer can take a request when
+- passive health allows it: fewer than `max_fails` failures within `fail_timeout`, or the
+  `fail_timeout` since the last failure has passed (nginx's `max_fails` / `fail_timeout`, same
+  meaning, same bookkeeping as `ngx_http_upstream_round_robin.c`, including the effective weight that
+  drops by `weight / max_fails` per failure and climbs back by 1 per pick);
+- its last poll answered and its advertisement says ready;
+- it serves the model, with a context limit that holds the request (when the request's size is known);
+- this request has not tried it yet, and did not come through it (a forwarded hop).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Collection, Mapping, Sequence
+
+from ..config import RoutingSection, UpstreamSection
+from .state import UpstreamState
+
+
+@dataclass(eq=False)  # identity: `peer in tried` must not compare fields
+class Peer:
+    """One upstream: its configuration, nginx's round-robin fields, and what it advertises."""
+
+    url: str
+    weight: int
+    max_fails: int
+    fail_timeout: float
+    current_weight: int = 0
+    effective_weight: int = -1  # starts at `weight`
+    fails: int = 0
+    accessed: float = -math.inf  # when it last failed
+    checked: float = -math.inf  # start of the current fail_timeout window
+    # from its advertisement (the poller)
+    reachable: bool | None = None  # did the last poll answer? None before the first
+    ready: bool | None = None  # advertised readiness at the last answered poll
+    name: str | None = None
+    role: str | None = None
+    models: dict[str, int | None] = field(default_factory=dict)  # model name → its context limit
+    advert: dict[str, Any] | None = None
+    last_seen: float | None = None  # wall-clock time of the last answered poll
+    last_error: str | None = None
+    # counters
+    forwarded: int = 0
+    in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        if self.effective_weight < 0:
+            self.effective_weight = self.weight
+
+    @property
+    def label(self) -> str:
+        return self.name or self.url
+
+    def down(self, now: float) -> bool:
+        """Passive health: taken out after max_fails failures, for fail_timeout seconds."""
+        return bool(self.max_fails) and self.fails >= self.max_fails and now - self.checked <= self.fail_timeout
+
+    def healthy(self, now: float) -> bool:
+        return not self.down(now) and bool(self.reachable) and bool(self.ready)
+
+    def fits(self, model: str, context: int | None) -> bool:
+        if model not in self.models:
+            return False
+        limit = self.models[model]
+        return context is None or limit is None or context <= limit
+
+
+class Balancer:
+    def __init__(self, routing: RoutingSection) -> None:
+        self.peers: list[Peer] = [_new_peer(u, routing) for u in routing.upstream]
+        self._known: frozenset[str] | None = None  # known_models(), kept until an advert changes it
+
+    # --- configuration ----------------------------------------------------------------------------
+    def configure(self, routing: RoutingSection) -> None:
+        """New upstream list (a reload). Peers that stay keep their passive-health state and what they
+        advertised; the rotation restarts, as nginx's does on reload. Requests in flight hold their
+        `Peer` and finish on it whether or not it stays."""
+        old = {p.url: p for p in self.peers}
+        peers = []
+        for section in routing.upstream:
+            new = _new_peer(section, routing)
+            kept = old.get(section.url)
+            if kept is not None:
+                penalty = kept.weight - kept.effective_weight  # still recovering from failures
+                kept.weight, kept.max_fails, kept.fail_timeout = new.weight, new.max_fails, new.fail_timeout
+                kept.effective_weight = max(0, new.weight - penalty)
+                new = kept
+            new.current_weight = 0
+            peers.append(new)
+        self.peers = peers
+        self._known = None
+
+    # --- selection (nginx: ngx_http_upstream_get_peer) --------------------------------------------
+    def pick(
+        self,
+        model: str,
+        context: int | None,
+        now: float,
+        tried: Sequence[Peer] = (),
+        exclude_names: Collection[str] = (),
+    ) -> Peer | None:
+        best: Peer | None = None
+        total = 0
+        for peer in self.peers:
+            if not self._eligible(peer, model, context, now, tried, exclude_names):
+                continue
+            peer.current_weight += peer.effective_weight
+            total += peer.effective_weight
+            if peer.effective_weight < peer.weight:
+                peer.effective_weight += 1
+            if best is None or peer.current_weight > best.current_weight:
+                best = peer
+        if best is None:
+            return None
+        best.current_weight -= total
+        if now - best.checked > best.fail_timeout:
+            best.checked = now
+        return best
+
+    @staticmethod
+    def _eligible(
+        peer: Peer, model: str, context: int | None, now: float, tried: Sequence[Peer], exclude: Collection[str]
+    ) -> bool:
+        if peer in tried or not peer.healthy(now) or not peer.fits(model, context):
+            return False
+        return not (exclude and peer.name in exclude)
+
+    # --- outcomes (nginx: ngx_http_upstream_free_round_robin_peer) --------------------------------
+    def failed(self, peer: Peer, now: float, error: str) -> None:
+        peer.fails += 1
+        peer.accessed = peer.checked = now
+        peer.last_error = error
+        if peer.max_fails:
+            peer.effective_weight = max(0, peer.effective_weight - peer.weight // peer.max_fails)
+
+    def succeeded(self, peer: Peer, now: float) -> None:
+        if peer.accessed < peer.checked:
+            peer.fails = 0
+
+    # --- advertisements ---------------------------------------------------------------------------
+    def advertised(self, url: str, advert: Mapping[str, Any], wall_time: float) -> None:
+        peer = self.find(url)
+        if peer is None:
+            return  # removed by a reload while its poll was in flight
+        peer.reachable, peer.ready = True, bool(advert.get("ready"))
+        peer.name, peer.role = _str_or_none(advert.get("name")), _str_or_none(advert.get("role"))
+        models = _models(advert.get("models"))
+        if models.keys() != peer.models.keys():
+            self._known = None
+        peer.models = models
+        peer.advert = dict(advert)
+        peer.last_seen = wall_time
+        peer.last_error = None if peer.ready else f"not ready: {advert.get('reason') or 'no reason given'}"
+
+    def unreachable(self, url: str, error: str) -> None:
+        peer = self.find(url)
+        if peer is not None:
+            peer.reachable = False
+            peer.last_error = error
+
+    # --- views ------------------------------------------------------------------------------------
+    def find(self, url: str) -> Peer | None:
+        for peer in self.peers:
+            if peer.url == url:
+                return peer
+        return None
+
+    def known_models(self) -> frozenset[str]:
+        """Every model some upstream has advertised (healthy now or not): a name here is never a 404."""
+        if self._known is None:
+            self._known = frozenset(name for peer in self.peers for name in peer.models)
+        return self._known
+
+    def why_none(self, model: str, context: int | None, now: float, tried: Sequence[Peer] = ()) -> str:
+        """Why `pick` found nothing, peer by peer, for the 503 message and the log."""
+        serving = [p for p in self.peers if model in p.models]
+        if not serving:
+            return f"no upstream serves the model `{model}`"
+        reasons = [f"{p.label}: {self._reason(p, model, context, now, tried)}" for p in serving]
+        return "; ".join(reasons)
+
+    @staticmethod
+    def _reason(peer: Peer, model: str, context: int | None, now: float, tried: Sequence[Peer]) -> str:
+        if peer in tried:
+            return f"failed for this request ({peer.last_error})" if peer.last_error else "tried"
+        if peer.down(now):
+            left = peer.fail_timeout - (now - peer.checked)
+            return (f"down after {peer.fails} failure(s) (max_fails={peer.max_fails}), retried in "
+                    f"{max(0.0, left):.0f}s; last error: {peer.last_error}")
+        if not peer.reachable:
+            return f"unreachable ({peer.last_error})"
+        if not peer.ready:
+            return peer.last_error or "not ready"
+        if not peer.fits(model, context):
+            return f"context limit {peer.models.get(model)} < {context} tokens needed"
+        return "excluded (the request already passed through it)"
+
+    def states(self, now: float) -> list[UpstreamState]:
+        return [
+            UpstreamState(
+                url=p.url,
+                weight=p.weight,
+                effective_weight=0 if p.down(now) else p.effective_weight,
+                healthy=p.healthy(now),
+                name=p.name,
+                role=p.role,
+                ready=p.ready,
+                last_seen=p.last_seen,
+                last_error=p.last_error,
+                fails=p.fails,
+                forwarded=p.forwarded,
+                advert=p.advert,
+                reachable=p.reachable,
+                in_flight=p.in_flight,
+                down=p.down(now),
+                max_fails=p.max_fails,
+                fail_timeout=p.fail_timeout,
+            )
+            for p in self.peers
+        ]
+
+
+def _new_peer(section: UpstreamSection, routing: RoutingSection) -> Peer:
+    return Peer(
+        url=section.url,
+        weight=section.weight,
+        max_fails=routing.max_fails if section.max_fails is None else section.max_fails,
+        fail_timeout=routing.fail_timeout if section.fail_timeout is None else section.fail_timeout,
+    )
+
+
+def _models(value: Any) -> dict[str, int | None]:
+    """An advertisement's `models` list → name → context limit (None while that model loads)."""
+    out: dict[str, int | None] = {}
+    if not isinstance(value, list):
+        return out
+    for entry in value:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            limit = entry.get("max_context")
+            out[entry["name"]] = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+    return out
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,230 @@
+"""`dsnode status [--url URL] [--json]`: the cluster as one node sees it, from its `GET /cluster`.
+
+`/cluster` answers `{"node": <its advertisement>, "peers": [<UpstreamState as JSON>, ...]}`; this
+command turns it into one row per node (the node asked first, then its upstreams) and prints them as
+a table, or as JSON for scripts. Exit codes: 0 when the node answered, 1 when it could not be reached
+or did not answer like a dsnode node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_OK = 0
+EXIT_UNREACHABLE = 1
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    node: str
+    url: str | None
+    role: str | None
+    state: str  # "ready" | "not ready" | "down" | "unreachable" | "not polled"
+    this_node: bool
+    weight: int | None  # configured (peers only)
+    effective_weight: int | None
+    gpus: list[str]
+    models: list[str]
+    context: int | None
+    waiting: int | None
+    running: int | None
+    tokens_per_second: float | None
+    last_seen_s: float | None  # seconds ago (0 for the node asked)
+    error: str | None = None
+
+
+class Unreachable(Exception):
+    pass
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("status", help="the cluster as one node sees it: nodes, health, load")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"the node to ask (default {DEFAULT_URL})")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node (default 5)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/")
+    try:
+        cluster = fetch_cluster(url, args.timeout)
+    except Unreachable as exc:
+        print(f"dsnode status: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    rows = cluster_rows(cluster, now=time.time())
+    if args.json:
+        print(json.dumps({"url": url, "nodes": [asdict(r) for r in rows], "cluster": cluster}, indent=2))
+    else:
+        print(format_table(rows))
+    return EXIT_OK
+
+
+def fetch_cluster(url: str, timeout: float) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"{url}/cluster", timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        raise Unreachable(f"{url}/cluster answered HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise Unreachable(
+            f"cannot reach {url} ({reason}). Is dsnode running there? (systemctl status dsnode)"
+        ) from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise Unreachable(f"{url}/cluster did not answer JSON: is that a dsnode node?") from None
+    if not isinstance(data, dict) or not isinstance(data.get("node"), dict):
+        raise Unreachable(
+            f"{url}/cluster answered JSON without a 'node' advertisement: is that a dsnode node?"
+        )
+    return data
+
+
+# --- rows -------------------------------------------------------------------------------------------
+def cluster_rows(cluster: dict[str, Any], now: float) -> list[NodeRow]:
+    rows = [_advert_row(cluster["node"])]
+    for peer in cluster.get("peers") or []:
+        if isinstance(peer, dict):
+            rows.append(_peer_row(peer, now))
+    return rows
+
+
+def _advert_row(advert: dict[str, Any]) -> NodeRow:
+    facts = _advert_facts(advert)
+    return NodeRow(
+        node=str(advert.get("name", "?")),
+        url=advert.get("url"),
+        role=advert.get("role"),
+        state="ready" if advert.get("ready") else "not ready",
+        this_node=True,
+        weight=None,
+        effective_weight=None,
+        last_seen_s=0.0,
+        error=None if advert.get("ready") else (advert.get("reason") or None),
+        **facts,
+    )
+
+
+def _peer_row(peer: dict[str, Any], now: float) -> NodeRow:
+    advert = _table(peer, "advert")
+    last_seen = peer.get("last_seen")
+    if peer.get("down"):
+        state = "down"  # taken out by passive health (max_fails within fail_timeout)
+    elif peer.get("reachable") is False:
+        state = "unreachable"
+    elif last_seen is None and peer.get("ready") is None:
+        state = "not polled"
+    elif not peer.get("ready"):
+        state = "not ready"
+    else:
+        state = "ready" if peer.get("healthy", True) else "down"
+    return NodeRow(
+        node=str(peer.get("name") or advert.get("name") or peer.get("url", "?")),
+        url=peer.get("url"),
+        role=peer.get("role") or advert.get("role"),
+        state=state,
+        this_node=False,
+        weight=peer.get("weight"),
+        effective_weight=peer.get("effective_weight"),
+        last_seen_s=None if last_seen is None else max(0.0, now - float(last_seen)),
+        error=peer.get("last_error") or None,
+        **_advert_facts(advert),
+    )
+
+
+def _advert_facts(advert: dict[str, Any]) -> dict[str, Any]:
+    host, load = _table(advert, "host"), _table(advert, "load")
+    models = [m for m in advert.get("models") or [] if isinstance(m, dict)]
+    contexts = [m["max_context"] for m in models if isinstance(m.get("max_context"), int)]
+    return {
+        "gpus": [str(g.get("name", "GPU")) for g in host.get("gpus") or [] if isinstance(g, dict)],
+        "models": [str(m.get("name")) for m in models if m.get("name")],
+        "context": max(contexts) if contexts else None,
+        "waiting": load.get("waiting"),
+        "running": load.get("running"),
+        "tokens_per_second": load.get("tokens_per_second"),
+    }
+
+
+def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+# --- table --------------------------------------------------------------------------------------
+COLUMNS = (
+    "NODE",
+    "ROLE",
+    "STATE",
+    "WEIGHT",
+    "GPUS",
+    "MODELS",
+    "CONTEXT",
+    "QUEUE",
+    "TOK/S",
+    "LAST SEEN",
+    "URL",
+)
+
+
+def format_table(rows: list[NodeRow]) -> str:
+    cells = [COLUMNS] + [_cells(r) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    notes = [f"  {r.node}: {r.error}" for r in rows if r.error]
+    if notes:
+        lines += ["", "problems:"] + notes
+    lines += ["", "QUEUE = waiting/running requests; WEIGHT = effective/configured; * = the node asked"]
+    return "\n".join(lines)
+
+
+def _cells(r: NodeRow) -> tuple[str, ...]:
+    weight = "-" if r.weight is None else f"{_num(r.effective_weight)}/{r.weight}"
+    queue = "-" if r.waiting is None and r.running is None else f"{_num(r.waiting)}/{_num(r.running)}"
+    tps = "-" if r.tokens_per_second is None else f"{r.tokens_per_second:.1f}"
+    return (
+        r.node + (" *" if r.this_node else ""),
+        r.role or "-",
+        r.state,
+        weight,
+        _gpus(r.gpus),
+        ",".join(r.models) or "-",
+        _num(r.context),
+        queue,
+        tps,
+        _ago(r.last_seen_s, r.this_node),
+        r.url or "-",
+    )
+
+
+def _gpus(names: list[str]) -> str:
+    if not names:
+        return "-"
+    counts = {n: names.count(n) for n in names}
+    return ",".join(f"{c}x{n.removeprefix('NVIDIA ').removeprefix('Tesla ')}" for n, c in counts.items())
+
+
+def _ago(seconds: float | None, this_node: bool) -> str:
+    if this_node:
+        return "now"
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago"
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else str(value)

@@ -1,0 +1,55 @@
+"""`dsnode convert SRC DST [--quant int8|none]`: registered by `dsnode.cli` when this module exists.
+
+Only argparse here: torch and transformers load when the command runs, not when `dsnode` starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "convert",
+        help="Hugging Face checkpoint folder -> ONNX model with KV cache (-> int8), validated",
+        description="Convert a Hugging Face causal-LM folder into an ONNX model folder the edge serves "
+        "(backend = \"onnx\"). Progress goes to stderr, the validation report to stdout.",
+    )
+    p.add_argument("src", type=Path, metavar="SRC", help="Hugging Face model folder (config.json, weights, tokenizer)")
+    p.add_argument("dst", type=Path, metavar="DST", help="new folder to create (must not exist)")
+    p.add_argument("--quant", choices=("int8", "none"), default="int8",
+                   help="int8 (default): int8 weights, activations quantized per token at run time; "
+                   "none: float32")
+    p.add_argument("--min-agreement", type=_fraction, default=None, metavar="F",
+                   help="top-1 token agreement with the source the validation requires "
+                   "(0..1; default 0.80 for int8, 0.95 for none)")
+    p.add_argument("--quiet", action="store_true", help="no progress display and no report")
+    p.set_defaults(func=_run)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .convert import STAGES, ConvertError, convert_model
+    from .progress import Progress
+
+    try:
+        result = convert_model(args.src, args.dst, quant=args.quant, min_agreement=args.min_agreement,
+                               progress=Progress(STAGES, enabled=not args.quiet))
+    except ConvertError as exc:
+        print(f"dsnode convert: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # torch/onnx failures: say what broke; DST was not written
+        print(f"dsnode convert: error: conversion failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"wrote {result.path} ({result.manifest.quantization}, {result.seconds:.1f}s); "
+              f"serve it with [model] backend = \"onnx\", path = \"{result.path}\"")
+    return 0

@@ -1,0 +1,98 @@
+"""Engines on the bundled tiny MoE (DeepSeek-V3 architecture), shared per session: loading DeepSpeed
+ranks costs seconds of CPU, so each configuration starts once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import AsyncIterator, Callable, Sequence
+
+import pytest
+import pytest_asyncio
+
+from dsnode.config import ModelSection
+from dsnode.engine import Delta, Engine, GenerationRequest, SamplingParams
+from dsnode.scheduler import SchedulerConfig
+
+# Text the bundled models were trained on, so greedy continuations are real text.
+PROMPTS = (
+    "It was the best",
+    "Four score and seven years",
+    "We hold these truths to be",
+    "The Lord is my shepherd",
+    "It was the age of",
+    "a new nation, conceived",
+)
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsnode" / "torch_extensions"))
+
+
+def model_section(path: Path, backend: str, **kwargs: object) -> ModelSection:
+    return ModelSection(name="tiny-moe", path=path, backend=backend, threads=1, **kwargs)  # type: ignore[arg-type]
+
+
+async def collect(engine: Engine, prompt_ids: Sequence[int], **params: object) -> list[Delta]:
+    request = GenerationRequest(f"t{id(prompt_ids)}", tuple(prompt_ids), SamplingParams(**params))  # type: ignore[arg-type]
+    return [delta async for delta in engine.generate(request)]
+
+
+def token_ids(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+@pytest.fixture(scope="session")
+def hf_moe(moe_dir):
+    """The same checkpoint in plain transformers, for reference outputs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(str(moe_dir)).eval()
+
+
+@pytest.fixture(scope="session")
+def reference_greedy(hf_moe) -> Callable[[Sequence[int], int], list[int]]:
+    """`model.generate` greedy tokens (stopping at EOS, like the engines)."""
+    import torch
+
+    def generate(prompt_ids: Sequence[int], max_tokens: int) -> list[int]:
+        with torch.no_grad():
+            out = hf_moe.generate(torch.tensor([list(prompt_ids)]), max_new_tokens=max_tokens, do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
+
+    return generate
+
+
+async def _loaded(engine: Engine) -> AsyncIterator[Engine]:
+    await engine.load()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def transformers_moe(moe_dir):
+    from dsnode.central.transformers_engine import TransformersEngine
+
+    async for engine in _loaded(TransformersEngine(model_section(moe_dir, "transformers"), SchedulerConfig())):
+        yield engine
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def deepspeed_tp2(moe_dir):
+    """Two CPU ranks over gloo: the tensor-parallel code path a GPU host runs with nccl."""
+    from dsnode.central.deepspeed_engine import DeepSpeedEngine
+
+    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", tensor_parallel=2, device="cpu"), SchedulerConfig())
+    async for loaded in _loaded(engine):
+        yield loaded
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def deepspeed_tp1(moe_dir):
+    from dsnode.central.deepspeed_engine import DeepSpeedEngine
+
+    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", device="cpu"), SchedulerConfig())
+    async for loaded in _loaded(engine):
+        yield loaded

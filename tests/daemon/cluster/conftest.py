@@ -1,0 +1,87 @@
+"""A real node (the bundled dense model) whose upstreams are scripted fakes on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import pytest_asyncio
+from dsnode.api.app import create_app
+from dsnode.config import load_config
+from dsnode.engines import build_engine
+from dsnode.node import Node
+from dsnode.probe import probe_host
+
+from .fakes import FakeUpstream
+
+LOCAL_MODEL = "tiny-dense"
+
+
+def node_config(tmp: Path, model_dir: Path, upstreams: list[tuple[str, int]], routing: str = "") -> Path:
+    entries = "".join(f'\n[[routing.upstream]]\nurl = "{url}"\nweight = {w}\n' for url, w in upstreams)
+    path = tmp / "edge.toml"
+    path.write_text(f"""[node]
+name = "edge-under-test"
+role = "edge"
+listen = "127.0.0.1:0"
+
+[model]
+name = "{LOCAL_MODEL}"
+path = "{model_dir}"
+backend = "transformers"
+threads = 1
+
+[routing]
+long_prompt_tokens = 16
+poll_interval = 0.1
+poll_timeout = 2.0
+connect_timeout = 1.0
+first_token_timeout = 5.0
+{routing}
+{entries}
+""")
+    return path
+
+
+@pytest_asyncio.fixture(scope="module")
+async def engine(tmp_path_factory, dense_dir) -> AsyncIterator[Any]:
+    """One loaded engine for the module: the node's local model, which these tests never ask for."""
+    engine = build_engine(load_config(node_config(tmp_path_factory.mktemp("engine"), dense_dir, [])))
+    await engine.load()
+    yield engine
+    await engine.close()
+
+
+@pytest_asyncio.fixture
+async def fakes() -> AsyncIterator[Callable[..., Awaitable[FakeUpstream]]]:
+    started: list[FakeUpstream] = []
+
+    async def make(name: str, **kwargs: Any) -> FakeUpstream:
+        fake = await FakeUpstream(name, **kwargs).start()
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        await fake.stop()
+
+
+@pytest_asyncio.fixture
+async def edge(tmp_path, dense_dir, engine, aiohttp_client) -> Callable[..., Awaitable[tuple[Node, Any]]]:
+    """`await edge([(url, weight), ...], routing="...")` → (node, test client), once every upstream
+    that should be healthy has been polled."""
+
+    async def make(upstreams: list[tuple[str, int]], routing: str = "", wait_healthy: int | None = None):
+        config = load_config(node_config(tmp_path, dense_dir, upstreams, routing))
+        node = Node(config, engine, probe_host())
+        client = await aiohttp_client(create_app(node))
+        want = len(upstreams) if wait_healthy is None else wait_healthy
+        for _ in range(200):
+            if sum(s.reachable is not None for s in node.upstream_states()) == len(upstreams) and \
+                    sum(s.healthy for s in node.upstream_states()) >= want:
+                break
+            await asyncio.sleep(0.02)
+        return node, client
+
+    return make

@@ -1,0 +1,157 @@
+"""A scripted upstream on a real socket: answers `GET /cluster` with an advertisement, and each
+`POST` with the next behaviour of its script (a good answer, a stream, a 5xx, a cut, silence), so the
+forwarder's failure handling is tested byte for byte. HTTP/1.1 keep-alive, as a dsnode node speaks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+MODEL = "remote-model"
+
+
+@dataclass
+class Received:
+    head: bytes
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for line in self.head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == name.lower().encode():
+                return value.strip().decode()
+        return None
+
+
+@dataclass
+class FakeUpstream:
+    name: str
+    script: list[str] = field(default_factory=list)  # behaviours for successive POSTs; then "ok"
+    ready: bool = True
+    max_context: int = 4096
+    close_after_answer: bool = False  # close each connection after answering (stale keep-alive)
+    received: list[Received] = field(default_factory=list)
+    connections: int = 0
+    closed_by_peer: int = 0
+    server: asyncio.Server | None = None
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> "FakeUpstream":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for writer in list(self.writers):
+                writer.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    self.closed_by_peer += 1
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length)
+                if head.startswith(b"GET /cluster"):
+                    await self._advert(writer)
+                    continue
+                self.received.append(Received(head, body))
+                behaviour = self.script.pop(0) if self.script else "ok"
+                keep = await getattr(self, "_" + behaviour.replace("-", "_"))(writer, reader)
+                if not keep or self.close_after_answer:
+                    writer.close()
+                    return
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    # --- behaviours: return whether the connection stays open -----------------------------------
+    async def _advert(self, writer: asyncio.StreamWriter) -> None:
+        advert = {"node": {"name": self.name, "role": "central", "ready": self.ready,
+                           "reason": "" if self.ready else "model is loading",
+                           "models": [{"name": MODEL, "max_context": self.max_context, "ready": self.ready}]},
+                  "peers": []}
+        await self._send(writer, 200, json.dumps(advert).encode())
+
+    async def _ok(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        body = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": MODEL,
+                           "choices": [{"index": 0, "text": f"from {self.name}", "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}).encode()
+        await self._send(writer, 200, body)
+        return True
+
+    async def _stream(
+        self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, cut: bool = False, unterminated: bool = False
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                     b"X-DSNode-Node: " + self.name.encode() + b"\r\n\r\n")
+        for i in range(3):
+            event = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": MODEL,
+                                "choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]})
+            writer.write(_chunk(f"data: {event}\n\n".encode()))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        if cut:
+            writer.write(_chunk(b'data: {"half an ev'))  # an event cut in the middle, then nothing
+            await writer.drain()
+            return False
+        writer.write(_chunk(b"data: [DONE]\n\n") + (b"" if unterminated else b"0\r\n\r\n"))
+        await writer.drain()
+        return not unterminated
+
+    async def _done_then_hang_up(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        return await self._stream(writer, reader, unterminated=True)  # [DONE], then no last chunk
+
+    async def _cut_stream(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        return await self._stream(writer, reader, cut=True)
+
+    async def _cut_body(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n"
+                     b"X-DSNode-Node: " + self.name.encode() + b"\r\n\r\n" + b'{"id": "cmpl-1", "cho')
+        await writer.drain()
+        return False
+
+    async def _error_500(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        body = json.dumps({"error": {"message": f"{self.name} broke", "type": "server_error",
+                                     "param": None, "code": "engine_error"}}).encode()
+        await self._send(writer, 500, body)
+        return True
+
+    async def _busy_429(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        body = json.dumps({"error": {"message": "queue full", "type": "server_overloaded",
+                                     "param": None, "code": "queue_full"}}).encode()
+        await self._send(writer, 429, body, extra=b"Retry-After: 1\r\n")
+        return True
+
+    async def _hang(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        await reader.read()  # until the forwarder gives up and closes
+        return False
+
+    async def _hang_up(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        return False  # close without a word
+
+    async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes, extra: bytes = b"") -> None:
+        reason = {200: b"OK", 429: b"Too Many Requests", 500: b"Internal Server Error"}[status]
+        writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     b"X-DSNode-Node: %s\r\n%s\r\n" % (status, reason, len(body), self.name.encode(), extra) + body)
+        await writer.drain()
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)

@@ -1,0 +1,125 @@
+"""The bundled dense model converted once per session (int8 and float32, a few seconds each), and
+engines over it: the ONNX engine under test and the transformers engine it must answer like."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from dsnode.config import ModelSection
+from dsnode.engine import Delta, Engine, GenerationRequest, SamplingParams
+from dsnode.scheduler import SchedulerConfig
+
+BATCHING = SchedulerConfig(max_batch_tokens=4096)
+
+
+def convert_quietly(src: Path, dst: Path, quant: str) -> Any:
+    from dsnode.edge.convert import STAGES, convert_model
+    from dsnode.edge.progress import Progress
+
+    return convert_model(src, dst, quant=quant, progress=Progress(STAGES, enabled=False))
+
+
+@pytest.fixture(scope="session")
+def int8_conversion(tmp_path_factory, dense_dir):
+    return convert_quietly(dense_dir, tmp_path_factory.mktemp("onnx") / "dense-int8", "int8")
+
+
+@dataclass(frozen=True)
+class CliRun:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def convert_cli(*args: str) -> CliRun:
+    """`dsnode convert ARGS` in this process (the real command line, without a second torch import)."""
+    from dsnode.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["convert", *args])
+    return CliRun(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def fp32_cli_run(tmp_path_factory, dense_dir) -> tuple[Path, CliRun]:
+    dst = tmp_path_factory.mktemp("onnx") / "dense-fp32"
+    return dst, convert_cli(str(dense_dir), str(dst), "--quant", "none")
+
+
+@pytest.fixture(scope="session")
+def int8_dir(int8_conversion) -> Path:
+    return int8_conversion.path
+
+
+@pytest.fixture(scope="session")
+def fp32_dir(fp32_cli_run) -> Path:
+    dst, run = fp32_cli_run
+    assert run.code == 0, run.stderr
+    return dst
+
+
+def model_section(path: Path, backend: str = "onnx", **overrides: Any) -> ModelSection:
+    return ModelSection(name="tiny", path=path, backend=backend, threads=1, **overrides)  # type: ignore[arg-type]
+
+
+async def loaded(engine: Engine) -> Engine:
+    await engine.load()
+    return engine
+
+
+def onnx_engine(path: Path, batching: SchedulerConfig = BATCHING, **overrides: Any) -> Engine:
+    from dsnode.edge.onnx_engine import OnnxEngine
+
+    return OnnxEngine(model_section(path, **overrides), batching)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def int8_engine(int8_dir) -> AsyncIterator[Engine]:
+    engine = await loaded(onnx_engine(int8_dir))
+    yield engine
+    await engine.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def fp32_engine(fp32_dir) -> AsyncIterator[Engine]:
+    engine = await loaded(onnx_engine(fp32_dir))
+    yield engine
+    await engine.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def torch_engine(dense_dir) -> AsyncIterator[Engine]:
+    """The central engine on the source model: what the edge must answer like."""
+    from dsnode.central.transformers_engine import TransformersEngine
+
+    engine = await loaded(TransformersEngine(model_section(dense_dir, "transformers"), BATCHING))
+    yield engine
+    await engine.close()
+
+
+async def run(engine: Engine, prompt: str, request_id: str = "r", **params: Any) -> list[Delta]:
+    """Every delta of one generation of `prompt` (completion-style encoding)."""
+    ids = tuple(engine.tokenizer.encode(prompt))
+    request = GenerationRequest(request_id, ids, SamplingParams(**{"temperature": 0.0, **params}))
+    return [delta async for delta in engine.generate(request)]
+
+
+def tokens_of(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def text_of(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+async def run_all(engine: Engine, prompts: list[str], **params: Any) -> list[list[Delta]]:
+    return list(await asyncio.gather(*(run(engine, p, f"c{i}", **params) for i, p in enumerate(prompts))))
