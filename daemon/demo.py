@@ -191,16 +191,22 @@ def ask_twice(edge: DemoNode) -> bool:
 
 
 def banner(central: DemoNode, edge: DemoNode, work: Path) -> None:
+    edge_model = "dense model, int8 ONNX" if "backend = \"onnx\"" in edge.config.read_text() else "dense model, transformers"
+    long_body = json.dumps({"model": MODEL_NAME, "prompt": LONG_PROMPT, "max_tokens": 24})
     print(f"""
 dsnode demo is running
-  central  {central.url}   (MoE model, transformers)     log: {central.log}
-  edge     {edge.url}   (dense model)                 log: {edge.log}
+  central  {central.url}   (MoE model, transformers)   log: {central.log}
+  edge     {edge.url}   ({edge_model})    log: {edge.log}
   configs  {work}
 
-Try it (through the edge; prompts over {DEMO_LONG_PROMPT_TOKENS} tokens are forwarded to the central):
-  curl -s {edge.url}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", "content": "{SHORT_PROMPT}"}}], "max_tokens": 32}}' -i
-  curl -s {edge.url}/cluster | python3 -m json.tool
+Try it through the edge. A short prompt is answered by the edge itself:
+  curl -s {edge.url}/v1/chat/completions -H 'Content-Type: application/json' -i \\
+    -d '{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", "content": "{SHORT_PROMPT}"}}], "max_tokens": 32}}'
+Prompts over {DEMO_LONG_PROMPT_TOKENS} tokens are forwarded to the central (see X-DSNode-Node / X-DSNode-Route):
+  curl -s {edge.url}/v1/completions -H 'Content-Type: application/json' -i \\
+    -d '{long_body}'
+The cluster as the edge sees it:
+  dsnode status --url {edge.url}
 
 Press Ctrl-C to stop.""", flush=True)
 
