@@ -76,6 +76,7 @@ class NodeSection(_Section):
     listen: str = "0.0.0.0:8000"
     advertise_url: str | None = None  # how peers reach this node, if not derivable from `listen`
     drain_timeout: PositiveFloat = 30.0  # seconds in-flight requests get to finish on stop
+    idle_timeout: PositiveFloat = 75.0  # seconds a connection may sit idle or take to send a request head
     watchdog: bool = True  # send WATCHDOG=1 when systemd asks for it
 
     @field_validator("listen")
@@ -163,8 +164,9 @@ class RoutingSection(_Section):
 
 
 class AuthSection(_Section):
-    api_keys_file: Path | None = None  # one key per line, or sha256:<hex>
+    api_keys_file: Path | None = None  # one key per line, or sha256:<hex>; `name: key` labels it
     cluster_secret_file: Path | None = None  # shared by every node of the cluster
+    max_clock_skew: PositiveFloat = 30.0  # seconds a peer credential is good for, either side
 
     _paths = field_validator("api_keys_file", "cluster_secret_file", mode="before")(lambda cls, v: _as_path(v))
 
@@ -174,7 +176,8 @@ class LimitsSection(_Section):
     max_prompt_tokens: PositiveInt | None = None
     max_tokens: PositiveInt | None = None  # cap on a request's max_tokens
     max_messages: PositiveInt = 1024
-    max_concurrent_per_key: PositiveInt | None = None
+    max_concurrent_per_key: PositiveInt | None = None  # per API key (needs [auth] api_keys_file)
+    body_timeout: PositiveFloat = 60.0  # seconds a client may take to send a request body
 
 
 class TlsSection(_Section):
@@ -296,6 +299,9 @@ def _check_files(raw: dict[str, Any], file: str) -> list[Problem]:
             value = table.get(key)
             if isinstance(value, str) and value and not Path(value).is_file():
                 problems.append(Problem(file, f"{section}.{key}", f"no such file (got {value!r})"))
+    auth = raw.get("auth")
+    if isinstance(auth, dict):
+        problems += _check_secret_files(auth, file)
     quantization = model.get("quantization", "none")
     if backend == "onnx" and quantization != "none":
         problems.append(
@@ -306,6 +312,27 @@ def _check_files(raw: dict[str, Any], file: str) -> list[Problem]:
                 f"fixed by dsnode convert (got {quantization!r})",
             )
         )
+    return problems
+
+
+def _check_secret_files(auth: dict[str, Any], file: str) -> list[Problem]:
+    """Every bad line of the key and secret files (by line number: never a key in a message)."""
+    from .api.auth import KeyFileError, read_api_keys
+    from .cluster.peer_auth import SecretFileError, read_cluster_secrets
+
+    problems: list[Problem] = []
+    keys, secret = auth.get("api_keys_file"), auth.get("cluster_secret_file")
+    if isinstance(keys, str) and keys and Path(keys).is_file():
+        try:
+            read_api_keys(Path(keys))
+        except KeyFileError as exc:
+            problems += [Problem(file, "auth.api_keys_file", f"{keys}: {why}") for why in exc.problems]
+    if isinstance(secret, str) and secret and Path(secret).is_file():
+        try:
+            read_cluster_secrets(Path(secret))
+        except SecretFileError as exc:
+            key = "auth.cluster_secret_file"
+            problems += [Problem(file, key, f"{secret}: {why}") for why in exc.problems]
     return problems
 
 

@@ -4,13 +4,21 @@
 `journal` sends each event to journald with its fields (`DSNODE_REQUEST_ID`, `DSNODE_ROUTE`…, see
 `dsnode.journal`). `auto` picks journal when stdout is systemd's journal stream (`$JOURNAL_STREAM`
 names it), console on a TTY, JSON otherwise.
+
+Every request logs one event, so the JSON path is kept cheap (docs/performance.md): the timestamp and
+the encoder are built once, not per event, and each line is one write(2) — structlog's `PrintLogger`
+prints the text and the newline separately, which under PYTHONUNBUFFERED=1 (the systemd unit sets it)
+is two system calls per line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from typing import Any, TextIO
+import threading
+import time
+from typing import Any, Callable, MutableMapping, TextIO
 
 import structlog
 
@@ -52,31 +60,118 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
     ]
-    logger_factory: Any = structlog.PrintLoggerFactory(out)
+    logger_factory: Any = LineWriterFactory(out)
     sender: JournalSender | None = None
     if fmt == "journal":  # the journal stamps entries itself
         sender = JournalSender(journal_socket)
         logger_factory = JournalLoggerFactory(sender, out)
-        tail: list[Any] = [JournalRenderer()]
+        processors += [format_exc_and_stack, JournalRenderer()]
     elif fmt == "console":
-        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
-        tail = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        processors += [add_timestamp, format_exc_and_stack, structlog.dev.ConsoleRenderer(colors=out.isatty())]
     else:
-        processors.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
-        tail = [structlog.processors.JSONRenderer(sort_keys=False)]
+        processors.append(render_json_line)
     structlog.configure(
-        processors=[
-            *processors,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            *tail,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=logger_factory,
         cache_logger_on_first_use=False,
     )
     _quiet_libraries(sender)
     return fmt
+
+
+# --- the JSON-lines path ---------------------------------------------------------------------------
+def add_timestamp(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """`timestamp`, as structlog's `TimeStamper(fmt="iso", utc=True)` writes it
+    (`2026-11-28T15:28:41.971385Z`), with the date and time formatted once per second, not per event."""
+    event_dict["timestamp"] = iso_utc(time.time_ns())
+    return event_dict
+
+
+_second: list[Any] = [None, ""]  # [the last whole second formatted, its text]
+
+
+def iso_utc(now_ns: int) -> str:
+    second, micro = divmod(now_ns // 1000, 1_000_000)
+    cached = _second
+    if cached[0] != second:
+        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        cached[0] = second
+    # like datetime.isoformat(): no fraction at all when it is zero
+    return f"{cached[1]}.{micro:06d}Z" if micro else f"{cached[1]}Z"
+
+
+_render_stack = structlog.processors.StackInfoRenderer(additional_ignores=[__name__])  # our frames aren't the caller
+
+
+def format_exc_and_stack(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog's `StackInfoRenderer()` then `format_exc_info`, run only for the events that ask for
+    them (`exc_info`, `stack_info`): the others skip two calls."""
+    if "exc_info" in event_dict or "stack_info" in event_dict:
+        event_dict = _render_stack(logger, method_name, event_dict)
+        event_dict = structlog.processors.format_exc_info(logger, method_name, event_dict)
+    return event_dict
+
+
+def _json_fallback(obj: Any) -> Any:
+    """What structlog's JSONRenderer does with a value JSON can't hold."""
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
+def _make_encode() -> Callable[[Any], str]:
+    """`json.dumps(obj, default=_json_fallback)`, same text. `json.dumps` with any keyword builds a
+    JSONEncoder, and `JSONEncoder.encode` a C encoder, on every call; this C encoder is built once.
+    (Without a circular-reference check: a log event that holds itself fails with RecursionError
+    rather than ValueError.)"""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator in this Python
+        return json.JSONEncoder(default=_json_fallback).encode
+    c_encode = make(None, _json_fallback, json.encoder.encode_basestring_ascii, None, ": ", ", ",
+                    False, False, True)
+    return lambda obj: "".join(c_encode(obj, 0))
+
+
+_encode = _make_encode()
+
+
+def render_json_line(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+    """The `json` format's processors after the level, in one: `timestamp`, then the stack and the
+    traceback when asked for, then the JSON text — what structlog's `TimeStamper(fmt="iso",
+    utc=True)`, `StackInfoRenderer()`, `format_exc_info` and `JSONRenderer()` make, key order included."""
+    event_dict["timestamp"] = iso_utc(time.time_ns())
+    if "exc_info" in event_dict or "stack_info" in event_dict:
+        event_dict = format_exc_and_stack(logger, method_name, event_dict)
+    return _encode(event_dict)
+
+
+class LineWriter:
+    """The structlog logger of the `json` and `console` formats: each event is one write of the whole
+    line, then a flush, under a lock (engine threads log too)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        with self._lock:
+            self.out.write(line)
+            self.out.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = err = log = msg
+
+
+class LineWriterFactory:
+    """One shared `LineWriter` (structlog asks the factory on every call of a module-level logger)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._logger = LineWriter(out)
+
+    def __call__(self, *args: Any) -> LineWriter:
+        return self._logger
 
 
 _our_handler: list[logging.Handler] = []  # the root handler configure_logging installed, if any

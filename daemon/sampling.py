@@ -13,7 +13,10 @@ from .engine import SamplingParams
 
 
 def new_generator(params: SamplingParams) -> np.random.Generator:
-    return np.random.default_rng(params.seed)
+    seed = params.seed
+    if seed is not None and seed < 0:  # OpenAI's seed is a signed 64-bit integer; numpy's is not signed
+        seed &= 2**64 - 1
+    return np.random.default_rng(seed)
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

@@ -25,6 +25,8 @@ import structlog
 from aiohttp import web
 
 from .api.app import create_app
+from .api.auth import AUTH
+from .api.forward import cut_forwarded
 from .config import Config, ConfigError, load_config
 from .engine import Engine
 from .engines import BackendUnavailable, build_engine
@@ -54,7 +56,8 @@ class NodeServer:
         self.engine = engine if engine is not None else build_engine(config)
         self.node = Node(config, self.engine, probe_host())
         self.app = create_app(self.node)
-        self.reloaders: list[Reloader] = [self.node.upstreams.reload]  # [routing]: weights, upstreams
+        # [routing]: weights, upstreams; [auth]: the key and secret files, re-read on every reload
+        self.reloaders: list[Reloader] = [self.node.upstreams.reload, self.app[AUTH].reload]
         self.systemd = systemd or SystemdEnv()
         self.notifier = Notifier.from_env(self.systemd)
         self.serving = False  # READY=1 was sent: the model is loaded and the port answers
@@ -87,7 +90,10 @@ class NodeServer:
         listen, model = self.config.node.listen, self.config.model
         self.notifier.status(f"starting: listening on {listen}")
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=CLEANUP_TIMEOUT_S)
+                               shutdown_timeout=CLEANUP_TIMEOUT_S,
+                               # an idle connection, or one still sending its request head, is
+                               # closed after this (aiohttp's own default is an hour)
+                               keepalive_timeout=self.config.node.idle_timeout)
         await runner.setup()
         site = web.TCPSite(runner, self.config.node.host, self.config.node.port,
                            ssl_context=_ssl_context(self.config), reuse_address=True)
@@ -172,9 +178,11 @@ class NodeServer:
         if not await self._drain(timeout):
             log.warning("drain_timeout", cancelled=node.in_flight, drain_timeout_s=timeout)
         self.notifier.status(f"stopping: {node.in_flight} requests cut short" if node.in_flight else "stopping")
-        # Closing the engine fails every generation still running with "the node is shutting down":
-        # a streaming client gets an error event then `data: [DONE]`, a waiting one a 503 in
-        # OpenAI's error shape. runner.cleanup() gives those handlers time to write it.
+        # What is left ends with a clean error (code `shutting_down`): a streaming client gets an
+        # error event then `data: [DONE]`, a waiting one a 503 in OpenAI's error shape. Forwarded
+        # requests are told here; closing the engine fails every generation still running.
+        # runner.cleanup() gives those handlers time to write it.
+        cut_forwarded(self.app)
         await self.engine.close()
         await runner.cleanup()
         log.info("stopped")
@@ -251,6 +259,8 @@ class NodeServer:
             return False
         old = self.config
         frozen = [s for s in RESTART_ONLY if getattr(old, s) != getattr(new, s)]
+        if self.app[AUTH].needs_restart(old, new):  # started without [auth]: no middleware to turn on
+            frozen.append("auth")
         if frozen:
             log.warning("config_reload_needs_restart", sections=frozen,
                         detail="these sections keep their old values until a restart")

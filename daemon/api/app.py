@@ -7,8 +7,10 @@ from aiohttp import web
 from ..metrics import install_metrics
 from ..node import Node
 from . import forward, ops, openai
+from .auth import AUTH, Auth, auth_middleware
 from .errors import Handler, error_middleware
 from .keys import NODE
+from .openapi import openapi_bytes
 
 
 @web.middleware
@@ -23,11 +25,14 @@ async def in_flight_middleware(request: web.Request, handler: Handler) -> web.St
 
 
 def create_app(node: Node) -> web.Application:
+    auth = Auth.from_config(node.config)
+    auth.installed = auth.enabled  # no [auth] at start: no middleware, nothing on the request path
     app = web.Application(
-        middlewares=[in_flight_middleware, error_middleware],
+        middlewares=[in_flight_middleware, error_middleware, *([auth_middleware] if auth.installed else [])],
         client_max_size=node.config.limits.max_body_bytes,
     )
     app[NODE] = node
+    app[AUTH] = auth
     app.cleanup_ctx.append(forward.upstreams_context)  # the client session, forwarding pool, poller
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_post("/v1/completions", openai.completions)
@@ -35,5 +40,11 @@ def create_app(node: Node) -> web.Application:
     app.router.add_get("/health", ops.health)
     app.router.add_get("/ready", ops.ready)
     app.router.add_get("/cluster", ops.cluster)
+    document = openapi_bytes(bearer=auth.keys is not None, peers=auth.peers is not None)
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.Response(body=document, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_json)
     install_metrics(app, node)  # GET /metrics, and an observer counting every request
     return app

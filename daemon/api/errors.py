@@ -53,10 +53,28 @@ def model_not_found(model: str, available: list[str]) -> APIError:
     )
 
 
+# What engines say when close() ends their requests (BatchingEngine: the first from close(), the
+# second from a request admitted while it closes): those requests were cut short by a stop.
+ENGINE_SHUTDOWN_REASONS = frozenset({"the node is shutting down", "engine is shutting down"})
+
+
+def shutting_down() -> APIError:
+    """A request in flight that the stop cut short (the drain deadline passed)."""
+    return APIError(503, "This request was cut short: the node is shutting down",
+                    type="service_unavailable", code="shutting_down", headers={"Retry-After": "5"})
+
+
+def client_gone() -> APIError:
+    """The client closed the connection before its answer was written (nginx's 499; nobody reads it)."""
+    return APIError(499, "client went away", code="client_closed_request")
+
+
 def to_api_error(exc: BaseException) -> APIError:
     """The one switch from internal errors to HTTP."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ConnectionError):  # a write to a client that has just hung up
+        return client_gone()
     if isinstance(exc, QueueFull):
         return APIError(
             429,
@@ -70,6 +88,8 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ChatTemplateError):
         return APIError(400, str(exc), param="messages", code="invalid_messages")
     if isinstance(exc, EngineNotReady):
+        if exc.reason in ENGINE_SHUTDOWN_REASONS:
+            return shutting_down()
         return APIError(
             503, f"The model is not ready: {exc.reason}", type="service_unavailable",
             code="not_ready", headers={"Retry-After": "5"},
@@ -104,6 +124,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc)
     except (QueueFull, ContextLengthExceeded, ChatTemplateError, EngineError) as exc:
         return error_response(to_api_error(exc))
+    except ConnectionError:
+        return error_response(client_gone())  # not a fault of ours; aiohttp drops the write quietly
     except Exception as exc:
         log.exception("unhandled_error", path=request.path, error=str(exc))
         return error_response(to_api_error(exc))

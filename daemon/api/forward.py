@@ -11,7 +11,13 @@ Failure rules (docs/cluster.md):
 - nothing left to try → the last peer's 5xx/429 answer as it was, or 503 explaining why each peer
   could not take it;
 - a stream cut after tokens were sent → an error event and `data: [DONE]`;
-- a whole answer cut mid-body → 502.
+- a whole answer cut mid-body → 502;
+- the node stops and the drain deadline passes → an error event (`shutting_down`) and `data: [DONE]`,
+  or 503 before the answer started (`cut_forwarded`, called by the server).
+
+With a cluster secret (`[auth] cluster_secret_file`) each forwarded request is signed
+(`dsnode.cluster.peer_auth`): the peer credential stands for the client's API key, which is not sent
+on; the key's name goes along in `X-DSNode-User`, covered by the signature.
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ from aiohttp import web
 
 from ..cluster.balancer import Peer
 from ..cluster.peers import Poller
+from ..cluster.peer_auth import PeerAuth
 from ..cluster.pool import BodyCut, Origin, Pool, UpstreamError
 from ..cluster.pool import Response as PoolResponse
 from ..cluster.routing import LocalModel, Route, RouteRequest, decide
 from . import headers
-from .errors import APIError, sse_error_event
+from .auth import AUTH, IDENTITY
+from .errors import APIError, shutting_down, sse_error_event
 from .keys import NODE
 from .record import RequestRecord
 from .responses import DONE
@@ -52,11 +60,24 @@ MAX_HOPS = 3  # a request that passed through this many nodes is not forwarded a
 ADVERT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("advert_session")
 POLLER: web.AppKey["asyncio.Task[None]"] = web.AppKey("poller")
 
+
+class Relays:
+    """The requests being forwarded now, so a stop can end them with an error (not drop them)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[object]] = set()
+        self.cutting = False  # the drain deadline passed: a cancellation now is the stop's
+
+
+RELAYS: web.AppKey[Relays] = web.AppKey("relays", Relays)
+
 # Request headers not passed on: hop-by-hop ones, framing, and those set here.
 _DROP_REQUEST = frozenset(
     b"host content-length connection keep-alive transfer-encoding te trailer upgrade proxy-connection "
-    b"proxy-authorization expect accept-encoding x-request-id x-dsnode-via".split()
+    b"proxy-authorization expect accept-encoding x-request-id x-dsnode-via x-dsnode-user "
+    b"x-dsnode-peer".split()
 )
+_DROP_SIGNED = _DROP_REQUEST | {b"authorization"}  # signed: the peer credential replaces the client's key
 # Response headers not passed back (aiohttp sets framing and date itself; the route is ours to say).
 _DROP_RESPONSE = frozenset(
     "connection keep-alive transfer-encoding content-length date server x-dsnode-route x-request-id".split()
@@ -91,13 +112,49 @@ async def serve_forwarded(
     route: Route,
     via: tuple[str, ...],
 ) -> web.StreamResponse:
+    relays = request.app[RELAYS]
+    task = asyncio.current_task()
+    assert task is not None
+    relays.tasks.add(task)
+    try:
+        return await _forward(request, node, raw, body, record, route, via)
+    except asyncio.CancelledError:
+        if not relays.cutting:
+            raise  # the client went away
+        task.uncancel()  # the stop's deadline, before the answer started: say so
+        raise shutting_down() from None
+    finally:
+        relays.tasks.discard(task)
+
+
+def cut_forwarded(app: web.Application) -> int:
+    """The drain deadline passed: end every forwarded request cleanly (an error event and
+    `data: [DONE]` for a stream under way, 503 for one not answered yet). Returns how many."""
+    relays = app.get(RELAYS)
+    if relays is None:  # the app never started
+        return 0
+    relays.cutting = True
+    for task in relays.tasks:
+        task.cancel()
+    return len(relays.tasks)
+
+
+async def _forward(
+    request: web.Request,
+    node: "Node",
+    raw: bytes,
+    body: Body,
+    record: RequestRecord,
+    route: Route,
+    via: tuple[str, ...],
+) -> web.StreamResponse:
     upstreams, routing = node.upstreams, node.config.routing
     balancer, pool = upstreams.balancer, upstreams.pool
     if pool is None:
         raise APIError(503, "Forwarding is not running on this node.", type="service_unavailable",
                        code="no_upstream", headers={"Retry-After": "5"})
     hops = (*via, node.name)  # also never picked: this node, should it be listed as its own upstream
-    tail = _request_tail(request, record.request_id, hops, raw)
+    tail = _request_tail(request, record.request_id, hops, raw, request.app[AUTH].peers)
     start = b"POST " + request.raw_path.encode() + b" HTTP/1.1\r\nHost: "
     tried: list[Peer] = []
     refused: tuple[Peer, int, list[tuple[str, str]], bytes] | None = None
@@ -126,7 +183,8 @@ async def serve_forwarded(
             record.upstream = peer.url
             record.node = response.header("x-dsnode-node") or peer.label
             record.admitted = time.monotonic()
-            return await _relay(request, response, peer, record, body.stream, routing.first_token_timeout)
+            return await _relay(request, response, peer, record, body.stream, routing.first_token_timeout,
+                                request.app[RELAYS])
         finally:
             peer.in_flight -= 1
     if refused is not None:  # every peer refused: pass on the last refusal, as nginx does
@@ -146,7 +204,8 @@ async def serve_forwarded(
 
 
 async def _relay(
-    request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord, stream: bool, timeout: float
+    request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord, stream: bool,
+    timeout: float, relays: Relays,
 ) -> web.StreamResponse:
     out_headers = _response_headers(response.headers, record)
     if response.sized:
@@ -164,10 +223,25 @@ async def _relay(
         _note_usage(record, data)
         return web.Response(body=data, status=response.status, headers=out_headers)
     out = web.StreamResponse(status=response.status, headers=out_headers)
+    sent = _Sent()
     try:
         await out.prepare(request)
-        ended, cut = await _pass_events(response.chunks(timeout), out, record)
-    except BaseException:  # the client went away (or we are stopping): drop the upstream connection
+        ended, cut = await _pass_events(response.chunks(timeout), out, record, sent)
+    except (asyncio.CancelledError, ConnectionError) as exc:
+        response.close()  # the client went away, or the stop's deadline: drop the upstream connection
+        if sent.done:  # the client has its whole answer ([DONE]); it only hung up before the end
+            _uncancel(exc)
+            return out
+        if not (relays.cutting and isinstance(exc, asyncio.CancelledError) and out.prepared):
+            raise
+        _uncancel(exc)
+        error = shutting_down()
+        record.status, record.error = error.status, error.message
+        with suppress(ConnectionError):
+            await out.write(sse_error_event(error) + DONE)
+            await out.write_eof()
+        return out
+    except BaseException:
         response.close()
         raise
     if cut is None:
@@ -186,8 +260,23 @@ async def _relay(
     return out
 
 
+class _Sent:
+    """How far a relayed stream got to the client."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False  # `data: [DONE]` was written
+
+
+def _uncancel(exc: BaseException) -> None:
+    task = asyncio.current_task()
+    if isinstance(exc, asyncio.CancelledError) and task is not None:
+        task.uncancel()
+
+
 async def _pass_events(
-    chunks: AsyncIterator[bytes], out: web.StreamResponse, record: RequestRecord
+    chunks: AsyncIterator[bytes], out: web.StreamResponse, record: RequestRecord, sent: _Sent
 ) -> tuple[bool, BodyCut | None]:
     """Write whole SSE events as they arrive (a partial one waits for its end, so a cut never leaves
     half an event before the error event). Returns whether the stream ended with `data: [DONE]`, and
@@ -209,6 +298,7 @@ async def _pass_events(
                 _note_usage(record, data)
             await out.write(data)
             tail = data
+            sent.done = data.endswith(DONE)
     except BodyCut as exc:
         return tail.endswith(DONE), exc
     if carry:
@@ -217,14 +307,24 @@ async def _pass_events(
     return tail.endswith(DONE), None
 
 
-def _request_tail(request: web.Request, request_id: str, via: tuple[str, ...], raw: bytes) -> bytes:
+def _request_tail(request: web.Request, request_id: str, via: tuple[str, ...], raw: bytes,
+                  peers: PeerAuth | None) -> bytes:
     """Everything of the upstream request after the Host value: headers, blank line, body."""
+    hops = ",".join(via)
     lines = [
         b"Content-Length: %d" % len(raw),
         b"X-Request-Id: " + request_id.encode(),
-        b"X-DSNode-Via: " + ",".join(via).encode(),
+        b"X-DSNode-Via: " + hops.encode(),
     ]
-    lines += [name + b": " + value for name, value in request.raw_headers if name.lower() not in _DROP_REQUEST]
+    drop = _DROP_REQUEST
+    if peers is not None:  # signed; the client's identity goes on by name, its key stays here
+        user = request.get(IDENTITY, "")
+        if user:
+            lines.append(b"X-DSNode-User: " + user.encode())
+        signature = peers.sign("POST", request.raw_path, hops, user, request_id)
+        lines.append(b"X-DSNode-Peer: " + signature.encode())
+        drop = _DROP_SIGNED
+    lines += [name + b": " + value for name, value in request.raw_headers if name.lower() not in drop]
     return b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n" + raw
 
 
@@ -281,7 +381,8 @@ async def upstreams_context(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=trust or True))
     node.upstreams.pool = Pool(trust)
     app[ADVERT_SESSION] = session
-    poller = Poller(node.upstreams, session, lambda: node.config.routing)
+    app[RELAYS] = Relays()
+    poller = Poller(node.upstreams, session, lambda: node.config.routing, sign=app[AUTH].peer_headers)
     app[POLLER] = asyncio.get_running_loop().create_task(poller.run(), name="dsnode-poller")
     try:
         yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -10,7 +11,8 @@ from aiohttp import web
 from ..engine import ContextLengthExceeded, EngineNotReady
 from ..node import Node
 from . import headers
-from .errors import APIError, bad_request, model_not_found, to_api_error
+from .auth import admit
+from .errors import APIError, bad_request, client_gone, model_not_found, to_api_error
 from .forward import choose_route, serve_forwarded, via_of
 from .keys import NODE
 from .local import prompt_token_ids, serve_local
@@ -69,9 +71,18 @@ def request_id_of(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
-async def read_json(request: web.Request) -> tuple[bytes, object]:
-    """The body as received (forwarding passes these bytes on) and parsed."""
-    raw = await request.read()
+async def read_json(request: web.Request, timeout: float) -> tuple[bytes, object]:
+    """The body as received (forwarding passes these bytes on) and parsed. A body still arriving
+    after `timeout` seconds (a client trickling it) is refused with 408."""
+    if request.content.is_eof():  # all here already (the usual case): no timer to arm
+        raw = await request.read()
+    else:
+        try:
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
+        except TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {timeout:g}s.",
+                           code="body_timeout") from None
     try:
         return raw, json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -82,11 +93,12 @@ async def _complete(request: web.Request, endpoint: str) -> web.StreamResponse:
     node = request.app[NODE]
     record = RequestRecord(request_id_of(request), endpoint, node.name, client=request.remote)
     try:
-        response = await _dispatch(request, node, endpoint, record)
+        with admit(request, node.config.limits.max_concurrent_per_key, record):  # identity; 429 per key
+            response = await _dispatch(request, node, endpoint, record)
         record.done(response.status if record.status < 400 else None)
         return response
     except BaseException as exc:
-        error = to_api_error(exc) if isinstance(exc, Exception) else APIError(499, "client went away")
+        error = to_api_error(exc) if isinstance(exc, Exception) else client_gone()
         record.done(error.status, error.message)
         raise
     finally:
@@ -97,10 +109,11 @@ async def _dispatch(request: web.Request, node: Node, endpoint: str, record: Req
     if node.draining:
         raise APIError(503, "The node is shutting down.", type="service_unavailable", code="draining",
                        headers={"Retry-After": "5"})
-    raw, data = await read_json(request)
-    body = parse_body(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, data)
-    record.model, record.stream, record.user = body.model, body.stream, body.user
     config = node.config
+    raw, data = await read_json(request, config.limits.body_timeout)
+    body = parse_body(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, data)
+    record.model, record.stream = body.model, body.stream
+    record.user = record.user or body.user  # the API key's name when there is one, never the client's say
     if isinstance(body, ChatCompletionRequest) and len(body.messages) > config.limits.max_messages:
         raise bad_request(
             f"{len(body.messages)} messages is over this server's limit of {config.limits.max_messages}.",
@@ -123,6 +136,7 @@ async def _dispatch(request: web.Request, node: Node, endpoint: str, record: Req
     if prompt_ids is not None:
         record.prompt_tokens = len(prompt_ids)
     if route.kind == "forward":
+        _check_max_tokens(body, config.limits.max_tokens)  # this node's limits hold on its forwards too
         return await serve_forwarded(request, node, raw, body, record, route, via)
     if route.kind == "not_found":
         raise model_not_found(body.model, list({config.model.name, *node.upstreams.known_models()}))
@@ -136,3 +150,14 @@ async def _dispatch(request: web.Request, node: Node, endpoint: str, record: Req
     except ContextLengthExceeded as exc:
         raise APIError(400, str(exc), param="messages" if endpoint == "chat" else "prompt",
                        code="context_length_exceeded") from None
+
+
+def _check_max_tokens(body: ChatCompletionRequest | CompletionRequest, limit: int | None) -> None:
+    """`[limits] max_tokens` for a forwarded request (a local one is checked by `sampling_params`)."""
+    requested = body.requested_max_tokens()
+    if limit is None or requested is None or requested <= limit:
+        return
+    chat_limit = isinstance(body, ChatCompletionRequest) and body.max_completion_tokens
+    param = "max_completion_tokens" if chat_limit else "max_tokens"
+    raise bad_request(f"'{param}' is {requested}, over this server's limit of {limit}.", param,
+                      "max_tokens_too_large")

@@ -1,4 +1,7 @@
-"""One record per request: filled in while it is served, then logged (and counted) exactly once."""
+"""One record per request: filled in while it is served, then logged (and counted) exactly once.
+
+It is made, filled and read on every request, so it is a slotted dataclass and `fields()` builds the
+log event's dict in one pass (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     request_id: str
     endpoint: str  # "chat" | "completion"
@@ -58,6 +61,7 @@ class RequestRecord:
 
     def fields(self) -> dict[str, Any]:
         """The structured fields of the per-request log event."""
+        started, first = self.started, self.first_token
         out: dict[str, Any] = {
             "request_id": self.request_id,
             "endpoint": self.endpoint,
@@ -69,11 +73,18 @@ class RequestRecord:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "finish_reason": self.finish_reason,
-            "duration_ms": round(self.duration_s * 1000, 1),
-            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1),
+            "duration_ms": round(((self.finished or time.monotonic()) - started) * 1000, 1),
+            "ttft_ms": None if first is None else round((first - started) * 1000, 1),
         }
-        for key in ("upstream", "route_reason", "error", "client", "user"):
-            value = getattr(self, key)
-            if value:
-                out[key] = value
+        # the optional ones, only when set (same order as ever)
+        if self.upstream:
+            out["upstream"] = self.upstream
+        if self.route_reason:
+            out["route_reason"] = self.route_reason
+        if self.error:
+            out["error"] = self.error
+        if self.client:
+            out["client"] = self.client
+        if self.user:
+            out["user"] = self.user
         return out

@@ -28,11 +28,13 @@ class Poller:
         session: aiohttp.ClientSession,
         settings: Callable[[], RoutingSection],
         headers: dict[str, str] | None = None,
+        sign: Callable[[str, str], dict[str, str]] | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.session = session
         self.settings = settings  # read each round, so a reload's poll_interval applies
         self.headers = headers or {}
+        self.sign = sign  # (method, path) -> the peer credential headers, made fresh for each poll
 
     async def run(self) -> None:
         """Poll until cancelled (by the app's cleanup context)."""
@@ -69,9 +71,13 @@ class Poller:
 
     async def _fetch(self, url: str, timeout: float) -> dict[str, Any]:
         try:
+            headers = {**self.headers, **self.sign("GET", "/cluster")} if self.sign else self.headers
             async with self.session.get(
-                url + "/cluster", headers=self.headers, timeout=aiohttp.ClientTimeout(total=timeout)
+                url + "/cluster", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:
+                if response.status == 401:
+                    raise _PollFailed("GET /cluster answered HTTP 401: the peer refused this node's cluster "
+                                      "credential (every node needs the same [auth] cluster_secret_file)")
                 if response.status != 200:
                     raise _PollFailed(f"GET /cluster answered HTTP {response.status}")
                 data = await response.json(content_type=None)

@@ -422,7 +422,9 @@ class Pool:
         except TimeoutError:
             raise ConnectFailed(f"connect timed out after {timeout:g}s") from None
         except (OSError, ssl.SSLError) as exc:
-            why = os.strerror(exc.errno) if isinstance(exc.errno, int) and exc.errno > 0 else str(exc)
+            # an SSLError's errno is OpenSSL's code, not an OS one: its text says what failed
+            plain = not isinstance(exc, ssl.SSLError) and isinstance(exc.errno, int) and exc.errno > 0
+            why = os.strerror(exc.errno) if plain else str(exc)
             raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {why}") from None
         self._open.add(conn)
         return conn

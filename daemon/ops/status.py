@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -50,13 +52,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--url", default=DEFAULT_URL, help=f"the node to ask (default {DEFAULT_URL})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node (default 5)")
+    p.add_argument("--secret-file", type=Path, metavar="PATH",
+                   help="the cluster secret ([auth] cluster_secret_file): ask as a peer node would")
+    p.add_argument("--api-key-file", type=Path, metavar="PATH", help="a file holding an API key")
+    p.add_argument("--ca-file", type=Path, metavar="PATH", help="CA certificates for an https:// --url")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     try:
-        cluster = fetch_cluster(url, args.timeout)
+        credentials = credential_headers(getattr(args, "secret_file", None),
+                                         getattr(args, "api_key_file", None))
+        cluster = fetch_cluster(url, args.timeout, credentials, getattr(args, "ca_file", None))
     except Unreachable as exc:
         print(f"dsnode status: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -68,11 +76,38 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def fetch_cluster(url: str, timeout: float) -> dict[str, Any]:
+def credential_headers(secret_file: Path | None, api_key_file: Path | None) -> dict[str, str]:
+    """How to ask a node that has `[auth]`: as a peer (signed with the cluster secret), or with an
+    API key. Raises Unreachable when a file named cannot be used."""
+    if secret_file is not None:
+        from ..cluster.peer_auth import PeerAuth, SecretFileError, read_cluster_secrets
+
+        try:
+            secrets = read_cluster_secrets(secret_file)
+        except SecretFileError as exc:
+            raise Unreachable(f"--secret-file {secret_file}: {'; '.join(exc.problems)}") from None
+        return PeerAuth(secrets, "dsnode-status", 0.0).headers("GET", "/cluster")
+    if api_key_file is None:
+        return {}
     try:
-        with urllib.request.urlopen(f"{url}/cluster", timeout=timeout) as response:
+        api_key = api_key_file.read_text().strip()
+    except OSError as exc:
+        raise Unreachable(f"--api-key-file {api_key_file}: cannot read: {exc.strerror or exc}") from None
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+def fetch_cluster(url: str, timeout: float, headers: dict[str, str] | None = None,
+                  ca_file: Path | None = None) -> dict[str, Any]:
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+    try:
+        request = urllib.request.Request(f"{url}/cluster", headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise Unreachable(f"{url}/cluster answered HTTP 401: this node needs a credential "
+                              "(--secret-file with the cluster secret, or --api-key-file)") \
+                from None
         raise Unreachable(f"{url}/cluster answered HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)

@@ -101,7 +101,7 @@ weight = 1
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path, model_dir):
-    (tmp_path / "keys").write_text("k\n")
+    (tmp_path / "keys").write_text("sk-test-0123456789abcdef\n")
     text = minimal(Path("model"), extra='[auth]\napi_keys_file = "keys"\n')
     config = load_config(write(tmp_path, text))
     assert config.model.path == tmp_path / "model"
@@ -312,3 +312,46 @@ def test_serve_refuses_an_invalid_file_with_the_same_messages(tmp_path):
     assert run.returncode == 1
     assert f"{path}: node.role: must be one of 'edge' or 'central' (got 'x')" in run.stdout
     assert f"{path}: model.path: no such model folder (got '/nope')" in run.stdout
+
+
+def test_auth_limits_and_timeout_defaults(tmp_path, model_dir):
+    config = load_config(write(tmp_path, minimal(model_dir)))
+    assert config.auth.api_keys_file is None and config.auth.cluster_secret_file is None
+    assert config.auth.max_clock_skew == 30.0
+    assert config.limits.max_concurrent_per_key is None and config.limits.body_timeout == 60.0
+    assert config.node.idle_timeout == 75.0
+
+
+@pytest.mark.parametrize(
+    "extra, key, why",
+    [
+        ("[auth]\nmax_clock_skew = 0", "auth.max_clock_skew", "must be > 0 (got 0)"),
+        ("[limits]\nmax_concurrent_per_key = 0", "limits.max_concurrent_per_key", "must be > 0 (got 0)"),
+        ('[limits]\nbody_timeout = "1m"', "limits.body_timeout", "must be a number (got '1m')"),
+        ("[limits]\nbody_timeout = -1", "limits.body_timeout", "must be > 0 (got -1)"),
+        ("[auth]\napi_key_file = 'x'", "auth.api_key_file", "unknown key (got 'x')"),
+    ],
+)
+def test_auth_and_limits_errors(tmp_path, model_dir, extra, key, why):
+    path = write(tmp_path, minimal(model_dir, extra=extra))
+    problems = problems_of(path)
+    assert any(p.startswith(f"{path}: {key}: ") and why in p for p in problems), problems
+
+
+def test_node_idle_timeout_must_be_positive(tmp_path, model_dir):
+    path = write(tmp_path, minimal(model_dir, node="idle_timeout = 0"))
+    assert f"{path}: node.idle_timeout: must be > 0 (got 0)" in problems_of(path)
+
+
+def test_key_and_secret_files_are_checked_line_by_line_without_quoting_them(tmp_path, model_dir):
+    (tmp_path / "keys").write_text("# ops\nalice: sk-alice-0123456789abcdef\nbob: tiny\n")
+    (tmp_path / "secret").write_text("not-long-enough\n")
+    extra = '[auth]\napi_keys_file = "keys"\ncluster_secret_file = "secret"\n'
+    path = write(tmp_path, minimal(model_dir, extra=extra))
+    problems = problems_of(path)
+    assert f"{path}: auth.api_keys_file: {tmp_path / 'keys'}: line 3: a key needs at least 16 characters " \
+           "(make one with `openssl rand -hex 24`)" in problems
+    assert f"{path}: auth.cluster_secret_file: {tmp_path / 'secret'}: line 1: a secret needs at least 32 " \
+           "characters (make one with `openssl rand -hex 32`)" in problems
+    assert not any("tiny" in p or "not-long-enough" in p for p in problems)
+    assert load_config(path, check_paths=False).auth.api_keys_file == tmp_path / "keys"  # --skip-paths

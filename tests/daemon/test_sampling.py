@@ -53,3 +53,9 @@ def test_same_seed_same_tokens_different_seed_differs():
 @pytest.mark.parametrize("top_k", [0, 5, 100])
 def test_top_k_off_or_larger_than_vocab_draws_everything(top_k):
     assert set(draws(SamplingParams(max_tokens=1, top_k=top_k, temperature=5.0, seed=0), 3000)) == {0, 1, 2, 3, 4}
+
+
+def test_a_negative_seed_is_a_seed_too():
+    """OpenAI clients may send any signed 64-bit seed (found by tests/e2e/test_fuzz.py)."""
+    params = SamplingParams(max_tokens=1, temperature=1.0, seed=-4367879369836)
+    assert (draws(params, 50) == draws(params, 50)).all()

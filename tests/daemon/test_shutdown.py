@@ -436,14 +436,14 @@ async def test_the_real_engine_fails_what_outlives_the_drain_cleanly(running, tm
     cut = 0
     for status, body in results:
         if status == 503:  # still queued when the engine closed: an OpenAI error, before any header
-            assert json.loads(body)["error"]["code"] == "not_ready"
+            assert json.loads(body)["error"]["code"] == "shutting_down"
             cut += 1
             continue
         assert status == 200
         events = [block[len("data: "):] for block in body.split("\n\n") if block.startswith("data: ")]
         assert events[-1] == "[DONE]"
         if "error" in json.loads(events[-2]):  # cut mid-stream: an error event, then [DONE]
-            assert json.loads(events[-2])["error"]["code"] == "not_ready"
+            assert json.loads(events[-2])["error"]["code"] == "shutting_down"
             cut += 1
     assert cut, "every request finished within the 50 ms drain: the test proved nothing"
     assert await node.exit_code() == 0

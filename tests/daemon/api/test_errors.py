@@ -171,3 +171,42 @@ async def test_engine_failure_before_first_token_is_500(client, node, monkeypatc
     assert error["type"] == "server_error"
     monkeypatch.undo()
     await still_serves(client)
+
+
+async def test_a_client_gone_before_a_write_is_499_not_a_server_error(client, node, monkeypatch):
+    """The race the soak test (tests/e2e/test_soak.py) met: the client hangs up and a write fails
+    before aiohttp cancels the handler. That is the client's doing: 499, no `unhandled_error`."""
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.client_exceptions import ClientConnectionResetError
+    from structlog.testing import capture_logs
+
+    real_write, writes = web.StreamResponse.write, {"n": 0}
+
+    async def write(self, data):
+        writes["n"] += 1
+        if writes["n"] == 3:  # as aiohttp finds it: the connection is closing, the handler still runs
+            self._req.transport.close()
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        return await real_write(self, data)
+
+    records = []
+    node.observers.append(records.append)
+    monkeypatch.setattr(web.StreamResponse, "write", write)
+    try:
+        with capture_logs() as logs:
+            async with asyncio.timeout(60):
+                response = await client.post("/v1/completions", json={**OK, "max_tokens": 20,
+                                                                      "ignore_eos": True, "stream": True})
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+            async with asyncio.timeout(60):
+                while not records:
+                    await asyncio.sleep(0.01)
+    finally:
+        node.observers.remove(records.append)
+        monkeypatch.undo()
+    assert [r.status for r in records] == [499]
+    assert not [e for e in logs if e["event"] == "unhandled_error"]
+    assert node.engine.load_figures().running == 0
+    await still_serves(client)

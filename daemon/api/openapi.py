@@ -1,0 +1,262 @@
+"""`GET /openapi.json`: the HTTP API as an OpenAPI 3.1 document.
+
+The request bodies are the pydantic models of `dsnode.api.schemas` (`model_json_schema`), plus the
+rules their validators add (at most 16 non-empty stop strings, an empty `logit_bias`, one prompt...),
+so that what the document allows is what the server accepts; `tests/e2e/test_fuzz.py` holds the
+server to it. Every error is OpenAI's shape; the bearer scheme is listed when the node has API keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from .. import __version__
+from .schemas import MAX_STOP_SEQUENCES, ChatCompletionRequest, CompletionRequest
+
+OPENAPI_VERSION = "3.1.0"
+_REF = "#/components/schemas/{model}"
+
+ERROR_STATUSES = {
+    "400": "Invalid request: malformed JSON, a bad or unsupported value (named in `param`), over a limit.",
+    "401": "No API key, a wrong one, or a bad peer credential.",
+    "404": "No such model in this cluster (the message lists those that exist), or no such path.",
+    "405": "Method not allowed on this path.",
+    "408": "The request body did not arrive within `[limits] body_timeout`.",
+    "413": "The request body is over `[limits] max_body_bytes`.",
+    "429": "Too busy: the engine's queue is full, or this API key's concurrent requests are all in use. "
+           "See `Retry-After`.",
+    "500": "The model failed on this request.",
+    "502": "The upstream node stopped in the middle of its answer.",
+    "503": "Not ready (loading), draining or shutting down, or no upstream can take it. See `Retry-After`.",
+    "508": "The request came back to a node it already passed through.",
+}
+COMPLETION_ERRORS = ("400", "401", "404", "408", "413", "429", "500", "502", "503", "508")
+
+_STRING = {"type": "string"}
+_HEADERS = {
+    "X-DSNode-Node": {"description": "The node that generated the answer.", "required": True,
+                      "schema": _STRING},
+    "X-DSNode-Route": {"description": "`local`: this node answered; `forwarded`: an upstream did.",
+                       "required": True, "schema": {"type": "string", "enum": ["local", "forwarded"]}},
+    "X-Request-Id": {"description": "The client's request id, or one made up; in every log record of "
+                     "the request.", "required": True, "schema": _STRING},
+}
+_EVENT = {  # one server-sent event: `data:` holds a chunk of the answer as JSON, an error, or [DONE]
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "minLength": 1}},
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.",
+                                "schema": {"type": "string"}}}
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "`Bearer`.", "schema": _STRING}}
+
+
+def request_schemas() -> dict[str, Any]:
+    """The request bodies and their parts, as components."""
+    components: dict[str, Any] = {}
+    for model in (ChatCompletionRequest, CompletionRequest):
+        schema = model.model_json_schema(ref_template=_REF)
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        _add_validator_rules(components[name]["properties"])
+    return components
+
+
+def _add_validator_rules(props: dict[str, Any]) -> None:
+    """What the models' validators check, in JSON Schema words."""
+    text = {"type": "string", "minLength": 1}
+    props["stop"]["anyOf"] = [text, {"type": "array", "items": text, "maxItems": MAX_STOP_SEQUENCES},
+                              {"type": "null"}]
+    props["logit_bias"]["anyOf"] = [{"type": "object", "maxProperties": 0}, {"type": "null"}]
+    for name in ("presence_penalty", "frequency_penalty"):  # Literal[0, 0.0]: one value in JSON
+        props[name].pop("enum", None)
+        props[name]["const"] = 0
+    for prop in props.values():
+        for schema in (prop, *prop.get("anyOf", ())):
+            _equal_in_python(schema)
+    if "response_format" in props:
+        props["response_format"]["anyOf"] = [
+            {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
+            {"type": "null"},
+        ]
+    if "prompt" in props:
+        prompt = props["prompt"]
+        prompt.pop("minLength", None)
+        prompt["anyOf"] = [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": _STRING, "minItems": 1, "maxItems": 1},
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        ]
+
+
+def _equal_in_python(schema: dict[str, Any]) -> None:
+    """A `Literal[1]` or `Literal[False]` field takes the values Python finds equal to it, of either
+    type (`n: true` is `n: 1`, `logprobs: 0` is `logprobs: false`): say so, as JSON keeps them apart."""
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if not values or not all(isinstance(v, (bool, int, float)) for v in values):
+        return
+    widened: list[Any] = []
+    for value in values:
+        for same in (value, *((int(value),) if isinstance(value, bool) else
+                              (bool(value),) if value in (0, 1) else ())):
+            if not any(type(same) is type(v) and same == v for v in widened):
+                widened.append(same)
+    schema.pop("const", None)
+    schema.pop("type", None)
+    schema["enum"] = widened
+
+
+def _response_schemas() -> dict[str, Any]:
+    usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+             "properties": {k: {"type": "integer", "minimum": 0}
+                            for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+    finish = {"type": ["string", "null"]}
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {"message": _STRING, "type": _STRING, "param": {"type": ["string", "null"]},
+                               "code": {"type": ["string", "null"]}},
+            }},
+        },
+        "Usage": usage,
+        "ChatCompletion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": _STRING, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
+                "model": _STRING, "usage": {"$ref": "#/components/schemas/Usage"},
+                "choices": {"type": "array", "items": {
+                    "type": "object", "required": ["index", "message", "finish_reason"],
+                    "properties": {"index": {"type": "integer"}, "finish_reason": finish,
+                                   "message": {"type": "object", "required": ["role", "content"],
+                                               "properties": {"role": {"const": "assistant"},
+                                                              "content": {"type": ["string", "null"]}}}},
+                }},
+            },
+        },
+        "Completion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": _STRING, "object": {"const": "text_completion"}, "created": {"type": "integer"},
+                "model": _STRING, "usage": {"$ref": "#/components/schemas/Usage"},
+                "choices": {"type": "array", "items": {
+                    "type": "object", "required": ["index", "text", "finish_reason"],
+                    "properties": {"index": {"type": "integer"}, "text": _STRING, "finish_reason": finish},
+                }},
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+                "type": "object", "required": ["id", "object"],
+                "properties": {"id": _STRING, "object": {"const": "model"},
+                               "max_model_len": {"type": ["integer", "null"]}},
+            }}},
+        },
+    }
+
+
+def _errors(statuses: tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for status in statuses:
+        response: dict[str, Any] = {
+            "description": ERROR_STATUSES[status],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        if status in ("429", "503"):
+            response["headers"] = copy.deepcopy(_RETRY_AFTER)
+        elif status == "401":
+            response["headers"] = copy.deepcopy(_WWW_AUTHENTICATE)
+        out[status] = response
+    return out
+
+
+def _completion(summary: str, request: str, answer: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "parameters": [{"name": "X-Request-Id", "in": "header", "required": False,
+                        "description": "Your id for the request (printable, no spaces, up to 128 "
+                                       "characters); else the node makes one up.",
+                        "schema": _STRING}],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{request}"}}}},
+        "responses": {
+            "200": {
+                "description": "The answer: whole (JSON, with `usage`), or with `stream: true` a stream "
+                               "of server-sent events ending `data: [DONE]` (a failure after the first "
+                               "event is an `{\"error\": ...}` event before `[DONE]`).",
+                "headers": copy.deepcopy(_HEADERS),
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{answer}"}},
+                            "text/event-stream": {"schema": _EVENT}},
+            },
+            **_errors(COMPLETION_ERRORS),
+        },
+    }
+
+
+def _get(summary: str, content_type: str, schema: dict[str, Any], errors: tuple[str, ...] = (),
+         extra: dict[str, Any] | None = None, open_: bool = False) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {"200": {"description": "OK", "content": {content_type: {"schema": schema}}},
+                      **(extra or {}), **_errors(errors)},
+    }
+    if open_:
+        operation["security"] = []
+    return operation
+
+
+def openapi_document(bearer: bool, peers: bool = False) -> dict[str, Any]:
+    """The whole document; `bearer`: the node asks for API keys; `peers`: it has a cluster secret
+    (then `/cluster` may answer 401 even without API keys)."""
+    any_json = {"type": "object"}
+    components: dict[str, Any] = {"schemas": {**request_schemas(), **_response_schemas()}}
+    document: dict[str, Any] = {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": "dsnode", "version": __version__,
+                 "description": "OpenAI-compatible completions served by a dsnode cluster; any node "
+                                "answers any request."},
+        "paths": {
+            "/v1/chat/completions": {"post": _completion("Chat completion", "ChatCompletionRequest",
+                                                         "ChatCompletion")},
+            "/v1/completions": {"post": _completion("Text completion", "CompletionRequest", "Completion")},
+            "/v1/models": {"get": _get("Every model reachable through this node", "application/json",
+                                       {"$ref": "#/components/schemas/ModelList"}, ("401",))},
+            "/health": {"get": _get("Liveness: the process serves HTTP", "application/json", any_json,
+                                    open_=True)},
+            "/ready": {"get": _get("Readiness: the local model is loaded and the node takes work",
+                                   "application/json", any_json, open_=True, extra={"503": {
+                                       "description": "Not ready; `reason` says why.",
+                                       "headers": copy.deepcopy(_RETRY_AFTER),
+                                       "content": {"application/json": {"schema": any_json}}}})},
+            "/metrics": {"get": _get("Prometheus metrics", "text/plain", _STRING, ("401",))},
+            "/cluster": {"get": _get("This node's advertisement and its view of its upstreams "
+                                     "(a peer credential or an API key)", "application/json", any_json,
+                                     ("401",))},
+            "/openapi.json": {"get": _get("This document", "application/json", any_json, open_=True)},
+        },
+        "components": components,
+    }
+    if bearer:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                    "description": "An API key of `[auth] api_keys_file`."}}
+        document["security"] = [{"bearer": []}]
+    else:
+        for route, path in document["paths"].items():  # nothing to send: no 401 to expect either
+            for operation in path.values():
+                if not (peers and route == "/cluster"):
+                    operation["responses"].pop("401", None)
+                operation.pop("security", None)
+    return document
+
+
+def openapi_bytes(bearer: bool, peers: bool = False) -> bytes:
+    return json.dumps(openapi_document(bearer, peers), separators=(",", ":")).encode()
