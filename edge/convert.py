@@ -9,6 +9,7 @@ against an estimate before anything is written.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -91,10 +92,28 @@ def convert_model(
             os.rename(staging, dst)
         except OSError as exc:
             raise ConvertError(f"{dst}: cannot move the result into place ({exc.strerror})") from None
+    except Exception as exc:
+        full = _disk_full(staging)  # measured before the staging folder frees its space
+        shutil.rmtree(staging, ignore_errors=True)
+        if full and not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            # some writers (onnxruntime's quantizer) don't report ENOSPC; say what really happened
+            raise ConvertError(f"{dst.parent}: the disk filled up while converting ({type(exc).__name__}: "
+                               f"{exc}); nothing was left behind") from exc
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ConvertResult(dst, manifest, report, time.monotonic() - started)
+
+
+DISK_FULL_BELOW_BYTES = 4 * 2**20
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BELOW_BYTES
+    except OSError:
+        return False
 
 
 def _convert(

@@ -154,8 +154,21 @@ async def _stream(
     if include_usage:
         await response.write(sse(usage_chunk(shape, usage(last.prompt_tokens, last.completion_tokens))))
     await response.write(DONE)
-    await response.write_eof()
+    await _end_complete_stream(response)
     return response
+
+
+async def _end_complete_stream(response: web.StreamResponse) -> None:
+    """The client has its whole answer: a hang-up now (the connection error, or aiohttp cancelling
+    the handler) loses nothing, so the request still counts as served."""
+    try:
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
 
 
 def _delta_chunks(shape: Shape, delta: Delta, include_usage: bool) -> list[dict[str, Any]]:

@@ -153,3 +153,26 @@ async def test_client_disconnect_frees_the_batch_slot(client, node):
         await asyncio.sleep(0.05)
     figures = node.engine.load_figures()
     assert figures.running == 0 and figures.batch_tokens == 0
+
+
+async def test_a_hang_up_after_done_does_not_undo_a_complete_answer():
+    """aiohttp cancels the handler when the client hangs up; after `data: [DONE]` that loses nothing."""
+    from dsnode.api.local import _end_complete_stream
+
+    class SlowEof:
+        async def write_eof(self) -> None:
+            await asyncio.sleep(10)  # the client hangs up while the end is being written
+
+    class ResetEof:
+        async def write_eof(self) -> None:
+            raise ConnectionResetError()
+
+    async def handler_tail(response) -> str:
+        await _end_complete_stream(response)
+        return "served"
+
+    task = asyncio.ensure_future(handler_tail(SlowEof()))
+    await asyncio.sleep(0.01)
+    task.cancel()  # what aiohttp's handler_cancellation does on a hang-up
+    assert await task == "served" and not task.cancelled()
+    assert await handler_tail(ResetEof()) == "served"
