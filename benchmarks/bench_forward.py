@@ -6,12 +6,17 @@ Two `dsnode serve` centrals (the bundled dense model, transformers, one thread, 
 proxy's share is as large as a real backend allows) sit behind
 - nothing: the load generator balances 3:1 itself (the baseline),
 - nginx (a plain process, generated config, `daemon off;`): `upstream { server A weight=3; server B
-  weight=1; keepalive 32; }`, proxy_buffering off, access log on (dsnode logs every request too),
+  weight=1; keepalive 32; }`, HTTP/1.1 to the upstreams, proxy_buffering off (dsnode passes a stream
+  on as it comes), access log on (dsnode logs every request too), and connections kept for any number
+  of requests on both sides (`keepalive_requests`; nginx's default closes them after 1000, dsnode
+  never does),
 - a dsnode edge: the same two upstreams with weights 3 and 1, for a model only they serve (so the edge
   forwards without tokenizing, as an edge does for a central-only model).
 Each proxy is pinned to its own core (`--proxy-cpu`), backends and load generator to the others. Rounds
-alternate the targets; figures are medians over rounds. CPU per request is the proxy's on-CPU time
-(/proc/PID/task/*/schedstat, all threads; nginx: master + worker) divided by the requests it forwarded.
+alternate the targets; figures are medians over rounds, with the CPU's range (each round is printed too). CPU per
+request is the proxy's on-CPU time (/proc/PID/task/*/schedstat, all threads; nginx: master + worker)
+over the timed requests only, read by the load generator right before and after them (its warm-up
+requests, which open the connections, are not counted), divided by the number of timed requests.
 """
 
 from __future__ import annotations
@@ -107,11 +112,13 @@ error_log {work}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log {work}/nginx-access.log;
+  keepalive_requests 1000000;
   client_body_temp_path {work}/nginx-body;
   proxy_temp_path {work}/nginx-proxy;
   upstream centrals {{
 {servers}
     keepalive 32;
+    keepalive_requests 1000000;
   }}
   server {{
     listen 127.0.0.1:{port};
@@ -147,9 +154,10 @@ def process_tree(pid: int) -> list[int]:
 
 
 # --- load ---------------------------------------------------------------------------------------------
-async def run_load(urls: list[str], concurrency: int, total: int) -> tuple[list[float], float]:
+async def run_load(urls: list[str], concurrency: int, total: int, pids: list[int]) -> tuple[list[float], float, int]:
     """`total` requests with `concurrency` in flight. Several `urls` (the baseline) rotate 3:1, as the
-    proxies balance. Returns latencies (s) and the wall time."""
+    proxies balance. Returns latencies (s), the wall time, and the CPU time (ns) the processes `pids`
+    spent meanwhile (the warm-up excluded)."""
     rotation = [url for url, weight in zip(urls, WEIGHTS) for _ in range(weight)] if len(urls) > 1 else urls
     latencies: list[float] = []
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -170,9 +178,11 @@ async def run_load(urls: list[str], concurrency: int, total: int) -> tuple[list[
         await asyncio.gather(*(worker(warm_up) for _ in range(concurrency)))
         latencies.clear()
         numbers = iter(range(total))
+        cpu_before = cpu_ns(pids)
         started = time.perf_counter()
         await asyncio.gather(*(worker(numbers) for _ in range(concurrency)))
-        return latencies, time.perf_counter() - started
+        wall = time.perf_counter() - started
+        return latencies, wall, cpu_ns(pids) - cpu_before
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -189,11 +199,10 @@ class Sample:
 
 
 def measure(urls: list[str], pids: list[int], concurrency: int, total: int, client_cpus: str | None) -> Sample:
-    before = cpu_ns(pids) if pids else 0
-    argv = pinned(client_cpus, [sys.executable, __file__, "--load", json.dumps([urls, concurrency, total])])
+    argv = pinned(client_cpus, [sys.executable, __file__, "--load", json.dumps([urls, concurrency, total, pids])])
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    latencies, wall = json.loads(out.strip().splitlines()[-1])
-    cpu = (cpu_ns(pids) - before) / total / 1000 if pids else None
+    latencies, wall, spent_ns = json.loads(out.strip().splitlines()[-1])
+    cpu = spent_ns / total / 1000 if pids else None
     return Sample(total / wall, percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000, cpu)
 
 
@@ -212,14 +221,14 @@ def main() -> int:
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:  # the load-generator child
-        urls, concurrency, total = json.loads(args.load)
+        urls, concurrency, total, pids = json.loads(args.load)
         try:
             import uvloop
 
-            latencies, wall = uvloop.run(run_load(urls, concurrency, total))
+            result = uvloop.run(run_load(urls, concurrency, total, pids))
         except ImportError:
-            latencies, wall = asyncio.run(run_load(urls, concurrency, total))
-        print(json.dumps([latencies, wall]))
+            result = asyncio.run(run_load(urls, concurrency, total, pids))
+        print(json.dumps(result))
         return 0
 
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -280,7 +289,7 @@ def main() -> int:
 def report(results: dict[tuple[str, int], list[Sample]]) -> None:
     print("\nmedians over rounds (+p50/+p99: added to the direct baseline; cpu: the proxy's, per request)")
     print(f"{'c':>3} {'target':<7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
-          f"{'cpu us/req':>10} {'cpu vs nginx':>12}")
+          f"{'cpu us/req':>10} {'cpu vs nginx':>12} {'cpu range':>13}")
     for concurrency in sorted({c for _, c in results}):
         base = results[("direct", concurrency)]
         nginx_cpu = median(results[("nginx", concurrency)], "cpu_us")
@@ -292,8 +301,10 @@ def report(results: dict[tuple[str, int], list[Sample]]) -> None:
                 f"{p50 - median(base, 'p50_ms'):8.3f} {p99 - median(base, 'p99_ms'):8.3f}")
             ratio = "" if name == "direct" else f"{cpu / nginx_cpu:11.2f}x"
             cpu_text = "" if name == "direct" else f"{cpu:10.1f}"
+            cpus = [s.cpu_us for s in samples if s.cpu_us is not None]
+            spread = f"{min(cpus):6.0f}-{max(cpus):<6.0f}" if cpus else ""
             print(f"{concurrency:>3} {name:<7} {median(samples, 'rps'):8.0f} {p50:8.2f} {p99:8.2f} "
-                  f"{added:>17} {cpu_text:>10} {ratio:>12}")
+                  f"{added:>17} {cpu_text:>10} {ratio:>12} {spread:>13}")
         over_nginx = median(results[("dsnode", concurrency)], "p50_ms") - median(results[("nginx", concurrency)],
                                                                                  "p50_ms")
         print(f"{'':>3} dsnode p50 - nginx p50 = {over_nginx:+.3f} ms")

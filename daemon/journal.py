@@ -8,6 +8,10 @@ does). See systemd's `native protocol` documentation (systemd.io/JOURNAL_NATIVE_
 Every field of a structlog event `ev` becomes `DSNODE_<EV>` (`request_id` → `DSNODE_REQUEST_ID`),
 next to `MESSAGE` (a readable line), `PRIORITY` (syslog level) and `SYSLOG_IDENTIFIER`, so that
 `journalctl -u dsnode DSNODE_ROUTE=forwarded` works.
+
+Every request logs one event, so building an entry is kept cheap (docs/performance.md): field names
+are computed once per key, each value is turned into text once for both its field and MESSAGE, and
+the entry is encoded in one pass.
 """
 
 from __future__ import annotations
@@ -62,12 +66,29 @@ def stream_is_journal(journal_stream: str | None, stream: TextIO) -> bool:
 
 def field_name(key: str, prefix: str = PREFIX) -> str:
     """`request_id` → `DSNODE_REQUEST_ID`: upper case, letters/digits/underscore, ≤ 64 chars."""
+    if prefix == PREFIX:
+        name = _FIELD_NAMES.get(key)
+        if name is None:
+            name = _field_name(key, prefix)
+            if len(_FIELD_NAMES) < MAX_CACHED_NAMES:
+                _FIELD_NAMES[key] = name
+        return name
+    return _field_name(key, prefix)
+
+
+def _field_name(key: str, prefix: str) -> str:
     name = prefix + _INVALID_NAME_CHARS.sub("_", key.upper())
     return name[:MAX_FIELD_NAME]
 
 
+MAX_CACHED_NAMES = 1024  # event keys come from the code: a few dozen; the cap only guards memory
+_FIELD_NAMES: dict[str, str] = {}
+
+
 def field_value(value: Any) -> str | None:
     """None → no field; bools as true/false (like the JSON lines); containers as JSON."""
+    if type(value) is str:  # the usual case first
+        return value
     if value is None:
         return None
     if isinstance(value, bool):
@@ -81,15 +102,24 @@ def field_value(value: Any) -> str | None:
 
 def encode_entry(fields: Mapping[str, str | bytes]) -> bytes:
     """One native-protocol entry. Values with a newline use the binary-safe length-prefixed form."""
-    out = bytearray()
+    out: list[bytes] = []
+    lines: list[str] = []  # KEY=value lines (the usual case), encoded together
     for name, value in fields.items():
+        if isinstance(value, str) and "\n" not in value:
+            lines.append(f"{name}={value}\n")
+            continue
+        if lines:
+            out.append("".join(lines).encode("utf-8", "replace"))
+            lines = []
         data = value.encode("utf-8", "replace") if isinstance(value, str) else value
         key = name.encode("ascii")
         if b"\n" in data:
-            out += key + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+            out.append(key + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
         else:
-            out += key + b"=" + data + b"\n"
-    return bytes(out)
+            out.append(key + b"=" + data + b"\n")
+    if lines:
+        out.append("".join(lines).encode("utf-8", "replace"))
+    return b"".join(out)
 
 
 class JournalSender:
@@ -143,32 +173,48 @@ def render_message(event_dict: Mapping[str, Any]) -> str:
     a traceback follows on its own lines."""
     parts = [str(event_dict.get("event", ""))]
     for key, value in event_dict.items():
-        if key in ("event", "level", "exception") or key in NOT_FIELDS:
+        if key in _NOT_IN_MESSAGE:
             continue
         text = field_value(value)
-        if text is None:
-            continue
-        if not text or any(c.isspace() for c in text) or '"' in text:
-            text = json.dumps(text)
-        parts.append(f"{key}={text}")
-    message = " ".join(parts)
-    if event_dict.get("exception"):
-        message += "\n" + str(event_dict["exception"]).rstrip("\n")
-    return message
+        if text is not None:
+            parts.append(_pair(key, text))
+    return _with_traceback(" ".join(parts), event_dict)
 
 
 def journal_fields(event_dict: Mapping[str, Any], identifier: str = IDENTIFIER) -> dict[str, str]:
     level = str(event_dict.get("level", "info"))
     fields = {
-        "MESSAGE": render_message(event_dict),
+        "MESSAGE": "",  # filled in below; first, as ever
         "PRIORITY": str(PRIORITIES.get(level, 6)),
         "SYSLOG_IDENTIFIER": identifier,
     }
-    for key, value in event_dict.items():
-        text = field_value(value)
-        if text is not None and key not in NOT_FIELDS:
-            fields[field_name(key)] = text
+    parts = [str(event_dict.get("event", ""))]
+    names, needs_quotes = _FIELD_NAMES, _NEEDS_QUOTES.search
+    for key, value in event_dict.items():  # each value becomes text once, for its field and MESSAGE
+        text = value if type(value) is str else field_value(value)
+        if text is None or key in NOT_FIELDS:
+            continue
+        fields[names.get(key) or field_name(key)] = text
+        if key not in _NOT_IN_MESSAGE:  # _pair(), inlined: this loop runs for every field of every event
+            parts.append(f"{key}={json.dumps(text) if not text or needs_quotes(text) else text}")
+    fields["MESSAGE"] = _with_traceback(" ".join(parts), event_dict)
     return fields
+
+
+_NOT_IN_MESSAGE = frozenset({"event", "level", "exception", *NOT_FIELDS})
+_NEEDS_QUOTES = re.compile(r'[\s"]')  # \s: the characters str.isspace() is true for
+
+
+def _pair(key: str, text: str) -> str:
+    if not text or _NEEDS_QUOTES.search(text):
+        text = json.dumps(text)
+    return f"{key}={text}"
+
+
+def _with_traceback(message: str, event_dict: Mapping[str, Any]) -> str:
+    if event_dict.get("exception"):
+        message += "\n" + str(event_dict["exception"]).rstrip("\n")
+    return message
 
 
 class JournalRenderer:
@@ -178,7 +224,8 @@ class JournalRenderer:
         self.identifier = identifier
 
     def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
-        return (), {"fields": journal_fields(event_dict, self.identifier), "event_dict": dict(event_dict)}
+        # the event dict is structlog's own for this one event: no copy needed for the fallback
+        return (), {"fields": journal_fields(event_dict, self.identifier), "event_dict": event_dict}
 
 
 class JournalLogger:

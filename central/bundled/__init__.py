@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when the corpus, tokenizer, architectures or training plan change: it names the cache folder.
-RECIPE_VERSION = "bundled-v1"
+RECIPE_VERSION = "bundled-v2"
 VOCAB_SIZE = 512
 DENSE_STEPS = 800
 MOE_STEPS = 800
@@ -72,7 +72,7 @@ def _build(root: Path, log: Callable[[str], None]) -> None:
             "pad_token_id": tok.token_to_id(PAD),
         }
         stream = token_stream(lambda s: tok.encode(s).ids, seed=0)
-        report: dict[str, object] = {"recipe": RECIPE_VERSION, "corpus_tokens": len(stream)}
+        report: dict[str, object] = {"recipe": RECIPE_VERSION, "corpus_tokens": len(stream[0])}
         for name, make_config, steps in (
             ("dense", dense_config, DENSE_STEPS),
             ("moe", moe_config, MOE_STEPS),

@@ -221,7 +221,12 @@ async def _relay(
         response.release()
         record.mark_token()
         _note_usage(record, data)
-        return web.Response(body=data, status=response.status, headers=out_headers)
+        whole = web.Response(body=data, status=response.status, headers=out_headers)
+        # Sent here rather than by aiohttp after the handler returns: the request's log event and
+        # metrics (Node.observe) then come after the client has its answer, not before it.
+        await whole.prepare(request)
+        await whole.write_eof()
+        return whole
     out = web.StreamResponse(status=response.status, headers=out_headers)
     sent = _Sent()
     try:

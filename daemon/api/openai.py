@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 
 from aiohttp import web
 
@@ -16,7 +15,7 @@ from .errors import APIError, bad_request, client_gone, model_not_found, to_api_
 from .forward import choose_route, serve_forwarded, via_of
 from .keys import NODE
 from .local import prompt_token_ids, serve_local
-from .record import RequestRecord
+from .record import RequestRecord, new_request_id
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 MAX_REQUEST_ID = 128
@@ -68,7 +67,7 @@ def request_id_of(request: web.Request) -> str:
     given = request.headers.get(headers.REQUEST_ID, "")
     if given and len(given) <= MAX_REQUEST_ID and given.isprintable() and " " not in given:
         return given
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 async def read_json(request: web.Request, timeout: float) -> tuple[bytes, object]:

@@ -73,9 +73,6 @@ def _add_validator_rules(props: dict[str, Any]) -> None:
     for name in ("presence_penalty", "frequency_penalty"):  # Literal[0, 0.0]: one value in JSON
         props[name].pop("enum", None)
         props[name]["const"] = 0
-    for prop in props.values():
-        for schema in (prop, *prop.get("anyOf", ())):
-            _equal_in_python(schema)
     if "response_format" in props:
         props["response_format"]["anyOf"] = [
             {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
@@ -89,23 +86,6 @@ def _add_validator_rules(props: dict[str, Any]) -> None:
             {"type": "array", "items": _STRING, "minItems": 1, "maxItems": 1},
             {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
         ]
-
-
-def _equal_in_python(schema: dict[str, Any]) -> None:
-    """A `Literal[1]` or `Literal[False]` field takes the values Python finds equal to it, of either
-    type (`n: true` is `n: 1`, `logprobs: 0` is `logprobs: false`): say so, as JSON keeps them apart."""
-    values = [schema["const"]] if "const" in schema else schema.get("enum")
-    if not values or not all(isinstance(v, (bool, int, float)) for v in values):
-        return
-    widened: list[Any] = []
-    for value in values:
-        for same in (value, *((int(value),) if isinstance(value, bool) else
-                              (bool(value),) if value in (0, 1) else ())):
-            if not any(type(same) is type(v) and same == v for v in widened):
-                widened.append(same)
-    schema.pop("const", None)
-    schema.pop("type", None)
-    schema["enum"] = widened
 
 
 def _response_schemas() -> dict[str, Any]:

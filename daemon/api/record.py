@@ -5,9 +5,19 @@ log event's dict in one pass (docs/performance.md)."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+# uuid.UUID(bytes=..., version=4): the version nibble 4, the RFC 4122 variant bits 10
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_request_id() -> str:
+    """A random UUID4 as 32 hex digits: what `uuid.uuid4().hex` gives, for less than half its cost."""
+    return "%032x" % ((int.from_bytes(os.urandom(16), "big") & _UUID4_CLEAR) | _UUID4_SET)
 
 
 @dataclass(slots=True)

@@ -63,6 +63,11 @@ class _Sampling(_Body):
     user: str | None = None
     ignore_eos: bool = False
 
+    @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
+    @classmethod
+    def _number_not_bool(cls, value: Any) -> Any:
+        return _no_bool(value)
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -98,6 +103,13 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none"] | None = None
     response_format: dict[str, Any] | None = None
 
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _bool_not_number(cls, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError("Input should be a valid boolean")
+        return value
+
     @field_validator("response_format")
     @classmethod
     def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -116,6 +128,11 @@ class CompletionRequest(_Sampling):
     best_of: Literal[1] | None = None
     suffix: None = None
 
+    @field_validator("best_of", mode="before")
+    @classmethod
+    def _best_of_not_bool(cls, value: Any) -> Any:
+        return _no_bool(value)
+
     @field_validator("prompt")
     @classmethod
     def _single_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
@@ -127,6 +144,13 @@ class CompletionRequest(_Sampling):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+def _no_bool(value: Any) -> Any:
+    """`Literal[1]` and `Literal[0]` compare by equality, so JSON true/false would pass as 1/0."""
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
 
 
 def parse_body(model: type[_Sampling], body: Any) -> Any:

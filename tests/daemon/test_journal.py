@@ -253,3 +253,16 @@ def test_json_lines_are_unchanged_by_all_this(restore_logging):
     structlog.get_logger().info("listening", url="http://127.0.0.1:8000")
     line = json.loads(out.getvalue())
     assert line["event"] == "listening" and "timestamp" in line
+
+
+def test_message_values_are_quoted_exactly_when_they_hold_white_space_or_a_quote():
+    from dsnode.journal import render_message
+
+    for code in range(0x3100):
+        char = chr(code)
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        message = render_message({"event": "e", "k": f"a{char}b"})
+        quoted = message != f"e k=a{char}b"
+        assert quoted == (char.isspace() or char == '"'), hex(code)
+    assert render_message({"event": "e", "k": ""}) == 'e k=""'

@@ -41,6 +41,8 @@ def test_image_parts_are_refused():
     ("top_k", -2, "top_k"), ("max_tokens", 0, "max_tokens"), ("seed", "x", "seed"), ("stop", [""], "stop"),
     ("stream", "yes", "stream"), ("n", 2, "n"), ("frequency_penalty", 1, "frequency_penalty"),
     ("logit_bias", {"1": 5}, "logit_bias"), ("logprobs", True, "logprobs"), ("tool_choice", "auto", "tool_choice"),
+    # Literal[1] / Literal[False] compare by equality in Python; JSON keeps true and 1 apart, and so do we
+    ("n", True, "n"), ("presence_penalty", False, "presence_penalty"), ("logprobs", 0, "logprobs"),
 ])
 def test_refused_values_name_their_parameter(field, value, param):
     error = refused(ChatCompletionRequest, {**CHAT, field: value})
@@ -54,6 +56,8 @@ def test_completion_prompt_forms():
     assert refused(CompletionRequest, {"model": "m", "prompt": [-1]}).param == "prompt"
     assert refused(CompletionRequest, {"model": "m", "prompt": ""}).param == "prompt"
     assert refused(CompletionRequest, {"model": "m", "prompt": "x", "best_of": 2}).param == "best_of"
+    assert refused(CompletionRequest, {"model": "m", "prompt": "x", "best_of": True}).param == "best_of"
+    assert refused(CompletionRequest, {"model": "m", "prompt": "x", "frequency_penalty": False}).param == "frequency_penalty"
 
 
 def test_sampling_defaults_and_caps():
