@@ -5,7 +5,6 @@ Restart=on-failure then starts it again), leaving no rank behind."""
 from __future__ import annotations
 
 import json
-import signal
 import urllib.request
 
 import psutil

@@ -121,15 +121,6 @@ def _weights(edge: ServeProcess) -> list[int]:
     return [p["weight"] for p in _get(edge, "/cluster")["peers"]]
 
 
-def _records(edge: ServeProcess) -> dict[str, dict]:
-    out = {}
-    for line in edge.log_text().splitlines():
-        if line.startswith("{") and '"event": "request"' in line:
-            record = json.loads(line)
-            out[record["request_id"]] = record
-    return out
-
-
 # --- the tests, in order -----------------------------------------------------------------------------------
 def test_short_prompts_stay_on_the_edge_and_long_ones_go_to_a_central(cluster, client):
     edge = cluster["edge"]
@@ -151,7 +142,7 @@ def test_short_prompts_stay_on_the_edge_and_long_ones_go_to_a_central(cluster, c
         model=MODEL, messages=[{"role": "user", "content": LONG}], max_tokens=4
     )
     assert chat.headers["x-dsnode-route"] == "forwarded" and chat.parse().usage.completion_tokens == 4
-    record = _records(edge)[long_id]  # the edge's log record explains the decision
+    record = edge.request_records()[long_id]  # the edge's log record explains the decision
     assert record["route"] == "forwarded" and record["upstream"] in (cluster["central-1"].url, cluster["central-2"].url)
     assert record["route_reason"].endswith(f"tokens > long_prompt_tokens ({LONG_PROMPT_TOKENS})")
     models = {m.id: m for m in client.models.list().data}

@@ -317,15 +317,6 @@ async def ask(http: aiohttp.ClientSession, edge: ServeProcess, model: str, strea
         return Answer(response.status, dict(response.headers), await response.read())
 
 
-def records(edge: ServeProcess) -> dict[str, dict[str, Any]]:
-    out = {}
-    for line in edge.log_text().splitlines():
-        if line.startswith("{") and '"event": "request"' in line:
-            record = json.loads(line)
-            out[record["request_id"]] = record
-    return out
-
-
 async def until(predicate: Any) -> None:
     async with asyncio.timeout(WAIT_S):
         while not predicate():
@@ -400,8 +391,8 @@ async def test_a_client_that_hangs_up_mid_stream_frees_the_upstream_and_the_engi
         await response.content.readuntil(b"data: [DONE]\n\n")  # the whole answer...
         response.close()  # ...and the client hangs up before the stream's very end
     await until(lambda: "endless" in peer.hung_up_on)  # the edge closed its upstream connection
-    await until(lambda: {"gone-forwarded", "gone-local", "done-1"} <= set(records(edge)))
-    logged = records(edge)
+    await until(lambda: {"gone-forwarded", "gone-local", "done-1"} <= set(edge.request_records()))
+    logged = edge.request_records()
     assert logged["gone-forwarded"]["status"] == 499 and logged["gone-local"]["status"] == 499
     assert logged["done-1"]["status"] == 200  # it had its [DONE]: a complete answer, not a 499
     async with http.get(edge.url + "/cluster") as response:
@@ -483,7 +474,7 @@ async def test_the_model_raising_fails_its_request_only(http, edge):
     assert "injected fault in decode" in error["message"]
     assert json.loads(stream.events[0])["choices"][0]["text"] is not None  # the first token got out
     await still_serving(http, edge)
-    logged = records(edge)
+    logged = edge.request_records()
     assert logged["fault-engine-prefill-1"]["status"] == 500
     assert logged["fault-engine-decode-1"]["status"] == 500
 
@@ -521,6 +512,6 @@ async def test_sigterm_under_load_ends_every_request_cleanly(http, edge):
         else:
             assert local.status == 200 or local.error["code"] == "shutting_down"
     assert answers["quick"].stream_error() is None
-    logged = records(edge)
+    logged = edge.request_records()
     assert logged["term-forwarded-stream"]["status"] == logged["term-forwarded-whole"]["status"] == 503
     assert all(f"term-{name}" in logged for name in ("local-stream", "local-whole", "quick"))

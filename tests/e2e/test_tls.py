@@ -127,11 +127,6 @@ def peer_state(edge: ServeProcess) -> dict:
         return json.loads(response.read())["peers"][0]
 
 
-def records(node: ServeProcess) -> dict[str, dict]:
-    return {r["request_id"]: r for r in (json.loads(line) for line in node.log_text().splitlines()
-                                         if line.startswith("{") and '"event": "request"' in line)}
-
-
 def sdk(edge: ServeProcess, key: str = ALICE) -> openai.OpenAI:
     return openai.OpenAI(base_url=edge.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
@@ -153,8 +148,8 @@ def test_an_edge_forwards_over_verified_tls_signed_with_the_secret_and_no_client
     assert (route, served_by) == ("forwarded", "central-tls")
     assert response.parse().usage.completion_tokens == 3
     # each node logs a request once its answer is sent: after the client has it
-    wait(lambda: all("tls-1" in records(nodes[n]) for n in ("central", "edge")), "both nodes' records")
-    central, edge = records(nodes["central"])["tls-1"], records(nodes["edge"])["tls-1"]
+    wait(lambda: all("tls-1" in nodes[n].request_records() for n in ("central", "edge")), "both nodes' records")
+    central, edge = nodes["central"].request_records()["tls-1"], nodes["edge"].request_records()["tls-1"]
     assert central["user"] == "alice" == edge["user"]  # by name: the central never saw the key
     assert edge["upstream"] == nodes["central"].url_tls
     with pytest.raises(openai.AuthenticationError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -86,6 +87,16 @@ class ServeProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def request_records(self) -> dict[str, dict]:
+        """The node's `request` log events (JSON lines), by request id. A node logs a request once its
+        answer is sent, so a test reading them right after a response waits for the one it wants."""
+        out = {}
+        for line in self.log_text().splitlines():
+            if line.startswith("{") and '"event": "request"' in line:
+                record = json.loads(line)
+                out[record["request_id"]] = record
+        return out
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])

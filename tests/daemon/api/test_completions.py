@@ -6,7 +6,6 @@ import asyncio
 import json
 from typing import Any
 
-import pytest
 
 from dsnode.api import headers
 from tests.daemon.api.conftest import MODEL
