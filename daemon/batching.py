@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol, Sequence
+from typing import AsyncIterator, Iterable, Protocol, Sequence
 
 import numpy as np
 import structlog
@@ -234,25 +234,38 @@ class BatchingEngine(Engine):
                     runner.release(seq_id)
                 if plan.empty:
                     continue
-                sampled = self._execute(runner, plan)
+                sampled, failed = self._execute(runner, plan)
             except RunnerDied as exc:
                 self._die(str(exc))
                 return
-            except Exception as exc:  # one bad step fails its requests, not the node
+            except Exception as exc:  # a failed batched decode fails the step's requests, not the node
                 log.exception("engine_step_failed", error=str(exc))
-                self._fail_step(runner, plan, EngineError(f"the model failed on this request: {exc}"))
+                self._fail_sequences(runner, _step_ids(plan), _model_failed(exc))
                 continue
+            for seq_id, exc in failed.items():  # a failed prefill is its own request's alone
+                self._fail_sequences(runner, (seq_id,), _model_failed(exc))
             self._finish_step(runner, plan, sampled)
 
-    def _execute(self, runner: ModelRunner, plan: StepPlan) -> dict[str, int]:
+    def _execute(self, runner: ModelRunner, plan: StepPlan) -> tuple[dict[str, int], dict[str, Exception]]:
+        """Run one step: the sampled token of each sequence that got one, and the prefills that
+        raised. Prefills run one sequence at a time, so one that raises (a prompt the model cannot
+        take) fails only its own request; the batched decode raises for the whole step."""
         sampled: dict[str, int] = {}
+        failed: dict[str, Exception] = {}
         for feed in plan.prefill:
             live = self._live.get(feed.seq_id)
             if live is None:
                 continue
             if live.scheduled_at is None:
                 live.scheduled_at = time.monotonic()
-            logits = runner.prefill(feed.seq_id, live.tokens[feed.start : feed.end], feed.start)
+            try:
+                logits = runner.prefill(feed.seq_id, live.tokens[feed.start : feed.end], feed.start)
+            except RunnerDied:
+                raise
+            except Exception as exc:
+                log.exception("engine_prefill_failed", seq_id=feed.seq_id, error=str(exc))
+                failed[feed.seq_id] = exc
+                continue
             if feed.sample:
                 sampled[feed.seq_id] = sample_token(logits, live.request.params, live.rng)
         decoding = [(f.seq_id, self._live.get(f.seq_id)) for f in plan.decode]
@@ -261,7 +274,7 @@ class BatchingEngine(Engine):
             logits = runner.decode([s for s, _ in decoding], [live.tokens[-1] for _, live in decoding])
             for row, (seq_id, live) in enumerate(decoding):
                 sampled[seq_id] = sample_token(logits[row], live.request.params, live.rng)
-        return sampled
+        return sampled, failed
 
     def _finish_step(self, runner: ModelRunner, plan: StepPlan, sampled: dict[str, int]) -> None:
         outgoing: list[tuple[_Live, Delta]] = []
@@ -303,13 +316,14 @@ class BatchingEngine(Engine):
             queued_s = live.scheduled_at - live.queued_at
         return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason, queued_s)
 
-    def _fail_step(self, runner: ModelRunner, plan: StepPlan, error: EngineError) -> None:
-        ids = {f.seq_id for f in (*plan.prefill, *plan.decode)}
+    def _fail_sequences(self, runner: ModelRunner, ids: Iterable[str], error: EngineError) -> None:
+        """End these sequences with `error`: out of the scheduler, their KV cache released."""
+        ending = set(ids)
         with self._cond:
-            victims = [self._live.pop(s) for s in ids if s in self._live]
-            for seq_id in ids:
+            victims = [self._live.pop(s) for s in ending if s in self._live]
+            for seq_id in ending:
                 self._scheduler.abort(seq_id)
-        for seq_id in ids:
+        for seq_id in ending:
             try:
                 runner.release(seq_id)
             except Exception:  # the runner's state is suspect; drop what we can
@@ -354,6 +368,14 @@ class BatchingEngine(Engine):
         now = time.monotonic()
         recent = [(t, n) for t, n in list(self._sampled) if t >= now - THROUGHPUT_WINDOW_S]
         return round(sum(n for _, n in recent) / THROUGHPUT_WINDOW_S, 2) if recent else 0.0
+
+
+def _step_ids(plan: StepPlan) -> set[str]:
+    return {f.seq_id for f in (*plan.prefill, *plan.decode)}
+
+
+def _model_failed(exc: Exception) -> EngineError:
+    return EngineError(f"the model failed on this request: {exc}")
 
 
 def context_limit(model_limit: int, configured: int | None, batching: SchedulerConfig) -> int:

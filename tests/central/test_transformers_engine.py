@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dsnode.engine import ContextLengthExceeded, GenerationRequest, QueueFull, SamplingParams
+from dsnode.engine import ContextLengthExceeded, EngineError, GenerationRequest, QueueFull, SamplingParams
 from dsnode.scheduler import SchedulerConfig
 
 from .conftest import PROMPTS, collect, model_section, token_ids
@@ -205,3 +205,41 @@ async def test_other_moe_architectures_match_model_generate(architecture, tmp_pa
             assert got == want[0, len(ids):].tolist(), prompt
     finally:
         await engine.close()
+
+
+async def test_a_prefill_that_raises_fails_its_own_request_only(moe_dir):
+    """A prompt the model cannot take (here: an injected error) ends that request with EngineError;
+    a request decoding in the same steps goes on and produces exactly what it produces alone."""
+    from dsnode.central.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(model_section(moe_dir, "transformers"), SchedulerConfig())
+    await engine.load()
+    try:
+        runner = engine._require_loaded().runner
+        prefill = runner.prefill
+
+        def failing_prefill(seq_id, token_ids, start):
+            if seq_id.startswith("bad"):
+                raise RuntimeError("injected: this prompt breaks the model")
+            return prefill(seq_id, token_ids, start)
+
+        runner.prefill = failing_prefill
+        ids = tuple(engine.tokenizer.encode(PROMPTS[0]))
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        alone = token_ids([d async for d in engine.generate(GenerationRequest("alone", ids, params))])
+        good = engine.generate(GenerationRequest("good", ids, params))
+        deltas = [await anext(good)]  # decoding now
+        for n in range(3):  # each joins the running batch and fails at its prefill
+            with pytest.raises(EngineError, match="injected: this prompt breaks the model"):
+                await collect_as(engine, f"bad-{n}", ids)
+        deltas += [d async for d in good]
+        assert token_ids(deltas) == alone and deltas[-1].finish_reason == "length"
+        assert engine.health().ready
+        assert await _eventually(lambda: engine.load_figures().running == 0)
+    finally:
+        await engine.close()
+
+
+async def collect_as(engine, request_id: str, ids: tuple[int, ...]) -> list:
+    request = GenerationRequest(request_id, ids, SamplingParams(max_tokens=4, temperature=0.0))
+    return [d async for d in engine.generate(request)]
