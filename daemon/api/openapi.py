@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from .. import __version__
-from .schemas import MAX_STOP_SEQUENCES, ChatCompletionRequest, CompletionRequest
+from .schemas import MAX_STOP_SEQUENCES, ChatCompletionRequest, CompletionRequest, null_means_default
 
 OPENAPI_VERSION = "3.1.0"
 _REF = "#/components/schemas/{model}"
@@ -59,9 +59,25 @@ def request_schemas() -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=_REF)
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
-        _add_validator_rules(components[name]["properties"])
+    for model in (ChatCompletionRequest, CompletionRequest):
+        props = components[model.__name__]["properties"]
+        _add_validator_rules(props)
+        for name in null_means_default(model):
+            props[name] = _or_null(props[name])
     return components
+
+
+_ANNOTATIONS = ("default", "title", "description")
+
+
+def _or_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """`null` is also accepted (it means the default)."""
+    if "anyOf" in prop:
+        if {"type": "null"} not in prop["anyOf"]:
+            prop["anyOf"].append({"type": "null"})
+        return prop
+    outer = {k: prop.pop(k) for k in _ANNOTATIONS if k in prop}
+    return {"anyOf": [prop, {"type": "null"}], **outer}
 
 
 def _add_validator_rules(props: dict[str, Any]) -> None:

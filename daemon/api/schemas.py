@@ -2,14 +2,16 @@
 
 Fields dsnode does not implement are accepted only at their neutral value (e.g. `n = 1`,
 `presence_penalty = 0`); anything else is refused rather than silently ignored. Unknown fields are
-ignored, as vLLM and Ollama do, so newer SDKs keep working.
+ignored, as vLLM and Ollama do, so newer SDKs keep working. An explicit `null` for a field with a
+default means the default (OpenAI's parameters are nullable: `"temperature": null` is temperature 1).
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import APIError, bad_request
 
@@ -62,6 +64,14 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            defaulted = null_means_default(cls)
+            return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+        return data
 
     @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
@@ -144,6 +154,12 @@ class CompletionRequest(_Sampling):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+@cache
+def null_means_default(model: type[BaseModel]) -> frozenset[str]:
+    """The fields for which `null` stands for the default: those whose default is not None."""
+    return frozenset(name for name, f in model.model_fields.items() if not f.is_required() and f.default is not None)
 
 
 def _no_bool(value: Any) -> Any:

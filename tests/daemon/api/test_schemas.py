@@ -49,6 +49,17 @@ def test_refused_values_name_their_parameter(field, value, param):
     assert error.param == param and repr(value)[:10] in error.message
 
 
+def test_null_means_the_default_as_in_openai():
+    nulls = {k: None for k in ("temperature", "top_p", "top_k", "n", "stream", "logprobs", "presence_penalty",
+                               "frequency_penalty", "max_tokens", "stop", "seed")}
+    body = parse_body(ChatCompletionRequest, {**CHAT, **nulls})
+    assert (body.temperature, body.top_p, body.top_k, body.n, body.stream, body.logprobs) == (1.0, 1.0, -1, 1, False, False)
+    assert body.max_tokens is None and body.stop_sequences() == ()
+    assert parse_body(CompletionRequest, {"model": "m", "prompt": "x", "echo": None, "best_of": None}).echo is False
+    assert refused(ChatCompletionRequest, {**CHAT, "messages": None}).param == "messages"  # required: no default
+    assert refused(ChatCompletionRequest, {**CHAT, "model": None}).param == "model"
+
+
 def test_completion_prompt_forms():
     assert parse_body(CompletionRequest, {"model": "m", "prompt": "x"}).prompt == "x"
     assert parse_body(CompletionRequest, {"model": "m", "prompt": ["x"]}).prompt == ["x"]
