@@ -170,15 +170,8 @@ class JournalSender:
 # --- structlog ------------------------------------------------------------------------------------
 def render_message(event_dict: Mapping[str, Any]) -> str:
     """MESSAGE: what `journalctl -u dsnode` shows on one line: the event, then key=value pairs;
-    a traceback follows on its own lines."""
-    parts = [str(event_dict.get("event", ""))]
-    for key, value in event_dict.items():
-        if key in _NOT_IN_MESSAGE:
-            continue
-        text = field_value(value)
-        if text is not None:
-            parts.append(_pair(key, text))
-    return _with_traceback(" ".join(parts), event_dict)
+    a traceback follows on its own lines. Built by `journal_fields`, with the fields."""
+    return journal_fields(event_dict)["MESSAGE"]
 
 
 def journal_fields(event_dict: Mapping[str, Any], identifier: str = IDENTIFIER) -> dict[str, str]:
@@ -195,7 +188,7 @@ def journal_fields(event_dict: Mapping[str, Any], identifier: str = IDENTIFIER) 
         if text is None or key in NOT_FIELDS:
             continue
         fields[names.get(key) or field_name(key)] = text
-        if key not in _NOT_IN_MESSAGE:  # _pair(), inlined: this loop runs for every field of every event
+        if key not in _NOT_IN_MESSAGE:  # quoted when empty or holding white space or a quote
             parts.append(f"{key}={json.dumps(text) if not text or needs_quotes(text) else text}")
     fields["MESSAGE"] = _with_traceback(" ".join(parts), event_dict)
     return fields
@@ -203,12 +196,6 @@ def journal_fields(event_dict: Mapping[str, Any], identifier: str = IDENTIFIER) 
 
 _NOT_IN_MESSAGE = frozenset({"event", "level", "exception", *NOT_FIELDS})
 _NEEDS_QUOTES = re.compile(r'[\s"]')  # \s: the characters str.isspace() is true for
-
-
-def _pair(key: str, text: str) -> str:
-    if not text or _NEEDS_QUOTES.search(text):
-        text = json.dumps(text)
-    return f"{key}={text}"
 
 
 def _with_traceback(message: str, event_dict: Mapping[str, Any]) -> str:

@@ -82,18 +82,6 @@ def journald(tmp_path):
     sock.close()
 
 
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 # --- encoding -------------------------------------------------------------------------------------
 def test_simple_and_binary_safe_fields():
     entry = encode_entry({"MESSAGE": "hello", "DSNODE_TRACE": "line 1\nline 2", "PRIORITY": "6"})

@@ -10,23 +10,9 @@ import logging
 import re
 from pathlib import Path
 
-import pytest
 import structlog
 
 from dsnode.logs import LineWriter, configure_logging, iso_utc
-
-
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 class Custom:

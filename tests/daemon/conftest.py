@@ -1,0 +1,22 @@
+"""Fixtures shared by the tests of `dsnode` itself."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import structlog
+
+
+@pytest.fixture
+def restore_logging():
+    """Logging as it was before the test: structlog's defaults, the root logger's handlers and level."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
