@@ -23,9 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnode.config import ModelSection  # noqa: E402
-from dsnode.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
-from dsnode.scheduler import SchedulerConfig  # noqa: E402
+from dsnode.config import (
+    BatchingSection,  # noqa: E402
+    ModelSection,  # noqa: E402
+)
+from dsnode.inference.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
+
 from tests.support.models import bundled_models  # noqa: E402
 
 PROMPTS = ("It was the best", "Four score and seven years", "We hold these truths to be", "The Lord is my shepherd")
@@ -36,7 +39,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         name="bench-moe", path=bundled_models().moe, backend=args.backend, threads=args.threads,
         device="cpu", tensor_parallel=args.tensor_parallel,
     )
-    batching = SchedulerConfig(max_running=max(64, args.requests))
+    batching = BatchingSection(max_running=max(64, args.requests))
     if args.backend == "deepspeed":
         from dsnode.central.deepspeed_engine import DeepSpeedEngine
 

@@ -23,16 +23,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import structlog
-
-from dsnode.batching import BatchingEngine, Loaded, RunnerDied
-from dsnode.config import ModelSection
-from dsnode.engine import EngineError
+from dsnode.config import BatchingSection, ModelSection
+from dsnode.hfconfig import ModelFolderError, read_hf_config
+from dsnode.inference.batching import BatchingEngine, Loaded, RunnerDied
+from dsnode.inference.engine import EngineError
+from dsnode.inference.tokenizer import TextTokenizer
 from dsnode.probe import probe_gpus
-from dsnode.scheduler import SchedulerConfig
-from dsnode.tokenizer import TextTokenizer
 
 from .ranks import RankGroup, free_port, worker_env
-from .transformers_engine import ModelFolderError, describe_model, read_hf_config
+from .transformers_engine import describe_model
 
 log = structlog.get_logger("dsnode.central")
 
@@ -135,7 +134,7 @@ def receive(control: Connection, ranks: RankGroup, timeout_s: float, what: str) 
 class DeepSpeedEngine(BatchingEngine):
     backend = "deepspeed"
 
-    def __init__(self, model: ModelSection, batching: SchedulerConfig) -> None:
+    def __init__(self, model: ModelSection, batching: BatchingSection) -> None:
         super().__init__(batching)
         self._model = model
         self._ranks: RankGroup | None = None

@@ -2,7 +2,7 @@
 
 Shared by the transformers and DeepSpeed engines (DeepSpeed wraps the same module). Prefill runs one
 sequence at a time (batch 1, no padding); decode runs every running sequence in one forward over the
-left-padded batch cache of `dsnode.kvbatch`.
+left-padded batch cache of `dsnode.inference.kvbatch`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from dsnode.inference.kvbatch import ArrayOps, KVBatch, LayerKV
 from transformers import DynamicCache
-
-from dsnode.kvbatch import ArrayOps, KVBatch, LayerKV
 
 TORCH_OPS: ArrayOps[torch.Tensor] = ArrayOps(
     concat=lambda arrays, axis: torch.cat(arrays, dim=axis),

@@ -27,7 +27,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import structlog
-
 from dsnode.config import ModelSection
 from dsnode.logs import configure_logging
 

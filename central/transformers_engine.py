@@ -6,39 +6,18 @@ DeepSpeed engine builds on.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import structlog
-
-from dsnode.batching import BatchingEngine, Loaded, context_limit
-from dsnode.config import ModelSection
-from dsnode.engine import ModelInfo
-from dsnode.scheduler import SchedulerConfig
-from dsnode.tokenizer import TextTokenizer
+from dsnode.config import BatchingSection, ModelSection
+from dsnode.hfconfig import ModelFolderError, read_hf_config
+from dsnode.inference.batching import BatchingEngine, Loaded, context_limit
+from dsnode.inference.engine import ModelInfo
+from dsnode.inference.tokenizer import TextTokenizer
 
 from .quantization import fix_cpu_nf4_layers, quantization_config
 
 log = structlog.get_logger("dsnode.central")
-
-
-class ModelFolderError(Exception):
-    pass
-
-
-def read_hf_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFolderError(f"{folder}: no config.json; not a Hugging Face model folder") from None
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path}: invalid JSON: {exc}") from None
-    architectures = config.get("architectures") or []
-    if not any(str(a).endswith("ForCausalLM") for a in architectures):
-        raise ModelFolderError(f"{folder}: not a causal language model (architectures={architectures})")
-    return config
 
 
 def pick_device(wanted: str) -> Any:
@@ -81,7 +60,7 @@ def describe_model(
     section: ModelSection,
     hf_config: dict[str, Any],
     backend: str,
-    batching: SchedulerConfig,
+    batching: BatchingSection,
     device: str,
     tensor_parallel: int = 1,
     extra: dict[str, object] | None = None,
@@ -104,7 +83,7 @@ def describe_model(
 class TransformersEngine(BatchingEngine):
     backend = "transformers"
 
-    def __init__(self, model: ModelSection, batching: SchedulerConfig) -> None:
+    def __init__(self, model: ModelSection, batching: BatchingSection) -> None:
         super().__init__(batching)
         self._model = model
 

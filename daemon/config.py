@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .secrets import KeyFileError, SecretFileError, Secrets, read_api_keys, read_cluster_secrets, read_secrets
 
 DEFAULT_CONFIG_PATH = Path("/etc/dsnode/dsnode.toml")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -209,6 +219,14 @@ class Config(_Section):
     tls: TlsSection = Field(default_factory=TlsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     source: Path | None = None  # the file it came from (set by load_config)
+    _secrets: Secrets | None = PrivateAttr(default=None)  # the [auth] files as load_config read them
+
+    def secrets(self) -> Secrets:
+        """The `[auth]` key and secret files: as `load_config` read them, or read now (a config built
+        in code, or loaded without its paths checked). Raises KeyFileError / SecretFileError."""
+        if self._secrets is not None:
+            return self._secrets
+        return read_secrets(self.auth.api_keys_file, self.auth.cluster_secret_file)
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration for the start-up log: paths to secrets, never secrets."""
@@ -239,7 +257,8 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
     path = Path(path)
     raw = _read_toml(path)
     _resolve_paths(raw, path.resolve().parent)
-    problems = _check_files(raw, str(path)) if check_paths else []
+    read: dict[str, Any] = {}
+    problems = _check_files(raw, str(path), read) if check_paths else []
     try:
         config = Config.model_validate({**raw, "source": path})
     except ValidationError as exc:
@@ -247,6 +266,8 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
+    if check_paths:
+        config._secrets = Secrets(read.get("api_keys"), read.get("cluster"))
     return config
 
 
@@ -284,7 +305,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
                 table[key] = str(base / value)
 
 
-def _check_files(raw: dict[str, Any], file: str) -> list[Problem]:
+def _check_files(raw: dict[str, Any], file: str, read: dict[str, Any]) -> list[Problem]:
     """Checks that need the file system (on the raw tables, so they run even when others fail)."""
     problems: list[Problem] = []
     model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
@@ -301,7 +322,7 @@ def _check_files(raw: dict[str, Any], file: str) -> list[Problem]:
                 problems.append(Problem(file, f"{section}.{key}", f"no such file (got {value!r})"))
     auth = raw.get("auth")
     if isinstance(auth, dict):
-        problems += _check_secret_files(auth, file)
+        problems += _check_secret_files(auth, file, read)
     quantization = model.get("quantization", "none")
     if backend == "onnx" and quantization != "none":
         problems.append(
@@ -315,21 +336,19 @@ def _check_files(raw: dict[str, Any], file: str) -> list[Problem]:
     return problems
 
 
-def _check_secret_files(auth: dict[str, Any], file: str) -> list[Problem]:
-    """Every bad line of the key and secret files (by line number: never a key in a message)."""
-    from .api.auth import KeyFileError, read_api_keys
-    from .cluster.peer_auth import SecretFileError, read_cluster_secrets
-
+def _check_secret_files(auth: dict[str, Any], file: str, read: dict[str, Any]) -> list[Problem]:
+    """Every bad line of the key and secret files (by line number: never a key in a message). What
+    reads well goes into `read`, so the files are parsed once per load."""
     problems: list[Problem] = []
     keys, secret = auth.get("api_keys_file"), auth.get("cluster_secret_file")
     if isinstance(keys, str) and keys and Path(keys).is_file():
         try:
-            read_api_keys(Path(keys))
+            read["api_keys"] = read_api_keys(Path(keys))
         except KeyFileError as exc:
             problems += [Problem(file, "auth.api_keys_file", f"{keys}: {why}") for why in exc.problems]
     if isinstance(secret, str) and secret and Path(secret).is_file():
         try:
-            read_cluster_secrets(Path(secret))
+            read["cluster"] = read_cluster_secrets(Path(secret))
         except SecretFileError as exc:
             key = "auth.cluster_secret_file"
             problems += [Problem(file, key, f"{secret}: {why}") for why in exc.problems]

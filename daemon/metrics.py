@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from aiohttp import web
@@ -32,9 +32,9 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .api.record import RequestRecord
 from .gpu import GpuReading, GpuSampler
 from .ops.nccl import default_result_path, read_result
+from .record import RequestRecord
 
 if TYPE_CHECKING:
     from .node import Node

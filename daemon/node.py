@@ -13,12 +13,12 @@ from typing import Any, Callable
 import structlog
 
 from . import __version__
-from .api.record import RequestRecord
 from .cluster.state import UpstreamState
 from .cluster.upstreams import Upstreams
 from .config import Config
-from .engine import Engine, Health
+from .inference.engine import Engine, Health
 from .probe import HostFacts
+from .record import RequestRecord
 
 log = structlog.get_logger("dsnode.request")
 

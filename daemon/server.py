@@ -28,8 +28,8 @@ from .api.app import create_app
 from .api.auth import AUTH
 from .api.forward import cut_forwarded
 from .config import Config, ConfigError, load_config
-from .engine import Engine
-from .engines import BackendUnavailable, build_engine
+from .inference.backends import BackendUnavailable, build_engine
+from .inference.engine import Engine
 from .logs import configure_logging
 from .metrics import METRICS
 from .node import Node

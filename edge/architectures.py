@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 # model_type → the experts implementation that exports (None: a dense model). DeepSeek-V3's routed
@@ -19,21 +17,6 @@ SUPPORTED: dict[str, str | None] = {
 
 class UnsupportedModel(Exception):
     """Not a model `dsnode convert` can export; the message says why."""
-
-
-def read_causal_lm_config(folder: Path) -> dict[str, Any]:
-    """`folder/config.json`, if it describes a causal language model (`…ForCausalLM`)."""
-    path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UnsupportedModel(f"{folder}: no config.json; not a Hugging Face model folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnsupportedModel(f"{path}: unreadable: {exc}") from None
-    architectures = config.get("architectures") if isinstance(config, dict) else None
-    if not isinstance(architectures, list) or not any(str(a).endswith("ForCausalLM") for a in architectures):
-        raise UnsupportedModel(f"{folder}: not a causal language model (architectures={architectures})")
-    return config
 
 
 def check_supported(hf_config: dict[str, Any]) -> str | None:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from dsnode import __version__
-from dsnode.tokenizer import TextTokenizer, TokenizerError
+from dsnode.hfconfig import ModelFolderError, read_hf_config
+from dsnode.inference.tokenizer import TextTokenizer, TokenizerError
 
-from .architectures import UnsupportedModel, check_supported, read_causal_lm_config
+from .architectures import UnsupportedModel, check_supported
 from .manifest import (
     MANIFEST_NAME,
     ONNX_FILE,
@@ -197,9 +198,9 @@ def check_source(src: Path) -> dict[str, Any]:
     if not src.is_dir():
         raise ConvertError(f"{src}: not a folder")
     try:
-        hf_config = read_causal_lm_config(src)
+        hf_config = read_hf_config(src)
         check_supported(hf_config)
-    except UnsupportedModel as exc:
+    except (ModelFolderError, UnsupportedModel) as exc:
         raise ConvertError(str(exc)) from None
     if not (src / "tokenizer.json").is_file():
         raise ConvertError(f"{src}: no tokenizer.json (the edge needs a Hugging Face fast tokenizer)")

@@ -14,11 +14,10 @@ import time
 
 import onnxruntime as ort
 import structlog
-from dsnode.batching import BatchingEngine, Loaded, context_limit
-from dsnode.config import ModelSection
-from dsnode.engine import ModelInfo
-from dsnode.scheduler import SchedulerConfig
-from dsnode.tokenizer import TextTokenizer
+from dsnode.config import BatchingSection, ModelSection
+from dsnode.inference.batching import BatchingEngine, Loaded, context_limit
+from dsnode.inference.engine import ModelInfo
+from dsnode.inference.tokenizer import TextTokenizer
 
 from .manifest import ManifestError, read_manifest, verify_files
 from .onnx_runner import OnnxRunner, open_session
@@ -29,7 +28,7 @@ log = structlog.get_logger("dsnode.edge")
 class OnnxEngine(BatchingEngine):
     backend = "onnx"
 
-    def __init__(self, model: ModelSection, batching: SchedulerConfig) -> None:
+    def __init__(self, model: ModelSection, batching: BatchingSection) -> None:
         super().__init__(batching)
         self._model = model
 

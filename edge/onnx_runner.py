@@ -4,7 +4,7 @@ The graph (written by `dsnode convert`) takes `input_ids` (B, S), `attention_mas
 `position_ids` (B, S) and `past_key_values.{i}.key/value` (B, heads, past, dim); it returns `logits`
 (B, 1, V) for the last position and `present.{i}.key/value` (B, heads, past + S, dim). Prefill runs one
 sequence (batch 1, no padding, chunk by chunk); decode runs every running sequence in one call over the
-left-padded batch cache of `dsnode.kvbatch` (padding masked by `attention_mask`, positions per row).
+left-padded batch cache of `dsnode.inference.kvbatch` (padding masked by `attention_mask`, positions per row).
 
 Only numpy and onnxruntime here: this is the edge host's run-time path.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from dsnode.kvbatch import NUMPY_OPS, KVBatch, LayerKV
+from dsnode.inference.kvbatch import NUMPY_OPS, KVBatch, LayerKV
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from dsnode.tokenizer import TextTokenizer
+from dsnode.inference.tokenizer import TextTokenizer
 
 from .onnx_runner import OnnxRunner
 

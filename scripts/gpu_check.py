@@ -167,7 +167,6 @@ def build_moe(size: str, device: Any, dtype: Any) -> Any:
 
 def moe_model(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-
     from dsnode.central.torch_runner import TorchRunner
 
     device, dtype = devices(args)
@@ -281,8 +280,7 @@ def save_tokenizer_files(folder: Path, context: int) -> None:
 
 async def moe_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from dsnode.central.deepspeed_engine import DeepSpeedEngine
-    from dsnode.config import ModelSection
-    from dsnode.scheduler import SchedulerConfig
+    from dsnode.config import BatchingSection, ModelSection
 
     device, dtype = devices(args)
     folder = work / "moe"
@@ -296,7 +294,7 @@ async def moe_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     saved_s = time.monotonic() - started
     section_model = ModelSection(name="gpu-check-moe", path=folder, backend="deepspeed", device=args.device,
                                  dtype="bfloat16" if args.device == "cuda" else "float32")
-    engine = DeepSpeedEngine(section_model, SchedulerConfig(max_running=max(BATCHES)))
+    engine = DeepSpeedEngine(section_model, BatchingSection(max_running=max(BATCHES)))
     started = time.monotonic()
     await engine.load()
     try:
@@ -312,7 +310,7 @@ async def moe_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 async def engine_figures(engine: Any, batches: tuple[int, ...], repeats: int, prefill: bool) -> dict[str, Any]:
     import random
 
-    from dsnode.engine import GenerationRequest, SamplingParams
+    from dsnode.inference.engine import GenerationRequest, SamplingParams
 
     rng = random.Random(0)
 
@@ -361,12 +359,10 @@ async def edge_onnx(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         raise Skip(f"onnxruntime {onnxruntime.__version__} has no CUDA provider here (providers: {providers}); "
                    "install onnxruntime-gpu (never beside onnxruntime)")
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from dsnode.config import ModelSection
+    from dsnode.config import BatchingSection, ModelSection
     from dsnode.edge.convert import convert_model
     from dsnode.edge.onnx_engine import OnnxEngine
-    from dsnode.scheduler import SchedulerConfig
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     src, dst = work / "dense", work / "dense-onnx-int8"
     torch.manual_seed(0)
@@ -378,7 +374,7 @@ async def edge_onnx(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     converted = convert_model(src, dst, quant="int8", min_agreement=0.0)  # random weights: no bar to pass
     convert_s = time.monotonic() - started
     engine = OnnxEngine(ModelSection(name="gpu-check-edge", path=dst, backend="onnx", device=args.device),
-                        SchedulerConfig(max_running=max(EDGE_BATCHES)))
+                        BatchingSection(max_running=max(EDGE_BATCHES)))
     await engine.load()
     try:
         if args.device == "cuda" and engine.info.device != "CUDAExecutionProvider":

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from ..metrics import install_metrics
 from ..node import Node
-from . import forward, ops, openai
+from . import forward, openai, ops
 from .auth import AUTH, Auth, auth_middleware
 from .errors import Handler, error_middleware
 from .keys import NODE

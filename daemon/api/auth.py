@@ -27,116 +27,27 @@ re-read on every reload (SIGHUP), whether or not the config file changed.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, ContextManager, Iterator
 
 import structlog
 from aiohttp import web
 
-from ..cluster.peer_auth import HEADER as PEER_HEADER
-from ..cluster.peer_auth import (USER_HEADER, VIA_HEADER, PeerAuth, PeerRefused, SecretFileError,
-                                 read_cluster_secrets)
+from .. import headers as names
+from ..cluster.peer_auth import PeerAuth, PeerRefused
+from ..secrets import ApiKeys, SecretsFileError
 from .errors import APIError, Handler
 
 if TYPE_CHECKING:
     from ..config import Config
-    from .record import RequestRecord
+    from ..record import RequestRecord
 
 log = structlog.get_logger("dsnode.auth")
 
-MIN_KEY_CHARS = 16
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json"})  # probes and the API's description
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}"
-_NAMED = re.compile(rf"({_NAME}):\s+(\S+)")
-_HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 IDENTITY: web.RequestKey[str] = web.RequestKey("dsnode_identity", str)  # key name / fingerprint
 PEER: web.RequestKey[str] = web.RequestKey("dsnode_peer", str)  # the node that sent it, if a peer did
-
-
-# --- the key file -----------------------------------------------------------------------------------
-class KeyFileError(Exception):
-    """The API key file cannot be used; `problems` name lines, never keys."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
-
-
-def fingerprint(digest: bytes) -> str:
-    """What logs show for an unnamed key: the first 8 hex digits of its SHA-256 (not reversible)."""
-    return "sha256:" + digest.hex()[:8]
-
-
-@dataclass(frozen=True)
-class ApiKeys:
-    by_digest: dict[bytes, str]  # SHA-256 of the key -> its name or fingerprint
-
-    def identify(self, token: str) -> str | None:
-        """The key's name (or fingerprint), or None when it is not a key of this node."""
-        # Looked up by the token's SHA-256, never compared with a key: how long the lookup takes
-        # depends only on hashes, and learning bits of a key's hash tells nothing about the key.
-        return self.by_digest.get(hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest())
-
-    def __len__(self) -> int:
-        return len(self.by_digest)
-
-
-def read_api_keys(path: Path) -> ApiKeys:
-    """Parse the key file; raises KeyFileError listing every bad line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KeyFileError([f"cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError:
-        raise KeyFileError(["is not UTF-8 text"]) from None
-    keys: dict[bytes, str] = {}
-    names: set[str] = set()
-    problems: list[str] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            digest, name = _parse_line(line)
-        except ValueError as exc:
-            problems.append(f"line {number}: {exc}")
-            continue
-        if digest in keys:
-            problems.append(f"line {number}: the same key is listed twice")
-            continue
-        if name is not None:
-            if name in names:
-                problems.append(f"line {number}: the name {name!r} is used twice")
-                continue
-            names.add(name)
-        keys[digest] = name or fingerprint(digest)
-    if not keys and not problems:
-        problems.append("holds no key (every request would be refused)")
-    if problems:
-        raise KeyFileError(problems)
-    return ApiKeys(keys)
-
-
-def _parse_line(line: str) -> tuple[bytes, str | None]:
-    named = _NAMED.fullmatch(line)
-    name, secret = (named.group(1), named.group(2)) if named else (None, line)
-    hashed = _HASHED.fullmatch(secret)
-    if hashed:
-        return bytes.fromhex(hashed.group(1)), name
-    if secret.startswith("sha256:"):
-        raise ValueError("a hashed key is sha256: and 64 hex digits")
-    if any(c.isspace() for c in secret) or ":" in secret:
-        raise ValueError("expected `KEY`, `sha256:HEX` or `NAME: KEY` (names: letters, digits and . _ @ -; "
-                         "keys: no spaces or colons)")
-    if len(secret) < MIN_KEY_CHARS:
-        raise ValueError(f"a key needs at least {MIN_KEY_CHARS} characters "
-                         f"(make one with `openssl rand -hex 24`)")
-    return hashlib.sha256(secret.encode()).digest(), name
 
 
 # --- the node's auth state --------------------------------------------------------------------------
@@ -152,13 +63,12 @@ class Auth:
 
     @classmethod
     def from_config(cls, config: "Config") -> "Auth":
-        """Raises KeyFileError / SecretFileError (already reported by the config check at load)."""
-        section = config.auth
-        keys = read_api_keys(section.api_keys_file) if section.api_keys_file else None
+        """Raises SecretsFileError (already reported by the config check at load)."""
+        secrets = config.secrets()
         peers = None
-        if section.cluster_secret_file:
-            peers = PeerAuth(read_cluster_secrets(section.cluster_secret_file), config.node.name,
-                             section.max_clock_skew)
+        if secrets.cluster is not None:
+            peers = PeerAuth(secrets.cluster, config.node.name, config.auth.max_clock_skew)
+        keys = secrets.api_keys
         return cls(keys, peers)
 
     @property
@@ -170,7 +80,7 @@ class Auth:
         key, a rotated secret). A file that went bad since the config check keeps the old one."""
         try:
             fresh = Auth.from_config(new)
-        except (KeyFileError, SecretFileError) as exc:
+        except SecretsFileError as exc:
             log.error("auth_reload_failed", problems=exc.problems, detail="the previous keys stay")
             return
         if self.enabled and not fresh.enabled:
@@ -235,12 +145,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     auth = request.app[AUTH]
     headers = request.headers
-    if auth.peers is not None and (PEER_HEADER in headers or VIA_HEADER in headers or USER_HEADER in headers):
+    if auth.peers is not None and (names.PEER in headers or names.VIA in headers or names.USER in headers):
         try:
             request[PEER] = auth.peers.verify(request.method, request.raw_path, headers)
         except PeerRefused as exc:
             raise _refused(request, str(exc), "invalid_peer_credential") from None
-        user = headers.get(USER_HEADER)
+        user = headers.get(names.USER)
         if user:
             request[IDENTITY] = user
         return await handler(request)
@@ -268,5 +178,5 @@ def _refused(request: web.Request, message: str, code: str, invalid: bool = Fals
 
 
 def _request_id(request: web.Request) -> str | None:
-    given = request.headers.get("X-Request-Id", "")
+    given = request.headers.get(names.REQUEST_ID, "")
     return given if given and len(given) <= 128 and given.isprintable() else None

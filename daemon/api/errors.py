@@ -9,8 +9,8 @@ from typing import Any, Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from ..engine import ContextLengthExceeded, EngineError, EngineNotReady, QueueFull
-from ..tokenizer import ChatTemplateError
+from ..inference.engine import ContextLengthExceeded, EngineError, EngineNotReady, QueueFull
+from ..inference.tokenizer import ChatTemplateError
 
 log = structlog.get_logger("dsnode.api")
 

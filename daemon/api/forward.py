@@ -34,17 +34,17 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from .. import headers
 from ..cluster.balancer import Peer
-from ..cluster.peers import Poller
 from ..cluster.peer_auth import PeerAuth
+from ..cluster.peers import Poller
 from ..cluster.pool import BodyCut, Origin, Pool, UpstreamError
 from ..cluster.pool import Response as PoolResponse
 from ..cluster.routing import LocalModel, Route, RouteRequest, decide
-from . import headers
+from ..record import RequestRecord
 from .auth import AUTH, IDENTITY
 from .errors import APIError, shutting_down, sse_error_event
 from .keys import NODE
-from .record import RequestRecord
 from .responses import DONE
 from .schemas import ChatCompletionRequest, CompletionRequest
 

@@ -8,12 +8,12 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
+from .. import headers
 from ..config import LimitsSection
-from ..engine import Delta, Engine, EngineError, GenerationRequest, SamplingParams
-from ..tokenizer import TextTokenizer
-from . import headers
+from ..inference.engine import Delta, Engine, EngineError, GenerationRequest, SamplingParams
+from ..inference.tokenizer import TextTokenizer
+from ..record import RequestRecord
 from .errors import APIError, bad_request, sse_error_event, to_api_error
-from .record import RequestRecord
 from .responses import DONE, Shape, chunk, full_response, sse, usage, usage_chunk
 from .schemas import ChatCompletionRequest, CompletionRequest
 

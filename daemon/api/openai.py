@@ -7,15 +7,15 @@ import json
 
 from aiohttp import web
 
-from ..engine import ContextLengthExceeded, EngineNotReady
+from .. import headers
+from ..inference.engine import ContextLengthExceeded, EngineNotReady
 from ..node import Node
-from . import headers
+from ..record import RequestRecord, new_request_id
 from .auth import admit
 from .errors import APIError, bad_request, client_gone, model_not_found, to_api_error
 from .forward import choose_route, serve_forwarded, via_of
 from .keys import NODE
 from .local import prompt_token_ids, serve_local
-from .record import RequestRecord, new_request_id
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 MAX_REQUEST_ID = 128

@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 from aiohttp import web
 
-from ..cluster.advert import advertisement
+from .advert import advertisement
 from .keys import NODE
 
 

@@ -27,54 +27,19 @@ import hmac
 import os
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Callable, Mapping
 
-HEADER = "X-DSNode-Peer"
-USER_HEADER = "X-DSNode-User"  # the client's identity (key name or fingerprint), signed
-VIA_HEADER = "X-DSNode-Via"
-REQUEST_ID_HEADER = "X-Request-Id"
+from ..headers import PEER as HEADER
+from ..headers import REQUEST_ID as REQUEST_ID_HEADER
+from ..headers import USER as USER_HEADER
+from ..headers import VIA as VIA_HEADER
+
 VERSION = "v1"
-MIN_SECRET_CHARS = 32
 MAX_REMEMBERED_NONCES = 500_000  # a bound on memory; peers, not strangers, fill it
-
-
-class SecretFileError(Exception):
-    """The cluster secret file cannot be used; `problems` say why, never what the secret is."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 class PeerRefused(Exception):
     """A peer credential that does not hold; the message is safe to send back and to log."""
-
-
-def read_cluster_secrets(path: Path) -> tuple[bytes, ...]:
-    """The secrets in `path`, the signing one first; raises SecretFileError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SecretFileError([f"cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError:
-        raise SecretFileError(["is not UTF-8 text"]) from None
-    secrets: list[bytes] = []
-    problems: list[str] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if len(line) < MIN_SECRET_CHARS:
-            problems.append(f"line {number}: a secret needs at least {MIN_SECRET_CHARS} characters "
-                            f"(make one with `openssl rand -hex 32`)")
-            continue
-        secrets.append(line.encode())
-    if not secrets and not problems:
-        problems.append("holds no secret")
-    if problems:
-        raise SecretFileError(problems)
-    return tuple(secrets)
 
 
 def _message(method: str, path: str, stamp: str, nonce: str, node: str, via: str, user: str,

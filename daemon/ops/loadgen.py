@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 import aiohttp
 import numpy as np
 
-from ..api import headers
+from .. import headers
 
 WORDS = tuple(
     "the of and to in is was it that for on as with his he be at by had not are but from or have an they "

@@ -80,7 +80,8 @@ def credential_headers(secret_file: Path | None, api_key_file: Path | None) -> d
     """How to ask a node that has `[auth]`: as a peer (signed with the cluster secret), or with an
     API key. Raises Unreachable when a file named cannot be used."""
     if secret_file is not None:
-        from ..cluster.peer_auth import PeerAuth, SecretFileError, read_cluster_secrets
+        from ..cluster.peer_auth import PeerAuth
+        from ..secrets import SecretFileError, read_cluster_secrets
 
         try:
             secrets = read_cluster_secrets(secret_file)

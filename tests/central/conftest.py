@@ -9,10 +9,8 @@ from typing import AsyncIterator, Callable, Sequence
 
 import pytest
 import pytest_asyncio
-
-from dsnode.config import ModelSection
-from dsnode.engine import Delta, Engine, GenerationRequest, SamplingParams
-from dsnode.scheduler import SchedulerConfig
+from dsnode.config import BatchingSection, ModelSection
+from dsnode.inference.engine import Delta, Engine, GenerationRequest, SamplingParams
 
 # Text the bundled models were trained on, so greedy continuations are real text.
 PROMPTS = (
@@ -75,7 +73,7 @@ async def _loaded(engine: Engine) -> AsyncIterator[Engine]:
 async def transformers_moe(moe_dir):
     from dsnode.central.transformers_engine import TransformersEngine
 
-    async for engine in _loaded(TransformersEngine(model_section(moe_dir, "transformers"), SchedulerConfig())):
+    async for engine in _loaded(TransformersEngine(model_section(moe_dir, "transformers"), BatchingSection())):
         yield engine
 
 
@@ -84,7 +82,7 @@ async def deepspeed_tp2(moe_dir):
     """Two CPU ranks over gloo: the tensor-parallel code path a GPU host runs with nccl."""
     from dsnode.central.deepspeed_engine import DeepSpeedEngine
 
-    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", tensor_parallel=2, device="cpu"), SchedulerConfig())
+    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", tensor_parallel=2, device="cpu"), BatchingSection())
     async for loaded in _loaded(engine):
         yield loaded
 
@@ -93,6 +91,6 @@ async def deepspeed_tp2(moe_dir):
 async def deepspeed_tp1(moe_dir):
     from dsnode.central.deepspeed_engine import DeepSpeedEngine
 
-    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", device="cpu"), SchedulerConfig())
+    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", device="cpu"), BatchingSection())
     async for loaded in _loaded(engine):
         yield loaded

@@ -9,9 +9,8 @@ import signal
 
 import psutil
 import pytest
-
-from dsnode.engine import EngineNotReady, GenerationRequest, SamplingParams
-from dsnode.scheduler import SchedulerConfig
+from dsnode.config import BatchingSection
+from dsnode.inference.engine import EngineNotReady, GenerationRequest, SamplingParams
 
 from .conftest import PROMPTS, collect, model_section, token_ids
 
@@ -48,7 +47,7 @@ async def test_tp2_concurrent_requests_match_each_alone(deepspeed_tp2):
 
 
 async def test_tp2_refuses_over_the_model_context(deepspeed_tp2):
-    from dsnode.engine import ContextLengthExceeded
+    from dsnode.inference.engine import ContextLengthExceeded
 
     ids = deepspeed_tp2.tokenizer.encode(PROMPTS[0])
     with pytest.raises(ContextLengthExceeded, match="maximum context length is 2048 tokens"):
@@ -59,7 +58,7 @@ async def test_int8_via_deepspeed_backend_agrees_with_fp32(moe_dir, deepspeed_tp
     """Threshold and why: see test_transformers_engine.test_int8_agrees_with_fp32 (same loader)."""
     from dsnode.central.deepspeed_engine import DeepSpeedEngine
 
-    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", quantization="int8", device="cpu"), SchedulerConfig())
+    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", quantization="int8", device="cpu"), BatchingSection())
     await engine.load()
     try:
         assert engine.info.quantization == "int8" and engine.info.tensor_parallel == 1
@@ -79,7 +78,7 @@ async def test_int8_via_deepspeed_backend_agrees_with_fp32(moe_dir, deepspeed_tp
 async def test_a_killed_rank_fails_requests_cleanly_and_the_node_goes_not_ready(moe_dir):
     from dsnode.central.deepspeed_engine import DeepSpeedEngine
 
-    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", tensor_parallel=2, device="cpu"), SchedulerConfig())
+    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", tensor_parallel=2, device="cpu"), BatchingSection())
     await engine.load()
     try:
         pids = engine.rank_pids
@@ -111,7 +110,7 @@ async def test_a_rank_that_cannot_load_fails_the_load_with_its_reason(moe_dir, t
     for item in moe_dir.iterdir():
         shutil.copy(item, tmp_path / item.name)
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
-    engine = DeepSpeedEngine(model_section(tmp_path, "deepspeed", device="cpu"), SchedulerConfig())
+    engine = DeepSpeedEngine(model_section(tmp_path, "deepspeed", device="cpu"), BatchingSection())
     with pytest.raises(Exception, match="rank 0 failed to load the model"):
         await engine.load()
     assert not engine.health().ready and "failed to load" in engine.health().reason

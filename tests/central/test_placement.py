@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from dsnode.central.deepspeed_engine import Placement, PlacementError, plan_placement
 from dsnode.config import ModelSection
 

@@ -7,9 +7,14 @@ import asyncio
 import time
 
 import pytest
-
-from dsnode.engine import ContextLengthExceeded, EngineError, GenerationRequest, QueueFull, SamplingParams
-from dsnode.scheduler import SchedulerConfig
+from dsnode.config import BatchingSection
+from dsnode.inference.engine import (
+    ContextLengthExceeded,
+    EngineError,
+    GenerationRequest,
+    QueueFull,
+    SamplingParams,
+)
 
 from .conftest import PROMPTS, collect, model_section, token_ids
 
@@ -95,7 +100,7 @@ async def test_context_limit_comes_from_the_model_config(transformers_moe, moe_d
 async def test_configured_context_lowers_the_limit(moe_dir):
     from dsnode.central.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(model_section(moe_dir, "transformers", max_context=64), SchedulerConfig())
+    engine = TransformersEngine(model_section(moe_dir, "transformers", max_context=64), BatchingSection())
     await engine.load()
     try:
         assert engine.info.max_context == 64
@@ -110,7 +115,7 @@ async def test_configured_context_lowers_the_limit(moe_dir):
 async def test_full_queue_refuses_at_once_with_queue_full(moe_dir):
     from dsnode.central.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(model_section(moe_dir, "transformers"), SchedulerConfig(max_running=1, max_queue=1))
+    engine = TransformersEngine(model_section(moe_dir, "transformers"), BatchingSection(max_running=1, max_queue=1))
     await engine.load()
     try:
         ids = tuple(engine.tokenizer.encode(PROMPTS[0]))
@@ -137,7 +142,7 @@ async def test_int8_agrees_with_fp32(moe_dir, transformers_moe):
     90% of positions to agree before the first divergence, over all prompts."""
     from dsnode.central.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(model_section(moe_dir, "transformers", quantization="int8"), SchedulerConfig())
+    engine = TransformersEngine(model_section(moe_dir, "transformers", quantization="int8"), BatchingSection())
     await engine.load()
     try:
         agree = total = 0
@@ -179,9 +184,8 @@ async def test_other_moe_architectures_match_model_generate(architecture, tmp_pa
     import shutil
 
     import torch
-    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
-
     from dsnode.central.transformers_engine import TransformersEngine
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512, bos_token_id=0,
@@ -193,7 +197,7 @@ async def test_other_moe_architectures_match_model_generate(architecture, tmp_pa
     hf.save_pretrained(str(tmp_path))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy(moe_dir / name, tmp_path / name)
-    engine = TransformersEngine(model_section(tmp_path, "transformers"), SchedulerConfig())
+    engine = TransformersEngine(model_section(tmp_path, "transformers"), BatchingSection())
     await engine.load()
     try:
         assert engine.info.extra["model_type"] == architecture
@@ -212,7 +216,7 @@ async def test_a_prefill_that_raises_fails_its_own_request_only(moe_dir):
     a request decoding in the same steps goes on and produces exactly what it produces alone."""
     from dsnode.central.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(model_section(moe_dir, "transformers"), SchedulerConfig())
+    engine = TransformersEngine(model_section(moe_dir, "transformers"), BatchingSection())
     await engine.load()
     try:
         runner = engine._require_loaded().runner

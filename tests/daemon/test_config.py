@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dsnode.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]

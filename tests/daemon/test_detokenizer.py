@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from dsnode.detokenizer import Detokenizer
-from dsnode.tokenizer import TextTokenizer
+from dsnode.inference.detokenizer import Detokenizer
+from dsnode.inference.tokenizer import TextTokenizer
 
 TEXT = "Call me Ishmael. ¿Qué tal? 日本 🚀 — the end."
 

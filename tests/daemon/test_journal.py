@@ -17,11 +17,10 @@ import types
 
 import pytest
 import structlog
-
-from dsnode.api.record import RequestRecord
 from dsnode.journal import JournalSender, encode_entry, field_name, stream_is_journal
 from dsnode.logs import configure_logging, resolve_format
 from dsnode.node import Node
+from dsnode.record import RequestRecord
 
 
 def parse_entry(data: bytes) -> dict[str, str]:

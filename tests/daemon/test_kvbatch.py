@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from dsnode.kvbatch import NUMPY_OPS, KVBatch
+from dsnode.inference.kvbatch import NUMPY_OPS, KVBatch
 
 
 def cache(seq: int, length: int, layers: int = 2) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import structlog
-
 from dsnode.logs import LineWriter, configure_logging, iso_utc
 
 

@@ -13,16 +13,16 @@ from typing import Any, AsyncIterator, Callable
 
 import pytest
 import pytest_asyncio
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
 from dsnode.api.app import create_app
-from dsnode.api.record import RequestRecord
 from dsnode.cluster.state import UpstreamState
 from dsnode.gpu import GpuReading, GpuSampler
 from dsnode.metrics import METRICS, NodeMetrics
 from dsnode.node import Node
 from dsnode.ops.nccl import RESULT_KIND, write_result
+from dsnode.record import RequestRecord
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.daemon.api.conftest import MODEL, make_node
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -285,6 +285,7 @@ async def test_upstream_state_and_forwarding(client, node):
 async def test_config_reloads_are_counted(tmp_path, dense_dir):
     from dsnode.config import load_config
     from dsnode.server import NodeServer
+
     from tests.daemon.api.conftest import config_text
 
     path = tmp_path / "dsnode.toml"

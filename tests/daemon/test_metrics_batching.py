@@ -8,12 +8,11 @@ import types
 from typing import Any
 
 from aiohttp import web
+from dsnode.inference.engine import EngineLoad, Health
+from dsnode.metrics import FOLD_EVERY, NodeMetrics
+from dsnode.record import RequestRecord
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-
-from dsnode.api.record import RequestRecord
-from dsnode.engine import EngineLoad, Health
-from dsnode.metrics import FOLD_EVERY, NodeMetrics
 
 MODEL = "tiny"
 UPSTREAM = "http://10.0.0.10:8000"

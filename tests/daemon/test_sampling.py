@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from dsnode.engine import SamplingParams
-from dsnode.sampling import new_generator, sample_token
+from dsnode.inference.engine import SamplingParams
+from dsnode.inference.sampling import new_generator, sample_token
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, 2.9], dtype=np.float32)
 

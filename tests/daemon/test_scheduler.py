@@ -6,18 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from dsnode.scheduler import (
+from dsnode.config import BatchingSection
+from dsnode.inference.scheduler import (
     Feed,
     RequestTooLarge,
     Scheduler,
-    SchedulerConfig,
     SchedulerError,
     StepPlan,
     WaitingQueueFull,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @dataclass
@@ -71,7 +70,7 @@ class Model:
 
 
 def scheduler(**kwargs: int) -> Scheduler:
-    return Scheduler(SchedulerConfig(**kwargs))
+    return Scheduler(BatchingSection(**kwargs))
 
 
 def ids(feeds: tuple[Feed, ...]) -> list[str]:
@@ -309,15 +308,8 @@ def test_queue_full_beyond_free_slots_plus_max_queue():
     s.add("d", 1, 5)
 
 
-def test_max_queue_zero_admits_only_into_free_slots():
-    s = scheduler(max_running=1, max_queue=0)
-    s.add("a", 1, 5)
-    with pytest.raises(WaitingQueueFull):
-        s.add("b", 1, 5)
-
-
 def test_config_rejects_nonsense():
     with pytest.raises(ValueError, match="max_batch_tokens"):
-        SchedulerConfig(max_batch_tokens=0)
+        BatchingSection(max_batch_tokens=0)
     with pytest.raises(ValueError, match="max_queue"):
-        SchedulerConfig(max_queue=-1)
+        BatchingSection(max_queue=0)  # a queue of none: every request over max_running refused is no config

@@ -18,12 +18,20 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
-
 from dsnode.config import load_config
-from dsnode.engine import Delta, Engine, EngineLoad, EngineNotReady, GenerationRequest, Health, ModelInfo
+from dsnode.inference.engine import (
+    Delta,
+    Engine,
+    EngineLoad,
+    EngineNotReady,
+    GenerationRequest,
+    Health,
+    ModelInfo,
+)
+from dsnode.inference.tokenizer import TextTokenizer
 from dsnode.server import STOP_MARGIN_S, NodeServer
 from dsnode.systemd import SystemdEnv
-from dsnode.tokenizer import TextTokenizer
+
 from tests.support.nodes import free_port
 
 MODEL = "tiny-gated"
@@ -417,7 +425,7 @@ async def test_a_second_signal_cuts_the_drain_short(running, tokenizer):
 async def test_the_real_engine_fails_what_outlives_the_drain_cleanly(running, tmp_path, dense_dir):
     """BatchingEngine.close() is what the drain relies on: the running and the queued requests
     (max_running = 1, each asking for 400 tokens) all end with an error event, none hangs."""
-    from dsnode.engines import build_engine
+    from dsnode.inference.backends import build_engine
 
     config = write_config(tmp_path / "real.toml", dense_dir, free_port(), 0.05, "\n[batching]\nmax_running = 1\n")
     engine = build_engine(load_config(config))

@@ -11,7 +11,6 @@ import time
 import uuid
 
 import pytest
-
 from dsnode.systemd import Notifier, SystemdEnv, monotonic_usec, socket_address, watchdog_pings
 
 

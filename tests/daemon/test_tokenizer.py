@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from dsnode.tokenizer import ChatTemplateError, TextTokenizer
+from dsnode.inference.tokenizer import ChatTemplateError, TextTokenizer
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -45,7 +44,7 @@ def test_template_errors_are_chat_template_errors(tok):
 
 
 def test_folder_without_tokenizer(tmp_path):
-    from dsnode.tokenizer import TokenizerError
+    from dsnode.inference.tokenizer import TokenizerError
 
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         TextTokenizer.from_folder(tmp_path)

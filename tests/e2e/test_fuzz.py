@@ -18,6 +18,7 @@ import time
 import pytest
 import requests
 import schemathesis
+from dsnode.api.openapi import openapi_bytes, openapi_document
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -29,7 +30,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from dsnode.api.openapi import openapi_bytes, openapi_document
 from tests.support.nodes import ServeProcess, free_port, node_toml
 
 pytestmark = pytest.mark.slow

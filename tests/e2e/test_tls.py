@@ -23,9 +23,9 @@ from pathlib import Path
 
 import openai
 import pytest
-
 from dsnode.cli import main
 from dsnode.cluster.pool import ConnectFailed, Origin, Pool
+
 from tests.support.nodes import ServeProcess, free_port, node_toml
 
 pytestmark = pytest.mark.slow

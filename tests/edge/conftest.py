@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from dsnode.config import ModelSection
-from dsnode.engine import Delta, Engine, GenerationRequest, SamplingParams
-from dsnode.scheduler import SchedulerConfig
+from dsnode.config import BatchingSection, ModelSection
+from dsnode.inference.engine import Delta, Engine, GenerationRequest, SamplingParams
 
-BATCHING = SchedulerConfig(max_batch_tokens=4096)
+BATCHING = BatchingSection(max_batch_tokens=4096)
 
 
 def convert_quietly(src: Path, dst: Path, quant: str) -> Any:
@@ -76,7 +75,7 @@ async def loaded(engine: Engine) -> Engine:
     return engine
 
 
-def onnx_engine(path: Path, batching: SchedulerConfig = BATCHING, **overrides: Any) -> Engine:
+def onnx_engine(path: Path, batching: BatchingSection = BATCHING, **overrides: Any) -> Engine:
     from dsnode.edge.onnx_engine import OnnxEngine
 
     return OnnxEngine(model_section(path, **overrides), batching)

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from dsnode.edge import convert as convert_module
 from dsnode.edge.manifest import FORMAT, FORMAT_VERSION, folder_checksum, read_manifest, verify_files
-from dsnode.tokenizer import TextTokenizer
+from dsnode.inference.tokenizer import TextTokenizer
 
 from tests.edge.conftest import convert_cli
 

@@ -6,8 +6,8 @@ import asyncio
 
 import onnxruntime
 import pytest
-from dsnode.engine import ContextLengthExceeded, EngineNotReady
-from dsnode.scheduler import SchedulerConfig
+from dsnode.config import BatchingSection
+from dsnode.inference.engine import ContextLengthExceeded, EngineNotReady
 
 from tests.edge.conftest import loaded, onnx_engine, run, run_all, text_of, tokens_of
 
@@ -117,7 +117,7 @@ async def test_concurrent_requests_get_their_alone_answers(int8_engine):
 async def test_chunked_prefill_gives_the_same_tokens(int8_dir, int8_engine):
     prompt = "We hold these truths to be self-evident, that all men are created equal"
     expected = tokens_of(await run(int8_engine, prompt, max_tokens=12, ignore_eos=True))
-    batching = SchedulerConfig(max_batch_tokens=4096, prefill_chunk_tokens=4)
+    batching = BatchingSection(max_batch_tokens=4096, prefill_chunk_tokens=4)
     engine = await loaded(onnx_engine(int8_dir, batching))
     try:
         assert tokens_of(await run(engine, prompt, max_tokens=12, ignore_eos=True)) == expected

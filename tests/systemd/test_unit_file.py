@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from dsnode.config import DEFAULT_CONFIG_PATH, NodeSection
 from dsnode.server import STOP_MARGIN_S
 

@@ -7,10 +7,9 @@ from typing import Any, AsyncIterator, Callable
 
 import pytest
 import pytest_asyncio
-
 from dsnode.api.app import create_app
 from dsnode.config import load_config
-from dsnode.engines import build_engine
+from dsnode.inference.backends import build_engine
 from dsnode.node import Node
 from dsnode.probe import probe_host
 

@@ -13,20 +13,21 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
-from structlog.testing import capture_logs
-
 from dsnode.api.app import create_app
-from dsnode.api.auth import AUTH, KeyFileError, read_api_keys
+from dsnode.api.auth import AUTH
 from dsnode.api.openapi import openapi_bytes
-from dsnode.cluster.peer_auth import PeerAuth, PeerRefused, SecretFileError, read_cluster_secrets
+from dsnode.cluster.peer_auth import PeerAuth, PeerRefused
 from dsnode.cluster.peers import Poller
 from dsnode.cluster.upstreams import Upstreams
 from dsnode.config import ConfigError, RoutingSection, UpstreamSection, load_config
-from dsnode.engine import Delta, Engine, EngineLoad, GenerationRequest, Health, ModelInfo
-from dsnode.engines import build_engine
+from dsnode.inference.backends import build_engine
+from dsnode.inference.engine import Delta, Engine, EngineLoad, GenerationRequest, Health, ModelInfo
 from dsnode.node import Node
 from dsnode.probe import probe_host
+from dsnode.secrets import KeyFileError, SecretFileError, read_api_keys, read_cluster_secrets
 from dsnode.server import NodeServer
+from structlog.testing import capture_logs
+
 from tests.daemon.cluster.fakes import MODEL as REMOTE_MODEL
 from tests.daemon.cluster.fakes import FakeUpstream
 

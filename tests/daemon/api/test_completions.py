@@ -6,8 +6,8 @@ import asyncio
 import json
 from typing import Any
 
+from dsnode import headers
 
-from dsnode.api import headers
 from tests.daemon.api.conftest import MODEL
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "It was the"}], "max_tokens": 20, "temperature": 0}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from dsnode.api.app import create_app
-from dsnode.engine import EngineError
+from dsnode.inference.engine import EngineError
+
 from tests.daemon.api.conftest import MODEL, make_node
 
 OK = {"model": MODEL, "prompt": "It was", "max_tokens": 2, "temperature": 0}

@@ -8,12 +8,11 @@ from typing import Any
 import jsonschema_rs
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
-from schemathesis import GenerationMode
-
 from dsnode.api.errors import APIError
 from dsnode.api.openapi import openapi_document
 from dsnode.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 
 BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 EXAMPLES = 60

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from dsnode.api.errors import APIError
 from dsnode.api.local import sampling_params
 from dsnode.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body

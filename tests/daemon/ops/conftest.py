@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, AsyncIterator, Callable
 
 import pytest_asyncio
-
 from dsnode.api.app import create_app
 from dsnode.node import Node
+
 from tests.daemon.api.conftest import make_node
 
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dsnode.cli import main
 from dsnode.metrics import NodeMetrics
 from dsnode.ops import nccl

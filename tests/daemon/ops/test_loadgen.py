@@ -7,11 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from dsnode.cli import main
 from dsnode.ops import loadgen
 from dsnode.ops.loadgen import LoadPlan, Outcome, RequestShape, distribution, parse_mix, summarise
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.daemon.api.conftest import MODEL
 
 MIX = "8:6:3,100:6:1"  # the bundled dense model's context is 512 tokens: ~2.2 tokens a word here

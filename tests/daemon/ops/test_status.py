@@ -9,6 +9,7 @@ import json
 from dsnode.cli import main
 from dsnode.cluster.state import UpstreamState
 from dsnode.ops.status import EXIT_UNREACHABLE, cluster_rows, format_table
+
 from tests.daemon.api.conftest import MODEL
 from tests.support.nodes import free_port
 

@@ -20,6 +20,7 @@ from typing import AsyncIterator, Iterable, Protocol, Sequence
 import numpy as np
 import structlog
 
+from ..config import BatchingSection
 from .detokenizer import Detokenizer
 from .engine import (
     ContextLengthExceeded,
@@ -35,10 +36,10 @@ from .engine import (
     QueueFull,
 )
 from .sampling import new_generator, sample_token
-from .scheduler import RequestTooLarge, Scheduler, SchedulerConfig, StepPlan, WaitingQueueFull
+from .scheduler import RequestTooLarge, Scheduler, StepPlan, WaitingQueueFull
 from .tokenizer import TextTokenizer
 
-log = structlog.get_logger("dsnode.engine")
+log = structlog.get_logger("dsnode.inference.engine")
 
 THROUGHPUT_WINDOW_S = 10.0
 
@@ -90,7 +91,7 @@ class Loaded:
 class BatchingEngine(Engine):
     """Subclasses implement `_load_blocking()` (runs in a thread) and return the runner and facts."""
 
-    def __init__(self, batching: SchedulerConfig) -> None:
+    def __init__(self, batching: BatchingSection) -> None:
         self._batching = batching
         self._scheduler = Scheduler(batching)
         self._cond = threading.Condition()
@@ -378,7 +379,7 @@ def _model_failed(exc: Exception) -> EngineError:
     return EngineError(f"the model failed on this request: {exc}")
 
 
-def context_limit(model_limit: int, configured: int | None, batching: SchedulerConfig) -> int:
+def context_limit(model_limit: int, configured: int | None, batching: BatchingSection) -> int:
     """The context a node advertises: the model's, lowered by the config and by the batch budget."""
     limits = [model_limit, batching.max_batch_tokens]
     if configured:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from .config import Config
+from ..config import Config
 from .engine import Engine
-from .scheduler import SchedulerConfig
 
 # backend → (module, class, the extra that installs it)
 ENGINES = {
@@ -20,16 +19,6 @@ class BackendUnavailable(Exception):
     pass
 
 
-def scheduler_config(config: Config) -> SchedulerConfig:
-    b = config.batching
-    return SchedulerConfig(
-        max_batch_tokens=b.max_batch_tokens,
-        max_running=b.max_running,
-        max_queue=b.max_queue,
-        prefill_chunk_tokens=b.prefill_chunk_tokens,
-    )
-
-
 def build_engine(config: Config) -> Engine:
     module_name, class_name, extra = ENGINES[config.model.backend]
     try:
@@ -40,5 +29,5 @@ def build_engine(config: Config) -> Engine:
             f"install it with: pip install 'dsnode[{extra}]'"
         ) from exc
     engine_class = getattr(module, class_name)
-    engine: Engine = engine_class(config.model, scheduler_config(config))
+    engine: Engine = engine_class(config.model, config.batching)
     return engine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from dsnode.api.record import RequestRecord, new_request_id
+from dsnode.record import RequestRecord, new_request_id
 
 
 def test_made_up_request_ids_are_uuid4_hex():

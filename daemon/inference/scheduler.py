@@ -23,6 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..config import BatchingSection
+
 
 class SchedulerError(Exception):
     pass
@@ -37,21 +39,6 @@ class WaitingQueueFull(SchedulerError):
 
 class RequestTooLarge(SchedulerError):
     pass
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_tokens: int = 32768
-    max_running: int = 64
-    max_queue: int = 256
-    prefill_chunk_tokens: int = 2048
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_running", "prefill_chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.max_queue < 0:
-            raise ValueError("max_queue must be >= 0")
 
 
 class Phase(Enum):
@@ -107,7 +94,7 @@ class StepPlan:
 
 @dataclass
 class Scheduler:
-    config: SchedulerConfig
+    config: BatchingSection
     _waiting: deque[Sequence] = field(default_factory=deque)
     _active: dict[str, Sequence] = field(default_factory=dict)
     _counter: itertools.count[int] = field(default_factory=itertools.count)
