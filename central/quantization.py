@@ -57,20 +57,3 @@ def fix_cpu_nf4_layers(model: Any) -> int:
             fixed += 1
     return fixed
 
-
-def weight_breakdown(model: Any) -> dict[str, int]:
-    """Bytes of weights by kind: quantized linears, fused MoE experts (never quantized), the rest."""
-    import bitsandbytes as bnb
-
-    quantized_types = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
-    quantized = experts = other = 0
-    for module in model.modules():
-        own = [p for p in module.parameters(recurse=False)] + [b for b in module.buffers(recurse=False)]
-        size = sum(t.numel() * t.element_size() for t in own)
-        if isinstance(module, quantized_types):
-            quantized += size
-        elif any(p.dim() == 3 for p in module.parameters(recurse=False)):
-            experts += size
-        else:
-            other += size
-    return {"quantized_linear_bytes": quantized, "moe_experts_bytes": experts, "other_bytes": other}

@@ -65,10 +65,6 @@ class RequestRecord:
     def duration_s(self) -> float:
         return (self.finished or time.monotonic()) - self.started
 
-    def inter_token_s(self) -> list[float]:
-        times = self.token_times
-        return [b - a for a, b in zip(times, times[1:])]
-
     def fields(self) -> dict[str, Any]:
         """The structured fields of the per-request log event."""
         started, first = self.started, self.first_token

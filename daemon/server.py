@@ -135,10 +135,7 @@ class NodeServer:
     async def _until_stop_or_engine_failure(self) -> int:
         """0 on SIGTERM; 1 if the engine fails for good (a tensor-parallel rank died): its requests
         have had their error, and exiting non-zero lets systemd's Restart=on-failure start afresh."""
-        waits = [asyncio.ensure_future(self._stop.wait())]
-        failed: asyncio.Event | None = getattr(self.engine, "failed", None)  # BatchingEngine's
-        if failed is not None:
-            waits.append(asyncio.ensure_future(failed.wait()))
+        waits = [asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self.engine.failed.wait())]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:

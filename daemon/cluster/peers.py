@@ -27,13 +27,11 @@ class Poller:
         upstreams: Upstreams,
         session: aiohttp.ClientSession,
         settings: Callable[[], RoutingSection],
-        headers: dict[str, str] | None = None,
         sign: Callable[[str, str], dict[str, str]] | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.session = session
         self.settings = settings  # read each round, so a reload's poll_interval applies
-        self.headers = headers or {}
         self.sign = sign  # (method, path) -> the peer credential headers, made fresh for each poll
 
     async def run(self) -> None:
@@ -71,7 +69,7 @@ class Poller:
 
     async def _fetch(self, url: str, timeout: float) -> dict[str, Any]:
         try:
-            headers = {**self.headers, **self.sign("GET", "/cluster")} if self.sign else self.headers
+            headers = self.sign("GET", "/cluster") if self.sign else {}
             async with self.session.get(
                 url + "/cluster", headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:

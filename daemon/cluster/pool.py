@@ -401,9 +401,6 @@ class Pool:
         except _Stale as exc:  # not reachable for a fresh connection; kept for type completeness
             raise NoResponse(str(exc)) from None
 
-    def idle_count(self, origin: Origin) -> int:
-        return sum(1 for c in self._idle.get(origin, ()) if not c.closed)
-
     async def close(self) -> None:
         for conn in list(self._open):
             conn.close()

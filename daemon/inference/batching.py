@@ -92,6 +92,7 @@ class BatchingEngine(Engine):
     """Subclasses implement `_load_blocking()` (runs in a thread) and return the runner and facts."""
 
     def __init__(self, batching: BatchingSection) -> None:
+        super().__init__()
         self._batching = batching
         self._scheduler = Scheduler(batching)
         self._cond = threading.Condition()
@@ -105,9 +106,6 @@ class BatchingEngine(Engine):
         self._dead = False
         self._sampled: deque[tuple[float, int]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Set when the engine cannot serve any more (a tensor-parallel rank died): the server then
-        # exits non-zero so systemd restarts the node. A failed step or a failed load does not set it.
-        self.failed = asyncio.Event()
 
     @abc.abstractmethod
     def _load_blocking(self) -> Loaded: ...
@@ -291,7 +289,6 @@ class BatchingEngine(Engine):
         with self._cond:
             self._scheduler.update(plan, finished=ended)
             for seq_id in ended:
-                self._scheduler.finish(seq_id)
                 self._live.pop(seq_id, None)
             # released at the top of the next iteration, where a dead runner is handled
             self._to_release.extend(ended)

@@ -7,6 +7,7 @@ errors below to status codes in one place (`dsnode.api.errors`).
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Literal
 
@@ -115,6 +116,12 @@ class ContextLengthExceeded(Exception):
 
 class Engine(abc.ABC):
     """load → generate* → close. Implementations run inference off the event loop."""
+
+    def __init__(self) -> None:
+        # Set when the engine can serve no more (a tensor-parallel rank died, the device was lost):
+        # the server then exits non-zero so systemd restarts the node. A failed request or a failed
+        # load does not set it. Implementations set it from the event loop's thread.
+        self.failed = asyncio.Event()
 
     @property
     @abc.abstractmethod

@@ -157,9 +157,6 @@ class Scheduler:
                 del self._active[seq_id]
         return sampled
 
-    def finish(self, seq_id: str) -> bool:
-        return self.abort(seq_id)
-
     # --- views --------------------------------------------------------------------------------
     @property
     def held_tokens(self) -> int:
@@ -193,10 +190,6 @@ class Scheduler:
     def generated(self, seq_id: str) -> int:
         seq = self.sequence(seq_id)
         return seq.generated if seq else 0
-
-    def is_last_token(self, seq_id: str) -> bool:
-        seq = self._active.get(seq_id)
-        return seq is not None and seq.generated + 1 >= seq.max_tokens
 
     # --- internals ----------------------------------------------------------------------------
     def _preempt_to_fit(self) -> list[str]:
