@@ -1,6 +1,7 @@
 """The `dsnode` command line. Each command lives in its own module; this file only dispatches.
 
-The environment is read here and nowhere else: DSNODE_CONFIG (serve), DSNODE_CACHE (bundled models).
+The environment is read here and nowhere else: DSNODE_CONFIG (serve), DSNODE_CACHE (bundled models),
+STATE_DIRECTORY (systemd's StateDirectory=: where `bench nccl --publish` writes and the node reads).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     path = args.config or os.environ.get("DSNODE_CONFIG") or str(DEFAULT_CONFIG_PATH)
-    return serve(Path(path))
+    return serve(Path(path), args.state_directory)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -61,6 +62,7 @@ def _models_build(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsnode", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"dsnode {__version__}")
+    parser.set_defaults(state_directory=os.environ.get("STATE_DIRECTORY"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the daemon in the foreground (what systemd runs)")

@@ -32,6 +32,7 @@ from .inference.backends import BackendUnavailable, build_engine
 from .inference.engine import Engine
 from .logs import configure_logging
 from .metrics import METRICS
+from .nccl_result import result_path
 from .node import Node
 from .probe import probe_host
 from .systemd import Notifier, SystemdEnv, watchdog_pings
@@ -50,12 +51,13 @@ RESTART_ONLY = ("node", "model", "batching", "tls", "logging")
 
 
 class NodeServer:
-    def __init__(self, config: Config, engine: Engine | None = None, systemd: SystemdEnv | None = None) -> None:
+    def __init__(self, config: Config, engine: Engine | None = None, systemd: SystemdEnv | None = None,
+                 state_directory: str | None = None) -> None:
         self.config = config
         self.path = config.source
         self.engine = engine if engine is not None else build_engine(config)
         self.node = Node(config, self.engine, probe_host())
-        self.app = create_app(self.node)
+        self.app = create_app(self.node, result_path(state_directory))
         # [routing]: weights, upstreams; [auth]: the key and secret files, re-read on every reload
         self.reloaders: list[Reloader] = [self.node.upstreams.reload, self.app[AUTH].reload]
         self.systemd = systemd or SystemdEnv()
@@ -278,7 +280,7 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def serve(path: Path) -> int:
+def serve(path: Path, state_directory: str | None = None) -> int:
     """Entry point of `dsnode serve`; returns the exit code. The systemd variables ($NOTIFY_SOCKET,
     $WATCHDOG_USEC, $JOURNAL_STREAM) are read here, once."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before the handlers exist must not kill us
@@ -294,12 +296,12 @@ def serve(path: Path) -> int:
     fmt = configure_logging(config.logging.level, config.logging.format,
                             journal_stream=os.environ.get("JOURNAL_STREAM"))
     log.info("config", file=str(path), log_format=fmt, effective=config.redacted())
-    return _run_loop(_serve(config, systemd))
+    return _run_loop(_serve(config, systemd, state_directory))
 
 
-async def _serve(config: Config, systemd: SystemdEnv) -> int:
+async def _serve(config: Config, systemd: SystemdEnv, state_directory: str | None) -> int:
     try:
-        server = NodeServer(config, systemd=systemd)
+        server = NodeServer(config, systemd=systemd, state_directory=state_directory)
     except BackendUnavailable as exc:
         log.error("backend_unavailable", backend=config.model.backend, error=str(exc))
         Notifier.from_env(systemd).status(f"failed: backend {config.model.backend} unavailable: {exc}")

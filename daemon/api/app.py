@@ -1,16 +1,21 @@
-"""The aiohttp application: routes, middlewares, limits."""
+"""The aiohttp application: routes, middlewares, limits, and what it owns while it runs."""
 
 from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import AsyncIterator
 
 from aiohttp import web
 
 from ..metrics import install_metrics
 from ..node import Node
-from . import forward, openai, ops
+from . import completions, models, probes
+from .appkeys import NODE
 from .auth import AUTH, Auth, auth_middleware
 from .errors import Handler, error_middleware
-from .keys import NODE
 from .openapi import openapi_bytes
+from .relay import RELAYS, Relays
 
 
 @web.middleware
@@ -24,7 +29,8 @@ async def in_flight_middleware(request: web.Request, handler: Handler) -> web.St
         node.in_flight -= 1
 
 
-def create_app(node: Node) -> web.Application:
+def create_app(node: Node, nccl_result: Path | None = None) -> web.Application:
+    """`nccl_result`: the file `dsnode bench nccl --publish` writes, read at every scrape (None: none)."""
     auth = Auth.from_config(node.config)
     auth.installed = auth.enabled  # no [auth] at start: no middleware, nothing on the request path
     app = web.Application(
@@ -33,18 +39,31 @@ def create_app(node: Node) -> web.Application:
     )
     app[NODE] = node
     app[AUTH] = auth
-    app.cleanup_ctx.append(forward.upstreams_context)  # the client session, forwarding pool, poller
-    app.router.add_post("/v1/chat/completions", openai.chat_completions)
-    app.router.add_post("/v1/completions", openai.completions)
-    app.router.add_get("/v1/models", openai.list_models)
-    app.router.add_get("/health", ops.health)
-    app.router.add_get("/ready", ops.ready)
-    app.router.add_get("/cluster", ops.cluster)
+    app[RELAYS] = Relays()
+    app.cleanup_ctx.append(_upstreams_running)  # the forwarding pool, the poller and its session
+    app.router.add_post("/v1/chat/completions", completions.chat_completions)
+    app.router.add_post("/v1/completions", completions.completions)
+    app.router.add_get("/v1/models", models.list_models)
+    app.router.add_get("/health", probes.health)
+    app.router.add_get("/ready", probes.ready)
+    app.router.add_get("/cluster", probes.cluster)
     document = openapi_bytes(bearer=auth.keys is not None, peers=auth.peers is not None)
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=document, content_type="application/json")
 
     app.router.add_get("/openapi.json", openapi_json)
-    install_metrics(app, node)  # GET /metrics, and an observer counting every request
+    install_metrics(app, node, nccl_result)  # GET /metrics, and an observer counting every request
     return app
+
+
+async def _upstreams_running(app: web.Application) -> AsyncIterator[None]:
+    """The node's upstreams run while the app does: started when it starts, stopped when it stops."""
+    node = app[NODE]
+    ca_file = node.config.tls.ca_file  # trust for https:// upstreams (None: the system store)
+    trust = None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
+    await node.upstreams.start(lambda: node.config.routing, trust, app[AUTH].peer_headers)
+    try:
+        yield
+    finally:
+        await node.upstreams.stop()

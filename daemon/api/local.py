@@ -13,51 +13,15 @@ from ..config import LimitsSection
 from ..inference.engine import Delta, Engine, EngineError, GenerationRequest, SamplingParams
 from ..inference.tokenizer import TextTokenizer
 from ..record import RequestRecord
-from .errors import APIError, bad_request, sse_error_event, to_api_error
+from .errors import APIError, sse_error_event, to_api_error
 from .responses import DONE, Shape, chunk, full_response, sse, usage, usage_chunk
-from .schemas import ChatCompletionRequest, CompletionRequest
-
-Body = ChatCompletionRequest | CompletionRequest
-
-# Tokenizing a prompt this long moves off the event loop (tokenizers is fast, but not free).
-TOKENIZE_IN_THREAD_CHARS = 32_768
-
-
-async def prompt_token_ids(tokenizer: TextTokenizer, body: Body) -> list[int]:
-    if isinstance(body, CompletionRequest) and isinstance(body.prompt, list) and isinstance(body.prompt[0], int):
-        ids = list(body.prompt)  # type: ignore[arg-type]
-        too_big = [i for i in ids if i >= tokenizer.vocab_size]
-        if too_big:
-            raise bad_request(f"Token id {too_big[0]} is outside the vocabulary ({tokenizer.vocab_size}).", "prompt")
-        return ids
-    size = _prompt_chars(body)
-    if size > TOKENIZE_IN_THREAD_CHARS:
-        return await asyncio.to_thread(_tokenize, tokenizer, body)
-    return _tokenize(tokenizer, body)
-
-
-def _prompt_chars(body: Body) -> int:
-    if isinstance(body, ChatCompletionRequest):
-        return sum(len(m.text()) for m in body.messages)
-    prompt = body.prompt
-    return len(prompt) if isinstance(prompt, str) else sum(len(str(p)) for p in prompt)
-
-
-def _tokenize(tokenizer: TextTokenizer, body: Body) -> list[int]:
-    if isinstance(body, ChatCompletionRequest):
-        return tokenizer.encode_chat([m.for_template() for m in body.messages])
-    prompt = body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])
-    return tokenizer.encode(prompt)
+from .schemas import Body, CompletionRequest
 
 
 def sampling_params(body: Body, prompt_tokens: int, max_context: int, limits: LimitsSection) -> SamplingParams:
-    """OpenAI parameters → engine parameters. Without max_tokens, the rest of the context (vLLM)."""
+    """OpenAI parameters → engine parameters. Without max_tokens, the rest of the context (vLLM),
+    capped by `[limits] max_tokens` (a requested value over it was refused before routing)."""
     requested = body.requested_max_tokens()
-    param = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens else "max_tokens"
-    if limits.max_tokens is not None and requested is not None and requested > limits.max_tokens:
-        raise bad_request(
-            f"'{param}' is {requested}, over this server's limit of {limits.max_tokens}.", param, "max_tokens_too_large"
-        )
     max_tokens = requested if requested is not None else max(0, max_context - prompt_tokens)
     if limits.max_tokens is not None:
         max_tokens = min(max_tokens, limits.max_tokens)

@@ -12,7 +12,7 @@ import copy
 import json
 from typing import Any
 
-from .. import __version__
+from .. import __version__, headers
 from .schemas import MAX_STOP_SEQUENCES, ChatCompletionRequest, CompletionRequest, null_means_default
 
 OPENAPI_VERSION = "3.1.0"
@@ -36,11 +36,11 @@ COMPLETION_ERRORS = ("400", "401", "404", "408", "413", "429", "500", "502", "50
 
 _STRING = {"type": "string"}
 _HEADERS = {
-    "X-DSNode-Node": {"description": "The node that generated the answer.", "required": True,
+    headers.NODE: {"description": "The node that generated the answer.", "required": True,
                       "schema": _STRING},
-    "X-DSNode-Route": {"description": "`local`: this node answered; `forwarded`: an upstream did.",
+    headers.ROUTE: {"description": "`local`: this node answered; `forwarded`: an upstream did.",
                        "required": True, "schema": {"type": "string", "enum": ["local", "forwarded"]}},
-    "X-Request-Id": {"description": "The client's request id, or one made up; in every log record of "
+    headers.REQUEST_ID: {"description": "The client's request id, or one made up; in every log record of "
                      "the request.", "required": True, "schema": _STRING},
 }
 _EVENT = {  # one server-sent event: `data:` holds a chunk of the answer as JSON, an error, or [DONE]
@@ -178,7 +178,7 @@ def _errors(statuses: tuple[str, ...]) -> dict[str, Any]:
 def _completion(summary: str, request: str, answer: str) -> dict[str, Any]:
     return {
         "summary": summary,
-        "parameters": [{"name": "X-Request-Id", "in": "header", "required": False,
+        "parameters": [{"name": headers.REQUEST_ID, "in": "header", "required": False,
                         "description": "Your id for the request (printable, no spaces, up to 128 "
                                        "characters); else the node makes one up.",
                         "schema": _STRING}],

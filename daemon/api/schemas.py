@@ -169,6 +169,9 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
+Body = ChatCompletionRequest | CompletionRequest
+
+
 def parse_body(model: type[_Sampling], body: Any) -> Any:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")

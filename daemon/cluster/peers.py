@@ -16,7 +16,7 @@ import aiohttp
 import structlog
 
 from ..config import RoutingSection
-from .upstreams import Upstreams
+from .balancer import Balancer
 
 log = structlog.get_logger("dsnode.cluster")
 
@@ -24,19 +24,21 @@ log = structlog.get_logger("dsnode.cluster")
 class Poller:
     def __init__(
         self,
-        upstreams: Upstreams,
+        balancer: Balancer,
+        changed: asyncio.Event,
         session: aiohttp.ClientSession,
         settings: Callable[[], RoutingSection],
         sign: Callable[[str, str], dict[str, str]] | None = None,
     ) -> None:
-        self.upstreams = upstreams
+        self.balancer = balancer
+        self.changed = changed  # set on reload: poll the new list at once
         self.session = session
         self.settings = settings  # read each round, so a reload's poll_interval applies
         self.sign = sign  # (method, path) -> the peer credential headers, made fresh for each poll
 
     async def run(self) -> None:
-        """Poll until cancelled (by the app's cleanup context)."""
-        changed = self.upstreams.changed
+        """Poll until cancelled (by `Upstreams.stop`)."""
+        changed = self.changed
         while True:
             changed.clear()
             routing = self.settings()
@@ -47,11 +49,11 @@ class Poller:
                 pass
 
     async def poll_all(self, timeout: float) -> None:
-        urls = [peer.url for peer in self.upstreams.balancer.peers]
+        urls = [peer.url for peer in self.balancer.peers]
         await asyncio.gather(*(self.poll(url, timeout) for url in urls))
 
     async def poll(self, url: str, timeout: float) -> None:
-        balancer = self.upstreams.balancer
+        balancer = self.balancer
         before = balancer.find(url)
         was = (before.reachable, before.ready) if before else (None, None)
         try:

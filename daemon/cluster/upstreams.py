@@ -1,27 +1,35 @@
-"""This node's upstreams as one object: the balancer's state (pure), plus the connection pool and the
-wake-up the poller listens to (both set up by the app's cleanup context, `dsnode.api.forward`).
+"""This node's upstreams as one object: the balancer's state (pure), the forwarding connection pool,
+and the advertisement poller with its client session.
 
-`Node` owns one `Upstreams`; `NodeServer` registers `reload` as a reloader, so a SIGHUP that changes
-`[routing]` swaps the upstream list for new requests while requests in flight keep their peer.
+`Node` owns one `Upstreams`. The app starts it (`start`: session, pool, poller task) and stops it on
+cleanup (`stop`: poller cancelled and awaited, pool and session closed). `NodeServer` registers
+`reload` as a reloader, so a SIGHUP that changes `[routing]` swaps the upstream list for new requests
+while requests in flight keep their peer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
+from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+import aiohttp
 import structlog
 
 from .balancer import Balancer
+from .peers import Poller
+from .pool import Pool
 from .state import UpstreamState
 
 if TYPE_CHECKING:
     from ..config import Config, RoutingSection
-    from .pool import Pool
 
 log = structlog.get_logger("dsnode.cluster")
+
+Signer = Callable[[str, str], dict[str, str]]  # (method, path) -> peer credential headers
 
 
 @dataclass(frozen=True)
@@ -34,9 +42,36 @@ class ReachableModel:
 class Upstreams:
     def __init__(self, routing: "RoutingSection") -> None:
         self.balancer = Balancer(routing)
-        self.pool: Pool | None = None  # set while the app runs
+        self.pool: Pool | None = None  # while started
         self.changed = asyncio.Event()  # set on reload: the poller polls the new list at once
+        self._session: aiohttp.ClientSession | None = None
+        self._poller: asyncio.Task[None] | None = None
 
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self, routing: Callable[[], "RoutingSection"], trust: ssl.SSLContext | None,
+                    sign: Signer | None) -> None:
+        """The pool for forwarding and the poller (its own client session) for advertisements.
+        `routing` is read each poll round, so a reload's poll settings apply; `trust` verifies
+        https:// upstreams (None: the system store)."""
+        self.pool = Pool(trust)
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=trust or True))
+        poller = Poller(self.balancer, self.changed, self._session, routing, sign=sign)
+        self._poller = asyncio.get_running_loop().create_task(poller.run(), name="dsnode-poller")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            await pool.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- configuration ------------------------------------------------------------------------
     def reload(self, old: "Config", new: "Config") -> None:
         """A `NodeServer` reloader: apply a new `[routing]` (never raises; the file is valid by now)."""
         if old.routing == new.routing:
@@ -45,6 +80,7 @@ class Upstreams:
         self.changed.set()
         log.info("upstreams_reloaded", upstreams={u.url: u.weight for u in new.routing.upstream})
 
+    # --- views --------------------------------------------------------------------------------
     def states(self) -> list[UpstreamState]:
         return self.balancer.states(time.monotonic())
 

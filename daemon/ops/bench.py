@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..nccl_result import result_path, write_result
 from . import loadgen, nccl
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -185,9 +186,9 @@ def run_nccl(args: argparse.Namespace) -> int:
         return nccl.EXIT_FAILED
     print(json.dumps(result, indent=2) if args.json else nccl.format_result(result))
     if args.publish is not None:
-        path = Path(args.publish) if args.publish else nccl.default_result_path()
+        path = Path(args.publish) if args.publish else result_path(args.state_directory)
         try:
-            nccl.write_result(path, result)
+            write_result(path, result)
         except OSError as exc:
             print(f"dsnode bench nccl: cannot publish to {path}: {exc}", file=sys.stderr)
             return nccl.EXIT_FAILED

@@ -18,23 +18,16 @@ Torch is imported only when a benchmark runs: edge hosts have none, and say so.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import os
 import queue as queue_module
 import re
 import socket
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
-RESULT_KIND = "dsnode.nccl-allreduce"
-RESULT_VERSION = 1
-RESULT_FILE = "nccl-allreduce.json"
-DEFAULT_STATE_DIR = Path("/var/lib/dsnode")
+from ..nccl_result import RESULT_KIND, RESULT_VERSION
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a rank crashed, timed out, or the all-reduce summed wrong
@@ -92,43 +85,6 @@ def human_size(n: int) -> str:
         if n >= scale and n % scale == 0:
             return f"{n // scale} {unit}"
     return f"{n} B"
-
-
-# --- result file ----------------------------------------------------------------------------------
-def default_result_path(state_directory: str | None = None) -> Path:
-    """Where `--publish` writes and the node reads: systemd's StateDirectory, else /var/lib/dsnode."""
-    given = state_directory if state_directory is not None else os.environ.get("STATE_DIRECTORY", "")
-    base = Path(given.split(":")[0]) if given else DEFAULT_STATE_DIR
-    return base / RESULT_FILE
-
-
-def write_result(path: Path, result: dict[str, Any]) -> None:
-    """Atomically (write, then rename), so a scrape never reads half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".nccl-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(result, out, indent=2)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_result(path: Path) -> dict[str, Any] | None:
-    """A published result, or None when there is none (or it isn't one of ours)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(data, dict)
-        or data.get("kind") != RESULT_KIND
-        or not isinstance(data.get("results"), list)
-    ):
-        return None
-    return data
 
 
 # --- running ----------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from dsnode.api.app import create_app
 from dsnode.cluster.state import UpstreamState
 from dsnode.gpu import GpuReading, GpuSampler
 from dsnode.metrics import METRICS, NodeMetrics
+from dsnode.nccl_result import RESULT_KIND, write_result
 from dsnode.node import Node
-from dsnode.ops.nccl import RESULT_KIND, write_result
 from dsnode.record import RequestRecord
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families

@@ -68,7 +68,7 @@ def test_the_queue_is_folded_every_FOLD_EVERY_records():
     m = metrics()
 
     def child_total() -> float:  # read from the metric object itself: no fold before reading
-        return sum(s.value for f in m.requests.collect() for s in f.samples if s.name == "dsnode_requests_total")
+        return sum(s.value for f in m.requests.requests.collect() for s in f.samples if s.name == "dsnode_requests_total")
 
     for _ in range(FOLD_EVERY - 1):
         m.observe(forwarded())

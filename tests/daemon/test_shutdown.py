@@ -43,6 +43,7 @@ class GatedEngine(Engine):
     with EngineNotReady, as BatchingEngine.close() does."""
 
     def __init__(self, tokenizer: TextTokenizer, loaded: asyncio.Event | None = None) -> None:
+        super().__init__()
         self._tokenizer = tokenizer
         self._loaded_gate = loaded
         self._ready = False

@@ -293,6 +293,7 @@ class Held(Engine):
     """The real engine, except that each generation stops after its first delta until `release()`."""
 
     def __init__(self, inner: Engine) -> None:
+        super().__init__()
         self.inner = inner
         self.gate = asyncio.Event()
         self.running = 0
@@ -381,7 +382,7 @@ async def test_cluster_needs_the_peer_credential_and_a_poller_without_it_is_refu
     async with aiohttp.ClientSession() as session:  # the poller as an edge runs it, with and without
         for sign, reachable in ((None, False), (stranger.headers, False), (peer.headers, True)):
             upstreams = Upstreams(routing)
-            await Poller(upstreams, session, lambda: routing, sign=sign).poll(url, 5.0)
+            await Poller(upstreams.balancer, upstreams.changed, session, lambda: routing, sign=sign).poll(url, 5.0)
             state = upstreams.states()[0]
             assert state.reachable is reachable, state
             if not reachable:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from dsnode.api.completions import check_body_limits
 from dsnode.api.errors import APIError
 from dsnode.api.local import sampling_params
 from dsnode.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
@@ -78,6 +79,11 @@ def test_sampling_defaults_and_caps():
     assert open_ended.max_tokens == 90  # the rest of the context, as vLLM does
     capped = sampling_params(parse_body(ChatCompletionRequest, CHAT), 10, 100, LimitsSection(max_tokens=5))
     assert capped.max_tokens == 5
-    with pytest.raises(APIError) as info:
-        sampling_params(parse_body(ChatCompletionRequest, {**CHAT, "max_tokens": 6}), 10, 100, LimitsSection(max_tokens=5))
+    with pytest.raises(APIError) as info:  # a request over the limit is refused before routing
+        check_body_limits(parse_body(ChatCompletionRequest, {**CHAT, "max_tokens": 6}), LimitsSection(max_tokens=5))
     assert info.value.param == "max_tokens"
+    with pytest.raises(APIError) as info:
+        check_body_limits(parse_body(ChatCompletionRequest, {**CHAT, "max_completion_tokens": 6}),
+                          LimitsSection(max_tokens=5))
+    assert info.value.param == "max_completion_tokens"
+    check_body_limits(parse_body(ChatCompletionRequest, {**CHAT, "max_tokens": 5}), LimitsSection(max_tokens=5))

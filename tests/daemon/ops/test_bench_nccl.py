@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from dsnode.cli import main
 from dsnode.metrics import NodeMetrics
+from dsnode.nccl_result import result_path
 from dsnode.ops import nccl
 
 
@@ -22,12 +23,10 @@ def test_sizes_and_bus_bandwidth():
     assert nccl.bus_bandwidth(10.0, 2) == 10.0 and nccl.bus_bandwidth(10.0, 1) == 0.0
 
 
-def test_result_path_follows_systemd_state_directory(monkeypatch):
-    assert nccl.default_result_path("/var/lib/dsnode:/var/lib/other") == Path(
-        "/var/lib/dsnode/nccl-allreduce.json"
-    )
-    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-    assert nccl.default_result_path() == nccl.DEFAULT_STATE_DIR / nccl.RESULT_FILE
+def test_result_path_follows_systemd_state_directory():
+    assert result_path("/var/lib/dsnode:/var/lib/other") == Path("/var/lib/dsnode/nccl-allreduce.json")
+    assert result_path(None) == Path("/var/lib/dsnode/nccl-allreduce.json")
+    assert result_path("/srv/state") == Path("/srv/state/nccl-allreduce.json")
 
 
 def test_without_gpus_it_says_so_and_exits_3(capsys):
@@ -87,7 +86,7 @@ def test_gloo_two_ranks_measure_and_publish(tmp_path, node, monkeypatch, capsys)
     published = state / "nccl-allreduce.json"
     assert json.loads(published.read_text()) == result
     # the node on this host reads it at scrape time (its default path under the same STATE_DIRECTORY)
-    metrics = NodeMetrics(node, nccl_result=nccl.default_result_path(str(state)))
+    metrics = NodeMetrics(node, nccl_result=result_path(str(state)))
     labels = {"backend": "gloo", "world_size": "2", "size_bytes": "8"}
     assert (
         metrics.registry.get_sample_value("dsnode_nccl_allreduce_latency_seconds", labels)

@@ -1,4 +1,4 @@
-"""Operator endpoints: `/health`, `/ready`, `/cluster`."""
+"""Operator endpoints: `/health` (liveness), `/ready` (readiness), `/cluster` (the advertisement)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import asdict
 from aiohttp import web
 
 from .advert import advertisement
-from .keys import NODE
+from .appkeys import NODE
 
 
 async def health(request: web.Request) -> web.Response:

@@ -1,0 +1,38 @@
+"""`GET /v1/models`: every model reachable through this node, local or via its upstreams."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .appkeys import NODE
+
+
+async def list_models(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    data: list[dict[str, Any]] = []
+    local = node.local_model_json()
+    if local is not None:
+        data.append(_entry(local["name"], int(node.started_at), local.get("max_context"), [node.name], True,
+                           local["ready"]))
+    for model in node.upstreams.reachable_models():  # served by healthy upstreams
+        if local is not None and model.name == local["name"]:
+            entry = data[0]
+            entry["max_model_len"] = max(entry["max_model_len"] or 0, model.max_context or 0) or None
+            entry["dsnode"]["nodes"] += model.nodes
+            continue
+        data.append(_entry(model.name, int(node.started_at), model.max_context, list(model.nodes), False, True))
+    return web.json_response({"object": "list", "data": data})
+
+
+def _entry(name: str, created: int, max_context: int | None, nodes: list[str], local: bool,
+           ready: bool) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "dsnode",
+        "max_model_len": max_context,
+        "dsnode": {"nodes": nodes, "local": local, "ready": ready},
+    }

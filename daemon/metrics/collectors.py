@@ -1,0 +1,204 @@
+"""Figures read when Prometheus scrapes: the node and its engine, the balancer's upstreams, NVML GPU
+readings and the latest published `dsnode bench nccl` result. Each family is a row of a table:
+(name, help, how to read its value)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..cluster.state import UpstreamState
+from ..gpu import GpuReading
+from ..inference.engine import EngineLoad
+from ..nccl_result import read_result
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+Samples = list[tuple[list[str], float]]
+
+# --- the node and its engine ------------------------------------------------------------------------
+_ENGINE_GAUGES: tuple[tuple[str, str, Callable[[EngineLoad], float]], ...] = (
+    ("dsnode_num_requests_waiting", "Requests waiting for a batch slot.", lambda e: e.waiting),
+    ("dsnode_num_requests_running", "Requests in the running batch.", lambda e: e.running),
+    ("dsnode_batch_tokens", "KV tokens held by the running batch.", lambda e: e.batch_tokens),
+    ("dsnode_batch_token_budget", "The batch token budget ([batching] max_batch_tokens).",
+     lambda e: e.batch_token_budget),
+    ("dsnode_queue_capacity", "Waiting requests accepted before 429 ([batching] max_queue).",
+     lambda e: e.max_queue),
+    ("dsnode_generation_throughput_tokens_per_second",
+     "Tokens generated per second by the engine over the last 10 s.", lambda e: e.tokens_per_second),
+)
+
+
+class NodeCollector(Collector):
+    """The engine's backlog and batch, and the node's readiness."""
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        model = node.config.model.name
+        info = GaugeMetricFamily("dsnode_node_info", "This node: name, role, version, model and backend.",
+                                 labels=["node", "role", "version", "model", "backend"])
+        info.add_metric([node.name, node.role, node.version, model, node.config.model.backend], 1)
+        yield info
+        yield gauge("dsnode_node_ready", "1 when the node accepts work (GET /ready is 200), else 0.",
+                    [([model], 1.0 if node.readiness().ready else 0.0)], ["model"])
+        yield gauge("dsnode_requests_in_flight", "HTTP requests being served right now.",
+                    [([], node.in_flight)], [])
+        try:
+            load = node.engine.load_figures()
+        except Exception:  # an engine that can't tell yet (loading): leave its figures out
+            return
+        for name, doc, read in _ENGINE_GAUGES:
+            yield gauge(name, doc, [([model], read(load))], ["model"])
+
+
+# --- upstreams --------------------------------------------------------------------------------------
+# a value of None leaves that upstream out of the family (not known yet)
+_UPSTREAM_GAUGES: tuple[tuple[str, str, Callable[[UpstreamState], float | None]], ...] = (
+    ("dsnode_upstream_healthy", "1 while the balancer sends traffic to the upstream, else 0.",
+     lambda s: 1.0 if s.healthy else 0.0),
+    ("dsnode_upstream_ready", "The upstream's advertised readiness (absent until first polled).",
+     lambda s: None if s.ready is None else (1.0 if s.ready else 0.0)),
+    ("dsnode_upstream_weight", "The upstream's configured weight.", lambda s: s.weight),
+    ("dsnode_upstream_effective_weight", "The balancer's current effective weight (0 while down).",
+     lambda s: s.effective_weight),
+    ("dsnode_upstream_reachable", "1 when the last advertisement poll answered (absent before it).",
+     lambda s: None if s.reachable is None else (1.0 if s.reachable else 0.0)),
+    ("dsnode_upstream_recent_failures", "Failures within the current fail_timeout window.", lambda s: s.fails),
+    ("dsnode_upstream_in_flight", "Forwarded requests to the upstream being served now.",
+     lambda s: s.in_flight),
+)
+
+
+class UpstreamCollector(Collector):
+    """The balancer's view of each configured upstream."""
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        states = self.node.upstream_states()
+        if not states:
+            return
+        info = GaugeMetricFamily("dsnode_upstream_info", "An upstream's advertised name and role (1).",
+                                 labels=["upstream", "name", "role"])
+        for s in states:
+            info.add_metric([s.url, s.name or "", s.role or ""], 1)
+        yield info
+        for name, doc, read in _UPSTREAM_GAUGES:
+            yield gauge(name, doc, _per_upstream(states, read), ["upstream"])
+        attempts = CounterMetricFamily(
+            "dsnode_upstream_forward_attempts",
+            "Attempts to forward to the upstream (retries on another one included).", labels=["upstream"])
+        for s in states:
+            attempts.add_metric([s.url], s.forwarded)
+        yield attempts
+        yield gauge("dsnode_upstream_last_seen_timestamp_seconds",
+                    "Unix time of the last successful advertisement poll.",
+                    _per_upstream(states, lambda s: s.last_seen), ["upstream"])
+
+
+def _per_upstream(states: list[UpstreamState], read: Callable[[UpstreamState], float | None]) -> Samples:
+    return [([s.url], value) for s in states if (value := read(s)) is not None]
+
+
+# --- GPUs -------------------------------------------------------------------------------------------
+_GPU_GAUGES = (
+    ("dsnode_gpu_utilization_ratio", "Share of the last sample period a kernel ran on the GPU (0-1).",
+     "utilization"),
+    ("dsnode_gpu_memory_bandwidth_utilization_ratio",
+     "Share of the last sample period device memory was read or written (0-1).", "memory_bandwidth_utilization"),
+    ("dsnode_gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes"),
+    ("dsnode_gpu_memory_total_bytes", "GPU memory in all.", "memory_total_bytes"),
+    ("dsnode_gpu_temperature_celsius", "GPU core temperature.", "temperature_celsius"),
+    ("dsnode_gpu_power_watts", "GPU power draw.", "power_watts"),
+)
+
+
+class GpuCollector(Collector):
+    """The latest NVML readings (set by the scrape handler); nothing at all on hosts without NVML."""
+
+    def __init__(self) -> None:
+        self.readings: list[GpuReading] = []
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        readings = self.readings
+        if not readings:
+            return
+        info = GaugeMetricFamily("dsnode_gpu_info", "A GPU's name and UUID (1).", labels=["gpu", "name", "uuid"])
+        for g in readings:
+            info.add_metric([str(g.index), g.name, g.uuid or ""], 1)
+        yield info
+        for name, doc, attr in _GPU_GAUGES:
+            samples = [([str(g.index)], getattr(g, attr)) for g in readings if getattr(g, attr) is not None]
+            if samples:
+                yield gauge(name, doc, samples, ["gpu"])
+
+
+# --- the published all-reduce benchmark -------------------------------------------------------------
+class NcclCollector(Collector):
+    """The latest published `dsnode bench nccl` result; re-read only when the file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: this node reads no result file
+        self._stamp: tuple[int, int] | None = None
+        self._result: dict[str, Any] | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        result = self._latest()
+        if result is None:
+            return
+        labels = ["backend", "world_size", "size_bytes"]
+        common = [str(result.get("backend", "")), str(result.get("world_size", ""))]
+        rows = [r for r in result["results"] if isinstance(r, dict) and {"bytes", "time_s"} <= r.keys()]
+        yield gauge("dsnode_nccl_allreduce_latency_seconds",
+                    "Latest measured all-reduce time per message size (dsnode bench nccl --publish).",
+                    [(common + [str(r["bytes"])], r["time_s"]) for r in rows], labels)
+        yield gauge("dsnode_nccl_allreduce_bus_bandwidth_bytes_per_second",
+                    "Latest measured all-reduce bus bandwidth per message size (nccl-tests busbw).",
+                    [(common + [str(r["bytes"])], r["busbw_bytes_per_s"]) for r in rows if "busbw_bytes_per_s" in r],
+                    labels)
+        if isinstance(result.get("measured_at"), (int, float)):
+            yield gauge("dsnode_nccl_allreduce_measured_timestamp_seconds",
+                        "Unix time of the latest published all-reduce measurement.",
+                        [(common, result["measured_at"])], ["backend", "world_size"])
+
+    def _latest(self) -> dict[str, Any] | None:
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._stamp, self._result = None, None
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._stamp, self._result = stamp, read_result(self.path)
+        return self._result
+
+
+def gauge(name: str, doc: str, samples: Samples, labels: list[str]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for values, value in samples:
+        family.add_metric(values, float(value))
+    return family
