@@ -100,6 +100,8 @@ class BatchingEngine(Engine):
         self._to_release: list[str] = []
         self._ids = itertools.count()
         self._loaded: Loaded | None = None
+        self._built: Loaded | None = None  # loaded in the thread, not handed over to load() yet
+        self._abandoned = False  # load() was cancelled
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failure: str | None = None
@@ -120,14 +122,47 @@ class BatchingEngine(Engine):
         return self._require_loaded().tokenizer
 
     async def load(self) -> None:
+        """Load in a thread. A load that is cancelled (a stop while loading), or that finishes after
+        `close()`, closes what it built: nobody will use it, and a runner may hold processes or GPU
+        memory."""
         self._loop = asyncio.get_running_loop()
         try:
-            self._loaded = await asyncio.to_thread(self._load_blocking)
+            loaded = await asyncio.to_thread(self._load_unless_abandoned)
+        except asyncio.CancelledError:
+            self._abandon_load()
+            raise
+        except EngineNotReady:
+            raise
         except Exception as exc:
             self._failure = f"model failed to load: {exc}"
             raise
+        with self._cond:
+            self._built = None
+            if not self._stopping:
+                self._loaded = loaded
+        if self._loaded is None:  # close() came while the load finished
+            await asyncio.to_thread(loaded.runner.close)
+            raise EngineNotReady("engine is shutting down")
         self._thread = threading.Thread(target=self._work, name="dsnode-engine", daemon=True)
         self._thread.start()
+
+    def _load_unless_abandoned(self) -> Loaded:
+        loaded = self._load_blocking()
+        with self._cond:
+            if not (self._stopping or self._abandoned):
+                self._built = loaded  # handed over by load(), or closed by _abandon_load
+                return loaded
+        loaded.runner.close()
+        raise EngineNotReady("engine is shutting down")
+
+    def _abandon_load(self) -> None:
+        """load() was cancelled: the loader thread carries on; whatever it built is closed, by the
+        thread itself if it is not done yet, else here (in a thread of its own: closing may be slow)."""
+        with self._cond:
+            self._abandoned = True
+            built, self._built = self._built, None
+        if built is not None:
+            threading.Thread(target=built.runner.close, name="dsnode-abandoned-load", daemon=True).start()
 
     def health(self) -> Health:
         if self._failure:

@@ -5,13 +5,14 @@ timeouts below only turn a hang into a failure."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from contextlib import aclosing
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
 from dsnode.config import BatchingSection
-from dsnode.inference.batching import RunnerDied
+from dsnode.inference.batching import Loaded, RunnerDied
 from dsnode.inference.engine import (
     ContextLengthExceeded,
     Delta,
@@ -337,3 +338,47 @@ async def test_a_failed_load_reports_why(fast_tokenizer):
     assert engine.health().reason == "model failed to load: weights are corrupt"
     assert not engine.failed.is_set()
     await engine.close()
+
+
+# --- a load nobody waits for any more ---------------------------------------------------------------
+class _SlowLoad(FakeEngine):
+    """Loading blocks in its thread until the test lets it finish, as a real checkpoint load does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()
+        self.finish = threading.Event()
+
+    def _load_blocking(self) -> Loaded:
+        self.started.set()
+        assert self.finish.wait(HANG_GUARD_S)
+        return super()._load_blocking()
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(HANG_GUARD_S):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def test_a_cancelled_load_closes_the_runner_it_built(fast_tokenizer):
+    engine = _SlowLoad(fast_tokenizer)
+    loading = asyncio.create_task(engine.load())
+    await asyncio.to_thread(engine.started.wait, HANG_GUARD_S)
+    loading.cancel()  # a stop while loading: the server cancels load(); the thread goes on
+    with pytest.raises(asyncio.CancelledError):
+        await loading
+    engine.finish.set()
+    await _until(lambda: engine.runner.closed)
+    assert not engine.health().ready
+
+
+async def test_a_load_that_finishes_after_close_closes_its_runner(fast_tokenizer):
+    engine = _SlowLoad(fast_tokenizer)
+    loading = asyncio.create_task(engine.load())
+    await asyncio.to_thread(engine.started.wait, HANG_GUARD_S)
+    await engine.close()
+    engine.finish.set()
+    with pytest.raises(EngineNotReady):
+        await loading
+    assert engine.runner.closed
