@@ -21,8 +21,6 @@ from dsnode.hfconfig import ModelFolderError
 
 INDEX_NAME = "model.safetensors.index.json"
 HEADER_LIMIT = 100 * 2**20  # a header longer than this is not a safetensors header
-ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class CheckpointError(ModelFolderError):

@@ -4,9 +4,10 @@ The daemon process holds the scheduler, sampling and detokenizing (`BatchingEngi
 Before any rank starts it checks that the configuration fits (`dsnode.central.preflight`) and that the
 checkpoint's files are all there. The model lives in `tensor_parallel` worker processes
 (`dsnode.central.tp_worker`), one per GPU, started and watched by `dsnode.central.ranks.RankGroup`;
-each holds its share of the routed experts (`dsnode.central.expert_parallel`). `RemoteRunner` is the `ModelRunner` the engine drives:
-each prefill / decode goes to rank 0 over a socket, rank 0 broadcasts it, every rank runs it on its
-shard, rank 0 answers with the logits. On CPU the same path runs with gloo (tests, development).
+each holds its share of the routed experts (`dsnode.central.expert_parallel`). `RemoteRunner` is the
+`ModelRunner` the engine drives: each prefill / decode goes to rank 0 over a socket, rank 0 broadcasts
+it, every rank runs it on its shard, rank 0 answers with the logits. On CPU the same path runs with
+gloo (tests, development).
 
 A rank that dies, or does not answer within `CALL_TIMEOUT_S`, ends the group: the others are killed
 (they would wait forever in a collective), every request gets a clean error, /ready says why, and the
@@ -184,8 +185,8 @@ class DeepSpeedEngine(BatchingEngine):
             return
         shape = model_shape(hf_config)
         if shape.routed_experts and placement.ranks > shape.routed_experts:
-            raise PlacementError(f"model.tensor_parallel = {placement.ranks} is more than the {shape.routed_experts} "
-                                 "routed experts per layer: a rank would hold none")
+            raise PlacementError(f"model.tensor_parallel = {placement.ranks} is more than the "
+                                 f"{shape.routed_experts} routed experts per layer: a rank would hold none")
         Checkpoint.open(self._model.path)  # index and headers: a missing shard is named here
 
     async def close(self) -> None:

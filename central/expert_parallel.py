@@ -35,7 +35,8 @@ class MoeLayout:
 
 MOE_LAYOUTS = {
     "deepseek_v3": MoeLayout("deepseek_v3", ("shared_experts",), ("gate_proj", "up_proj", "down_proj")),
-    "qwen2_moe": MoeLayout("qwen2_moe", ("shared_expert", "shared_expert_gate"), ("gate_proj", "up_proj", "down_proj")),
+    "qwen2_moe": MoeLayout("qwen2_moe", ("shared_expert", "shared_expert_gate"),
+                           ("gate_proj", "up_proj", "down_proj")),
     "mixtral": MoeLayout("mixtral", (), ("w1", "w3", "w2"), renames=((".block_sparse_moe.", ".mlp."),)),
 }
 DENSE_TYPES = ("llama", "mistral", "qwen2")  # no experts: the shard loader reads them 1:1
@@ -102,12 +103,14 @@ def shrink_experts(experts: nn.Module, held: range) -> None:
     experts._is_expert_parallel = True  # transformers' grouped_mm/batched_mm paths then skip sentinels
 
 
-def install_expert_parallel(experts: nn.Module, held: range, all_reduce: Callable[[torch.Tensor], Any]) -> None:
+def install_expert_parallel(experts: nn.Module, held: range, all_reduce: Callable[[torch.Tensor], Any]
+                            ) -> None:
     """Route each token's experts to this rank's range, then sum the ranks with one all-reduce."""
     local_forward = experts.forward
     first, count = held.start, len(held)
 
-    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
         # hidden_states (T, H); top_k_index, top_k_weights (T, k), global expert ids
         local_index = top_k_index - first
         elsewhere = (local_index < 0) | (local_index >= count)

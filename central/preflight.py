@@ -12,8 +12,8 @@ import psutil
 import structlog
 from dsnode.config import BatchingSection, ModelSection
 from dsnode.probe import GPU
-from dsnode.sizing import (DoesNotFit, Fit, ModelShape, UnsupportedArchitecture, fit, fit_summary, model_shape,
-                           serving_format)
+from dsnode.sizing import (DoesNotFit, Fit, ModelShape, UnsupportedArchitecture, fit, fit_summary,
+                           model_shape, serving_format)
 
 log = structlog.get_logger("dsnode.central")
 
@@ -44,8 +44,8 @@ def memory_per_rank(device: str, ranks: int, gpus: Sequence[GPU]) -> int:
     return min(g.memory_total_mib for g in gpus[:ranks]) * 2**20
 
 
-def check_fits(model: ModelSection, hf_config: dict[str, Any], batching: BatchingSection, ranks: int, device: str,
-               gpus: Sequence[GPU], require_supported: bool) -> Fit | None:
+def check_fits(model: ModelSection, hf_config: dict[str, Any], batching: BatchingSection, ranks: int,
+               device: str, gpus: Sequence[GPU], require_supported: bool) -> Fit | None:
     """The plan for this configuration; DoesNotFit if it cannot fit. An architecture the sizing does
     not know is refused when `require_supported` (the expert-parallel loader needs it), else only
     logged (the transformers backend loads any causal LM)."""
@@ -60,7 +60,8 @@ def check_fits(model: ModelSection, hf_config: dict[str, Any], batching: Batchin
         log.warning("fit_check_skipped", reason=f"memory of {ranks} GPU(s) unknown (NVML lists {len(gpus)})")
         return None
     dtype = serving_dtype(model.dtype, device, gpus)
-    plan = fit(shape, ranks, memory_per_rank(device, ranks, gpus), serving_format(dtype, model.quantization), batching.max_batch_tokens)
+    fmt = serving_format(dtype, model.quantization)
+    plan = fit(shape, ranks, memory_per_rank(device, ranks, gpus), fmt, batching.max_batch_tokens)
     where = "cpu, host memory shared by the ranks" if device == "cpu" else f"{gpus[0].name}"
     summary = fit_summary(model.name, plan, where)
     if not plan.fits:

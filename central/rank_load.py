@@ -34,7 +34,8 @@ class LoadRefused(Exception):
     """Some rank could not read its shard; the same one-line message on every rank."""
 
 
-def load_rank(model: ModelSection, device_kind: str, local_rank: int, world: int) -> tuple[Any, dict[str, Any], Any]:
+def load_rank(model: ModelSection, device_kind: str, local_rank: int, world: int
+              ) -> tuple[Any, dict[str, Any], Any]:
     """This rank's shard behind a `TorchRunner`, facts for the daemon, and the control group."""
     import torch
 
@@ -187,8 +188,12 @@ class PeakMemory:
         self.before = _status_bytes("VmRSS")
 
     def report(self) -> dict[str, Any]:
-        peak = _status_bytes("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"load_rss_before_bytes": self.before, "load_peak_rss_bytes": peak, "load_peak_rss_exact": self.exact}
+        if self.exact:
+            peak = _status_bytes("VmHWM")
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        return {"load_rss_before_bytes": self.before, "load_peak_rss_bytes": peak,
+                "load_peak_rss_exact": self.exact}
 
 
 def _status_bytes(field: str) -> int:

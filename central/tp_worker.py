@@ -1,10 +1,10 @@
 """One tensor-parallel rank of the DeepSpeed engine: `python -m dsnode.central.tp_worker`.
 
-The daemon starts `tensor_parallel` of these (`dsnode.central.ranks`). Every rank reads only its shard
-of the checkpoint and `deepspeed.init_inference` splits the rest (`dsnode.central.rank_load`). Rank 0 reads each runner call from the
-daemon's control socket and broadcasts it; every rank runs the same `TorchRunner` method on its
-shard (the all-reduces inside the forward keep them in step, and every rank holds the same KV cache
-bookkeeping); rank 0 sends the result back. Followers never talk to the daemon.
+The daemon starts `tensor_parallel` of these (`dsnode.central.ranks`). Every rank reads only its
+shard of the checkpoint and `deepspeed.init_inference` splits the rest (`dsnode.central.rank_load`).
+Rank 0 reads each runner call from the daemon's control socket and broadcasts it; every rank runs the
+same `TorchRunner` method on its shard (the all-reduces inside the forward keep them in step, and
+every rank holds the same KV cache bookkeeping); rank 0 sends the result back. Followers never talk to the daemon.
 
 Calls and answers are pickled tuples: ("prefill", seq_id, token_ids, start), ("decode", seq_ids,
 token_ids), ("release", seq_id) (no answer), ("close",). Answers: ("ready", facts), ("ok", logits),

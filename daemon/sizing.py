@@ -148,8 +148,9 @@ def _architecture(config: dict[str, Any]) -> str:
 
 
 def _deepseek_v3(c: _Config) -> ModelShape:
-    hidden, layers, heads = c.int("hidden_size", 7168), c.int("num_hidden_layers", 61), c.int("num_attention_heads", 128)
-    q_lora, kv_lora, rope = c.get("q_lora_rank", 1536), c.int("kv_lora_rank", 512), c.int("qk_rope_head_dim", 64)
+    hidden, layers = c.int("hidden_size", 7168), c.int("num_hidden_layers", 61)
+    heads, q_lora = c.int("num_attention_heads", 128), c.get("q_lora_rank", 1536)
+    kv_lora, rope = c.int("kv_lora_rank", 512), c.int("qk_rope_head_dim", 64)
     nope, v_head = c.int("qk_nope_head_dim", 128), c.int("v_head_dim", 128)
     q_head = nope + rope
     if q_lora:  # q_a_proj + q_a_layernorm whole (AutoTP leaves low-rank inputs), q_b_proj split
@@ -195,7 +196,8 @@ def _mixtral(c: _Config) -> ModelShape:
         parts=_common_parts(c, hidden, layers, attention, dense=Part(), shared=Part(),
                             router=Part(layers * experts * hidden)),
         layers=layers, moe_layers=layers, routed_experts=experts,
-        experts_per_token=c.int("num_experts_per_tok", 2), expert_params=3 * hidden * c.int("intermediate_size", 14336),
+        experts_per_token=c.int("num_experts_per_tok", 2),
+        expert_params=3 * hidden * c.int("intermediate_size", 14336),
         kv_values_per_token=2 * layers * kv_heads * head_dim, kv_heads=kv_heads, router_fp32=False,
     )
 
@@ -223,7 +225,8 @@ def _qwen2_moe(c: _Config) -> ModelShape:
     )
 
 
-def _dense(model_type: str, qkv_bias_key: str | None, qkv_bias_default: bool) -> Callable[[_Config], ModelShape]:
+def _dense(model_type: str, qkv_bias_key: str | None, qkv_bias_default: bool
+           ) -> Callable[[_Config], ModelShape]:
     def count(c: _Config) -> ModelShape:
         hidden, layers = c.int("hidden_size"), c.int("num_hidden_layers")
         qkv_bias = bool(c.get(qkv_bias_key, qkv_bias_default)) if qkv_bias_key else qkv_bias_default
@@ -284,8 +287,8 @@ def describe_spread(experts: int, ranks: int) -> str:
     if min(sizes) == max(sizes):
         return f"{experts} routed experts per MoE layer, {sizes[0]} on each of {ranks} ranks"
     more = sizes.count(max(sizes))
-    return (f"{experts} routed experts per MoE layer over {ranks} ranks: ranks 0-{more - 1} hold {max(sizes)}, "
-            f"ranks {more}-{ranks - 1} hold {min(sizes)} (contiguous ranges)")
+    return (f"{experts} routed experts per MoE layer over {ranks} ranks: ranks 0-{more - 1} hold "
+            f"{max(sizes)}, ranks {more}-{ranks - 1} hold {min(sizes)} (contiguous ranges)")
 
 
 def rank_params(shape: ModelShape, ranks: int, rank: int, experts_sharded: bool = True) -> dict[str, int]:
@@ -356,7 +359,8 @@ def serving_format(dtype: str, quantization: str) -> WeightFormat:
     base = FORMATS[{"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]]
     if quantization == "none":
         return base
-    return WeightFormat(f"{base.name}+{quantization}", base.matrix, base.small, base.kv, BNB_BYTES[quantization])
+    return WeightFormat(f"{base.name}+{quantization}", base.matrix, base.small, base.kv,
+                        linear=BNB_BYTES[quantization])
 
 
 def rank_bytes(shape: ModelShape, ranks: int, rank: int, fmt: WeightFormat, experts_sharded: bool = True
@@ -376,9 +380,10 @@ def gb(n: float) -> str:
 def fit_summary(model_name: str, f: Fit, where: str) -> str:
     """One line with the plan's numbers, for the log and /ready."""
     kinds = ", ".join(f"{KIND_LABELS[k]} {gb(v)}" for k, v in f.weights_by_kind.items() if v)
+    kv = f.kv_bytes_per_token * f.kv_tokens_needed
     return (
-        f"model {model_name} ({f.format}) on {f.ranks} rank(s) of {gb(f.memory_per_rank)} ({where}): {f.verdict}. "
-        f"Per rank: weights {gb(f.weights)} ({kinds}); KV cache {f.kv_bytes_per_token} bytes/token × "
-        f"{f.kv_tokens_needed} tokens ([batching] max_batch_tokens) = {gb(f.kv_bytes_per_token * f.kv_tokens_needed)}; "
+        f"model {model_name} ({f.format}) on {f.ranks} rank(s) of {gb(f.memory_per_rank)} ({where}): "
+        f"{f.verdict}. Per rank: weights {gb(f.weights)} ({kinds}); "
+        f"KV cache {f.kv_bytes_per_token} bytes/token × {f.kv_tokens_needed} tokens ([batching] max_batch_tokens) = {gb(kv)}; "
         f"usable {gb(f.usable_per_rank)} ({USABLE_FRACTION:.0%}). See `dsnode plan MODEL_DIR`"
     )

@@ -64,12 +64,14 @@ class PlanError(Exception):
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser("plan", help="memory per rank of a model and whether it fits these GPUs")
-    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a model folder (only config.json is read)")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR",
+                   help="a model folder (only config.json is read)")
     p.add_argument("--gpus", help="GPUs of one host: COUNTxMEMORY (16x80GB) or COUNTxNAME (8xH100); "
                                   "default: this host's")
     p.add_argument("--hosts", type=int, default=1, help="hosts with those GPUs, one rank per GPU (default 1)")
     p.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS,
-                   help=f"KV-cache tokens a rank must hold ([batching] max_batch_tokens; default {DEFAULT_KV_TOKENS})")
+                   help="KV-cache tokens a rank must hold ([batching] max_batch_tokens; "
+                        f"default {DEFAULT_KV_TOKENS})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
 def parse_gpus(text: str) -> Gpus:
     match = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\S+)\s*", text)
     if not match or int(match.group(1)) < 1:
-        raise PlanError(f"--gpus {text!r}: expected COUNTxMEMORY (16x80GB) or COUNTxNAME (8xH100)", EXIT_USAGE)
+        raise PlanError(f"--gpus {text!r}: expected COUNTxMEMORY (16x80GB) or COUNTxNAME (8xH100)",
+                        EXIT_USAGE)
     count, what = int(match.group(1)), match.group(2)
     memory = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(GB|GiB|G)", what, re.IGNORECASE)
     if memory:
@@ -170,7 +173,8 @@ def format_plan(plan: Plan) -> str:
     lines += ["", _table(plan)]
     if shape.routed_experts:
         lines += ["", "experts replicated on every rank (tensor parallelism only), for comparison:"]
-        lines += [f"  {name:5} weights/rank {gb(f.weights):>9}  {f.verdict}" for name, f in plan.replicated.items()]
+        lines += [f"  {name:5} weights/rank {gb(f.weights):>9}  {f.verdict}"
+                  for name, f in plan.replicated.items()]
     lines += ["", "GB = 10^9 bytes; rank 0 (the fullest) shown; AutoTP splits attention, dense MLP and head."]
     return "\n".join(lines)
 
@@ -181,7 +185,8 @@ def _table(plan: Plan) -> str:
     rows = [[KIND_LABELS[k]] + [gb(f.weights_by_kind[k]) for f in fits.values()] for k in KINDS]
     rows.append(["total"] + [gb(f.weights) for f in fits.values()])
     kv_kind = "MLA latent" if plan.shape.kv_heads == 0 else "K+V"
-    rows.append([f"KV cache per token ({kv_kind})"] + [f"{f.kv_bytes_per_token / 1024:.1f} KiB" for f in fits.values()])
+    rows.append([f"KV cache per token ({kv_kind})"]
+                + [f"{f.kv_bytes_per_token / 1024:.1f} KiB" for f in fits.values()])
     rows.append(["KV tokens that fit"] + [f"{f.kv_tokens_fit:,}" for f in fits.values()])
     rows.append(["verdict"] + [_short_verdict(name, f, plan.gpus) for name, f in fits.items()])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -238,7 +238,7 @@ def format_table(rows: list[NodeRow]) -> str:
     if notes:
         lines += ["", "problems:"] + notes
     lines += ["", "QUEUE = waiting/running requests; WEIGHT = effective/configured; * = the node asked;",
-              "WEIGHTS/RANK = model weights per rank (the range over the ranks, × ranks); `--json` lists each"]
+              "WEIGHTS/RANK = model weights per rank (their range, × ranks); `--json` lists each"]
     return "\n".join(lines)
 
 

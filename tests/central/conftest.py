@@ -101,8 +101,8 @@ async def deepspeed_tp4(moe_dir):
     """Four CPU ranks: two of the bundled MoE's 8 routed experts each."""
     from dsnode.central.deepspeed_engine import DeepSpeedEngine
 
-    engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", tensor_parallel=4, device="cpu"), BatchingSection())
-    async for loaded in _loaded(engine):
+    section = model_section(moe_dir, "deepspeed", tensor_parallel=4, device="cpu")
+    async for loaded in _loaded(DeepSpeedEngine(section, BatchingSection())):
         yield loaded
 
 

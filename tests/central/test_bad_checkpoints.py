@@ -50,8 +50,8 @@ async def test_a_missing_shard_is_named_before_any_rank_starts(v3, tmp_path):
     folder = tiny_moe.link_copy(v3[0], tmp_path / "model")
     (folder / "model-00004-of-00009.safetensors").unlink()
     engine = _engine(folder, tensor_parallel=2)
-    message = await _refused(engine, r"model-00004-of-00009\.safetensors: missing \(named by model\.safetensors"
-                                     r"\.index\.json for \d+ tensors")
+    message = await _refused(engine, r"model-00004-of-00009\.safetensors: missing "
+                                     r"\(named by model\.safetensors\.index\.json for \d+ tensors")
     assert engine.rank_pids == [] and str(folder) in message
 
 
@@ -61,7 +61,8 @@ async def test_a_truncated_shard_is_named(v3, tmp_path):
     data = shard.read_bytes()
     shard.unlink()
     shard.write_bytes(data[: len(data) // 2])
-    await _refused(_engine(folder, tensor_parallel=2), r"model-00002-of-00009\.safetensors: ends inside tensor")
+    engine = _engine(folder, tensor_parallel=2)
+    await _refused(engine, r"model-00002-of-00009\.safetensors: ends inside tensor")
 
 
 async def test_a_missing_expert_tensor_is_named_by_every_rank_and_none_is_left(moe_dir, tmp_path, capfd):
@@ -75,8 +76,8 @@ async def test_a_missing_expert_tensor_is_named_by_every_rank_and_none_is_left(m
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]  # rank 1's expert (4-7)
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     engine = _engine(tmp_path, tensor_parallel=2)
-    await _refused(engine, r"cannot load the model: no tensor for expert 5 of model\.layers\.2\.mlp\.experts .*"
-                           r"'model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight'.* \(rank 0\)$")
+    await _refused(engine, r"cannot load the model: no tensor for expert 5 of model\.layers\.2\.mlp\.experts"
+                           r" .*'model\.layers\.2\.mlp\.experts\.5\.up_proj\.weight'.* \(rank 0\)$")
     assert len(engine.rank_pids) == 2
     assert "Traceback" not in capfd.readouterr().err
 
@@ -94,7 +95,8 @@ async def test_an_architecture_the_loader_does_not_know_is_refused(moe_dir, tmp_
         "architectures": ["PhiForCausalLM"], "model_type": "phi", "hidden_size": 64, "num_hidden_layers": 2,
         "vocab_size": 512}))
     engine = _engine(tmp_path, tensor_parallel=2)
-    await _refused(engine, r"config\.json: model_type 'phi' \(PhiForCausalLM\) is not supported .*deepseek_v3")
+    await _refused(engine, r"config\.json: model_type 'phi' \(PhiForCausalLM\) is not supported "
+                           r".*deepseek_v3")
     assert engine.rank_pids == []
 
 
@@ -105,6 +107,9 @@ async def test_a_model_too_big_for_the_host_is_refused_with_the_plan(moe_dir, tm
         shutil.copy(moe_dir / name, tmp_path / name)
     (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3_CONFIG))
     engine = _engine(tmp_path, tensor_parallel=2)
-    message = await _refused(engine, r"model tiny-moe \(fp32\) on 2 rank\(s\) .*: does not fit: weights .* GB > usable")
-    assert f"routed experts {128 * 58 * 3 * 7168 * 2048 * 4 / 1e9:.1f} GB" in message and "KV cache 140544 bytes/token" in message
+    message = await _refused(engine, r"model tiny-moe \(fp32\) on 2 rank\(s\) .*: does not fit: "
+                                     r"weights .* GB > usable")
+    routed = 128 * 58 * 3 * 7168 * 2048 * 4  # 128 of 256 experts, 58 MoE layers, fp32
+    assert f"routed experts {routed / 1e9:.1f} GB" in message
+    assert f"KV cache {61 * (512 + 64) * 4} bytes/token" in message  # the MLA latent, fp32
     assert engine.rank_pids == [] and DoesNotFit.exit_code == EXIT_DOES_NOT_FIT == 78

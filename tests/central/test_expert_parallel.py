@@ -36,7 +36,8 @@ def _ids(prompt: str) -> list[int]:
 async def _engine(folder, ranks: int):
     from dsnode.central.deepspeed_engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(model_section(folder, "deepspeed", tensor_parallel=ranks, device="cpu"), BatchingSection())
+    section = model_section(folder, "deepspeed", tensor_parallel=ranks, device="cpu")
+    return DeepSpeedEngine(section, BatchingSection())
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -52,8 +53,8 @@ async def v3_ep4(v3):
 
 
 async def _greedy(engine, prompt: str) -> list[int]:
-    return token_ids(await collect(engine, engine.tokenizer.encode(prompt), max_tokens=MAX_TOKENS, temperature=0.0,
-                                   ignore_eos=True))
+    ids = engine.tokenizer.encode(prompt)
+    return token_ids(await collect(engine, ids, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
 
 
 def test_the_correction_bias_decides_routes(v3, v3_reference):
@@ -80,7 +81,8 @@ async def test_deepseek_v3_tokens_equal_single_process_transformers(v3_ep2, v3_e
             assert await _greedy(engine, prompt) == want, (engine.info.tensor_parallel, prompt)
 
 
-async def test_bundled_moe_tokens_equal_single_process_transformers(deepspeed_tp2, deepspeed_tp4, reference_greedy):
+async def test_bundled_moe_tokens_equal_single_process_transformers(deepspeed_tp2, deepspeed_tp4,
+                                                                    reference_greedy):
     for engine in (deepspeed_tp2, deepspeed_tp4):
         held = [r["routed_experts_held"] for r in engine.info.extra["ranks"]]
         assert held == [8 // engine.info.tensor_parallel] * engine.info.tensor_parallel
@@ -121,7 +123,8 @@ async def test_weights_per_rank_are_what_dsnode_plan_says(v3_ep2, v3_ep4, deepsp
     for engine in (v3_ep2, v3_ep4, deepspeed_tp2, deepspeed_tp4):
         shape, ranks = model_shape(read_hf_config(engine._model.path)), engine.info.tensor_parallel
         measured = [r["weights_bytes_by_kind"] for r in engine.info.extra["ranks"]]
-        planned = [{k: v for k, v in rank_bytes(shape, ranks, r, FORMATS["fp32"]).items() if v} for r in range(ranks)]
+        planned = [{k: v for k, v in rank_bytes(shape, ranks, r, FORMATS["fp32"]).items() if v}
+                   for r in range(ranks)]
         if engine is deepspeed_tp4:  # hidden 128 over 4 ranks: AutoTP gives 64, 64, 0, 0 rows of the head
             assert _summed(measured) == _summed(planned)
         else:

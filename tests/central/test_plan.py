@@ -17,7 +17,8 @@ GIB = 2**30
 
 # DeepSeek-V3, from its config: hidden H, 61 layers of which the first 3 dense, 128 heads, vocabulary V
 H, LAYERS, DENSE, MOE, HEADS, V = 7168, 61, 3, 58, 128, 129280
-ATTENTION_WHOLE = H * 1536 + 1536 + H * (512 + 64) + 512  # q_a_proj, q_a_layernorm, kv_a_proj_with_mqa, kv_a_layernorm
+# q_a_proj, q_a_layernorm, kv_a_proj_with_mqa, kv_a_layernorm: whole on every rank
+ATTENTION_WHOLE = H * 1536 + 1536 + H * (512 + 64) + 512
 ATTENTION_SPLIT = 1536 * HEADS * (128 + 64) + 512 * HEADS * (128 + 128) + HEADS * 128 * H  # q_b, kv_b, o_proj
 EXPERT = 3 * H * 2048  # gate, up, down of one expert
 COUNTS = {
@@ -52,11 +53,13 @@ def test_deepseek_v3_parameters_by_kind():
 
 
 def test_published_totals_of_mixtral_and_qwen_moe():
-    mixtral = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8}
-    qwen = {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
-            "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_hidden_layers": 24,
-            "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936}
+    mixtral = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "vocab_size": 32000, "num_local_experts": 8}
+    qwen = {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632,
+            "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts": 60,
+            "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "vocab_size": 151936}
     assert model_shape(mixtral).total_params == 46_702_792_704  # Mixtral-8x7B
     assert round(model_shape(qwen).total_params / 1e9, 1) == 14.3  # Qwen1.5-MoE-A2.7B
 
@@ -149,7 +152,8 @@ def test_without_gpus_here_or_on_the_command_line(v3_folder, capsys, monkeypatch
 
 
 def test_an_unknown_architecture_is_one_line(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["PhiForCausalLM"], "model_type": "phi"}))
+    config = {"architectures": ["PhiForCausalLM"], "model_type": "phi"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["plan", str(tmp_path), "--gpus", "8x80GB"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model_type 'phi'" in err
@@ -159,8 +163,8 @@ def test_the_plan_module_needs_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, dsnode.ops.plan, dsnode.sizing, dsnode.central.preflight, dsnode.central.checkpoint; "
-            "sys.exit('torch' in sys.modules)")
+    code = ("import sys, dsnode.ops.plan, dsnode.sizing, dsnode.central.preflight, "
+            "dsnode.central.checkpoint; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -174,10 +178,14 @@ def test_every_kind_matches_the_parameters_transformers_builds(architecture):
 
     from . import tiny_moe
 
-    dense = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
-    config = {"qwen2": lambda: Qwen2Config(**dense), "llama": lambda: LlamaConfig(attention_bias=True, **dense)}.get(
-        architecture, lambda: tiny_moe.model_config(architecture))()
+    dense = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    if architecture == "qwen2":
+        config = Qwen2Config(**dense)
+    elif architecture == "llama":
+        config = LlamaConfig(attention_bias=True, **dense)
+    else:
+        config = tiny_moe.model_config(architecture)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     built: dict[str, int] = {}

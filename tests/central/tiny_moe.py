@@ -17,9 +17,9 @@ DEEPSEEK_V3 = dict(
     qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=2048,
     initializer_range=0.1, bos_token_id=0, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
 )
-COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.1,
-              bos_token_id=0, eos_token_id=2, pad_token_id=3)
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512,
+              initializer_range=0.1, bos_token_id=0, eos_token_id=2, pad_token_id=3)
 
 
 def model_config(architecture: str) -> Any:
@@ -29,10 +29,12 @@ def model_config(architecture: str) -> Any:
         return DeepseekV3Config(**DEEPSEEK_V3)
     if architecture == "mixtral":
         return MixtralConfig(num_local_experts=6, **COMMON)
-    return Qwen2MoeConfig(num_experts=6, moe_intermediate_size=32, shared_expert_intermediate_size=64, **COMMON)
+    return Qwen2MoeConfig(num_experts=6, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                          **COMMON)
 
 
-def build(architecture: str, folder: Path, tokenizer_dir: Path, seed: int = 0, max_shard_size: str = "24MB") -> Any:
+def build(architecture: str, folder: Path, tokenizer_dir: Path, seed: int = 0,
+          max_shard_size: str = "24MB") -> Any:
     """Random weights (a non-zero DeepSeek correction bias), saved in several shards; returns the model."""
     import torch
     from transformers import AutoModelForCausalLM
