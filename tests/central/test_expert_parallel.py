@@ -164,3 +164,21 @@ async def test_other_moe_architectures_with_two_ranks_equal_transformers(archite
         assert [r["routed_experts"] for r in engine.info.extra["ranks"]] == [[0, 2], [3, 5]]
         for prompt in PROMPTS[:3]:
             assert await _greedy(engine, prompt) == tiny_moe.greedy(model, _ids(prompt), MAX_TOKENS), prompt
+
+
+async def test_bfloat16_ranks_keep_the_router_in_float32(moe_dir, deepspeed_tp2):
+    """init_inference casts the whole module to the model dtype; the router (and its correction bias)
+    get their float32 values back, as transformers keeps them: 4 bytes a parameter in the plan too."""
+    from dsnode.central.deepspeed_engine import DeepSpeedEngine
+    from dsnode.hfconfig import read_hf_config
+
+    section = model_section(moe_dir, "deepspeed", tensor_parallel=2, device="cpu", dtype="bfloat16")
+    async for engine in _loaded(DeepSpeedEngine(section, BatchingSection())):
+        shape = model_shape(read_hf_config(moe_dir))
+        for measured in engine.info.extra["ranks"]:
+            planned = rank_bytes(shape, 2, measured["rank"], FORMATS["bf16"])
+            assert measured["weights_bytes_by_kind"] == planned
+        fp32 = {r["rank"]: r["weights_bytes_by_kind"]["router"] for r in deepspeed_tp2.info.extra["ranks"]}
+        assert [r["weights_bytes_by_kind"]["router"] for r in engine.info.extra["ranks"]] == [fp32[0], fp32[1]]
+        ids = engine.tokenizer.encode(PROMPTS[0])
+        assert token_ids(await collect(engine, ids, max_tokens=8, temperature=0.0))  # it serves
