@@ -21,6 +21,7 @@ from dsnode.hfconfig import ModelFolderError
 
 INDEX_NAME = "model.safetensors.index.json"
 HEADER_LIMIT = 100 * 2**20  # a header longer than this is not a safetensors header
+LOADABLE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
 class CheckpointError(ModelFolderError):
@@ -63,6 +64,12 @@ class Checkpoint:
         for file in files:
             entries.update(read_header(file))
         return cls(folder, entries, files[0] if len(files) == 1 else folder)
+
+    def check_dtypes(self) -> None:
+        """Refuse a checkpoint with tensors of a dtype this loader cannot convert (FP8), naming one."""
+        for entry in self.entries.values():
+            if entry.dtype not in LOADABLE_DTYPES:
+                raise CheckpointError(_unloadable(entry))
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -123,10 +130,15 @@ def _torch_dtype(entry: TensorEntry) -> Any:
     dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
-    if entry.dtype not in dtypes:  # FP8 blocks need their scales: not a plain cast
-        raise CheckpointError(f"{entry.file}: tensor {entry.name!r} is {entry.dtype}; dsnode loads "
-                              "F32/F16/BF16 checkpoints (dequantize FP8 checkpoints to BF16 first)")
+    if entry.dtype not in dtypes:
+        raise CheckpointError(_unloadable(entry))
     return dtypes[entry.dtype]
+
+
+def _unloadable(entry: TensorEntry) -> str:
+    # FP8 blocks need their `weight_scale_inv` scales: not a plain cast
+    return (f"{entry.file}: tensor {entry.name!r} is {entry.dtype}; dsnode loads F32/F16/BF16 checkpoints "
+            "(dequantize FP8 checkpoints to BF16 first)")
 
 
 def _entries_from_index(index: Path) -> dict[str, TensorEntry]:

@@ -187,7 +187,8 @@ class DeepSpeedEngine(BatchingEngine):
         if shape.routed_experts and placement.ranks > shape.routed_experts:
             raise PlacementError(f"model.tensor_parallel = {placement.ranks} is more than the "
                                  f"{shape.routed_experts} routed experts per layer: a rank would hold none")
-        Checkpoint.open(self._model.path)  # index and headers: a missing shard is named here
+        # index, headers and dtypes: a missing shard or an FP8 tensor is named here, before any rank starts
+        Checkpoint.open(self._model.path).check_dtypes()
 
     async def close(self) -> None:
         await super().close()

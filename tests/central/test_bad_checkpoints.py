@@ -65,6 +65,22 @@ async def test_a_truncated_shard_is_named(v3, tmp_path):
     await _refused(engine, r"model-00002-of-00009\.safetensors: ends inside tensor")
 
 
+async def test_an_fp8_checkpoint_is_refused_naming_a_tensor(moe_dir, tmp_path):
+    """DeepSeek-R1 ships FP8 blocks with separate scales: not loadable by a plain cast."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for item in moe_dir.iterdir():
+        shutil.copy(item, tmp_path / item.name)
+    tensors = load_file(str(moe_dir / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.0.down_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    engine = _engine(tmp_path, tensor_parallel=2)
+    await _refused(engine, rf"model\.safetensors: tensor '{name}' is F8_E4M3; dsnode loads F32/F16/BF16")
+    assert engine.rank_pids == []
+
+
 async def test_a_missing_expert_tensor_is_named_by_every_rank_and_none_is_left(moe_dir, tmp_path, capfd):
     """The files are sound, so the ranks start; each checks every name before reading, they agree on
     the first failure, rank 0 tells the daemon, and all of them exit."""
