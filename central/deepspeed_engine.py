@@ -1,10 +1,13 @@
 """`backend = "deepspeed"`: the MoE model on PyTorch + DeepSpeed, tensor parallel over the host's GPUs.
 
 The daemon process holds the scheduler, sampling and detokenizing (`BatchingEngine`), and no torch.
-The model lives in `tensor_parallel` worker processes (`dsnode.central.tp_worker`), one per GPU, started
-and watched by `dsnode.central.ranks.RankGroup`. `RemoteRunner` is the `ModelRunner` the engine drives:
-each prefill / decode goes to rank 0 over a socket, rank 0 broadcasts it, every rank runs it on its
-shard, rank 0 answers with the logits. On CPU the same path runs with gloo (tests, development).
+Before any rank starts it checks that the configuration fits (`dsnode.central.preflight`) and that the
+checkpoint's files are all there. The model lives in `tensor_parallel` worker processes
+(`dsnode.central.tp_worker`), one per GPU, started and watched by `dsnode.central.ranks.RankGroup`;
+each holds its share of the routed experts (`dsnode.central.expert_parallel`). `RemoteRunner` is the
+`ModelRunner` the engine drives: each prefill / decode goes to rank 0 over a socket, rank 0 broadcasts
+it, every rank runs it on its shard, rank 0 answers with the logits. On CPU the same path runs with
+gloo (tests, development).
 
 A rank that dies, or does not answer within `CALL_TIMEOUT_S`, ends the group: the others are killed
 (they would wait forever in a collective), every request gets a clean error, /ready says why, and the
@@ -28,8 +31,11 @@ from dsnode.hfconfig import ModelFolderError, read_hf_config
 from dsnode.inference.batching import BatchingEngine, Loaded, RunnerDied
 from dsnode.inference.engine import EngineError
 from dsnode.inference.tokenizer import TextTokenizer
-from dsnode.probe import probe_gpus
+from dsnode.probe import GPU, probe_gpus
+from dsnode.sizing import model_shape
 
+from .checkpoint import Checkpoint
+from .preflight import check_fits
 from .ranks import RankGroup, free_port, worker_env
 from .transformers_engine import describe_model
 
@@ -145,8 +151,10 @@ class DeepSpeedEngine(BatchingEngine):
 
     def _load_blocking(self) -> Loaded:
         hf_config = read_hf_config(self._model.path)
+        gpus = probe_gpus()
+        placement = plan_placement(self._model, len(gpus))
+        self._check_before_loading(hf_config, placement, gpus)
         tokenizer = TextTokenizer.from_folder(self._model.path)
-        placement = plan_placement(self._model, len(probe_gpus()))
         ranks = self._start_ranks(placement)
         try:
             control = ranks.start()
@@ -166,6 +174,21 @@ class DeepSpeedEngine(BatchingEngine):
                  tensor_parallel=placement.ranks, architecture=info.architecture,
                  max_context=info.max_context, quantization=info.quantization)
         return Loaded(RemoteRunner(control, ranks), tokenizer, info)
+
+    def _check_before_loading(self, hf_config: dict[str, Any], placement: Placement, gpus: list[GPU]) -> None:
+        """Refuse what cannot work before any rank starts: the plan does not fit (DoesNotFit), an
+        architecture the shard loader does not know, more ranks than experts, a broken checkpoint."""
+        sharded = self._model.quantization == "none"  # bitsandbytes loads through transformers instead
+        plan = check_fits(self._model, hf_config, self._batching, placement.ranks, placement.device, gpus,
+                          require_supported=sharded)
+        if plan is None or not sharded:
+            return
+        shape = model_shape(hf_config)
+        if shape.routed_experts and placement.ranks > shape.routed_experts:
+            raise PlacementError(f"model.tensor_parallel = {placement.ranks} is more than the "
+                                 f"{shape.routed_experts} routed experts per layer: a rank would hold none")
+        # index, headers and dtypes: a missing shard or an FP8 tensor is named here, before any rank starts
+        Checkpoint.open(self._model.path).check_dtypes()
 
     async def close(self) -> None:
         await super().close()

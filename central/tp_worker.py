@@ -1,10 +1,10 @@
 """One tensor-parallel rank of the DeepSpeed engine: `python -m dsnode.central.tp_worker`.
 
-The daemon starts `tensor_parallel` of these (`dsnode.central.ranks`). Every rank loads the checkpoint
-and `deepspeed.init_inference` keeps its shard (AutoTP). Rank 0 reads each runner call from the
-daemon's control socket and broadcasts it; every rank runs the same `TorchRunner` method on its
-shard (the all-reduces inside the forward keep them in step, and every rank holds the same KV cache
-bookkeeping); rank 0 sends the result back. Followers never talk to the daemon.
+The daemon starts `tensor_parallel` of these (`dsnode.central.ranks`). Every rank reads only its
+shard of the checkpoint and `deepspeed.init_inference` splits the rest (`dsnode.central.rank_load`).
+Rank 0 reads each runner call from the daemon's control socket and broadcasts it; every rank runs the
+same `TorchRunner` method on its shard (the all-reduces inside the forward keep them in step, and
+every rank holds the same KV cache bookkeeping); rank 0 sends the result back. Followers never talk to the daemon.
 
 Calls and answers are pickled tuples: ("prefill", seq_id, token_ids, start), ("decode", seq_ids,
 token_ids), ("release", seq_id) (no answer), ("close",). Answers: ("ready", facts), ("ok", logits),
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib
 import json
 import os
 import signal
@@ -29,6 +28,8 @@ from typing import Any
 import structlog
 from dsnode.config import ModelSection
 from dsnode.logs import configure_logging
+
+from .rank_load import LoadRefused, load_rank
 
 log = structlog.get_logger("dsnode.central.rank")
 
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     model = ModelSection.model_validate(json.loads(args.model))  # python mode: the path validator
     try:
         runner, facts, group = load_rank(model, args.device, local_rank, world)
+    except LoadRefused as exc:  # every rank has the same one-line reason; no traceback for bad input
+        log.error("rank_load_failed", model=model.name, error=str(exc))
+        if control is not None:
+            control.send(("fatal", f"cannot load the model: {exc}"))
+        _barrier(world)  # rank 0's reason reaches the daemon before any rank exits
+        return 1
     except Exception as exc:
         log.exception("rank_load_failed", model=model.name)
         if control is not None:
@@ -80,62 +87,6 @@ def _die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:
         os._exit(1)
-
-
-# --- load -------------------------------------------------------------------------------------------
-def load_rank(model: ModelSection, device_kind: str, local_rank: int, world: int) -> tuple[Any, dict[str, Any], Any]:
-    """This rank's shard behind a `TorchRunner`, facts for the daemon, and the control group."""
-    import torch
-
-    from .torch_runner import TorchRunner
-    from .transformers_engine import load_hf_model, pick_dtype
-
-    if device_kind == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(model.threads or max(1, (os.cpu_count() or 1) // world))
-    dist_group = _init_distributed(device_kind)
-    dtype = pick_dtype(model.dtype, device)
-    facts: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch.")}
-    if model.quantization == "none":
-        module = _deepspeed_shard(load_hf_model(model, torch.device("cpu"), dtype), world, dtype)
-        facts["deepspeed_init_inference"] = True
-    else:
-        # bitsandbytes layers can neither be sharded by AutoTP nor cast by init_inference; the engine
-        # only allows quantization with tensor_parallel = 1, where DeepSpeed would add nothing
-        module = load_hf_model(model, device, dtype)
-        facts["deepspeed_init_inference"] = False
-    facts["weights_bytes_per_rank"] = module.get_memory_footprint()
-    facts["sharded_linears"] = sum(type(m).__name__ in _TP_LAYERS for m in module.modules())
-    return TorchRunner(module, device), facts, dist_group
-
-
-_TP_LAYERS = {"LinearLayer", "LinearAllreduce", "LmHeadLinearAllreduce"}
-
-
-def _init_distributed(device_kind: str) -> Any:
-    """torch.distributed through DeepSpeed: nccl between GPUs, gloo on CPU; returns the gloo group
-    the calls are broadcast on (CPU objects, whatever the model's backend)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if device_kind == "cpu":
-        # DeepSpeed's shared-memory all-reduce op segfaults on CPU (0.19.8); without it, gloo
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="nccl" if device_kind == "cuda" else "gloo",
-                               auto_mpi_discovery=False, verbose=False)
-    return dist.new_group(backend="gloo") if device_kind == "cuda" else None
-
-
-def _deepspeed_shard(hf: Any, world: int, dtype: Any) -> Any:
-    import deepspeed
-
-    engine = deepspeed.init_inference(
-        hf, tensor_parallel={"tp_size": world}, dtype=dtype, replace_with_kernel_inject=False
-    )
-    return engine.module
 
 
 # --- serve ------------------------------------------------------------------------------------------
@@ -188,6 +139,16 @@ def _next_call(control: Connection | None, world: int, group: Any) -> tuple[Any,
     return call
 
 
+def _barrier(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone already: nothing to wait for
+            pass
+
+
 def _close_distributed() -> None:
     import torch.distributed as dist
 
@@ -196,4 +157,9 @@ def _close_distributed() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter teardown: torch's and DeepSpeed's finalizers take seconds per rank, and a rank has
+    # nothing left to save (its collectives are closed, its answer sent)
+    os._exit(exit_code)

@@ -14,7 +14,9 @@ from dsnode.hfconfig import ModelFolderError, read_hf_config
 from dsnode.inference.batching import BatchingEngine, Loaded, context_limit
 from dsnode.inference.engine import ModelInfo
 from dsnode.inference.tokenizer import TextTokenizer
+from dsnode.probe import probe_gpus
 
+from .preflight import check_fits
 from .quantization import fix_cpu_nf4_layers, quantization_config
 
 log = structlog.get_logger("dsnode.central")
@@ -97,6 +99,8 @@ class TransformersEngine(BatchingEngine):
             torch.set_num_threads(self._model.threads)
         device = pick_device(self._model.device)
         dtype = pick_dtype(self._model.dtype, device)
+        gpus = [g for g in probe_gpus() if g.index == (device.index or 0)] if device.type == "cuda" else []
+        check_fits(self._model, hf_config, self._batching, 1, device.type, gpus, require_supported=False)
         tokenizer = TextTokenizer.from_folder(self._model.path)
         hf = load_hf_model(self._model, device, dtype)
         info = describe_model(

@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    """Commands defined next to the code they drive (convert, status, bench)."""
+    """Commands defined next to the code they drive (convert, status, bench, plan)."""
     registers = []
-    for module_name in ("dsnode.edge.convert_cli", "dsnode.ops.status", "dsnode.ops.bench"):
+    for module_name in ("dsnode.edge.convert_cli", "dsnode.ops.status", "dsnode.ops.bench", "dsnode.ops.plan"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

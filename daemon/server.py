@@ -64,6 +64,7 @@ class NodeServer:
         self.notifier = Notifier.from_env(self.systemd)
         self.serving = False  # READY=1 was sent: the model is loaded and the port answers
         self.stopped_while_loading = False
+        self.load_exit_code = 1  # exit code when the model fails to load
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()  # a second SIGTERM/SIGINT: skip the rest of the drain
         self._reloading: asyncio.Task[None] | None = None
@@ -117,7 +118,7 @@ class NodeServer:
             self.notifier.ready(self._serving_status())
             code = await self._until_stop_or_engine_failure()
         elif not self.stopped_while_loading:
-            code = 1
+            code = self.load_exit_code
             self.notifier.status(f"failed: model {model.name} did not load (see the journal)")
         await self._shutdown(runner, site)
         return code
@@ -164,6 +165,8 @@ class NodeServer:
             return False
         if loading.exception() is not None:
             log.error("model_load_failed", model=self.config.model.name, error=str(loading.exception()))
+            # a load error may name its own exit code (dsnode.sizing.DoesNotFit: 78, which systemd does not retry)
+            self.load_exit_code = getattr(loading.exception(), "exit_code", 1)
             return False
         return True
 

@@ -13,6 +13,11 @@
    ONNX Runtime's CUDA provider: decode tokens/s at batch 1 and 8. Skipped, saying why, where dsnode.edge
    or the CUDA provider is missing.
 4. `nccl`: `dsnode bench nccl --json`, if that command exists.
+5. `moe_expert_parallel`: the MoE of (2) served by `DeepSpeedEngine` over every local GPU (2 CPU ranks
+   with `--device cpu`), each rank holding its range of the routed experts: decode tokens/s at batch
+   1, 8 and 32, each rank's weights by kind and peak host memory while loading, and what `dsnode plan`'s
+   arithmetic (`dsnode.sizing`) says a rank holds. Skipped on a host with one GPU (NCCL takes one
+   rank per GPU).
 
 Every section runs even if an earlier one failed; each reports `ok`, its figures or its error. Each figure
 is a median of `--repeats` timed runs after a warm-up. `--size tiny --device cpu` smoke-tests the
@@ -82,6 +87,7 @@ def main() -> int:
         ("moe_engine", lambda: asyncio.run(moe_engine(args, work))),
         ("edge_onnx", lambda: asyncio.run(edge_onnx(args, work))),
         ("nccl", lambda: nccl(args)),
+        ("moe_expert_parallel", lambda: asyncio.run(moe_expert_parallel(args, work))),
     ]
     try:
         for name, run in sections:
@@ -105,7 +111,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="also write the JSON summary here")
-    p.add_argument("--skip", nargs="*", default=(), choices=("moe_model", "moe_engine", "edge_onnx", "nccl"))
+    p.add_argument("--skip", nargs="*", default=(),
+                   choices=("moe_model", "moe_engine", "edge_onnx", "nccl", "moe_expert_parallel"))
     return p.parse_args()
 
 
@@ -278,23 +285,36 @@ def save_tokenizer_files(folder: Path, context: int) -> None:
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "do_sample": False}))
 
 
-async def moe_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from dsnode.central.deepspeed_engine import DeepSpeedEngine
-    from dsnode.config import BatchingSection, ModelSection
-
-    device, dtype = devices(args)
-    folder = work / "moe"
-    started = time.monotonic()
+def saved_moe(args: argparse.Namespace, work: Path) -> tuple[Path, float]:
+    """The MoE of section 1 as a checkpoint folder (saved once); seconds it took."""
     import torch
 
+    folder = work / "moe"
+    if (folder / "config.json").exists():
+        return folder, 0.0
+    started = time.monotonic()
+    _, dtype = devices(args)
     model = build_moe(args.size, torch.device("cpu"), dtype)
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), max_shard_size="2GB")
     del model
     save_tokenizer_files(folder, SIZES[args.size]["max_position_embeddings"])
-    saved_s = time.monotonic() - started
-    section_model = ModelSection(name="gpu-check-moe", path=folder, backend="deepspeed", device=args.device,
-                                 dtype="bfloat16" if args.device == "cuda" else "float32")
-    engine = DeepSpeedEngine(section_model, BatchingSection(max_running=max(BATCHES)))
+    return folder, time.monotonic() - started
+
+
+def moe_section(args: argparse.Namespace, folder: Path, ranks: int | None = None) -> Any:
+    from dsnode.config import ModelSection
+
+    return ModelSection(name="gpu-check-moe", path=folder, backend="deepspeed", device=args.device,
+                        dtype="bfloat16" if args.device == "cuda" else "float32", tensor_parallel=ranks)
+
+
+async def moe_engine(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from dsnode.central.deepspeed_engine import DeepSpeedEngine
+    from dsnode.config import BatchingSection
+
+    devices(args)
+    folder, saved_s = saved_moe(args, work)
+    engine = DeepSpeedEngine(moe_section(args, folder, 1), BatchingSection(max_running=max(BATCHES)))
     started = time.monotonic()
     await engine.load()
     try:
@@ -402,6 +422,41 @@ def nccl(args: argparse.Namespace) -> dict[str, Any]:
     if done.returncode not in (0, 3):  # 3: nothing to measure (one GPU): a clear message, not a failure
         raise RuntimeError(f"exit {done.returncode}: {result.get('output', '')}")
     return result
+
+
+# --- 5. expert parallelism over the local GPUs -----------------------------------------------------
+PER_RANK_FACTS = ("rank", "routed_experts", "weights_bytes", "weights_bytes_by_kind", "load_rss_before_bytes",
+                  "load_peak_rss_bytes")
+
+
+async def moe_expert_parallel(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import torch
+    from dsnode.central.deepspeed_engine import DeepSpeedEngine
+    from dsnode.config import BatchingSection
+    from dsnode.hfconfig import read_hf_config
+    from dsnode.sizing import FORMATS, model_shape, rank_bytes
+
+    devices(args)
+    ranks = torch.cuda.device_count() if args.device == "cuda" else 2
+    if ranks < 2:
+        raise Skip(f"{ranks} GPU here: expert parallelism needs 2 or more (NCCL takes one rank per GPU)")
+    folder, _ = saved_moe(args, work)
+    engine = DeepSpeedEngine(moe_section(args, folder, ranks), BatchingSection(max_running=max(BATCHES)))
+    started = time.monotonic()
+    await engine.load()
+    try:
+        shape = model_shape(read_hf_config(folder))
+        fmt = FORMATS["bf16" if args.device == "cuda" else "fp32"]
+        result: dict[str, Any] = {
+            "ranks": ranks, "load_s": round(time.monotonic() - started, 1),
+            "spread": engine.info.extra.get("expert_parallel", {}).get("spread"),
+            "per_rank": [{key: r[key] for key in PER_RANK_FACTS} for r in engine.info.extra["ranks"]],
+            "plan_weights_bytes_per_rank": [sum(rank_bytes(shape, ranks, r, fmt).values()) for r in range(ranks)],
+        }
+        result.update(await engine_figures(engine, BATCHES, args.repeats, prefill=False))
+        return result
+    finally:
+        await engine.close()
 
 
 if __name__ == "__main__":

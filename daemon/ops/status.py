@@ -41,6 +41,7 @@ class NodeRow:
     tokens_per_second: float | None
     last_seen_s: float | None  # seconds ago (0 for the node asked)
     error: str | None = None
+    weights_per_rank: tuple[int, ...] = ()  # bytes of model weights each rank holds (central engines)
 
 
 class Unreachable(Exception):
@@ -189,7 +190,22 @@ def _advert_facts(advert: dict[str, Any]) -> dict[str, Any]:
         "waiting": load.get("waiting"),
         "running": load.get("running"),
         "tokens_per_second": load.get("tokens_per_second"),
+        "weights_per_rank": _weights_per_rank(models),
     }
+
+
+def _weights_per_rank(models: list[dict[str, Any]]) -> tuple[int, ...]:
+    """From the local model's `details` (ModelInfo.extra): per rank (deepspeed), or the one device."""
+    for model in models:
+        details = _table(model, "details")
+        ranks = [r for r in details.get("ranks") or [] if isinstance(r, dict)]
+        weights = [r.get("weights_bytes") for r in ranks]
+        if weights and all(isinstance(w, int) for w in weights):
+            return tuple(weights)
+        single = details.get("weights_bytes_per_rank", details.get("weights_bytes"))
+        if isinstance(single, int):
+            return (single,)
+    return ()
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -206,6 +222,7 @@ COLUMNS = (
     "GPUS",
     "MODELS",
     "CONTEXT",
+    "WEIGHTS/RANK",
     "QUEUE",
     "TOK/S",
     "LAST SEEN",
@@ -220,7 +237,8 @@ def format_table(rows: list[NodeRow]) -> str:
     notes = [f"  {r.node}: {r.error}" for r in rows if r.error]
     if notes:
         lines += ["", "problems:"] + notes
-    lines += ["", "QUEUE = waiting/running requests; WEIGHT = effective/configured; * = the node asked"]
+    lines += ["", "QUEUE = waiting/running requests; WEIGHT = effective/configured; * = the node asked;",
+              "WEIGHTS/RANK = model weights per rank (their range, × ranks); `--json` lists each"]
     return "\n".join(lines)
 
 
@@ -236,11 +254,27 @@ def _cells(r: NodeRow) -> tuple[str, ...]:
         _gpus(r.gpus),
         ",".join(r.models) or "-",
         _num(r.context),
+        _weights(r.weights_per_rank),
         queue,
         tps,
         _ago(r.last_seen_s, r.this_node),
         r.url or "-",
     )
+
+
+def _weights(per_rank: tuple[int, ...]) -> str:
+    if not per_rank:
+        return "-"
+    low, high = _size(min(per_rank)), _size(max(per_rank))
+    spread = low if low == high else f"{low}-{high}"
+    return spread if len(per_rank) == 1 else f"{spread} ×{len(per_rank)}"
+
+
+def _size(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
 
 
 def _gpus(names: list[str]) -> str:

@@ -94,3 +94,26 @@ async def deepspeed_tp1(moe_dir):
     engine = DeepSpeedEngine(model_section(moe_dir, "deepspeed", device="cpu"), BatchingSection())
     async for loaded in _loaded(engine):
         yield loaded
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def deepspeed_tp4(moe_dir):
+    """Four CPU ranks: two of the bundled MoE's 8 routed experts each."""
+    from dsnode.central.deepspeed_engine import DeepSpeedEngine
+
+    section = model_section(moe_dir, "deepspeed", tensor_parallel=4, device="cpu")
+    async for loaded in _loaded(DeepSpeedEngine(section, BatchingSection())):
+        yield loaded
+
+
+@pytest.fixture(scope="session")
+def v3(tmp_path_factory, moe_dir):
+    """(folder, transformers model) of a tiny DeepSeek-V3: 18 routed experts, a non-zero correction
+    bias, 9 safetensors shards (`tests/central/tiny_moe.py`)."""
+    import torch
+
+    from . import tiny_moe
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("tiny-deepseek-v3")
+    return folder, tiny_moe.build("deepseek_v3", folder, moe_dir)

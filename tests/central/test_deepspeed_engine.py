@@ -103,6 +103,8 @@ async def test_a_killed_rank_fails_requests_cleanly_and_the_node_goes_not_ready(
 
 
 async def test_a_rank_that_cannot_load_fails_the_load_with_its_reason(moe_dir, tmp_path):
+    """With bitsandbytes the rank reads the checkpoint through transformers, so a broken file is
+    found by the rank (without quantization the daemon names it first: test_bad_checkpoints.py)."""
     import shutil
 
     from dsnode.central.deepspeed_engine import DeepSpeedEngine
@@ -110,7 +112,8 @@ async def test_a_rank_that_cannot_load_fails_the_load_with_its_reason(moe_dir, t
     for item in moe_dir.iterdir():
         shutil.copy(item, tmp_path / item.name)
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
-    engine = DeepSpeedEngine(model_section(tmp_path, "deepspeed", device="cpu"), BatchingSection())
+    engine = DeepSpeedEngine(model_section(tmp_path, "deepspeed", device="cpu", quantization="int8"),
+                             BatchingSection())
     with pytest.raises(Exception, match="rank 0 failed to load the model"):
         await engine.load()
     assert not engine.health().ready and "failed to load" in engine.health().reason

@@ -1,16 +1,25 @@
 """`dsnode serve` with `backend = "deepspeed"`, tensor parallel 2: one service, three processes. A
 follower rank killed mid-stream ends the stream with an error event and the daemon exits 1 (systemd's
-Restart=on-failure then starts it again), leaving no rank behind."""
+Restart=on-failure then starts it again), leaving no rank behind. A model that cannot fit the host is
+refused before loading, with exit 78, which the unit's RestartPreventExitStatus= keeps from looping."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
 import urllib.request
 
 import psutil
 import pytest
 
+from dsnode.cli import main
+from dsnode.sizing import EXIT_DOES_NOT_FIT
+
 from tests.support.nodes import ServeProcess, free_port, node_toml
+
+from .test_bad_checkpoints import DEEPSEEK_V3_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +45,7 @@ def test_killed_rank_ends_the_stream_with_an_error_and_the_daemon_exits_1(tmp_pa
             answer = json.load(response)
             assert response.headers["X-DSNode-Node"] == "central-ds"
         assert answer["choices"][0]["text"].startswith(" of times")
+        _weights_per_rank_are_shown(node.url)
         ranks = [p for p in psutil.Process(node.process.pid).children() if "dsnode.central.tp_worker" in p.cmdline()]
         assert len(ranks) == 2
         follower = next(p for p in ranks if p.environ().get("RANK") == "1")
@@ -54,3 +64,43 @@ def test_killed_rank_ends_the_stream_with_an_error_and_the_daemon_exits_1(tmp_pa
     finally:
         node.kill()
         node.stop()
+
+
+def _weights_per_rank_are_shown(url: str) -> None:
+    """/cluster carries each rank's weights (ModelInfo.extra → details); `dsnode status` shows them."""
+    with urllib.request.urlopen(url + "/cluster", timeout=10) as response:
+        details = json.load(response)["node"]["models"][0]["details"]
+    ranks = details["ranks"]
+    assert [r["routed_experts"] for r in ranks] == [[0, 3], [4, 7]]
+    assert all(r["weights_bytes"] == sum(r["weights_bytes_by_kind"].values()) > 0 for r in ranks)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["status", "--url", url]) == 0
+    header, row = out.getvalue().splitlines()[:2]
+    column = header.index("WEIGHTS/RANK")
+    assert row[column:].startswith(f"{ranks[0]['weights_bytes'] / 1e6:.1f}M ×2")
+
+
+def test_a_model_that_cannot_fit_is_refused_at_start_with_exit_78(tmp_path, moe_dir):
+    """DeepSeek-V3's config on this host's memory: refused before any rank starts, with the plan's
+    numbers in the log, and an exit code systemd does not restart on."""
+    folder = tmp_path / "deepseek-v3"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(DEEPSEEK_V3_CONFIG))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(moe_dir / name, folder / name)
+    port = free_port()
+    config = tmp_path / "dsnode.toml"
+    text = node_toml("central-big", "central", port, "deepseek-r1", folder, "deepspeed")
+    config.write_text(text.replace("threads = 1\n", 'threads = 1\ntensor_parallel = 2\ndevice = "cpu"\n'))
+    node = ServeProcess("central-big", config, port, tmp_path / "serve.log").start()
+    try:
+        assert node.process.wait(timeout=120) == EXIT_DOES_NOT_FIT == 78
+    finally:
+        node.kill()
+        node.stop()
+    failed = next(json.loads(line) for line in node.log_text().splitlines()
+                  if line.startswith("{") and '"model_load_failed"' in line)
+    assert "model deepseek-r1 (fp32) on 2 rank(s)" in failed["error"] and "does not fit" in failed["error"]
+    assert "routed experts 1307.8 GB" in failed["error"] and "Traceback" not in node.log_text()
+    assert "rank_started" not in node.log_text()

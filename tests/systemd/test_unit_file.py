@@ -86,6 +86,15 @@ def test_the_unit_runs_dsnode_serve_as_a_notify_service():
     assert unit["StateDirectory"] == ["dsnode"] and unit["ConfigurationDirectory"] == ["dsnode"]
 
 
+def test_a_model_that_cannot_fit_is_not_restarted():
+    """`dsnode serve` exits 78 when the plan says the model cannot fit; a restart would fail the same
+    way, while exit 1 (a dead rank, a failed load) is still restarted."""
+    from dsnode.sizing import EXIT_DOES_NOT_FIT
+
+    prevent = settings()["RestartPreventExitStatus"]
+    assert [str(EXIT_DOES_NOT_FIT)] == prevent[0].split() and "1" not in prevent[0].split()
+
+
 def test_stop_timeout_covers_the_default_drain():
     """Longer drains ask for more time at STOPPING=1 (EXTEND_TIMEOUT_USEC); the default must fit as is."""
     unit = settings()

@@ -1,0 +1,188 @@
+"""A safetensors checkpoint read tensor by tensor, slice by slice, with plain file reads.
+
+Why not `safetensors.safe_open`: it maps whole files, and every page a rank touches counts in its
+resident memory while the file is open; here a rank reads exactly the bytes of the tensors (and the
+rows of fused expert tensors) it keeps, straight into their final buffers, so its peak memory while
+loading is its shard. The index (`model.safetensors.index.json`) and the files' headers are checked
+before anything is read: a missing shard, an unreadable header or a truncated file is one error
+naming the file. Importing this module needs no torch (the daemon checks a folder before it starts
+any rank); reading does.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from dsnode.hfconfig import ModelFolderError
+
+INDEX_NAME = "model.safetensors.index.json"
+HEADER_LIMIT = 100 * 2**20  # a header longer than this is not a safetensors header
+LOADABLE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+
+
+class CheckpointError(ModelFolderError):
+    """A checkpoint that cannot be loaded; the message names the file or the tensor."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    file: Path
+    dtype: str  # safetensors' name: F32, BF16, ...
+    shape: tuple[int, ...]
+    offset: int  # absolute, in `file`
+    nbytes: int
+
+    def row_bytes(self) -> int:
+        """Bytes of one index along dim 0."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
+
+class Checkpoint:
+    """The tensors of a model folder: name → where its bytes are."""
+
+    def __init__(self, folder: Path, entries: dict[str, TensorEntry], source: Path) -> None:
+        self.folder = folder
+        self.entries = entries
+        self.source = source  # the index file, or the single .safetensors file
+        self._files: dict[Path, BinaryIO] = {}
+
+    @classmethod
+    def open(cls, folder: Path) -> "Checkpoint":
+        folder = Path(folder)
+        index = folder / INDEX_NAME
+        if index.exists():
+            return cls(folder, _entries_from_index(index), index)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors files (and no {INDEX_NAME})")
+        entries: dict[str, TensorEntry] = {}
+        for file in files:
+            entries.update(read_header(file))
+        return cls(folder, entries, files[0] if len(files) == 1 else folder)
+
+    def check_dtypes(self) -> None:
+        """Refuse a checkpoint with tensors of a dtype this loader cannot convert (FP8), naming one."""
+        for entry in self.entries.values():
+            if entry.dtype not in LOADABLE_DTYPES:
+                raise CheckpointError(_unloadable(entry))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.source}: no tensor {name!r} in the checkpoint") from None
+
+    def read_into(self, name: str, out: Any, rows: range | None = None) -> None:
+        """Fill the torch tensor `out` with tensor `name` (or its `rows` along dim 0), converting the
+        dtype if the file's differs."""
+        entry = self.entry(name)
+        shape = entry.shape if rows is None else (len(rows), *entry.shape[1:])
+        if tuple(out.shape) != shape:
+            raise CheckpointError(f"{entry.file}: tensor {name!r} has shape {list(entry.shape)}; "
+                                  f"the model's config.json wants {list(out.shape)}")
+        offset, nbytes = entry.offset, entry.nbytes
+        if rows is not None:
+            offset, nbytes = offset + rows.start * entry.row_bytes(), len(rows) * entry.row_bytes()
+        target = out if _torch_dtype(entry) == out.dtype and out.is_contiguous() else out.new_empty(
+            shape, dtype=_torch_dtype(entry))
+        self._read_bytes(entry, offset, nbytes, target)
+        if target is not out:
+            out.copy_(target)
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read_bytes(self, entry: TensorEntry, offset: int, nbytes: int, target: Any) -> None:
+        import torch
+
+        handle = self._files.get(entry.file)
+        if handle is None:
+            handle = self._files[entry.file] = open(entry.file, "rb", buffering=0)
+        view = memoryview(target.view(-1).view(torch.uint8).numpy())  # bytes of `target`, no copy
+        handle.seek(offset)
+        got = 0
+        while got < nbytes:
+            n = handle.readinto(view[got:nbytes])
+            if not n:
+                raise CheckpointError(f"{entry.file}: ends inside tensor {entry.name!r} (truncated?)")
+            got += n
+
+
+def _torch_dtype(entry: TensorEntry) -> Any:
+    import torch
+
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    if entry.dtype not in dtypes:
+        raise CheckpointError(_unloadable(entry))
+    return dtypes[entry.dtype]
+
+
+def _unloadable(entry: TensorEntry) -> str:
+    # FP8 blocks need their `weight_scale_inv` scales: not a plain cast
+    return (f"{entry.file}: tensor {entry.name!r} is {entry.dtype}; dsnode loads F32/F16/BF16 checkpoints "
+            "(dequantize FP8 checkpoints to BF16 first)")
+
+
+def _entries_from_index(index: Path) -> dict[str, TensorEntry]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(str(file), []).append(name)
+    entries: dict[str, TensorEntry] = {}
+    for file, names in sorted(by_file.items()):
+        path = index.parent / file
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (named by {index.name} for {len(names)} tensors, "
+                                  f"e.g. {names[0]!r})")
+        header = read_header(path)
+        absent = [n for n in names if n not in header]
+        if absent:
+            raise CheckpointError(f"{path}: no tensor {absent[0]!r}, which {index.name} says it holds")
+        entries.update({n: header[n] for n in names})
+    return entries
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors a .safetensors file holds, checked against the file's size."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > HEADER_LIMIT:
+                raise ValueError(f"header length {length}")
+            header = json.loads(handle.read(length))
+        size = path.stat().st_size
+    except (OSError, ValueError, struct.error) as exc:
+        raise CheckpointError(f"{path}: not a safetensors file ({type(exc).__name__}: {exc})") from None
+    start = 8 + length
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        entry = TensorEntry(name, path, info["dtype"], tuple(info["shape"]), start + begin, end - begin)
+        if entry.offset + entry.nbytes > size:
+            raise CheckpointError(f"{path}: ends inside tensor {name!r} (truncated: {size} bytes)")
+        entries[name] = entry
+    return entries
