@@ -1,4 +1,5 @@
-"""Incremental detokenization: split UTF-8 characters, stop strings held back and cut."""
+"""Incremental detokenization: split UTF-8 characters, stop strings held back and cut. On the fast tier's
+tokenizer: the bundled models' byte-level BPE, trained without torch."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import pytest
 from dsnode.inference.detokenizer import Detokenizer
 from dsnode.inference.tokenizer import TextTokenizer
 
+from tests.support.tokenizer import fast_tokenizer, fast_tokenizer_dir  # noqa: F401 - session fixtures
+
 TEXT = "Call me Ishmael. ¿Qué tal? 日本 🚀 — the end."
 
 
-@pytest.fixture(scope="module")
-def tok(dense_dir):
-    return TextTokenizer.from_folder(dense_dir)
+@pytest.fixture
+def tok(fast_tokenizer) -> TextTokenizer:  # noqa: F811 - the session fixture imported above
+    return fast_tokenizer
 
 
 def stream(tok, text, stop=()):

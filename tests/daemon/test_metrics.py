@@ -1,4 +1,4 @@
-"""`GET /metrics` of a real node (transformers engine, bundled dense model) via the aiohttp test client."""
+"""`GET /metrics` of a node (the real app over the fast tier's FakeEngine) via the aiohttp test client."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ from dsnode.record import RequestRecord
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon.api.conftest import MODEL, make_node
+from tests.daemon.api.conftest import MODEL, config_text, fake_engines, make_node  # noqa: F401 - a fixture
+from tests.support.engines import FakeEngine
+from tests.support.fake_nodes import stub_model_dir  # noqa: F401 - a session fixture
+from tests.support.tokenizer import fast_tokenizer, fast_tokenizer_dir  # noqa: F401 - session fixtures
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DASHBOARD, PROMETHEUS_YML = CONFIGS / "grafana-dashboard.json", CONFIGS / "prometheus.yml"
@@ -116,9 +119,9 @@ A40 = GpuReading(
 )  # a board that doesn't report power
 
 
-@pytest_asyncio.fixture(scope="module")
-async def node(tmp_path_factory, dense_dir) -> AsyncIterator[Node]:
-    node = await make_node(tmp_path_factory.mktemp("metrics-node"), dense_dir)
+@pytest_asyncio.fixture
+async def node(tmp_path_factory, stub_model_dir, fake_engines) -> AsyncIterator[Node]:  # noqa: F811
+    node = await make_node(tmp_path_factory.mktemp("metrics-node"), stub_model_dir, fake_engines)
     yield node
     await node.engine.close()
 
@@ -282,18 +285,16 @@ async def test_upstream_state_and_forwarding(client, node):
     assert not {n for n in names(await scrape(client)) if n.startswith("dsnode_upstream_")}
 
 
-async def test_config_reloads_are_counted(tmp_path, dense_dir):
+async def test_config_reloads_are_counted(tmp_path, stub_model_dir, fast_tokenizer):  # noqa: F811
     from dsnode.config import load_config
     from dsnode.server import NodeServer
 
-    from tests.daemon.api.conftest import config_text
-
     path = tmp_path / "dsnode.toml"
-    path.write_text(config_text(dense_dir))
-    server = NodeServer(load_config(path))
+    path.write_text(config_text(stub_model_dir))
+    server = NodeServer(load_config(path), engine=FakeEngine(fast_tokenizer))  # never loaded: not needed here
     registry = server.app[METRICS].registry
     assert await server.reload() is True
-    path.write_text(config_text(dense_dir) + "\n[routing]\nmax_fails = -1\n")
+    path.write_text(config_text(stub_model_dir) + "\n[routing]\nmax_fails = -1\n")
     assert await server.reload() is False
     assert registry.get_sample_value("dsnode_config_reloads_total", {"result": "ok"}) == 1
     assert registry.get_sample_value("dsnode_config_reloads_total", {"result": "failed"}) == 1

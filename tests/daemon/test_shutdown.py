@@ -1,10 +1,11 @@
 """The node's life outside systemd, in process: start, ready, reload, stop with a drain.
 
-`GatedEngine` answers the first token of every request at once and the rest only when the test says
-so, which makes "a request is in flight when the stop comes" a fact rather than a race. One test
-drives the real transformers engine to show its close() fails what is left the same clean way.
-Every server listens on a real loopback port and is driven over HTTP; systemd's side is a datagram
-socket the test reads."""
+The engine is the fast tier's `FakeEngine` (the real `BatchingEngine` over a scripted runner). Held
+(`engine.hold()`), it gives a request its first token and nothing more until `engine.resume()`, which
+makes "a request is in flight when the stop comes" a fact rather than a race; its close() is
+BatchingEngine's own. One test (`model`) drives the real transformers engine to show its close() fails
+what is left the same clean way. Every server listens on a real loopback port and is driven over HTTP;
+systemd's side is a datagram socket the test reads."""
 
 from __future__ import annotations
 
@@ -14,92 +15,39 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 from dsnode.config import load_config
-from dsnode.inference.engine import (
-    Delta,
-    Engine,
-    EngineLoad,
-    EngineNotReady,
-    GenerationRequest,
-    Health,
-    ModelInfo,
-)
+from dsnode.inference.engine import Engine
 from dsnode.inference.tokenizer import TextTokenizer
 from dsnode.server import STOP_MARGIN_S, NodeServer
 from dsnode.systemd import SystemdEnv
 
+from tests.support.engines import FakeEngine
+from tests.support.fake_nodes import MAX_CONTEXT, stub_model_dir  # noqa: F401 - a session fixture
 from tests.support.nodes import free_port
+from tests.support.tokenizer import fast_tokenizer, fast_tokenizer_dir  # noqa: F401 - session fixtures
 
 MODEL = "tiny-gated"
 WAIT_S = 60.0  # a safety net against hangs, never a measurement
-
-
-class GatedEngine(Engine):
-    """First delta at once; the last one when `finish_all()` is called; close() fails the rest
-    with EngineNotReady, as BatchingEngine.close() does."""
-
-    def __init__(self, tokenizer: TextTokenizer, loaded: asyncio.Event | None = None) -> None:
-        super().__init__()
-        self._tokenizer = tokenizer
-        self._loaded_gate = loaded
-        self._ready = False
-        self._closed = False
-        self.live: list[asyncio.Queue[Delta | BaseException]] = []
-
-    @property
-    def info(self) -> ModelInfo:
-        return ModelInfo(MODEL, "gated", "test", "none", 512, "cpu")
-
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        return self._tokenizer
-
-    async def load(self) -> None:
-        if self._loaded_gate is not None:
-            await self._loaded_gate.wait()
-        self._ready = True
-
-    def health(self) -> Health:
-        if self._closed:
-            return Health(False, "engine is shutting down")
-        return Health(True) if self._ready else Health(False, "model is loading")
-
-    def load_figures(self) -> EngineLoad:
-        return EngineLoad(0, len(self.live), 0, 4096, 0.0, 16)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        if self._closed:
-            raise EngineNotReady("the node is shutting down")
-        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-        self.live.append(queue)
-        prompt = len(request.prompt_ids)
-        try:
-            yield Delta("Hello", (1,), prompt, 1)
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        finally:
-            self.live.remove(queue)
-
-    def finish_all(self) -> None:
-        for queue in self.live:
-            queue.put_nowait(Delta(" world", (2,), 1, 2, "length"))
-
-    async def close(self) -> None:
-        self._closed = True
-        for queue in self.live:
-            queue.put_nowait(EngineNotReady("the node is shutting down"))
+REPLY = "Hello world, said the fake model."
 
 
 # --- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer(dense_dir) -> TextTokenizer:
-    return TextTokenizer.from_folder(dense_dir)
+@pytest.fixture
+def tokenizer(fast_tokenizer) -> TextTokenizer:  # noqa: F811 - the session fixture imported above
+    return fast_tokenizer
+
+
+def fake_engine(tokenizer: TextTokenizer, **options: Any) -> FakeEngine:
+    return FakeEngine(tokenizer, name=MODEL, max_context=MAX_CONTEXT, reply=REPLY, **options)
+
+
+def reply_cut_at(tokenizer: TextTokenizer, max_tokens: int) -> str:
+    """The scripted reply as a request with this max_tokens gets it."""
+    return tokenizer.decode(tokenizer.encode(REPLY, add_special_tokens=False)[:max_tokens])
 
 
 def write_config(path: Path, model_dir: Path, port: int, drain_timeout: float, extra: str = "") -> Path:
@@ -123,11 +71,11 @@ class Running:
     """A NodeServer.run() task on this loop, its URL, and the notify socket systemd would read
     (read all the time, as PID 1 does, so the sender never waits on a full queue)."""
 
-    def __init__(self, tmp_path: Path, dense_dir: Path, engine: Engine | None, drain_timeout: float = 30.0,
+    def __init__(self, tmp_path: Path, model_dir: Path, engine: Engine | None, drain_timeout: float = 30.0,
                  watchdog_usec: int | None = None, extra: str = "") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = write_config(tmp_path / "dsnode.toml", dense_dir, self.port, drain_timeout, extra)
+        self.config_path = write_config(tmp_path / "dsnode.toml", model_dir, self.port, drain_timeout, extra)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(tmp_path / "notify"))
         self.notify.setblocking(False)
@@ -181,11 +129,12 @@ class Running:
 
 
 @pytest.fixture
-async def running(tmp_path, dense_dir, tokenizer):
+async def running(tmp_path, stub_model_dir, tokenizer):  # noqa: F811 - the session fixture imported above
     made: list[Running] = []
 
     def make(engine: Engine | None = None, **kwargs: Any) -> Running:
-        node = Running(tmp_path, dense_dir, engine if engine is not None else GatedEngine(tokenizer), **kwargs)
+        node = Running(tmp_path, stub_model_dir, engine if engine is not None else fake_engine(tokenizer),
+                       **kwargs)
         made.append(node)
         return node.start()
 
@@ -221,7 +170,7 @@ async def until(predicate: Any) -> None:
 # --- start ----------------------------------------------------------------------------------------
 async def test_ready_is_announced_only_once_the_port_serves_the_loaded_model(running, tokenizer):
     loaded = asyncio.Event()
-    node = running(GatedEngine(tokenizer, loaded))
+    node = running(fake_engine(tokenizer, load_gate=loaded))
     assert (await node.next_message()).startswith("STATUS=starting")
     assert (await node.next_message()).startswith(f"STATUS=loading model {MODEL} (transformers)")
     async with aiohttp.ClientSession() as session:
@@ -231,31 +180,33 @@ async def test_ready_is_announced_only_once_the_port_serves_the_loaded_model(run
         ready = await node.until_message("READY=1")
         async with session.get(node.url + "/ready") as resp:
             assert resp.status == 200
-    assert ready == f"READY=1\nSTATUS=serving 1 model ({MODEL}, gated on cpu) at {node.url}"
+    assert ready == f"READY=1\nSTATUS=serving 1 model ({MODEL}, fake on cpu) at {node.url}"
     assert not any(m.startswith("READY=1") for m in node.messages[:-1])
     node.server.stop()
     assert await node.exit_code() == 0
 
 
 async def test_watchdog_pings_while_serving_and_while_draining(running, tokenizer):
-    engine = GatedEngine(tokenizer)
+    engine = fake_engine(tokenizer)
     node = running(engine, watchdog_usec=20_000)
     await node.until_message("WATCHDOG=1")
     await node.until_message("READY=1")
     await node.until_message("WATCHDOG=1")
+    engine.hold()
     async with aiohttp.ClientSession() as session:
         async with session.post(node.url + "/v1/chat/completions", json=chat(stream=True)) as resp:
             await resp.content.readline()
             node.server.stop()
             await node.until_message("STOPPING=1")
             await node.until_message("WATCHDOG=1")  # a long drain is not a dead loop
-            engine.finish_all()
-            await resp.read()
+            engine.resume()
+            events = await sse_events(resp)
+    assert events[-1] == "[DONE]" and not any("error" in json.loads(e) for e in events[:-1])
     assert await node.exit_code() == 0
 
 
 async def test_stop_while_loading_exits_0_without_ready(running, tokenizer):
-    node = running(GatedEngine(tokenizer, asyncio.Event()))  # never finishes loading
+    node = running(fake_engine(tokenizer, load_gate=asyncio.Event()))  # never finishes loading
     await node.until_message("STATUS=loading")
     node.server.stop()
     assert await node.exit_code() == 0
@@ -264,11 +215,7 @@ async def test_stop_while_loading_exits_0_without_ready(running, tokenizer):
 
 
 async def test_a_model_that_fails_to_load_exits_1(running, tokenizer):
-    class Broken(GatedEngine):
-        async def load(self) -> None:
-            raise RuntimeError("no weights here")
-
-    node = running(Broken(tokenizer))
+    node = running(fake_engine(tokenizer, load_error="no weights here"))
     assert await node.exit_code() == 1
     await node.until_message("STOPPING=1")
     assert "STATUS=failed: model tiny-gated did not load (see the journal)" in node.messages
@@ -338,9 +285,10 @@ async def test_a_sighup_during_a_reload_makes_one_more(running, monkeypatch):
 
 # --- stop -----------------------------------------------------------------------------------------
 async def test_stop_drains_in_flight_requests_to_completion(running, tokenizer):
-    engine = GatedEngine(tokenizer)
+    engine = fake_engine(tokenizer)
     node = running(engine, drain_timeout=600)
     await node.until_message("READY=1")
+    engine.hold()
     async with aiohttp.ClientSession() as streaming, aiohttp.ClientSession() as waiting, \
             aiohttp.ClientSession() as kept_alive:
         async with kept_alive.get(node.url + "/health") as resp:  # leaves an idle keep-alive connection
@@ -350,7 +298,7 @@ async def test_stop_drains_in_flight_requests_to_completion(running, tokenizer):
         first = json.loads((await stream.content.readline()).decode()[len("data: "):])
         whole = asyncio.ensure_future(waiting.post(node.url + "/v1/completions",
                                                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}))
-        await until(lambda: len(engine.live) == 2)
+        await until(lambda: len(engine.requests) == 2)
 
         signal_self(signal.SIGTERM)
         stopping = await node.until_message("STOPPING=1")
@@ -366,7 +314,7 @@ async def test_stop_drains_in_flight_requests_to_completion(running, tokenizer):
         async with kept_alive.get(node.url + "/ready") as resp:
             assert resp.status == 503
 
-        engine.finish_all()  # the in-flight ones finish normally
+        engine.resume()  # the in-flight ones finish normally
         events = await sse_events(stream)
         stream.release()
         answer = await asyncio.wait_for(whole, WAIT_S)
@@ -378,19 +326,24 @@ async def test_stop_drains_in_flight_requests_to_completion(running, tokenizer):
     assert events[-1] == "[DONE]"
     assert [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]][-1] == "length"
     assert not any("error" in json.loads(e) for e in events[:-1])
-    assert body["choices"][0]["text"] == "Hello world" and body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["text"] == reply_cut_at(tokenizer, 2)
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert engine.aborted == []
     assert await node.exit_code() == 0
 
 
 async def test_what_outlives_the_drain_ends_with_a_clean_error(running, tokenizer):
-    engine = GatedEngine(tokenizer)
+    engine = fake_engine(tokenizer)
     node = running(engine, drain_timeout=0.2)
     await node.until_message("READY=1")
+    engine.hold()  # for good: one token each at most, far from max_tokens
     async with aiohttp.ClientSession() as streaming, aiohttp.ClientSession() as waiting:
-        stream = await streaming.post(node.url + "/v1/chat/completions", json=chat(stream=True))
+        stream = await streaming.post(node.url + "/v1/chat/completions",
+                                      json=chat(stream=True, max_tokens=50))
         await stream.content.readline()
-        whole = asyncio.ensure_future(waiting.post(node.url + "/v1/chat/completions", json=chat(False)))
-        await until(lambda: len(engine.live) == 2)
+        whole = asyncio.ensure_future(waiting.post(node.url + "/v1/chat/completions",
+                                                   json=chat(False, max_tokens=50)))
+        await until(lambda: len(engine.requests) == 2)
         node.server.stop()  # and never finish them
         events = await sse_events(stream)
         stream.release()
@@ -407,11 +360,12 @@ async def test_what_outlives_the_drain_ends_with_a_clean_error(running, tokenize
 
 
 async def test_a_second_signal_cuts_the_drain_short(running, tokenizer):
-    engine = GatedEngine(tokenizer)
+    engine = fake_engine(tokenizer)
     node = running(engine, drain_timeout=3600)
     await node.until_message("READY=1")
+    engine.hold()  # for good
     async with aiohttp.ClientSession() as session:
-        stream = await session.post(node.url + "/v1/chat/completions", json=chat(stream=True))
+        stream = await session.post(node.url + "/v1/chat/completions", json=chat(stream=True, max_tokens=50))
         await stream.content.readline()
         node.server.stop()
         await node.until_message("STOPPING=1")
@@ -423,6 +377,7 @@ async def test_a_second_signal_cuts_the_drain_short(running, tokenizer):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 async def test_the_real_engine_fails_what_outlives_the_drain_cleanly(running, tmp_path, dense_dir):
     """BatchingEngine.close() is what the drain relies on: the running and the queued requests
     (max_running = 1, each asking for 400 tokens) all end with an error event, none hangs."""

@@ -1,9 +1,13 @@
-"""Tokenizer and chat template without transformers: identical to what transformers produces."""
+"""Tokenizer and chat template without transformers: identical to what transformers produces (checked on
+the bundled dense model's folder, a `model` test); the rest on the fast tier's tokenizer, the same
+recipe trained without torch."""
 
 from __future__ import annotations
 
 import pytest
 from dsnode.inference.tokenizer import ChatTemplateError, TextTokenizer
+
+from tests.support.tokenizer import fast_tokenizer, fast_tokenizer_dir  # noqa: F401 - session fixtures
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -11,15 +15,15 @@ MESSAGES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(dense_dir):
-    return TextTokenizer.from_folder(dense_dir)
+@pytest.fixture
+def tok(fast_tokenizer) -> TextTokenizer:  # noqa: F811 - the session fixture imported above
+    return fast_tokenizer
 
 
-def test_chat_template_matches_transformers(tok, dense_dir):
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(dense_dir))
+def test_chat_template_matches_transformers(dense_dir):
+    transformers = pytest.importorskip("transformers")
+    tok = TextTokenizer.from_folder(dense_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(str(dense_dir))
     assert tok.render_chat(MESSAGES) == hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     expected = hf.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=True)
     assert tok.encode_chat(MESSAGES) == list(expected["input_ids"])

@@ -7,14 +7,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 from dsnode.edge import convert as convert_module
 from dsnode.edge.manifest import FORMAT, FORMAT_VERSION, folder_checksum, read_manifest, verify_files
 from dsnode.inference.tokenizer import TextTokenizer
 
 from tests.edge.conftest import convert_cli
+
+onnx = pytest.importorskip("onnx")  # the `convert` extra: the fast tier's venv has none of it
+ort = pytest.importorskip("onnxruntime")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 

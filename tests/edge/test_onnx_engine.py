@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-import onnxruntime
 import pytest
 from dsnode.config import BatchingSection
 from dsnode.inference.engine import ContextLengthExceeded, EngineNotReady
 
 from tests.edge.conftest import loaded, onnx_engine, run, run_all, text_of, tokens_of
+
+onnxruntime = pytest.importorskip("onnxruntime")  # the `edge` extra: the fast tier's venv has none of it
 
 # Text the bundled model was trained on: its greedy continuations have clear top-1 margins.
 CORPUS_PROMPTS = [

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dsnode.edge.onnx_runner import CPU, CUDA, OnnxRunner, RunnerError, choose_providers, open_session
+
+pytest.importorskip("onnxruntime")  # the `edge` extra: the fast tier's venv has none of it
+
+from dsnode.edge.onnx_runner import CPU, CUDA, OnnxRunner, RunnerError, choose_providers, open_session  # noqa: E402
+
+pytestmark = pytest.mark.model  # ONNX Runtime (and, but for test_provider_choice, the bundled model)
 
 PROMPTS = {"a": [5, 17, 99, 200, 31, 8, 77], "b": [40, 41], "c": [300, 12, 12, 64]}
 

@@ -327,6 +327,10 @@ class FakeEngine(BatchingEngine):
                 raise
 
     async def close(self) -> None:
+        # Stop the worker before a parked step goes on, so that step is its last: resumed first, the
+        # worker could run the held requests on to their end before close() stops it (a race).
+        with self._cond:
+            self._stopping = True
         self.runner.resume()  # a parked step would keep close() joining the worker for ever
         await super().close()
 

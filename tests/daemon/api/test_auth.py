@@ -1,4 +1,4 @@
-"""API keys, peer credentials and per-key concurrency, on a real node (the bundled dense model) behind
+"""API keys, peer credentials and per-key concurrency, on a node over the fast tier's FakeEngine behind
 the aiohttp test client (a real loopback socket, so the official `openai` client can talk to it)."""
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from dsnode.cluster.peer_auth import PeerAuth, PeerRefused
 from dsnode.cluster.peers import Poller
 from dsnode.cluster.upstreams import Upstreams
 from dsnode.config import ConfigError, RoutingSection, UpstreamSection, load_config
-from dsnode.inference.backends import build_engine
-from dsnode.inference.engine import Delta, Engine, EngineLoad, GenerationRequest, Health, ModelInfo
+from dsnode.inference.engine import Engine
 from dsnode.node import Node
 from dsnode.probe import probe_host
 from dsnode.secrets import KeyFileError, SecretFileError, read_api_keys, read_cluster_secrets
@@ -30,6 +29,8 @@ from structlog.testing import capture_logs
 
 from tests.daemon.cluster.fakes import MODEL as REMOTE_MODEL
 from tests.daemon.cluster.fakes import FakeUpstream
+from tests.support.engines import DEFAULT_REPLY, FakeEngine
+from tests.support.fake_nodes import fake_engine_for
 
 from .conftest import MODEL, config_text
 
@@ -43,11 +44,11 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_to
 
 
 # --- fixtures -------------------------------------------------------------------------------------
-@pytest_asyncio.fixture(scope="module")
-async def engine(tmp_path_factory, dense_dir) -> AsyncIterator[Engine]:
+@pytest_asyncio.fixture
+async def engine(tmp_path_factory, stub_model_dir, fast_tokenizer) -> AsyncIterator[FakeEngine]:
     path = tmp_path_factory.mktemp("engine") / "dsnode.toml"
-    path.write_text(config_text(dense_dir))
-    engine = build_engine(load_config(path))
+    path.write_text(config_text(stub_model_dir))
+    engine = fake_engine_for(load_config(path), fast_tokenizer)
     await engine.load()
     yield engine
     await engine.close()
@@ -69,13 +70,13 @@ def auth_toml(keys: Path | None = None, secret: Path | None = None, limits: str 
 
 
 @pytest.fixture
-def node_with(tmp_path, dense_dir, engine, aiohttp_client):
+def node_with(tmp_path, stub_model_dir, engine, aiohttp_client):
     """`await node_with(extra_toml, engine=...)` → (node, test client); records land in node.records."""
 
     async def make(extra: str, engine_: Engine | None = None, name: str = "dsnode.toml",
                    routing: str = "") -> tuple[Node, Any]:
         path = tmp_path / name
-        path.write_text(config_text(dense_dir, extra=routing + "\n" + extra))
+        path.write_text(config_text(stub_model_dir, extra=routing + "\n" + extra))
         node = Node(load_config(path), engine_ or engine, probe_host())
         node.records = []  # type: ignore[attr-defined]
         node.observers.append(node.records.append)  # type: ignore[attr-defined]
@@ -137,8 +138,8 @@ def test_a_bad_key_file_names_the_line_never_the_key(tmp_path, model_dir_for_con
 
 
 @pytest.fixture
-def model_dir_for_config(dense_dir):
-    return dense_dir
+def model_dir_for_config(stub_model_dir):
+    return stub_model_dir
 
 
 def test_a_cluster_secret_file_needs_a_long_secret_and_signs_with_the_first(tmp_path):
@@ -207,7 +208,9 @@ async def test_the_official_client_with_a_key_plain_or_hashed(tmp_path, node_wit
         async with openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0) as sdk:
             answer = await sdk.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, user="end-user-7")
-            assert answer.choices[0].message.content is not None
+            content = answer.choices[0].message.content
+            assert content and DEFAULT_REPLY.startswith(content)  # the scripted reply, cut at max_tokens
+            assert answer.usage is not None and answer.usage.completion_tokens == 2
     async with openai.AsyncOpenAI(base_url=base, api_key="sk-not-a-key-of-this-node", max_retries=0) as sdk:
         with pytest.raises(openai.AuthenticationError) as info:
             await sdk.models.list()
@@ -240,11 +243,11 @@ async def test_without_auth_nothing_is_asked_and_no_middleware_runs(node_with):
     assert await document.read() == openapi_bytes(bearer=False)  # the document of tests/e2e/test_fuzz.py
 
 
-async def test_a_reload_rereads_the_key_file_even_if_the_config_did_not_change(tmp_path, dense_dir, engine,
-                                                                              aiohttp_client):
+async def test_a_reload_rereads_the_key_file_even_if_the_config_did_not_change(tmp_path, stub_model_dir,
+                                                                              engine, aiohttp_client):
     keys = keys_file(tmp_path, f"alice: {ALICE}\n")
     path = tmp_path / "dsnode.toml"
-    path.write_text(config_text(dense_dir, extra=auth_toml(keys)))
+    path.write_text(config_text(stub_model_dir, extra=auth_toml(keys)))
     server = NodeServer(load_config(path), engine=engine)
     client = await aiohttp_client(server.app)
     assert (await client.get("/v1/models", headers=bearer(ALICE))).status == 200
@@ -262,12 +265,12 @@ async def test_a_reload_rereads_the_key_file_even_if_the_config_did_not_change(t
     assert ALICE not in repr(logs) and BOB not in repr(logs) and "short" not in repr(logs)
 
 
-async def test_turning_auth_on_needs_a_restart(tmp_path, dense_dir, engine, aiohttp_client):
+async def test_turning_auth_on_needs_a_restart(tmp_path, stub_model_dir, engine, aiohttp_client):
     path = tmp_path / "dsnode.toml"
-    path.write_text(config_text(dense_dir))
+    path.write_text(config_text(stub_model_dir))
     server = NodeServer(load_config(path), engine=engine)
     client = await aiohttp_client(server.app)
-    path.write_text(config_text(dense_dir, extra=auth_toml(keys_file(tmp_path, f"{ALICE}\n"))))
+    path.write_text(config_text(stub_model_dir, extra=auth_toml(keys_file(tmp_path, f"{ALICE}\n"))))
     with capture_logs() as logs:
         assert await server.reload()
     assert any(e["event"] == "config_reload_needs_restart" and "auth" in e["sections"] for e in logs)
@@ -289,48 +292,6 @@ async def test_keys_never_reach_the_logs(tmp_path, node_with):
 
 
 # --- per-key concurrency --------------------------------------------------------------------------
-class Held(Engine):
-    """The real engine, except that each generation stops after its first delta until `release()`."""
-
-    def __init__(self, inner: Engine) -> None:
-        super().__init__()
-        self.inner = inner
-        self.gate = asyncio.Event()
-        self.running = 0
-
-    @property
-    def info(self) -> ModelInfo:
-        return self.inner.info
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.inner.tokenizer
-
-    async def load(self) -> None:
-        pass
-
-    def health(self) -> Health:
-        return self.inner.health()
-
-    def load_figures(self) -> EngineLoad:
-        return self.inner.load_figures()
-
-    async def close(self) -> None:
-        pass
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        self.running += 1
-        try:
-            yield Delta("Hi", (1,), len(request.prompt_ids), 1)
-            await self.gate.wait()
-            yield Delta("!", (2,), len(request.prompt_ids), 2, "length")
-        finally:
-            self.running -= 1
-
-    def release(self) -> None:
-        self.gate.set()
-
-
 async def until(predicate: Any, timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
@@ -338,23 +299,24 @@ async def until(predicate: Any, timeout: float = 30.0) -> None:
 
 
 async def test_concurrent_requests_per_key_are_capped_with_429(tmp_path, node_with, engine):
-    held = Held(engine)
     keys = keys_file(tmp_path, f"alice: {ALICE}\nbob: {BOB}\n")
-    node, client = await node_with(auth_toml(keys, limits="max_concurrent_per_key = 2\n"), engine_=held)
+    node, client = await node_with(auth_toml(keys, limits="max_concurrent_per_key = 2\n"))
     stream = {**CHAT, "stream": True}
+    engine.hold()  # the first request gets its first token; nothing more is generated until resume()
     first = await client.post("/v1/chat/completions", json=stream, headers=bearer(ALICE))
-    second = await client.post("/v1/chat/completions", json=stream, headers=bearer(ALICE))
     await first.content.readline()
-    await second.content.readline()
-    await until(lambda: held.running == 2)
+    second = asyncio.ensure_future(client.post("/v1/chat/completions", json=stream, headers=bearer(ALICE)))
+    await until(lambda: len(engine.requests) == 2)
     refused = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(ALICE))
     assert refused.status == 429 and refused.headers["Retry-After"] == "1"
     assert (await error_of(refused))["code"] == "too_many_concurrent_requests"
     other = asyncio.ensure_future(client.post("/v1/chat/completions", json=stream, headers=bearer(BOB)))
-    await until(lambda: held.running == 3)  # another key is not held back by alice's
-    second.close()  # a client that goes away gives its slot back
+    await until(lambda: len(engine.requests) == 3)  # another key is not held back by alice's
+    second.cancel()  # a client that goes away gives its slot back
+    await asyncio.gather(second, return_exceptions=True)
     await until(lambda: client.app[AUTH].busy.get("alice") == 1)
-    held.release()
+    assert engine.aborted == [engine.requests[1].request_id]  # and its place in the engine
+    engine.resume()
     assert (await first.read()).endswith(b"data: [DONE]\n\n")
     assert (await (await other).read()).endswith(b"data: [DONE]\n\n")
     again = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(ALICE))

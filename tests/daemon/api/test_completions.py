@@ -1,14 +1,27 @@
-"""The OpenAI endpoints through the aiohttp test client, on a real engine and model."""
+"""The OpenAI endpoints through the aiohttp test client, on a real engine and model: the module of exact
+tokens, compared with transformers. (The other API tests run on the fast tier's FakeEngine.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, AsyncIterator
 
+import pytest_asyncio
 from dsnode import headers
+from dsnode.node import Node
 
-from tests.daemon.api.conftest import MODEL
+from tests.daemon.api.conftest import MODEL, make_node
+
+
+@pytest_asyncio.fixture(scope="module")
+async def node(tmp_path_factory, dense_dir) -> AsyncIterator[Node]:
+    """This module's node (the conftest's `client` serves it): the transformers engine on the bundled
+    dense model, where the conftest's is a FakeEngine."""
+    node = await make_node(tmp_path_factory.mktemp("node"), dense_dir)
+    yield node
+    await node.engine.close()
+
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "It was the"}], "max_tokens": 20, "temperature": 0}
 

@@ -1,4 +1,6 @@
-"""Every bad request gets OpenAI's error shape with the right status, and the node keeps serving."""
+"""Every bad request gets OpenAI's error shape with the right status, and the node keeps serving.
+On the fast tier's FakeEngine: the real app, scheduler and batching engine over a scripted runner, so
+engine failures are scripted where they happen (a prefill, the decode after the first token)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import asyncio
 
 import pytest
 from dsnode.api.app import create_app
-from dsnode.inference.engine import EngineError
 
 from tests.daemon.api.conftest import MODEL, make_node
 
@@ -94,9 +95,10 @@ async def test_unknown_path_and_method(client):
     assert_openai_error(await response.json())
 
 
-async def test_body_too_large_is_413(tmp_path, dense_dir, aiohttp_client):
-    node = await make_node(tmp_path, dense_dir, extra="[limits]\nmax_body_bytes = 2000\nmax_messages = 2\n"
-                                                      "max_tokens = 8\n")
+async def test_body_too_large_is_413(tmp_path, stub_model_dir, fake_engines, aiohttp_client):
+    node = await make_node(tmp_path, stub_model_dir, fake_engines,
+                           extra="[limits]\nmax_body_bytes = 2000\nmax_messages = 2\nmax_tokens = 8\n")
+    node.engine.answer("and so on, ", eos=False)  # never ends by itself: only max_tokens stops it
     try:
         client = await aiohttp_client(create_app(node))
         response = await client.post("/v1/completions", json={**OK, "prompt": "x" * 5000})
@@ -110,20 +112,32 @@ async def test_body_too_large_is_413(tmp_path, dense_dir, aiohttp_client):
         assert response.status == 400
         assert_openai_error(await response.json(), "max_tokens_too_large", "max_tokens")
         default = await (await client.post("/v1/completions", json={**OK, "max_tokens": None})).json()
-        assert default["usage"]["completion_tokens"] <= 8
+        assert default["usage"]["completion_tokens"] == 8  # [limits] max_tokens is the default
         await still_serves(client)
     finally:
         await node.engine.close()
 
 
-async def test_full_queue_answers_429_with_retry_after(tmp_path, dense_dir, aiohttp_client):
-    node = await make_node(tmp_path, dense_dir, batching="max_running = 1\nmax_queue = 1\n")
+async def test_full_queue_answers_429_with_retry_after(tmp_path, stub_model_dir, fake_engines,
+                                                       aiohttp_client):
+    node = await make_node(tmp_path, stub_model_dir, fake_engines,
+                           batching="max_running = 1\nmax_queue = 1\n")
+    engine = node.engine
     try:
         client = await aiohttp_client(create_app(node))
         body = {**OK, "max_tokens": 150, "ignore_eos": True}
-        responses = await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(4)])
+        engine.hold()  # the running request stops after its first token: one runs, one waits, two are refused
+        posts = [asyncio.ensure_future(client.post("/v1/completions", json=body)) for _ in range(4)]
+        async with asyncio.timeout(30):
+            while sum(p.done() for p in posts) < 2:
+                await asyncio.wait([p for p in posts if not p.done()], return_when=asyncio.FIRST_COMPLETED)
+        assert sorted(p.result().status for p in posts if p.done()) == [429, 429]
+        await engine.until_held()
+        assert (engine.load_figures().running, engine.load_figures().waiting) == (1, 1)
+        engine.resume()
+        responses = await asyncio.gather(*posts)
         statuses = sorted(r.status for r in responses)
-        assert 200 in statuses and 429 in statuses, statuses
+        assert statuses == [200, 200, 429, 429], statuses
         for response in responses:
             if response.status == 429:
                 assert response.headers["Retry-After"].isdigit()
@@ -135,41 +149,29 @@ async def test_full_queue_answers_429_with_retry_after(tmp_path, dense_dir, aioh
         await node.engine.close()
 
 
-async def test_engine_failure_mid_stream_ends_the_stream_cleanly(client, node, monkeypatch):
-    runner = node.engine._require_loaded().runner
-    real_decode = runner.decode
-    calls = {"n": 0}
-
-    def failing_decode(seq_ids, token_ids):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated device error")
-        return real_decode(seq_ids, token_ids)
-
-    monkeypatch.setattr(runner, "decode", failing_decode)
+async def test_engine_failure_mid_stream_ends_the_stream_cleanly(client, engine):
+    engine.hold()  # after the first token, the next decode waits
     response = await client.post("/v1/completions", json={**OK, "max_tokens": 20, "ignore_eos": True,
                                                           "stream": True})
-    raw = (await response.read()).decode()
     assert response.status == 200  # headers went out with the first token
+    first = (await response.content.readline()).decode()
+    await engine.until_held()
+    engine.runner.fail_decode(RuntimeError("simulated device error"))  # the decode that is waiting
+    engine.resume()
+    raw = first + (await response.read()).decode()
     events = [e for e in raw.split("\n\n") if e]
+    assert events[0].startswith("data: {") and '"error"' not in events[0]
     assert events[-1] == "data: [DONE]"
     assert '"error"' in events[-2] and "simulated device error" in events[-2]
-    monkeypatch.setattr(runner, "decode", real_decode)
     await still_serves(client)
 
 
-async def test_engine_failure_before_first_token_is_500(client, node, monkeypatch):
-    runner = node.engine._require_loaded().runner
-
-    def failing_prefill(*args):
-        raise EngineError("simulated prefill failure")
-
-    monkeypatch.setattr(runner, "prefill", failing_prefill)
+async def test_engine_failure_before_first_token_is_500(client, engine):
+    engine.fail_next_prefill("simulated prefill failure")
     response = await client.post("/v1/completions", json=OK)
     assert response.status == 500
     error = assert_openai_error(await response.json(), "engine_error")
-    assert error["type"] == "server_error"
-    monkeypatch.undo()
+    assert error["type"] == "server_error" and "simulated prefill failure" in error["message"]
     await still_serves(client)
 
 

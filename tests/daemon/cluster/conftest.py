@@ -1,4 +1,5 @@
-"""A real node (the bundled dense model) whose upstreams are scripted fakes on real sockets."""
+"""A real node whose upstreams are scripted fakes on real sockets. Its own engine is the fast tier's
+FakeEngine (the real BatchingEngine on a scripted runner): these tests forward, they never ask it."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest_asyncio
 from dsnode.api.app import create_app
 from dsnode.config import load_config
-from dsnode.inference.backends import build_engine
 from dsnode.node import Node
 from dsnode.probe import probe_host
+
+from tests.support.engines import FakeEngine
+from tests.support.fake_nodes import fake_engine_for, stub_model_dir  # noqa: F401 - a session fixture
+from tests.support.tokenizer import fast_tokenizer, fast_tokenizer_dir  # noqa: F401 - session fixtures
 
 from .fakes import FakeUpstream
 
 LOCAL_MODEL = "tiny-dense"
+# The poller polls every upstream once at start (`edge` waits for that) and not again during a test:
+# what a test's requests find out (a refused connection, a timeout) is then never overwritten by a
+# poll that happened to run in between, nor is a peer's down-ness noticed by the poller first.
+POLL_INTERVAL_S = 3600
 
 
 def node_config(tmp: Path, model_dir: Path, upstreams: list[tuple[str, int]], routing: str = "") -> Path:
@@ -34,7 +42,7 @@ threads = 1
 
 [routing]
 long_prompt_tokens = 16
-poll_interval = 0.1
+poll_interval = {POLL_INTERVAL_S}
 poll_timeout = 2.0
 connect_timeout = 1.0
 first_token_timeout = 5.0
@@ -44,13 +52,15 @@ first_token_timeout = 5.0
     return path
 
 
-@pytest_asyncio.fixture(scope="module")
-async def engine(tmp_path_factory, dense_dir) -> AsyncIterator[Any]:
-    """One loaded engine for the module: the node's local model, which these tests never ask for."""
-    engine = build_engine(load_config(node_config(tmp_path_factory.mktemp("engine"), dense_dir, [])))
+@pytest_asyncio.fixture
+async def engine(tmp_path_factory, stub_model_dir, fast_tokenizer) -> AsyncIterator[FakeEngine]:  # noqa: F811
+    """The node's local model, which these tests never ask for."""
+    config = load_config(node_config(tmp_path_factory.mktemp("engine"), stub_model_dir, []))
+    engine = fake_engine_for(config, fast_tokenizer)
     await engine.load()
     yield engine
     await engine.close()
+    assert engine.requests == [], "a request meant for the upstreams was served locally"
 
 
 @pytest_asyncio.fixture
@@ -68,12 +78,13 @@ async def fakes() -> AsyncIterator[Callable[..., Awaitable[FakeUpstream]]]:
 
 
 @pytest_asyncio.fixture
-async def edge(tmp_path, dense_dir, engine, aiohttp_client) -> Callable[..., Awaitable[tuple[Node, Any]]]:
+async def edge(tmp_path, stub_model_dir, engine,  # noqa: F811 - the session fixture imported above
+               aiohttp_client) -> Callable[..., Awaitable[tuple[Node, Any]]]:
     """`await edge([(url, weight), ...], routing="...")` → (node, test client), once every upstream
     that should be healthy has been polled."""
 
     async def make(upstreams: list[tuple[str, int]], routing: str = "", wait_healthy: int | None = None):
-        config = load_config(node_config(tmp_path, dense_dir, upstreams, routing))
+        config = load_config(node_config(tmp_path, stub_model_dir, upstreams, routing))
         node = Node(config, engine, probe_host())
         client = await aiohttp_client(create_app(node))
         want = len(upstreams) if wait_healthy is None else wait_healthy

@@ -1,4 +1,5 @@
-"""`dsnode bench nccl`: sizes, formulas, the no-GPU answer, a real 2-rank gloo run published to /metrics."""
+"""`dsnode bench nccl`: sizes, formulas, the no-GPU answer, a real 2-rank gloo run published to /metrics.
+The answers that need PyTorch itself are `model` tests, skipped where torch is not installed."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def test_result_path_follows_systemd_state_directory():
     assert result_path("/srv/state") == Path("/srv/state/nccl-allreduce.json")
 
 
+@pytest.mark.model
 def test_without_gpus_it_says_so_and_exits_3(capsys):
-    import torch
+    torch = pytest.importorskip("torch")
 
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA GPUs")
@@ -47,7 +49,9 @@ def test_without_torch_it_says_so(monkeypatch, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_gloo_two_ranks_measure_and_publish(tmp_path, node, monkeypatch, capsys):
+    pytest.importorskip("torch.distributed")
     state = tmp_path / "state"
     monkeypatch.setenv("STATE_DIRECTORY", str(state))  # as systemd's StateDirectory= sets it
     code = main(

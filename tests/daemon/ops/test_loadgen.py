@@ -1,4 +1,5 @@
-"""`dsnode bench load`: the pieces, then real runs against a live node whose /metrics cross-checks them."""
+"""`dsnode bench load`: the pieces, then real runs against a live node (on the fast tier's FakeEngine) whose
+/metrics cross-checks them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon.api.conftest import MODEL
 
-MIX = "8:6:3,100:6:1"  # the bundled dense model's context is 512 tokens: ~2.2 tokens a word here
+MIX = "8:6:3,100:6:1"  # the node's context is 512 tokens (the bundled tokenizer: ~2.2 tokens a word here)
 
 
 def test_parse_mix():
