@@ -168,6 +168,7 @@ def test_the_plan_module_needs_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+@pytest.mark.model  # builds each architecture with transformers
 @pytest.mark.parametrize("architecture", ["deepseek_v3", "mixtral", "qwen2_moe", "qwen2", "llama"])
 def test_every_kind_matches_the_parameters_transformers_builds(architecture):
     """Tiny models of each architecture: the sizing's count of each kind equals the parameters (and
