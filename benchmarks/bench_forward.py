@@ -212,14 +212,7 @@ def median(samples: list[Sample], field: str) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=2000, help="requests per target, concurrency and round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", default="1,32")
-    parser.add_argument("--proxy-cpu", default="0", help="the core the proxies run on (taskset -c)")
-    parser.add_argument("--other-cpus", default="1", help="cores for backends and the load generator")
-    parser.add_argument("--load", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args()
     if args.load:  # the load-generator child
         urls, concurrency, total, pids = json.loads(args.load)
         try:
@@ -230,53 +223,18 @@ def main() -> int:
             result = asyncio.run(run_load(urls, concurrency, total, pids))
         print(json.dumps(result))
         return 0
-
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
         print("nginx is not installed (Debian: apt-get install -y nginx-light); it is the reference here.")
         return 1
-    models = bundled_models()
     work = Path(tempfile.mkdtemp(prefix="dsnode-bench-forward-"))
     procs: list[Proc] = []
     try:
-        backends = [free_port() for _ in WEIGHTS]
-        for i, port in enumerate(backends):
-            toml = node_toml(f"central-{i + 1}", "central", port, MODEL_CENTRAL, models.dense, "transformers")
-            procs.append(serve(f"central-{i + 1}", toml, args.other_cpus, work))
-        edge_port, nginx_port = free_port(), free_port()
-        upstreams = "".join(f'\n[[routing.upstream]]\nurl = "http://127.0.0.1:{p}"\nweight = {w}\n'
-                            for p, w in zip(backends, WEIGHTS))
-        edge_toml = node_toml("edge-1", "edge", edge_port, MODEL_EDGE, models.dense, "transformers",
-                              extra=f"[routing]\npoll_interval = 1.0\n{upstreams}")
-        edge = serve("edge-1", edge_toml, args.proxy_cpu, work)
-        procs.append(edge)
-        proxy = spawn("nginx", pinned(args.proxy_cpu, [nginx, "-c", str(nginx_conf(work, nginx_port, backends))]), work)
-        procs.append(proxy)
-        edge_url, nginx_url = f"http://127.0.0.1:{edge_port}", f"http://127.0.0.1:{nginx_port}"
-        backend_urls = [f"http://127.0.0.1:{p}" for p in backends]
-        for url in [*backend_urls, edge_url]:
-            wait_until(lambda url=url: get_json(url + "/ready")["status"] == "ready", f"{url}/ready")
-        wait_until(lambda: all(p["healthy"] for p in get_json(edge_url + "/cluster")["peers"]), "the edge's peers")
-        wait_until(lambda: urllib.request.urlopen(nginx_url + "/ready", timeout=2).status == 200, "nginx")
-        targets = {
-            "direct": (backend_urls, []),
-            "nginx": ([nginx_url], process_tree(proxy.process.pid)),
-            "dsnode": ([edge_url], [edge.process.pid]),
-        }
+        targets, edge_url = start_targets(args, nginx, work, procs)
         print(f"backends: 2 × dsnode central (tiny dense, max_tokens=1), weights {WEIGHTS}; proxy core "
               f"{args.proxy_cpu}, others {args.other_cpus}; {args.requests} requests × {args.rounds} rounds",
               flush=True)
-        results: dict[tuple[str, int], list[Sample]] = {}
-        for concurrency in [int(c) for c in args.concurrency.split(",")]:
-            for round_ in range(args.rounds):
-                for name, (urls, pids) in targets.items():
-                    sample = measure(urls, pids, concurrency, args.requests, args.other_cpus)
-                    results.setdefault((name, concurrency), []).append(sample)
-                    print(f"  c={concurrency:<3} round {round_ + 1} {name:<7} {sample.rps:8.0f} req/s  "
-                          f"p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms"
-                          + (f"  cpu {sample.cpu_us:6.1f} us/req" if sample.cpu_us is not None else ""),
-                          flush=True)
-        report(results)
+        report(measure_rounds(args, targets))
         split = [p["forwarded"] for p in get_json(edge_url + "/cluster")["peers"]]
         print(f"\ndsnode forwarded per upstream (weights {WEIGHTS}): {split}")
     finally:
@@ -284,6 +242,65 @@ def main() -> int:
             proc.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests per target, concurrency and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,32")
+    parser.add_argument("--proxy-cpu", default="0", help="the core the proxies run on (taskset -c)")
+    parser.add_argument("--other-cpus", default="1", help="cores for backends and the load generator")
+    parser.add_argument("--load", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+Targets = dict[str, tuple[list[str], list[int]]]  # name → (URLs to load, pids whose CPU is counted)
+
+
+def start_targets(args: argparse.Namespace, nginx: str, work: Path, procs: list[Proc]) -> tuple[Targets, str]:
+    """Two centrals, an edge forwarding to them and nginx doing the same, all ready."""
+    models = bundled_models()
+    backends = [free_port() for _ in WEIGHTS]
+    for i, port in enumerate(backends):
+        toml = node_toml(f"central-{i + 1}", "central", port, MODEL_CENTRAL, models.dense, "transformers")
+        procs.append(serve(f"central-{i + 1}", toml, args.other_cpus, work))
+    edge_port, nginx_port = free_port(), free_port()
+    upstreams = "".join(f'\n[[routing.upstream]]\nurl = "http://127.0.0.1:{p}"\nweight = {w}\n'
+                        for p, w in zip(backends, WEIGHTS))
+    edge_toml = node_toml("edge-1", "edge", edge_port, MODEL_EDGE, models.dense, "transformers",
+                          extra=f"[routing]\npoll_interval = 1.0\n{upstreams}")
+    edge = serve("edge-1", edge_toml, args.proxy_cpu, work)
+    procs.append(edge)
+    proxy = spawn("nginx", pinned(args.proxy_cpu, [nginx, "-c", str(nginx_conf(work, nginx_port, backends))]), work)
+    procs.append(proxy)
+    edge_url, nginx_url = f"http://127.0.0.1:{edge_port}", f"http://127.0.0.1:{nginx_port}"
+    backend_urls = [f"http://127.0.0.1:{p}" for p in backends]
+    for url in [*backend_urls, edge_url]:
+        wait_until(lambda url=url: get_json(url + "/ready")["status"] == "ready", f"{url}/ready")
+    wait_until(lambda: all(p["healthy"] for p in get_json(edge_url + "/cluster")["peers"]), "the edge's peers")
+    wait_until(lambda: urllib.request.urlopen(nginx_url + "/ready", timeout=2).status == 200, "nginx")
+    targets = {
+        "direct": (backend_urls, []),
+        "nginx": ([nginx_url], process_tree(proxy.process.pid)),
+        "dsnode": ([edge_url], [edge.process.pid]),
+    }
+    return targets, edge_url
+
+
+def measure_rounds(args: argparse.Namespace, targets: Targets) -> dict[tuple[str, int], list[Sample]]:
+    """Interleaved: every round measures every target, so drift in the machine hits them alike."""
+    results: dict[tuple[str, int], list[Sample]] = {}
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        for round_ in range(args.rounds):
+            for name, (urls, pids) in targets.items():
+                sample = measure(urls, pids, concurrency, args.requests, args.other_cpus)
+                results.setdefault((name, concurrency), []).append(sample)
+                print(f"  c={concurrency:<3} round {round_ + 1} {name:<7} {sample.rps:8.0f} req/s  "
+                      f"p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms"
+                      + (f"  cpu {sample.cpu_us:6.1f} us/req" if sample.cpu_us is not None else ""),
+                      flush=True)
+    return results
 
 
 def report(results: dict[tuple[str, int], list[Sample]]) -> None:
