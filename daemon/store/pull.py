@@ -59,7 +59,12 @@ def pull_remote(store: ModelStore, listing: Listing, options: PullOptions, say: 
         done = len(listing.files) - len(remaining)
         say(f"pulling {options.name}@{listing.version} from {listing.where}: {len(listing.files)} files, "
             f"{human_bytes(sum(f.size for f in listing.files))}" + (f" ({done} already here)" if done else ""))
-        check_free_space(store.root, sum(f.size for f in remaining) - _bytes_under(staging.incoming))
+        try:
+            check_free_space(store.root, sum(f.size for f in remaining) - _bytes_under(staging.incoming))
+        except StoreError:
+            if not staging.verified and not _bytes_under(staging.incoming):
+                staging.discard()  # nothing to resume: leave no trace
+            raise
         with refusals(staging, store.root):
             for file in remaining:
                 _fetch_one(staging, listing, file, options)
@@ -111,7 +116,7 @@ def make_manifest(name: str, version: str, source: dict[str, str], folder: Path,
     return VersionManifest(
         name=name, version=version, source=source, content_sha256=content_sha256(files), files=files,
         format=fmt, quantization=quantization, architecture=architecture,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         created_by=f"dsnode {__version__}", label=label,
     )
 
