@@ -112,7 +112,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def install(host: Host, role: str, config: Path | None, start: bool) -> int:
-    binary = service_binary()
+    binary = service_binary(check_visible=not host.dry)
     print(f"installing dsnode.service running {binary}")
     put_users_and_folders(host)
     put_unit(host, binary)
@@ -131,12 +131,12 @@ def install(host: Host, role: str, config: Path | None, start: bool) -> int:
     return 0
 
 
-def service_binary() -> Path:
+def service_binary(check_visible: bool) -> Path:
     """This venv's `dsnode`: what the unit runs. Refused where the unit's sandbox cannot see it."""
     binary = Path(sys.prefix) / "bin" / "dsnode"
     if not binary.is_file():
         raise InstallError(f"{binary} is missing: install dsnode into a venv (see README) and run its dsnode")
-    for hidden in HIDDEN_FROM_SERVICE:
+    for hidden in HIDDEN_FROM_SERVICE if check_visible else ():
         if binary.is_relative_to(hidden):
             raise InstallError(f"{binary} is under {hidden}, which the service's sandbox hides; install "
                                "dsnode into a venv such as /opt/dsnode (python3 -m venv /opt/dsnode)")

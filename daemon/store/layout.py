@@ -101,6 +101,7 @@ class ModelStore:
             raise StoreError(f"{target}: cannot move the pulled model into place ({exc.strerror})") from None
         if make_current or self.current_version(manifest.name) is None:
             self.set_current(manifest.name, manifest.version)
+        _owned_like_root(target.parent, self.root)
         return self.resolve(f"{manifest.name}@{manifest.version}")
 
     def set_current(self, name: str, version: str) -> None:
@@ -138,6 +139,16 @@ class ModelStore:
         if not base.is_dir():
             return []
         return sorted(p for name in base.iterdir() if name.is_dir() for p in name.iterdir() if p.is_dir())
+
+
+def _owned_like_root(folder: Path, root: Path) -> None:
+    """root pulling into a store the service user owns (/var/lib/dsnode/models is dsnode's): hand the
+    new files to that user, so the node reads them and its own `dsnode models rm` can remove them."""
+    owner = root.stat()
+    if os.geteuid() != 0 or owner.st_uid == 0:
+        return
+    for path in (folder, *folder.rglob("*")):
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
 
 
 def _discard(path: Path, root: Path) -> None:
