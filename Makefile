@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-12)
 
-.PHONY: demo demo-once test test-fast models clean
+.PHONY: demo demo-once test test-fast models wheel clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -m "not slow and not systemd"
 
+# The wheel README's "Install on a host" installs (dsnode is not on PyPI): dist/dsnode-*.whl
+wheel: $(STAMP)
+	$(VENV)/bin/python -m build --wheel --no-isolation --outdir dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info
