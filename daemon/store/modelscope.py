@@ -72,6 +72,9 @@ def modelscope_errors(repo_id: str, revision: str, where: str) -> Iterator[None]
     except errors.NotExistError as exc:
         raise StoreError(f"modelscope:{repo_id}: no such repo or revision {revision!r} at {where} "
                          f"({_first_line(exc)})") from None
+    except errors.FileIntegrityError as exc:
+        raise StoreError(f"modelscope:{repo_id}: {_first_line(exc)} ({where}); the file was discarded and "
+                         "nothing was installed (pull again)") from None
     except (errors.AuthenticationError, errors.PermissionDeniedError):
         raise StoreError(f"modelscope:{repo_id}: {where} refused access; set MODELSCOPE_API_TOKEN") from None
     except (errors.NetworkError, errors.RequestTimeoutError) as exc:

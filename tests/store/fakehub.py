@@ -6,7 +6,12 @@
     HEAD /{repo}/resolve/{rev}/{path}                     X-Repo-Commit, ETag (sha256 for LFS files)
 
 Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound), as the hub's do, so the
-client raises its own exception types. Faults a test can ask for: bytes that differ from what the
+client raises its own exception types. The same repos are served as ModelScope serves them to
+modelscope-hub:
+
+    GET  /api/v1/models/{repo}/repo/files?Revision=R      {"Code": 200, "Data": {"Files": [Path, Size, Sha256]}}
+    GET  /api/v1/models/{repo}/repo?Revision=R&FilePath=P the bytes
+ Faults a test can ask for: bytes that differ from what the
 listing publishes, a connection dropped after N bytes, a response that stalls after N bytes. Runs in
 a thread of its own so a `dsnode` in this process or in a child can talk to it.
 """
@@ -18,6 +23,7 @@ import hashlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
@@ -81,11 +87,18 @@ class FakeHub:
     def downloads(self, path: str) -> list[Request]:
         return [r for r in self.requests if r.method == "GET" and r.path.endswith("/" + path) and "/resolve/" in r.path]
 
+    def modelscope_downloads(self) -> list[str]:
+        """The FilePath of every ModelScope file download, in order."""
+        return [parse_qs(urlsplit(r.path).query)["FilePath"][0] for r in self.requests
+                if r.path.startswith("/api/v1/") and "/repo?" in r.path]
+
     async def _start(self) -> None:
         app = web.Application()
         app.router.add_get("/api/models/{owner}/{name}", self._info)
         app.router.add_get("/api/models/{owner}/{name}/revision/{revision}", self._info)
         app.router.add_route("*", "/{owner}/{name}/resolve/{revision}/{path:.+}", self._resolve)
+        app.router.add_get("/api/v1/models/{owner}/{name}/repo/files", self._modelscope_files)
+        app.router.add_get("/api/v1/models/{owner}/{name}/repo", self._modelscope_file)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -126,6 +139,29 @@ class FakeHub:
             return web.Response(headers={**headers, "Content-Length": str(len(data))})
         return await self._send(request, path, data, start, headers)
 
+    def _modelscope_repo(self, request: web.Request) -> Repo:
+        repo = self.repos.get(f"{request.match_info['owner']}/{request.match_info['name']}")
+        if repo is None or request.query.get("Revision", "master") not in ("master", *repo.revisions):
+            raise web.HTTPNotFound(text='{"Code": 10010205001, "Message": "model or revision not found"}',
+                                   content_type="application/json")
+        return repo
+
+    async def _modelscope_files(self, request: web.Request) -> web.Response:
+        self.requests.append(Request("GET", request.path, None, 0))
+        repo = self._modelscope_repo(request)
+        files = [{"Path": p, "Name": p.rsplit("/", 1)[-1], "Type": "blob", "Size": len(d),
+                  "Sha256": hashlib.sha256(d).hexdigest()} for p, d in sorted(repo.files.items())]
+        return web.json_response({"Code": 200, "Success": True, "Data": {"Files": files}})
+
+    async def _modelscope_file(self, request: web.Request) -> web.StreamResponse:
+        repo = self._modelscope_repo(request)
+        path = request.query.get("FilePath", "")
+        if path not in repo.files:
+            raise web.HTTPNotFound(text='{"Code": 404, "Message": "file not found"}', content_type="application/json")
+        data = self._content(path, repo.files[path])
+        start = _range_start(request.headers.get("Range"))
+        return await self._send(request, path, data, start, {"Accept-Ranges": "bytes"})
+
     def _content(self, path: str, data: bytes) -> bytes:
         if path in self.faults.corrupt:
             return data[:-1] + bytes([data[-1] ^ 0xFF])
@@ -142,7 +178,7 @@ class FakeHub:
         cut = self.faults.drop_after.pop(path, None)
         stall = self.faults.stall_after.pop(path, None)
         limit = cut if cut is not None else stall if stall is not None else len(body)
-        self.requests.append(Request("GET", request.path, request.headers.get("Range"), min(limit, len(body))))
+        self.requests.append(Request("GET", request.path_qs, request.headers.get("Range"), min(limit, len(body))))
         for offset in range(0, min(limit, len(body)), 1 << 20):
             await response.write(body[offset:min(offset + (1 << 20), limit)])
         if cut is not None:
