@@ -32,14 +32,17 @@ class Paths:
 
     root: Path
 
-    def __getattr__(self, name: str) -> Path:
-        relative = {"unit": "etc/systemd/system/dsnode.service", "sysusers": "etc/sysusers.d/dsnode.conf",
-                    "tmpfiles": "etc/tmpfiles.d/dsnode.conf", "config": "etc/dsnode/dsnode.toml",
-                    "config_dir": "etc/dsnode", "state": "var/lib/dsnode", "cache": "var/cache/dsnode",
-                    "dropins": "etc/systemd/system/dsnode.service.d"}
-        if name not in relative:
-            raise AttributeError(name)
-        return self.root / relative[name]
+    def _at(self, relative: str) -> Path:
+        return self.root / relative
+
+    unit = property(lambda self: self._at("etc/systemd/system/dsnode.service"))
+    dropins = property(lambda self: self._at("etc/systemd/system/dsnode.service.d"))
+    sysusers = property(lambda self: self._at("etc/sysusers.d/dsnode.conf"))
+    tmpfiles = property(lambda self: self._at("etc/tmpfiles.d/dsnode.conf"))
+    config_dir = property(lambda self: self._at("etc/dsnode"))
+    config = property(lambda self: self._at("etc/dsnode/dsnode.toml"))
+    state = property(lambda self: self._at("var/lib/dsnode"))
+    cache = property(lambda self: self._at("var/cache/dsnode"))
 
 
 @dataclass

@@ -6,8 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import Any
 
 # Files a node never needs: git plumbing, other frameworks' copies of the weights, originals.
 SKIPPED = (".gitattributes", "*.gguf", "*.h5", "*.msgpack", "*.ot", "original/*", "flax_model*", "tf_model*")
@@ -23,8 +22,8 @@ class RemoteFile:
     git_sha1: str | None = None  # the git blob id: what the hub publishes for small, non-LFS files
 
 
-# fetch(file, part, bar class): make `part` hold the whole file, resuming from what it already holds
-Fetch = Callable[[RemoteFile, Path, "type[tqdm]"], None]  # type: ignore[type-arg]
+# fetch(file, part, tqdm class): make `part` hold the whole file, resuming from what it already holds
+Fetch = Callable[[RemoteFile, Path, Any], None]
 
 
 @dataclass(frozen=True)
