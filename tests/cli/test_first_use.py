@@ -51,7 +51,7 @@ def test_demo_banner_command_works_and_ctrl_c_removes_the_temp_folder(bundled):
         [sys.executable, "-m", "dsnode.cli", "demo", "--port", str(port), "--cache-dir", str(cache_dir())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        banner = _read_until(demo, "Press Ctrl-C to stop.", timeout=300)
+        banner = _read_until(demo, "Press Ctrl-C to stop.", timeout=600)  # as the --once test: busy CI
         work = Path(re.search(r"^  configs  (\S+)$", banner, re.M).group(1))
         status = re.search(r"^  (\S+(?: -m dsnode\.cli)?) status --url (\S+)$", banner, re.M)
         assert status and Path(status.group(1).split()[0]).is_absolute(), banner
