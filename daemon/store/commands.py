@@ -72,6 +72,8 @@ def pull(store: ModelStore, args: PullArgs, hubs: Hubs, cwd: Path) -> int:
         stored = _pull(store, args, hubs, cwd, say)
     except StoreError as exc:
         return _error("pull", exc)
+    except OSError as exc:  # the store itself: not writable (not root, not its owner), not a folder
+        return _error("pull", StoreError(_os_problem(exc, store)))
     except KeyboardInterrupt:
         print("dsnode models pull: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -163,6 +165,8 @@ def remove(store: ModelStore, ref: str, node: NodeConfig, force: bool) -> int:
         removed = store.remove(name, version)
     except StoreError as exc:
         return _error("rm", exc)
+    except OSError as exc:
+        return _error("rm", StoreError(_os_problem(exc, store)))
     for path in removed:
         print(f"removed {path}")
     if version and store.versions(name) and store.current_version(name) is None:
@@ -177,8 +181,16 @@ def use(store: ModelStore, ref: str) -> int:
         store.set_current(stored.name, stored.version)
     except StoreError as exc:
         return _error("use", exc)
+    except OSError as exc:
+        return _error("use", StoreError(_os_problem(exc, store)))
     print(f"{stored.name} -> {stored.version} (restart or reload the nodes that serve {stored.name!r})")
     return 0
+
+
+def _os_problem(exc: OSError, store: ModelStore) -> str:
+    where = exc.filename or store.root
+    hint = " (run it as root, or as the store's owner: sudo -u dsnode …)" if isinstance(exc, PermissionError) else ""
+    return f"{where}: {exc.strerror or exc}{hint}"
 
 
 def _error(command: str, exc: Exception) -> int:

@@ -192,3 +192,11 @@ def test_list_says_which_config_uses_a_version(tmp_path, dense_dir):
     assert listed["store"] == str(store)
     (row,) = listed["models"]
     assert row["used_by"] == [str(node)] and row["current"] and row["bytes"] > 3_000_000
+
+
+def test_a_store_that_cannot_be_written_is_one_line(tmp_path, dense_dir):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    run = models(blocker / "models", "pull", str(dense_dir), "--quiet")
+    assert run.code == 1
+    assert run.stderr.strip().splitlines() == [f"dsnode models pull: error: {blocker / 'models'}: Not a directory"]
