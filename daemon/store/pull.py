@@ -53,6 +53,9 @@ def pull_remote(store: ModelStore, listing: Listing, options: PullOptions, say: 
     existing = already_installed(store, options, listing.version, say)
     if existing is not None:
         return existing
+    if not any(f.path == "config.json" for f in listing.files):
+        raise StoreError(f"{listing.source.get('id')}: no config.json at {listing.where}; "
+                         "not a Hugging Face model folder (dsnode serves causal language models)")
     staging = Staging(store.partial_root(options.name) / listing.version)
     with staging:
         remaining = [f for f in listing.files if not staging.has(f.path, f.size)]
@@ -70,10 +73,6 @@ def pull_remote(store: ModelStore, listing: Listing, options: PullOptions, say: 
                 _fetch_one(staging, listing, file, options)
                 if file.path == "config.json":
                     check_architecture(staging.files, listing.source.get("id", ""), options.check_config)
-        if "config.json" not in staging.verified:
-            staging.discard()
-            raise StoreError(f"{listing.source.get('id')}: no config.json at {listing.where}; "
-                             "not a Hugging Face model folder")
         return install(store, staging, listing.version, listing.source, options)
 
 

@@ -180,3 +180,14 @@ def test_an_unsupported_architecture_is_refused_before_the_weights_come(tmp_path
                                "serves causal language models (…ForCausalLM); nothing was installed"]
     assert online.downloads("model.safetensors") == []
     assert files_under(store) == []
+
+
+def test_a_repo_without_config_json_is_refused_before_any_download(tmp_path, online):
+    del online.repos["acme/big"].files["config.json"]
+    store = tmp_path / "models"
+    run = models(store, "pull", "acme/big", "--quiet")
+    assert run.code == 1
+    assert run.error_lines == [f"dsnode models pull: error: acme/big: no config.json at {online.url} (HF_ENDPOINT); "
+                               "not a Hugging Face model folder (dsnode serves causal language models)"]
+    assert [r for r in online.requests if "/resolve/" in r.path] == []
+    assert files_under(store) == []
