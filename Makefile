@@ -10,7 +10,7 @@ FAST_STAMP := $(FAST_VENV)/.installed-$(DEPS)
 # what the fast tier leaves out: real processes, a booted systemd, and anything needing the models
 FAST_TIER := -m "not slow and not systemd and not model"
 
-.PHONY: demo demo-once test test-fast models clean
+.PHONY: demo demo-once test test-fast models wheel clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +41,9 @@ test: $(STAMP)
 test-fast: $(FAST_STAMP)
 	HF_HUB_OFFLINE=1 $(FAST_VENV)/bin/python -m pytest -q $(FAST_TIER)
 
+# The wheel README's "Install on a host" installs (dsnode is not on PyPI): dist/dsnode-*.whl
+wheel: $(STAMP)
+	$(VENV)/bin/python -m build --wheel --no-isolation --outdir dist .
+
 clean:
-	rm -rf $(VENV) $(FAST_VENV) build *.egg-info
+	rm -rf $(VENV) $(FAST_VENV) build dist *.egg-info

@@ -27,6 +27,8 @@ from pydantic import (
 )
 
 from .secrets import KeyFileError, SecretFileError, Secrets, read_api_keys, read_cluster_secrets, read_secrets
+from .store.layout import DEFAULT_ROOT as DEFAULT_STORE_ROOT
+from .store.refs import resolve_model_path
 
 DEFAULT_CONFIG_PATH = Path("/etc/dsnode/dsnode.toml")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -204,6 +206,21 @@ class TlsSection(_Section):
         return self
 
 
+class StoreSection(_Section):
+    root: Path = DEFAULT_STORE_ROOT  # where `dsnode models pull` puts NAME/VERSION folders
+
+    _root = field_validator("root", mode="before")(lambda cls, v: _as_path(v))
+
+
+class ModelVersion(_Section):
+    """The store version `[model] path` resolved to (set by load_config from its manifest; not a key)."""
+
+    name: str
+    version: str
+    label: str | None = None
+    content_sha256: str
+
+
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console", "journal"] = "auto"
@@ -218,7 +235,9 @@ class Config(_Section):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     tls: TlsSection = Field(default_factory=TlsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    store: StoreSection = Field(default_factory=StoreSection)
     source: Path | None = None  # the file it came from (set by load_config)
+    model_version: ModelVersion | None = None  # when [model] path names a store version (set by load_config)
     _secrets: Secrets | None = PrivateAttr(default=None)  # the [auth] files as load_config read them
 
     def secrets(self) -> Secrets:
@@ -256,11 +275,13 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
     validate a config written for another machine."""
     path = Path(path)
     raw = _read_toml(path)
+    version, why = resolve_model_path(raw, path.resolve().parent)  # NAME / NAME@VERSION → its folder
+    problems = [Problem(str(path), "model.path", why)] if why and check_paths else []
     _resolve_paths(raw, path.resolve().parent)
     read: dict[str, Any] = {}
-    problems = _check_files(raw, str(path), read) if check_paths else []
+    problems += _check_files(raw, str(path), read, model=not problems) if check_paths else []
     try:
-        config = Config.model_validate({**raw, "source": path})
+        config = Config.model_validate({**raw, "source": path, "model_version": version})
     except ValidationError as exc:
         problems = [_problem(path, err) for err in exc.errors()] + problems
         raise ConfigError(problems) from None
@@ -282,8 +303,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(str(path), "(syntax)", f"invalid TOML: {exc}")]) from None
-    if "source" in data:
-        raise ConfigError([Problem(str(path), "source", "unknown key")])
+    for key in ("source", "model_version"):
+        if key in data:
+            raise ConfigError([Problem(str(path), key, "unknown key")])
     return data
 
 
@@ -305,12 +327,13 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
                 table[key] = str(base / value)
 
 
-def _check_files(raw: dict[str, Any], file: str, read: dict[str, Any]) -> list[Problem]:
-    """Checks that need the file system (on the raw tables, so they run even when others fail)."""
+def _check_files(raw: dict[str, Any], file: str, read: dict[str, Any], model: bool) -> list[Problem]:
+    """Checks that need the file system (on the raw tables, so they run even when others fail);
+    `model=False`: the model folder was already found wanting."""
     problems: list[Problem] = []
-    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-    model_dir, backend = model.get("path"), model.get("backend")
-    if isinstance(model_dir, str) and model_dir:
+    model_table = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    model_dir, backend = model_table.get("path"), model_table.get("backend")
+    if model and isinstance(model_dir, str) and model_dir:
         problems += _check_model_dir(Path(model_dir), backend, file)
     for section, keys in _PATH_KEYS.items():
         table = raw.get(section)
@@ -323,7 +346,7 @@ def _check_files(raw: dict[str, Any], file: str, read: dict[str, Any]) -> list[P
     auth = raw.get("auth")
     if isinstance(auth, dict):
         problems += _check_secret_files(auth, file, read)
-    quantization = model.get("quantization", "none")
+    quantization = model_table.get("quantization", "none")
     if backend == "onnx" and quantization != "none":
         problems.append(
             Problem(

@@ -206,7 +206,7 @@ Prompts over {DEMO_LONG_PROMPT_TOKENS} tokens are forwarded to the central (see 
   curl -s {edge.url}/v1/completions -H 'Content-Type: application/json' -i \\
     -d '{long_body}'
 The cluster as the edge sees it:
-  dsnode status --url {edge.url}
+  {dsnode_command()} status --url {edge.url}
 
 Press Ctrl-C to stop.""", flush=True)
 
@@ -216,6 +216,7 @@ def run_demo(cache_dir: Path, once: bool, port: int) -> int:
     work = Path(tempfile.mkdtemp(prefix="dsnode-demo-"))
     central, edge = node_configs(models, work, port)
     nodes = (central, edge)
+    code = 1  # until it has gone well: then the folder of configs and logs is removed, else kept
     try:
         for node in nodes:
             start(node)
@@ -224,20 +225,38 @@ def run_demo(cache_dir: Path, once: bool, port: int) -> int:
             wait_ready(node, deadline)
         wait_for_upstreams(edge, deadline)
         if once:
-            return 0 if ask_twice(edge) else 1
+            code = 0 if ask_twice(edge) else 1
+            return code
         banner(central, edge, work)
         _wait_for_interrupt()
-        return 0
+        code = 0
+        return code
     except RuntimeError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 0
+    except KeyboardInterrupt:  # before the banner: still starting
+        code = 0
+        return code
     finally:
         for node in reversed(nodes):
             stop(node)
-        if once:
-            shutil.rmtree(work, ignore_errors=True)
+        _clean_up(work, keep=code != 0, interactive=not once)
+
+
+def _clean_up(work: Path, keep: bool, interactive: bool) -> None:
+    if keep:
+        print(f"the demo's configs and logs are kept in {work}", file=sys.stderr)
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    if interactive:
+        print(f"\nstopped both nodes; removed {work}", flush=True)
+
+
+def dsnode_command() -> str:
+    """How to run this dsnode from any shell: the venv's script by its full path (`make demo` does not
+    put .venv/bin on PATH), else the interpreter with -m."""
+    script = Path(sys.executable).parent / "dsnode"
+    return str(script) if script.is_file() else f"{sys.executable} -m dsnode.cli"
 
 
 def _wait_for_interrupt() -> None:

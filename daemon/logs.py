@@ -195,3 +195,19 @@ def _quiet_libraries(sender: JournalSender | None) -> None:
     root.setLevel(logging.WARNING)
     for noisy in ("aiohttp.access", "DeepSpeed", "transformers", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _no_progress_bars()
+
+
+def _no_progress_bars() -> None:
+    """Progress bars are for terminals; in a node's log they are lines that aren't events (transformers'
+    `Loading weights: 0%|…` while a checkpoint loads). huggingface_hub's switch turns off its own bars
+    and, read when transformers is imported, transformers' too; an already imported transformers is
+    told directly."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ModuleNotFoundError:
+        return
+    disable_progress_bars()
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None:
+        transformers_logging.disable_progress_bar()

@@ -79,6 +79,8 @@ def run_load(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     requests = args.requests if args.requests is not None else (None if args.duration else 64)
     try:
+        if args.model:
+            asyncio.run(loadgen.check_reachable(url))
         model = args.model or asyncio.run(loadgen.first_model(url, api_key=args.api_key))
     except loadgen.CannotStart as exc:
         print(f"dsnode bench load: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -127,6 +128,29 @@ class CannotStart(Exception):
 
 
 # --- running --------------------------------------------------------------------------------------
+def unreachable(url: str, exc: BaseException) -> CannotStart:
+    """What `dsnode status` says too: the reason in words and where to look, not aiohttp's repr."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        errno = exc.os_error.errno if exc.os_error is not None else None
+        reason = os.strerror(errno) if errno else str(exc.os_error or exc)
+    elif isinstance(exc, asyncio.TimeoutError):
+        reason = "no answer in time"
+    else:
+        reason = str(exc) or type(exc).__name__
+    return CannotStart(f"cannot reach {url} ({reason}). Is the server running there? "
+                       "(a dsnode node: systemctl status dsnode)")
+
+
+async def check_reachable(url: str, timeout_s: float = 10.0) -> None:
+    """Before a run with --model: a server that cannot be reached fails at once, not once per request."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(f"{url}/health"):
+                pass
+    except (aiohttp.ClientConnectorError, asyncio.TimeoutError) as exc:
+        raise unreachable(url, exc) from None
+
+
 async def first_model(url: str, timeout_s: float = 10.0, api_key: str | None = None) -> str:
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
@@ -135,7 +159,7 @@ async def first_model(url: str, timeout_s: float = 10.0, api_key: str | None = N
                     raise CannotStart(f"{url}/v1/models answered HTTP {response.status}")
                 data = await response.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        raise CannotStart(f"cannot reach {url} ({exc or type(exc).__name__})") from None
+        raise unreachable(url, exc) from None
     models = [m.get("id") for m in data.get("data", []) if isinstance(m, dict) and m.get("id")]
     if not models:
         raise CannotStart(f"{url}/v1/models lists no model; pass --model")

@@ -22,8 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from ..hfconfig import ModelFolderError, read_hf_config
-from ..sizing import (FORMATS, KIND_LABELS, KINDS, MIN_COMPUTE_CAPABILITY, PLAN_FORMATS, USABLE_FRACTION, Fit,
-                      ModelShape, describe_spread, fit, gb, model_shape)
+from ..sizing import (
+    FORMATS,
+    KIND_LABELS,
+    KINDS,
+    MIN_COMPUTE_CAPABILITY,
+    PLAN_FORMATS,
+    USABLE_FRACTION,
+    Fit,
+    ModelShape,
+    describe_spread,
+    fit,
+    gb,
+    model_shape,
+)
 
 EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE = 0, 1, 2
 DEFAULT_KV_TOKENS = 32768  # the default [batching] max_batch_tokens

@@ -13,7 +13,6 @@ import urllib.request
 
 import psutil
 import pytest
-
 from dsnode.cli import main
 from dsnode.sizing import EXIT_DOES_NOT_FIT
 

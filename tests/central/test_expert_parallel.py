@@ -27,8 +27,9 @@ def v3_reference(v3):
 
 
 def _ids(prompt: str) -> list[int]:
-    from tests.support.models import bundled_models
     from dsnode.inference.tokenizer import TextTokenizer
+
+    from tests.support.models import bundled_models
 
     return TextTokenizer.from_folder(bundled_models().moe).encode(prompt)
 

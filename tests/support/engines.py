@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Literal, Sequence
 
 import numpy as np
-
 from dsnode.config import BatchingSection
 from dsnode.inference.batching import BatchingEngine, Loaded, RunnerDied, context_limit
 from dsnode.inference.engine import Delta, GenerationRequest, ModelInfo

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from dsnode.central.bundled import VOCAB_SIZE
 from dsnode.central.bundled.corpus import TEXT
 from dsnode.central.bundled.tokenizer import BOS, CHAT_TEMPLATE, IM_END, PAD, train_tokenizer

@@ -1,7 +1,8 @@
-"""One throw-away systemd container per test session, with dsnode installed as docs/systemd.md says.
+"""One throw-away systemd container per test session, with dsnode installed as README says: the wheel
+built from this checkout, `dsnode models pull`, `dsnode install-service`.
 
-What goes in (read-only): this checkout (`/opt/dsnode-src`), the packages of the venv running the
-tests (`/opt/dsnode-deps`, see payload/install.sh), the bundled dense model, and payload/."""
+What goes in (read-only): the wheel (`/opt/dsnode-dist`), the packages of the venv running the tests
+(`/opt/dsnode-deps`, see payload/install.sh), the bundled dense model, and payload/."""
 
 from __future__ import annotations
 
@@ -83,15 +84,26 @@ class Host:
         return f"--- systemctl status\n{status}\n--- journal\n{journal}"
 
 
+def build_wheel(outdir: Path) -> Path:
+    """`python -m build --wheel`, README's command (without isolation: setuptools comes from this venv,
+    so no index is needed)."""
+    done = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(outdir),
+                           str(TREE)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = outdir.glob("dsnode-*.whl")
+    return wheel
+
+
 @pytest.fixture(scope="session")
 def systemd_host(tmp_path_factory, dense_dir) -> Any:
     reason = why_not() or system_python_mismatch()
     if reason:
         pytest.skip(f"no systemd container on this machine: {reason}")
     work = tmp_path_factory.mktemp("systemd")
+    wheel = build_wheel(work / "dist")
     container = SystemdContainer(
         binds_ro={
-            str(TREE): "/opt/dsnode-src",
+            str(wheel.parent): "/opt/dsnode-dist",
             sysconfig.get_paths()["purelib"]: "/opt/dsnode-deps",
             str(dense_dir): "/opt/dsnode-test/model",
             str(PAYLOAD): "/opt/dsnode-test/payload",

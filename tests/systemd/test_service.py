@@ -1,8 +1,10 @@
-"""dsnode as a real systemd service: systemd 252 as PID 1 of a throw-away container, the unit from
-systemd/, the venv in /opt/dsnode, the bundled dense model under /var/lib/dsnode/models.
+"""dsnode as a real systemd service: systemd 252 as PID 1 of a throw-away container, installed from the
+wheel with `dsnode install-service` into the venv /opt/dsnode, the bundled dense model pulled into
+the model store (/var/lib/dsnode/models) with `dsnode models pull`.
 
-The tests share one service and run in file order: start → status → reload → journal → SIGKILL →
-watchdog → stop. Each one leaves the service active for the next, except the last."""
+The tests share one service and run in file order: installed → start → status → reload → journal →
+SIGKILL → watchdog → stop → uninstall. Each one leaves the service active for the next, except the
+last two."""
 
 from __future__ import annotations
 
@@ -41,8 +43,21 @@ def restarted(host: Host, old_pid: str) -> dict[str, str] | None:
     return None
 
 
+def test_the_one_step_install_left_it_enabled_and_serving(systemd_host: Host):
+    assert systemd_host.sh(f"systemctl is-enabled {UNIT}").check().stdout.strip() == "enabled"
+    show = systemd_host.show("ActiveState", "FragmentPath", "ExecStart")
+    assert show["ActiveState"] == "active" and show["FragmentPath"] == "/etc/systemd/system/dsnode.service"
+    assert "path=/opt/dsnode/bin/dsnode" in show["ExecStart"]
+    listed = systemd_host.sh("/opt/dsnode/bin/dsnode models list").check().stdout.splitlines()
+    assert listed[1].split()[0] == "tiny-dense" and listed[1].endswith("/etc/dsnode/dsnode.toml")
+    again = systemd_host.sh("/opt/dsnode/bin/dsnode install-service --role central").check().stdout
+    assert "dsnode.service: unchanged" in again and "dsnode.toml: kept (yours)" in again  # idempotent
+    assert systemd_host.show("NRestarts")["NRestarts"] == "0"
+
+
 def test_start_returns_once_the_port_answers(systemd_host: Host):
-    systemd_host.sh(f"systemctl start {UNIT}").check()  # Type=notify: blocks until READY=1
+    # install-service ran `systemctl start` (Type=notify: it blocks until READY=1) and returned just now
+    systemd_host.sh(f"systemctl start {UNIT}").check()
     ready = systemd_host.client("get", "/ready")  # at once, no retry
     assert ready["status"] == 200 and ready["body"]["model"] == "tiny-dense"
     show = systemd_host.show("ActiveState", "SubState", "StatusText", "WatchdogUSec", "Type", "NRestarts")
@@ -196,3 +211,12 @@ def test_stop_lets_an_in_flight_request_finish(systemd_host: Host):
     assert not host.journal("DSNODE_EVENT=drain_timeout")
     assert [e["DSNODE_CODE"] for e in host.journal("DSNODE_EVENT=exit")] == ["0"]  # one clean exit so far
     assert host.show("ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
+
+
+def test_uninstall_removes_the_service_and_keeps_models_and_config(systemd_host: Host):
+    host = systemd_host
+    out = host.sh("/opt/dsnode/bin/dsnode install-service --uninstall").check().stdout
+    assert "kept /etc/dsnode and the models in /var/lib/dsnode/models" in out
+    assert host.show("LoadState")["LoadState"] == "not-found"
+    assert host.sh("test -f /etc/dsnode/dsnode.toml && test -f /var/lib/dsnode/models/tiny-dense/current/config.json"
+                   ).returncode == 0

@@ -10,7 +10,6 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable
 
 import pytest
-
 from dsnode.config import BatchingSection
 from dsnode.inference.batching import Loaded, RunnerDied
 from dsnode.inference.engine import (
@@ -23,6 +22,7 @@ from dsnode.inference.engine import (
     QueueFull,
     SamplingParams,
 )
+
 from tests.support.engines import DEFAULT_REPLY, FakeEngine
 
 HANG_GUARD_S = 10.0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from dsnode.central.bundled.tokenizer import IM_END
+
 from tests.support.engines import FakeRunner, reply_script
 
 from .test_batching import collect, request

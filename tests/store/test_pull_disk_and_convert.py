@@ -1,0 +1,84 @@
+"""A pull onto a disk that is, or becomes, full (a real tmpfs: root only, skipped elsewhere), and
+`--convert int8` through the real converter."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from dsnode.config import load_config
+from dsnode.store import ModelStore
+from dsnode.store import pull as pull_module
+
+from tests.store.conftest import commit_of, files_under, models
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(megabytes)` → a fresh tmpfs of that size, unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(megabytes: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({run.stderr.strip() or 'not root'})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_disk_too_small_is_refused_before_anything_is_fetched(small_disk, online):
+    disk = small_disk(8)
+    run = models(disk / "models", "pull", "acme/big", "--quiet")
+    assert run.code == 1
+    assert run.error_lines[0].startswith(f"dsnode models pull: error: {disk / 'models'}: not enough free space: "
+                                         "24.0 MiB to pull, 8.0 MiB free")
+    assert online.downloads("model.safetensors") == []
+    assert files_under(disk) == []
+
+
+def test_a_disk_that_fills_up_during_a_hub_pull_keeps_nothing(small_disk, online, monkeypatch):
+    disk = small_disk(16)
+    monkeypatch.setattr(pull_module, "check_free_space", lambda root, needed: root.mkdir(parents=True, exist_ok=True))
+    run = models(disk / "models", "pull", "acme/big", "--quiet")
+    assert run.code == 1
+    assert run.error_lines == [f"dsnode models pull: error: {disk / 'models'}: the disk filled up while pulling; "
+                               "the partial download was removed and nothing was installed"]
+    assert files_under(disk) == []
+    assert ModelStore(disk / "models").names() == []
+
+
+def test_a_disk_that_fills_up_during_a_local_pull_keeps_nothing(small_disk, tmp_path, monkeypatch, dense_dir):
+    disk = small_disk(2)
+    monkeypatch.setattr(pull_module, "check_free_space", lambda root, needed: root.mkdir(parents=True, exist_ok=True))
+    from dsnode.store import local
+
+    monkeypatch.setattr(local, "check_free_space", pull_module.check_free_space)
+    run = models(disk / "models", "pull", str(dense_dir), "--quiet")
+    assert run.code == 1 and "the disk filled up while pulling" in run.stderr, run.stderr
+    assert files_under(disk) == []
+
+
+@pytest.mark.slow
+def test_pull_with_convert_int8_installs_both_versions(tmp_path, online):
+    store = tmp_path / "models"
+    run = models(store, "pull", "acme/tiny", "--convert", "int8", "--quiet")
+    assert run.code == 0, run.stderr
+    version = commit_of("tiny")[:12]
+    converted = ModelStore(store).resolve("tiny-int8")
+    assert converted.version == version
+    assert (converted.manifest.format, converted.manifest.quantization) == ("dsnode-onnx", "int8")
+    assert converted.manifest.source["from"] == f"tiny@{version}"
+    assert ModelStore(store).resolve("tiny").manifest.format == "huggingface"  # the checkpoint stays
+    node = tmp_path / "edge.toml"
+    node.write_text(f'[node]\nrole = "edge"\n[model]\nname = "m"\npath = "tiny-int8"\nbackend = "onnx"\n'
+                    f'[store]\nroot = "{store}"\n')
+    assert load_config(node).model.path == converted.path
+    assert files_under(store / ".partial") == []
