@@ -65,11 +65,3 @@ def dequantize(q: NBitsWeight) -> np.ndarray:
         values = np.stack([low, high], axis=-1).reshape(q.n, -1, q.block_size).astype(np.float32) - 8.0
     weight = values * q.scales[:, :, None]  # (N, blocks, block)
     return weight.reshape(q.n, q.k).T
-
-
-def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An embedding table (V, H) → int8 values (V, H) and one scale per row (V, 1): a Gather of
-    MatMulNBits blobs has no kernel on every provider, a Gather of int8 rows does."""
-    scales = np.maximum(np.abs(table).max(axis=1, keepdims=True), 1e-12) / 127.0  # (V, 1)
-    values = np.clip(np.rint(table / scales), -127, 127).astype(np.int8)
-    return values, scales.astype(np.float32)
