@@ -2,20 +2,18 @@
 
 The graph builder (`edge/graph_builder.py`) needs each weight once, in float32, and then never again.
 Loading the whole model first would hold a 7B checkpoint twice over (bf16 on disk is 15 GB, float32 in
-memory 30 GB): more than an edge-class host has. So the safetensors files are memory-mapped and each
-tensor is decoded on request: bf16 and fp16 widen to float32 in numpy, and the pages are dropped by the
-kernel once read. Peak memory is then about the largest tensor (the embedding table), not the model.
+memory 30 GB): more than an edge-class host has. So only the safetensors headers are read up front, and
+each tensor is read from its file on request (a plain read, not a memory map, so what was read is not
+left counted in the process's resident memory) and widened to float32 in numpy. Peak memory is then
+about the largest tensor (the embedding table), not the model.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
@@ -40,7 +38,6 @@ class Checkpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self._entries: dict[str, _Entry] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.folder}: no *.safetensors weights (the streaming converter reads only those)")
@@ -59,6 +56,20 @@ class Checkpoint:
                 continue
             start, end = entry["data_offsets"]
             self._entries[name] = _Entry(path, entry["dtype"], tuple(entry["shape"]), 8 + size + start, 8 + size + end)
+
+    def check(self, required: list[str]) -> None:
+        """Every `required` tensor is there and every file is as long as its header says: a truncated
+        download is refused before anything is built, not halfway through."""
+        missing = [name for name in required if name not in self._entries]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise CheckpointError(f"{self.folder}: the weights have no {', '.join(missing[:3])}{more}")
+        ends: dict[Path, int] = {}
+        for entry in self._entries.values():
+            ends[entry.path] = max(ends.get(entry.path, 0), entry.end)
+        for path, end in sorted(ends.items()):
+            if path.stat().st_size < end:
+                raise CheckpointError(f"{path}: {path.stat().st_size} bytes, its header needs {end}: truncated")
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -81,11 +92,15 @@ class Checkpoint:
         entry = self._entry(name)
         if entry.dtype not in _DTYPES:
             raise CheckpointError(f"{entry.path}: {name} is {entry.dtype}; only F32, F16 and BF16 weights are read")
-        raw = np.frombuffer(self._map(entry.path), dtype=np.uint8, count=entry.end - entry.start, offset=entry.start)
+        raw = np.empty(entry.end - entry.start, dtype=np.uint8)
+        with open(entry.path, "rb") as f:
+            f.seek(entry.start)
+            if f.readinto(memoryview(raw)) != raw.size:
+                raise CheckpointError(f"{entry.path}: {name} is cut short (the file is truncated)")
         values = raw.view(_DTYPES[entry.dtype]).reshape(entry.shape)
         if entry.dtype == "BF16":
             return (values.astype(np.uint32) << 16).view(np.float32)
-        return values.astype(np.float32)
+        return values.astype(np.float32, copy=entry.dtype != "F32")
 
     def _entry(self, name: str) -> _Entry:
         try:
@@ -93,13 +108,5 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.folder}: the weights have no tensor {name!r}") from None
 
-    def _map(self, path: Path) -> Any:
-        if path not in self._maps:
-            with open(path, "rb") as f:
-                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._maps[path]
-
     def close(self) -> None:
-        for mapped in self._maps.values():
-            mapped.close()
-        self._maps.clear()
+        """Nothing stays open between reads; kept so callers can release a checkpoint explicitly."""

@@ -117,9 +117,11 @@ def convert_model(
     min_agreement: float | None = None,
     progress: Progress | None = None,
     options: ConvertOptions | None = None,
+    validate: bool = True,
 ) -> ConvertResult:
     """Convert `src` into a new folder `dst`; raises ConvertError (and leaves no `dst`) on failure.
-    `options` (target, block size, accuracy level) overrides `quant` when given."""
+    `options` (target, block size, accuracy level) overrides `quant` when given. `validate=False` is for
+    speed checks on random weights only (scripts/gpu_check.py): the manifest then says it was skipped."""
     started = time.monotonic()
     options = options or ConvertOptions(quant=quant)
     options.check()
@@ -134,7 +136,7 @@ def convert_model(
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
-        manifest, report = _convert(src, staging, hf_config, shape, options, min_agreement, progress)
+        manifest, report = _convert(src, staging, hf_config, shape, options, min_agreement, progress, validate)
         staging.chmod(0o755)  # mkdtemp made it private; the daemon may run as another user
         try:
             os.rename(staging, dst)
@@ -182,7 +184,7 @@ def _disk_full(folder: Path) -> bool:
 
 def _convert(
     src: Path, out: Path, hf_config: dict[str, Any], shape: ModelShape | None, options: ConvertOptions,
-    min_agreement: float | None, progress: Progress,
+    min_agreement: float | None, progress: Progress, validate: bool = True,
 ) -> tuple[Manifest, Any]:
     model = None
     with progress.stage("load") as stage:
@@ -191,6 +193,7 @@ def _convert(
             model = _load(src, hf_config)
             layout = _cache_layout(model)
         else:
+            _check_weights(src, shape)
             layout = KVLayout(shape.layers, (shape.kv_heads, shape.head_dim), (shape.kv_heads, shape.head_dim))
         stage.note = f"{hf_config['architectures'][0]}, {parameter_count(src) / 1e6:.1f}M params"
     if shape is None:
@@ -204,8 +207,12 @@ def _convert(
     threshold = MIN_AGREEMENT[options.quant] if min_agreement is None else min_agreement
     graph = GRAPH_EXPORT if shape is None else GRAPH_GQA
     context = int(hf_config.get("max_position_embeddings") or 2048)
-    report = _validate(src, hf_config, model, out, tokenizer, graph, context, options, float_layers, threshold,
-                       progress)
+    report = None
+    if validate:
+        report = _validate(src, hf_config, model, out, tokenizer, graph, context, options, float_layers, threshold,
+                           progress)
+    else:
+        progress.skip("validate", "not asked for")
     with progress.stage("write"):
         manifest = Manifest(
             architecture=hf_config["architectures"][0],
@@ -219,13 +226,23 @@ def _convert(
             tokenizer_sha256=tokenizer.digest,
             files=file_entries(out, [p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME]),
             created_by=f"dsnode {__version__}",
-            validation=report.summary(),
+            validation=report.summary() if report else {"skipped": "converted with validate=False"},
             graph=graph,
             target=options.target,
             weights=options.weights(float_layers),
         )
         (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest, report
+
+
+def _check_weights(src: Path, shape: ModelShape) -> None:
+    from .checkpoint import Checkpoint, CheckpointError
+    from .graph_builder import weight_names
+
+    try:
+        Checkpoint(src).check(weight_names(shape))
+    except CheckpointError as exc:
+        raise ConvertError(str(exc)) from None
 
 
 def _cache_layout(model: Any) -> KVLayout:

@@ -229,6 +229,21 @@ class DecoderBuilder:
                                  opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
 
 
+def weight_names(shape: ModelShape) -> list[str]:
+    """The checkpoint tensors the builder reads (Hugging Face names)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not shape.tied_embeddings:
+        names.append("lm_head.weight")
+    for layer in range(shape.layers):
+        prefix = f"model.layers.{layer}"
+        names += [f"{prefix}.input_layernorm.weight", f"{prefix}.post_attention_layernorm.weight",
+                  *(f"{prefix}.self_attn.{p}_proj.weight" for p in ("q", "k", "v", "o")),
+                  *(f"{prefix}.mlp.{p}_proj.weight" for p in ("gate", "up", "down"))]
+        if shape.qkv_bias:
+            names += [f"{prefix}.self_attn.{p}_proj.bias" for p in ("q", "k", "v")]
+    return names
+
+
 def build_decoder(src: Path, shape: ModelShape, options: BuildOptions, target: Path,
                   on_layer: Callable[[int], None] = lambda layer: None) -> BuildReport:
     """Write `target` (the graph) and `target.data` (its weights) from the checkpoint in `src`."""

@@ -97,7 +97,8 @@ def device_for_target(manifest: Manifest, device: str, available: list[str]) -> 
                 "convert it again with --target cpu for this host")
         return "cuda"
     if device == "cuda":
-        raise RunnerError("this model was converted for target 'cpu' (float32), but model.device = 'cuda'; "
+        missing = "" if CUDA in available else f" (and this onnxruntime has no {CUDA})"
+        raise RunnerError(f"model.device = 'cuda', but this model was converted for target 'cpu' (float32){missing}; "
                           "convert it again with --target cuda for a GPU host")
     if CUDA in available:
         log.warning("model_target_cpu_on_gpu_host", reason="converted with --target cpu: served on the CPU provider")
