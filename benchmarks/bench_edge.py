@@ -58,20 +58,24 @@ def build_source(folder: Path) -> Path:
     return folder
 
 
-def convert_dsnode(source: Path, work: Path, quant: str) -> tuple[Path, dict]:
+def convert_dsnode(source: Path, work: Path, quant: str, reuse: bool) -> tuple[Path, dict]:
     from dsnode.edge.convert import STAGES, convert_model
     from dsnode.edge.progress import Progress
 
     target = work / f"dsnode-{quant}"
+    if reuse and (target / "manifest.json").exists():
+        return target, json.loads((target / "validation.json").read_text())
     shutil.rmtree(target, ignore_errors=True)
     print(f"== dsnode convert --quant {quant}", flush=True)
     result = convert_model(source, target, quant=quant, min_agreement=0.0, progress=Progress(STAGES))
     return target, result.report.summary()
 
 
-def convert_genai(source: Path, work: Path, precision: str, threads: int) -> Path:
+def convert_genai(source: Path, work: Path, precision: str, threads: int, reuse: bool) -> Path:
     """onnxruntime-genai's builder, block 128; its session pinned to `threads` intra-op threads."""
     target = work / f"genai-{precision}"
+    if reuse and (target / "genai_config.json").exists():
+        return target
     shutil.rmtree(target, ignore_errors=True)
     print(f"== onnxruntime-genai builder -p {precision} (block 128)", flush=True)
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(target),
@@ -145,6 +149,7 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cpu", type=int, default=1, help="the core every measured process is pinned to")
+    parser.add_argument("--reuse", action="store_true", help="keep conversions already in --work")
     parser.add_argument("--skip", default="", help="comma-separated contenders to leave out (e.g. 'torch fp32')")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-edge-"))
@@ -155,11 +160,12 @@ def main() -> int:
             build_source(source)
         agreement, contenders = {}, {}
         for quant in ("int8", "int4", "int8-dynamic"):
-            folder, summary = convert_dsnode(source, work, quant)
+            folder, summary = convert_dsnode(source, work, quant, args.reuse)
             contenders[f"dsnode {quant}"] = ("dsnode", folder)
             agreement[f"dsnode {quant}"] = summary["agreement"]
         for precision in ("int8", "int4"):
-            contenders[f"genai {precision}"] = ("genai", convert_genai(source, work, precision, args.threads))
+            contenders[f"genai {precision}"] = ("genai", convert_genai(source, work, precision, args.threads,
+                                                                       args.reuse))
         contenders["torch fp32"] = ("torch", source)
         contenders = {k: v for k, v in contenders.items() if k not in args.skip.split(",")}
         table = medians(run_rounds(contenders, args))

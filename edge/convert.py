@@ -45,17 +45,14 @@ from .manifest import (
     file_entries,
     folder_checksum,
 )
+from .convert_options import MIN_AGREEMENT, QUANTIZATIONS, TARGETS, ConvertError, ConvertOptions
 from .model_shape import ModelShape, NotBuildable, model_shape
-from .nbits import BITS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
+from .nbits import BITS
 from .progress import Progress
 
-QUANTIZATIONS = ("int8", "int4", "int8-dynamic", "none")
-TARGETS = ("cpu", "cuda")
+__all__ = ["QUANTIZATIONS", "TARGETS", "STAGES", "ConvertError", "ConvertOptions", "ConvertResult", "convert_model"]
+
 STAGES = ("load", "export", "quantize", "validate", "write")
-# Top-1 agreement the validation must reach. float32 differs from torch only in summation order, so
-# only near-ties may flip; int8 rounds every weight, so a few close calls flip on a real model; int4
-# rounds sixteen times coarser.
-MIN_AGREEMENT = {"none": 0.95, "int8": 0.80, "int8-dynamic": 0.80, "int4": 0.60}
 # Files an edge needs besides the graph: the tokenizer, its chat template, end-of-sequence ids, config.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -67,39 +64,6 @@ TOKENIZER_FILES = (
 )
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-class ConvertError(Exception):
-    """Bad input or a failed conversion; the message is for the operator, DST was not written."""
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    quant: str = "int8"
-    target: str = "cpu"  # "cuda": float16 activations and cache, for onnxruntime's CUDA provider
-    block_size: int = DEFAULT_BLOCK_SIZE
-    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
-
-    def check(self) -> None:
-        if self.quant not in QUANTIZATIONS:
-            raise ConvertError(f"--quant {self.quant!r}: choose one of {', '.join(QUANTIZATIONS)}")
-        if self.target not in TARGETS:
-            raise ConvertError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ConvertError(f"--block-size {self.block_size}: a power of two, at least 16")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ConvertError(f"--accuracy-level {self.accuracy_level}: 0..4")
-
-    def weights(self, float_layers: dict[str, str]) -> dict[str, Any]:
-        """The manifest's description of how the weights are stored."""
-        if self.quant == "int8-dynamic":
-            return {"method": "MatMulInteger", "bits": 8, "activations": "uint8, per row at run time"}
-        activations = "float16" if self.target == "cuda" else "float32"
-        if self.quant == "none":
-            return {"method": "float", "activations": activations}
-        return {"method": "MatMulNBits", "bits": BITS[self.quant], "block_size": self.block_size,
-                "accuracy_level": self.accuracy_level, "symmetric": True, "activations": activations,
-                "float_layers": dict(float_layers)}
 
 
 @dataclass(frozen=True)

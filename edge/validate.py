@@ -1,6 +1,7 @@
 """The converted model against its source: greedy-token agreement and logit error (convert time; torch).
 
-For each prompt of a fixed set the source model (float32 torch) generates `NEW_TOKENS` greedy tokens.
+For each prompt of a fixed set the source model (torch: float32, or the dtype a large checkpoint is
+stored in) generates `NEW_TOKENS` greedy tokens.
 The ONNX model is then driven through the engine's own `OnnxRunner` with those same tokens (teacher
 forcing): every prompt prefilled alone, then all of them decoded together as one left-padded batch, so
 the padding path the server uses is checked too. At each step we compare the ONNX argmax with the
@@ -46,6 +47,7 @@ class ValidationReport:
     prompts: tuple[PromptResult, ...]
     min_agreement: float
     float_layers: dict[str, str] = field(default_factory=dict)  # quantization asked for, not possible: why
+    reference: str = "float32"  # the dtype the source model computed the references in
 
     @property
     def tokens(self) -> int:
@@ -74,6 +76,7 @@ class ValidationReport:
             "min_agreement": self.min_agreement,
             "passed": self.passed,
             "float_layers": dict(self.float_layers),
+            "reference": self.reference,
         }
 
     def to_json(self) -> str:
@@ -82,7 +85,7 @@ class ValidationReport:
     def render(self) -> str:
         kind = "float32" if self.quantization == "none" else self.quantization
         lines = [
-            (f"validation: {kind} ONNX vs the source model (float32 torch), "
+            (f"validation: {kind} ONNX vs the source model ({self.reference} torch), "
              f"{len(self.prompts)} prompts x {NEW_TOKENS} greedy tokens"),
             f"  {'prompt':<38} {'agree':>7} {'same prefix':>11} {'max |dlogit|':>12}",
         ]
@@ -128,15 +131,17 @@ class Reference:
     ids: list[int]
     tokens: list[int]
     logits: np.ndarray
+    dtype: str = "float32"  # what the source model computed in
 
 
 def references(model: Any, tokenizer: TextTokenizer, on_prompt: Callable[[], None] = lambda: None) -> list[Reference]:
     """Computed before the ONNX model is opened, so the source can be freed first (a 7B source and its
     converted copy do not fit in memory together)."""
     found = []
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     for text, ids in prompt_set(tokenizer):
         tokens, logits = reference(model, ids, NEW_TOKENS)
-        found.append(Reference(text, ids, tokens, logits.astype(np.float32)))
+        found.append(Reference(text, ids, tokens, logits.astype(np.float32), dtype))
         on_prompt()
     return found
 
@@ -160,7 +165,8 @@ def compare(
     for seq in seq_ids:
         runner.release(seq)
     results = [_compare(ref.prompt, ref.tokens, ref.logits, np.stack(got)) for ref, got in zip(refs, onnx_logits)]
-    return ValidationReport(quantization, tuple(results), min_agreement, dict(float_layers or {}))
+    dtype = refs[0].dtype if refs else "float32"
+    return ValidationReport(quantization, tuple(results), min_agreement, dict(float_layers or {}), dtype)
 
 
 def validate(
