@@ -1,6 +1,7 @@
 """Edge engine vs onnxruntime-genai on CPU: decode and prefill speed, bytes, agreement, in one run.
 
-    .venv/bin/python benchmarks/bench_edge.py --rounds 5 --cpu 1          # the table in docs/performance.md
+    .venv/bin/pip install -c constraints-cpu.txt -e '.[bench]'            # onnxruntime-genai, pinned
+    .venv/bin/python benchmarks/bench_edge.py --rounds 3 --cpu 1 --skip "torch fp32"   # docs/performance.md
     .venv/bin/python benchmarks/bench_edge.py --rounds 1 --new 32 --prompt 128   # a quick look
 
 The model is the issue's: a random-weight Qwen2 of 246M parameters with Qwen2-7B's proportions (hidden
