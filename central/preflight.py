@@ -12,8 +12,16 @@ import psutil
 import structlog
 from dsnode.config import BatchingSection, ModelSection
 from dsnode.probe import GPU
-from dsnode.sizing import (DoesNotFit, Fit, ModelShape, UnsupportedArchitecture, fit, fit_summary,
-                           model_shape, serving_format)
+from dsnode.sizing import (
+    DoesNotFit,
+    Fit,
+    ModelShape,
+    UnsupportedArchitecture,
+    fit,
+    fit_summary,
+    model_shape,
+    serving_format,
+)
 
 log = structlog.get_logger("dsnode.central")
 

@@ -23,8 +23,16 @@ from dsnode.sizing import spread_experts
 from torch import nn
 
 from .checkpoint import Checkpoint, CheckpointError
-from .expert_parallel import (DENSE_TYPES, MOE_LAYOUTS, MoeLayout, ShardingError, install_expert_parallel,
-                              keep_shared_parts_whole, moe_blocks, shrink_experts)
+from .expert_parallel import (
+    DENSE_TYPES,
+    MOE_LAYOUTS,
+    MoeLayout,
+    ShardingError,
+    install_expert_parallel,
+    keep_shared_parts_whole,
+    moe_blocks,
+    shrink_experts,
+)
 
 Read = Callable[[Checkpoint, torch.Tensor], None]  # fills one tensor of the model from the checkpoint
 

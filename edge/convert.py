@@ -1,7 +1,14 @@
 """`dsnode convert`: a Hugging Face causal-LM folder → a self-describing ONNX model folder for the edge.
 
-Stages: load (check the source, checksum it, load it in float32), export (ONNX with KV cache), quantize
-(int8 MatMul weights, or skipped), validate (against the source, through the engine's runner), write
+Two graphs, chosen by architecture (docs/edge.md, "Formats"):
+- "gqa" (dense Llama-family models: llama, qwen2, mistral): built by `edge/graph_builder.py` straight from
+  the safetensors, one weight at a time, quantized as it goes (MatMulNBits int8/int4, or float), with
+  GroupQueryAttention over an in-place KV buffer. Stages: load (check and checksum the source; torch is
+  not needed), export (build + quantize, layer by layer), validate (the source model in its own dtype
+  computes the reference first and is freed before the ONNX model is opened), write.
+- "export" (MoE/MLA models, and `--quant int8-dynamic`): the source traced by torch.onnx in float32
+  (`edge/export.py`), then quantized (MatMulNBits weights, or the older MatMulInteger format).
+Stages: load, export, quantize, validate (against the source, through the engine's runner), write
 (tokenizer files, report, manifest). Everything is written into a hidden sibling of DST and renamed
 to DST at the very end, so a failure or Ctrl-C never leaves a half-written DST; free space is checked
 against an estimate before anything is written.
@@ -10,6 +17,7 @@ against an estimate before anything is written.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import math
 import os
@@ -26,21 +34,25 @@ from dsnode.hfconfig import ModelFolderError, read_hf_config
 from dsnode.inference.tokenizer import TextTokenizer, TokenizerError
 
 from .architectures import UnsupportedModel, check_supported
+from .convert_options import MIN_AGREEMENT, QUANTIZATIONS, TARGETS, ConvertError, ConvertOptions
 from .manifest import (
+    GRAPH_EXPORT,
+    GRAPH_GQA,
     MANIFEST_NAME,
     ONNX_FILE,
     VALIDATION_NAME,
+    KVLayout,
     Manifest,
     file_entries,
     folder_checksum,
 )
+from .model_shape import ModelShape, NotBuildable, model_shape
+from .nbits import BITS
 from .progress import Progress
 
-QUANTIZATIONS = ("int8", "none")
+__all__ = ["QUANTIZATIONS", "TARGETS", "STAGES", "ConvertError", "ConvertOptions", "ConvertResult", "convert_model"]
+
 STAGES = ("load", "export", "quantize", "validate", "write")
-# Top-1 agreement the validation must reach. float32 differs from torch only in summation order, so
-# only near-ties may flip; int8 rounds every weight, so a few close calls flip on a real model.
-MIN_AGREEMENT = {"none": 0.95, "int8": 0.80}
 # Files an edge needs besides the graph: the tokenizer, its chat template, end-of-sequence ids, config.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -52,10 +64,6 @@ TOKENIZER_FILES = (
 )
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-class ConvertError(Exception):
-    """Bad input or a failed conversion; the message is for the operator, DST was not written."""
 
 
 @dataclass(frozen=True)
@@ -72,22 +80,27 @@ def convert_model(
     quant: str = "int8",
     min_agreement: float | None = None,
     progress: Progress | None = None,
+    options: ConvertOptions | None = None,
+    validate: bool = True,
 ) -> ConvertResult:
-    """Convert `src` into a new folder `dst`; raises ConvertError (and leaves no `dst`) on failure."""
+    """Convert `src` into a new folder `dst`; raises ConvertError (and leaves no `dst`) on failure.
+    `options` (target, block size, accuracy level) overrides `quant` when given. `validate=False` is for
+    speed checks on random weights only (scripts/gpu_check.py): the manifest then says it was skipped."""
     started = time.monotonic()
+    options = options or ConvertOptions(quant=quant)
+    options.check()
     src, dst = Path(src).expanduser().absolute(), Path(dst).expanduser().absolute()
-    if quant not in QUANTIZATIONS:
-        raise ConvertError(f"--quant {quant!r}: choose one of {', '.join(QUANTIZATIONS)}")
     hf_config = check_source(src)
     if dst.exists():
         raise ConvertError(f"{dst}: already exists; remove it or choose another destination")
     parent = _existing_ancestor(dst.parent)
-    check_free_space(parent, estimate_bytes(src, hf_config, quant))
+    shape = buildable_shape(hf_config, options)
+    check_free_space(parent, estimate_bytes(src, hf_config, options.quant, gqa=shape is not None))
     progress = progress or Progress(STAGES)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
-        manifest, report = _convert(src, staging, hf_config, quant, min_agreement, progress)
+        manifest, report = _convert(src, staging, hf_config, shape, options, min_agreement, progress, validate)
         staging.chmod(0o755)  # mkdtemp made it private; the daemon may run as another user
         try:
             os.rename(staging, dst)
@@ -107,6 +120,22 @@ def convert_model(
     return ConvertResult(dst, manifest, report, time.monotonic() - started)
 
 
+def buildable_shape(hf_config: dict[str, Any], options: ConvertOptions) -> ModelShape | None:
+    """The shape for the GQA builder, or None for the traced-export path (which has no float16 target)."""
+    if options.quant == "int8-dynamic":
+        if options.target != "cpu":
+            raise ConvertError("--quant int8-dynamic runs on the CPU only (MatMulInteger over uint8 activations "
+                               "has no CUDA kernel); use --quant int8 or int4 for --target cuda")
+        return None
+    try:
+        return model_shape(hf_config)
+    except NotBuildable as exc:
+        if options.target != "cpu":
+            raise ConvertError(f"--target {options.target}: this model takes the traced-export path ({exc}), "
+                               "which is built for the CPU only") from None
+        return None
+
+
 DISK_FULL_BELOW_BYTES = 4 * 2**20
 
 
@@ -118,69 +147,138 @@ def _disk_full(folder: Path) -> bool:
 
 
 def _convert(
-    src: Path, out: Path, hf_config: dict[str, Any], quant: str, min_agreement: float | None, progress: Progress
+    src: Path, out: Path, hf_config: dict[str, Any], shape: ModelShape | None, options: ConvertOptions,
+    min_agreement: float | None, progress: Progress, validate: bool = True,
 ) -> tuple[Manifest, Any]:
-    # torch and transformers are imported here, not at module level: `dsnode --help` stays fast
-    from .export import OPSET, cache_layout, export_onnx
-
+    model = None
     with progress.stage("load") as stage:
         source_sha256 = folder_checksum(src)
-        model = _load(src, hf_config)
-        layout = cache_layout(model)
-        stage.note = f"{hf_config['architectures'][0]}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params"
-    work = out / "export"
-    work.mkdir()
-    with progress.stage("export") as stage:
-        export_onnx(model, work / ONNX_FILE, layout)
-        stage.note = f"opset {OPSET}, {_mb(_bytes(work))}"
-    _quantize(work / ONNX_FILE, out / ONNX_FILE, quant, progress)
-    shutil.rmtree(work)
+        if shape is None:
+            model = _load(src, hf_config)
+            layout = _cache_layout(model)
+        else:
+            _check_weights(src, shape)
+            layout = KVLayout(shape.layers, (shape.kv_heads, shape.head_dim), (shape.kv_heads, shape.head_dim))
+        stage.note = f"{hf_config['architectures'][0]}, {parameter_count(src) / 1e6:.1f}M params"
+    if shape is None:
+        opset, float_layers = _export_and_quantize(model, out, layout, options, progress)
+    else:
+        opset, float_layers = _build(src, out, shape, options, progress)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
     tokenizer = _tokenizer(out)
-    threshold = MIN_AGREEMENT[quant] if min_agreement is None else min_agreement
-    report = _validate(model, out, tokenizer, quant, threshold, progress)
+    threshold = MIN_AGREEMENT[options.quant] if min_agreement is None else min_agreement
+    graph = GRAPH_EXPORT if shape is None else GRAPH_GQA
+    context = int(hf_config.get("max_position_embeddings") or 2048)
+    report = None
+    if validate:
+        report = _validate(src, hf_config, model, out, tokenizer, graph, context, options, float_layers, threshold,
+                           progress)
+    else:
+        progress.skip("validate", "not asked for")
     with progress.stage("write"):
         manifest = Manifest(
             architecture=hf_config["architectures"][0],
             model_type=str(hf_config["model_type"]),
-            quantization=quant,
-            opset=OPSET,
+            quantization=options.quant,
+            opset=opset,
             onnx_file=ONNX_FILE,
-            context_limit=int(hf_config.get("max_position_embeddings") or 2048),
+            context_limit=context,
             kv=layout,
             source={"path": str(src), "sha256": source_sha256},
             tokenizer_sha256=tokenizer.digest,
             files=file_entries(out, [p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST_NAME]),
             created_by=f"dsnode {__version__}",
-            validation=report.summary(),
+            validation=report.summary() if report else {"skipped": "converted with validate=False"},
+            graph=graph,
+            target=options.target,
+            weights=options.weights(float_layers),
         )
         (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest, report
 
 
-def _quantize(exported: Path, target: Path, quant: str, progress: Progress) -> None:
-    from .quantize import place_float, quantize_int8
+def _check_weights(src: Path, shape: ModelShape) -> None:
+    from .checkpoint import Checkpoint, CheckpointError
+    from .graph_builder import weight_names
 
-    if quant == "none":
+    try:
+        Checkpoint(src).check(weight_names(shape))
+    except CheckpointError as exc:
+        raise ConvertError(str(exc)) from None
+
+
+def _cache_layout(model: Any) -> KVLayout:
+    from .export import cache_layout
+
+    return cache_layout(model)
+
+
+def _build(src: Path, out: Path, shape: ModelShape, options: ConvertOptions,
+           progress: Progress) -> tuple[int, dict[str, str]]:
+    """The GQA graph, quantized weight by weight while it is built (no float copy of the model on disk)."""
+    from .graph_builder import OPSET, BuildOptions, build_decoder
+
+    build = BuildOptions(options.quant if options.quant != "int8-dynamic" else "none", options.target,
+                         options.block_size, options.accuracy_level)
+    with progress.stage("export", total=shape.layers) as stage:
+        report = build_decoder(src, shape, build, out / ONNX_FILE, on_layer=lambda layer: stage.advance())
+        stage.note = f"GQA graph, {_mb(_bytes(out))}"
+    if options.quant == "none":
+        progress.skip("quantize", "--quant none")
+    else:
+        progress.skip("quantize", f"done in export, weight by weight: {options.quant} MatMulNBits, "
+                                  f"block {options.block_size}, {len(report.quantized)} weights")
+    return OPSET, report.float_layers
+
+
+def _export_and_quantize(model: Any, out: Path, layout: KVLayout, options: ConvertOptions,
+                         progress: Progress) -> tuple[int, dict[str, str]]:
+    from .export import OPSET, export_onnx
+
+    work = out / "export"
+    work.mkdir()
+    with progress.stage("export") as stage:
+        export_onnx(model, work / ONNX_FILE, layout)
+        stage.note = f"opset {OPSET}, {_mb(_bytes(work))}"
+    float_layers = _quantize(work / ONNX_FILE, out / ONNX_FILE, options, progress)
+    shutil.rmtree(work)
+    return OPSET, float_layers
+
+
+def _quantize(exported: Path, target: Path, options: ConvertOptions, progress: Progress) -> dict[str, str]:
+    from .quantize import place_float, quantize_int8, quantize_nbits
+
+    if options.quant == "none":
         place_float(exported, target)
         progress.skip("quantize", "--quant none")
-        return
+        return {}
+    float_layers: dict[str, str] = {}
     with progress.stage("quantize") as stage:
-        quantize_int8(exported, target)
+        if options.quant == "int8-dynamic":
+            quantize_int8(exported, target)
+        else:
+            float_layers = quantize_nbits(exported, target, BITS[options.quant], options.block_size,
+                                          options.accuracy_level)
         stage.note = f"{_mb(_bytes(exported.parent))} -> {_mb(_bytes(target.parent, exclude=exported.parent))}"
+    return float_layers
 
 
-def _validate(model: Any, out: Path, tokenizer: TextTokenizer, quant: str, threshold: float,
+def _validate(src: Path, hf_config: dict[str, Any], model: Any, out: Path, tokenizer: TextTokenizer, graph: str,
+              context: int, options: ConvertOptions, float_layers: dict[str, str], threshold: float,
               progress: Progress) -> Any:
     """The report, printed and saved; ConvertError when the agreement is below `threshold`."""
-    from .onnx_runner import OnnxRunner, open_session
-    from .validate import prompt_set, validate
+    from .validate import compare, prompt_set, references
 
     with progress.stage("validate", total=len(prompt_set(tokenizer))) as stage:
-        runner = OnnxRunner(open_session(out / ONNX_FILE, device="cpu"))
-        report = validate(model, runner, tokenizer, quant, threshold, on_prompt=stage.advance)
+        if model is None:  # the GQA path: the source in its own dtype, only for as long as it is needed
+            model = _load(src, hf_config, source_dtype=True)
+        refs = references(model, tokenizer, on_prompt=stage.advance)
+        del model
+        gc.collect()
+        runner = _runner(out, graph, context)
+        report = compare(refs, runner, options.quant, threshold, float_layers)
         runner.close()
         stage.note = f"agreement {report.agreement:.1%}"
     progress.result(report.render())
@@ -191,6 +289,15 @@ def _validate(model: Any, out: Path, tokenizer: TextTokenizer, quant: str, thres
             f"(report above; --min-agreement lowers the bar)"
         )
     return report
+
+
+def _runner(out: Path, graph: str, context: int) -> Any:
+    """The engine's own runner for the new folder, on the CPU (the converting host may have no GPU)."""
+    from .onnx_runner import OnnxRunner, open_session
+    from .slot_runner import SlotRunner
+
+    session = open_session(out / ONNX_FILE, device="cpu")
+    return SlotRunner(session, context) if graph == GRAPH_GQA else OnnxRunner(session)
 
 
 def check_source(src: Path) -> dict[str, Any]:
@@ -209,15 +316,34 @@ def check_source(src: Path) -> dict[str, Any]:
     return hf_config
 
 
-def _load(src: Path, hf_config: dict[str, Any]) -> Any:
+def _load(src: Path, hf_config: dict[str, Any], source_dtype: bool = False) -> Any:
+    """The source model in float32, or with `source_dtype` in the dtype its weights are stored in
+    (bf16 for a 7B checkpoint: half the memory of float32)."""
+    import torch
+
     from .export import load_source
 
+    dtype = torch.float32
+    if source_dtype:
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(_stored_dtype(src), torch.float32)
     try:
-        return load_source(src, hf_config)
+        return load_source(src, hf_config, dtype)
     except UnsupportedModel as exc:
         raise ConvertError(str(exc)) from None
     except Exception as exc:  # safetensors, torch and transformers each raise their own types
         raise ConvertError(f"{src}: transformers cannot load it: {type(exc).__name__}: {exc}") from None
+
+
+def _stored_dtype(src: Path) -> str:
+    from .checkpoint import Checkpoint, CheckpointError
+
+    try:
+        checkpoint = Checkpoint(src)
+    except CheckpointError:
+        return "F32"
+    dtype = checkpoint.dtype()
+    checkpoint.close()
+    return dtype
 
 
 def _tokenizer(folder: Path) -> TextTokenizer:
@@ -248,14 +374,21 @@ def parameter_count(src: Path) -> int:
     return total
 
 
-def estimate_bytes(src: Path, hf_config: dict[str, Any], quant: str) -> int:
-    """Peak disk use while converting: the float32 graph (plus a transposed copy of tied embeddings),
-    and the int8 graph beside it until the float32 one is deleted."""
-    float32 = parameter_count(src) * 4
+def estimate_bytes(src: Path, hf_config: dict[str, Any], quant: str, gqa: bool = False) -> int:
+    """Peak disk use while converting. The GQA builder writes only the result (bytes per parameter:
+    ~1.05 int8, ~0.55 int4, 4 float; the embedding table once more as int8 rows). The export path
+    writes the float32 graph (plus a transposed copy of tied embeddings), and the quantized graph beside
+    it until the float32 one is deleted."""
+    params = parameter_count(src)
+    embedding = int(hf_config.get("vocab_size", 0)) * int(hf_config.get("hidden_size", 0))
+    if gqa:
+        per_param = {"int8": 1.05, "int4": 0.55}.get(quant, 4.0)
+        return int((params + embedding) * per_param * 1.1) + 64 * 2**20
+    float32 = params * 4
     if hf_config.get("tie_word_embeddings"):
-        float32 += int(hf_config.get("vocab_size", 0)) * int(hf_config.get("hidden_size", 0)) * 4
-    int8 = float32 // 2 if quant == "int8" else 0
-    return int((float32 + int8) * 1.1) + 64 * 2**20
+        float32 += embedding * 4
+    quantized = float32 // 2 if quant != "none" else 0
+    return int((float32 + quantized) * 1.1) + 64 * 2**20
 
 
 def check_free_space(folder: Path, needed: int) -> None:

@@ -1,4 +1,4 @@
-"""`dsnode convert SRC DST [--quant int8|none]`: registered by `dsnode.cli` when this module exists.
+"""`dsnode convert SRC DST [--quant int8|int4|int8-dynamic|none] [--target cpu|cuda]`: registered by `dsnode.cli` when this module exists.
 
 Only argparse here: torch and transformers load when the command runs, not when `dsnode` starts.
 """
@@ -13,15 +13,24 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "convert",
-        help="Hugging Face checkpoint folder -> ONNX model with KV cache (-> int8), validated",
+        help="Hugging Face checkpoint folder -> ONNX model with KV cache (-> int8/int4), validated",
         description="Convert a Hugging Face causal-LM folder into an ONNX model folder the edge serves "
         "(backend = \"onnx\"). Progress goes to stderr, the validation report to stdout.",
     )
     p.add_argument("src", type=Path, metavar="SRC", help="Hugging Face model folder (config.json, weights, tokenizer)")
     p.add_argument("dst", type=Path, metavar="DST", help="new folder to create (must not exist)")
-    p.add_argument("--quant", choices=("int8", "none"), default="int8",
-                   help="int8 (default): int8 weights, activations quantized per token at run time; "
-                   "none: float32")
+    p.add_argument("--quant", choices=("int8", "int4", "int8-dynamic", "none"), default="int8",
+                   help="int8 (default) / int4: weight-only blocks (MatMulNBits: runs on the CPU and on "
+                   "CUDA GPUs); int8-dynamic: int8 weights x uint8 activations (MatMulInteger: CPU only); "
+                   "none: float")
+    p.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default): float32 activations for the CPU provider; cuda: float16 activations "
+                   "and cache for the CUDA provider (e.g. a T4). The folder serves that target only")
+    p.add_argument("--block-size", type=int, default=128, metavar="N",
+                   help="int8/int4: input features per quantization block (power of two; default 128)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=range(5), metavar="L",
+                   help="int8/int4: MatMulNBits compute type on the CPU (4 = int8, fastest; 0 = as the "
+                   "activations; default 4)")
     p.add_argument("--min-agreement", type=_fraction, default=None, metavar="F",
                    help="top-1 token agreement with the source the validation requires "
                    "(0..1; default 0.80 for int8, 0.95 for none)")
@@ -37,12 +46,13 @@ def _fraction(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .convert import STAGES, ConvertError, convert_model
+    from .convert import STAGES, ConvertError, ConvertOptions, convert_model
     from .progress import Progress
 
+    options = ConvertOptions(args.quant, args.target, args.block_size, args.accuracy_level)
     try:
-        result = convert_model(args.src, args.dst, quant=args.quant, min_agreement=args.min_agreement,
-                               progress=Progress(STAGES, enabled=not args.quiet))
+        result = convert_model(args.src, args.dst, min_agreement=args.min_agreement,
+                               progress=Progress(STAGES, enabled=not args.quiet), options=options)
     except ConvertError as exc:
         print(f"dsnode convert: error: {exc}", file=sys.stderr)
         return 1
@@ -50,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"dsnode convert: error: conversion failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if not args.quiet:
-        print(f"wrote {result.path} ({result.manifest.quantization}, {result.seconds:.1f}s); "
+        print(f"wrote {result.path} ({result.manifest.quantization}, target {result.manifest.target}, "
+              f"{result.seconds:.1f}s); "
               f"serve it with [model] backend = \"onnx\", path = \"{result.path}\"")
     return 0

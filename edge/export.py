@@ -23,13 +23,13 @@ from .manifest import KVLayout
 OPSET = 18
 
 
-def load_source(folder: Path, hf_config: dict[str, Any]) -> Any:
-    """The source model in float32 on the CPU, with the attention and experts code that exports."""
+def load_source(folder: Path, hf_config: dict[str, Any], dtype: Any = torch.float32) -> Any:
+    """The source model on the CPU (float32 unless asked), with the attention and experts code that exports."""
     experts = check_supported(hf_config)
     kwargs: dict[str, Any] = {"experts_implementation": experts} if experts else {}
     hf_logging.disable_progress_bar()  # the converter shows its own progress
     model = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=torch.float32, attn_implementation="sdpa", **kwargs
+        str(folder), dtype=dtype, attn_implementation="sdpa", low_cpu_mem_usage=True, **kwargs
     ).eval()
     sliding = [type(layer).__name__ for layer in DynamicCache(config=model.config).layers]
     if any(kind != "DynamicLayer" for kind in sliding):

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "dsnode-onnx"
-FORMAT_VERSION = 1
+# 2 added `graph`, `target` and `weights`; a version-1 folder reads as an "export" graph for the CPU.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+GRAPH_GQA = "gqa"  # built by edge/graph_builder.py, served by SlotRunner
+GRAPH_EXPORT = "export"  # traced by edge/export.py, served by OnnxRunner
 MANIFEST_NAME = "manifest.json"
 ONNX_FILE = "model.onnx"
 VALIDATION_NAME = "validation.json"
@@ -45,7 +49,7 @@ class KVLayout:
 class Manifest:
     architecture: str  # e.g. "Qwen2ForCausalLM"
     model_type: str  # e.g. "qwen2"
-    quantization: str  # "int8" | "none"
+    quantization: str  # "int8" | "int4" | "int8-dynamic" | "none"
     opset: int
     onnx_file: str
     context_limit: int  # tokens, prompt + completion (the source's max_position_embeddings)
@@ -55,6 +59,11 @@ class Manifest:
     files: dict[str, FileEntry]  # every file of the folder but the manifest
     created_by: str
     validation: dict[str, Any] = field(default_factory=dict)  # summary; full report in validation.json
+    graph: str = GRAPH_EXPORT
+    target: str = "cpu"  # the provider the artifact is built for: "cpu" (float32) | "cuda" (float16)
+    # How the weights are stored: {"method": "MatMulNBits", "bits", "block_size", "accuracy_level",
+    # "activations", "float_layers": {layer: why it is not quantized}} or {"method": "MatMulInteger"}.
+    weights: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -77,6 +86,9 @@ class Manifest:
             files={str(name): FileEntry(str(e["sha256"]), int(e["bytes"])) for name, e in data["files"].items()},
             created_by=str(data["created_by"]),
             validation=dict(data.get("validation") or {}),
+            graph=str(data.get("graph", GRAPH_EXPORT)),
+            target=str(data.get("target", "cpu")),
+            weights=dict(data.get("weights") or {}),
             format=str(data["format"]),
             format_version=int(data["format_version"]),
         )
@@ -98,10 +110,10 @@ def read_manifest(folder: Path) -> Manifest:
         raise ManifestError(f"{path}: unreadable: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a dsnode ONNX manifest (format={_get(data, 'format')!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_VERSIONS:
         raise ManifestError(
             f"{path}: format_version {_get(data, 'format_version')!r} is not supported by this dsnode "
-            f"(it reads version {FORMAT_VERSION}); convert the model again with this version"
+            f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); convert the model again with this version"
         )
     try:
         return Manifest.from_json(data)

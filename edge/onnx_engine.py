@@ -19,8 +19,9 @@ from dsnode.inference.batching import BatchingEngine, Loaded, context_limit
 from dsnode.inference.engine import ModelInfo
 from dsnode.inference.tokenizer import TextTokenizer
 
-from .manifest import ManifestError, read_manifest, verify_files
-from .onnx_runner import OnnxRunner, open_session
+from .manifest import GRAPH_GQA, Manifest, ManifestError, read_manifest, verify_files
+from .onnx_runner import CUDA, OnnxRunner, RunnerError, open_session
+from .slot_runner import SlotRunner
 
 log = structlog.get_logger("dsnode.edge")
 
@@ -42,12 +43,18 @@ class OnnxEngine(BatchingEngine):
         tokenizer = TextTokenizer.from_folder(folder)
         if tokenizer.digest != manifest.tokenizer_sha256:
             raise ManifestError(f"{folder}/tokenizer.json: not the tokenizer the model was converted with")
-        session = open_session(folder / manifest.onnx_file, self._model.device, self._model.threads)
-        runner = OnnxRunner(session)
-        if runner.io.num_layers != manifest.kv.layers:
-            raise ManifestError(
-                f"{folder}: the graph has {runner.io.num_layers} cache layers, the manifest says {manifest.kv.layers}"
-            )
+        device = device_for_target(manifest, self._model.device, ort.get_available_providers())
+        session = open_session(folder / manifest.onnx_file, device, self._model.threads,
+                               strict_gpu=manifest.target == "cuda")
+        runner: OnnxRunner | SlotRunner
+        if manifest.graph == GRAPH_GQA:
+            runner = SlotRunner(session, manifest.context_limit)
+            layers = runner.spec.layers
+        else:
+            runner = OnnxRunner(session)
+            layers = runner.io.num_layers
+        if layers != manifest.kv.layers:
+            raise ManifestError(f"{folder}: the graph has {layers} cache layers, the manifest says {manifest.kv.layers}")
         info = ModelInfo(
             name=self._model.name,
             backend=self.backend,
@@ -62,9 +69,37 @@ class OnnxEngine(BatchingEngine):
                 "model_type": manifest.model_type,
                 "model_max_context": manifest.context_limit,
                 "format_version": manifest.format_version,
+                "graph": manifest.graph,
+                "target": manifest.target,
+                "weights": manifest.weights,
             },
         )
         log.info("model_loaded", model=info.name, backend=info.backend, provider=info.device,
                  providers=info.extra["providers"], quantization=info.quantization,
                  architecture=info.architecture, max_context=info.max_context, threads=self._model.threads)
         return Loaded(runner, tokenizer, info)
+
+
+def device_for_target(manifest: Manifest, device: str, available: list[str]) -> str:
+    """The `[model] device` to open the session with, given what the folder was converted for.
+
+    A "cuda" artifact (float16) needs the CUDA provider: refused at start on a host without it, or
+    with device = "cpu". A "cpu" artifact (float32: GroupQueryAttention's CUDA kernel takes float16
+    only) runs on the CPU provider even on a GPU host with device = "auto" (a logged fallback), and is
+    refused with device = "cuda"."""
+    if manifest.graph != GRAPH_GQA:
+        return device
+    if manifest.target == "cuda":
+        if device == "cpu" or CUDA not in available:
+            raise RunnerError(
+                f"this model was converted for target 'cuda' (float16, onnxruntime's CUDA provider), but "
+                f"{'model.device = cpu' if device == 'cpu' else 'this onnxruntime has no ' + CUDA}; "
+                "convert it again with --target cpu for this host")
+        return "cuda"
+    if device == "cuda":
+        missing = "" if CUDA in available else f" (and this onnxruntime has no {CUDA})"
+        raise RunnerError(f"model.device = 'cuda', but this model was converted for target 'cpu' (float32){missing}; "
+                          "convert it again with --target cuda for a GPU host")
+    if CUDA in available:
+        log.warning("model_target_cpu_on_gpu_host", reason="converted with --target cpu: served on the CPU provider")
+    return "cpu"

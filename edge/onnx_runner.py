@@ -42,9 +42,14 @@ def choose_providers(device: str, available: Sequence[str]) -> list[str]:
     return [CPU]
 
 
-def open_session(path: Path, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
-    """An inference session on the providers `device` asks for; refuses a CUDA request that fell back."""
+def open_session(path: Path, device: str = "auto", threads: int | None = None,
+                 strict_gpu: bool = False) -> ort.InferenceSession:
+    """An inference session on the providers `device` asks for; refuses a CUDA request that fell back.
+    `strict_gpu`: the session fails to start if any node would run on the CPU beside the CUDA provider
+    (`session.disable_cpu_ep_fallback`), instead of silently copying tensors back and forth per layer."""
     options = ort.SessionOptions()
+    if strict_gpu:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     options.intra_op_num_threads = threads or 0  # 0: one per core
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

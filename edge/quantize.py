@@ -192,3 +192,31 @@ def place_float(source: Path, target: Path) -> None:
         return
     model = onnx.load(str(source), load_external_data=True)
     _save(model, target, large=True)
+
+
+def quantize_nbits(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int) -> dict[str, str]:
+    """The traced graph's MatMul weights as MatMulNBits (weight-only, symmetric, `bits` per weight);
+    returns the MatMuls left float, with why. A weight whose input size is not a multiple of the block
+    stays float (the same rule as the GQA builder's)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    large = folder_bytes(source.parent) > EXTERNAL_DATA_BYTES
+    model = onnx.load(str(source), load_external_data=True)
+    weights = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    excluded: dict[str, str] = {}
+    for node in model.graph.node:
+        dims = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if dims and len(dims) == 2 and dims[0] % block_size:
+            excluded[node.name] = f"K={dims[0]} is not a multiple of the block size {block_size}"
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # one INFO line per MatMul otherwise
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level, nodes_to_exclude=list(excluded))
+        quantizer.process()
+    finally:
+        logging.getLogger().setLevel(quiet)
+    quantized = quantizer.model.model
+    quantize_embeddings(quantized)
+    _save(quantized, target, large)
+    return excluded

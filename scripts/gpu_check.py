@@ -9,9 +9,13 @@
 2. `moe_engine`: the same weights saved to disk and served by `DeepSpeedEngine` (worker process, nccl,
    the scheduler, sampling, detokenizing): the same figures through the whole engine, so the gap to (1)
    is what the engine's process boundary and bookkeeping cost.
-3. `edge_onnx`: a random dense Qwen2 converted by `dsnode convert` (int8) and served by `OnnxEngine` on
-   ONNX Runtime's CUDA provider: decode tokens/s at batch 1 and 8. Skipped, saying why, where dsnode.edge
-   or the CUDA provider is missing.
+3. `edge_onnx`: a random Qwen2 of DeepSeek-R1-Distill-Qwen-7B's shape (hidden 3584, 28 heads / 4 KV heads,
+   intermediate 18944, vocab 152064; `--edge-layers` of them, 28 = the whole 7B) converted by `dsnode
+   convert --quant int8 --target cuda` (MatMulNBits + GroupQueryAttention, float16; validation skipped:
+   random weights), then (a) an ONNX Runtime session on the CUDA provider with
+   `session.disable_cpu_ep_fallback = 1`: it starts only if every node has a CUDA kernel, and (b)
+   `OnnxEngine` on it: decode tokens/s at batch 1, 8 and 32. Skipped, saying why, where dsnode.edge or
+   the CUDA provider is missing.
 4. `nccl`: `dsnode bench nccl --json`, if that command exists.
 5. `moe_expert_parallel`: the MoE of (2) served by `DeepSpeedEngine` over every local GPU (2 CPU ranks
    with `--device cpu`), each rank holding its range of the routed experts: decode tokens/s at batch
@@ -59,18 +63,19 @@ SIZES: dict[str, dict[str, Any]] = {
         vocab_size=512, max_position_embeddings=2048,
     ),
 }
+TOKENIZER_VOCAB = 512  # the bundled byte-level BPE; larger model vocabularies decode unknown ids to ""
 DENSE_SIZES: dict[str, dict[str, Any]] = {
-    "full": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                 num_key_value_heads=4, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512),
+    # R1-Distill-Qwen-7B's layer shapes and vocabulary (the layer count comes from --edge-layers)
+    "full": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                 vocab_size=152064, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=TOKENIZER_VOCAB, max_position_embeddings=512),
 }
 BATCHES = (1, 8, 32)
-EDGE_BATCHES = (1, 8)
+EDGE_BATCHES = (1, 8, 32)
 PREFILL_TOKENS = 1024
 DECODE_STEPS = 64
 PROMPT_TOKENS = 128
-TOKENIZER_VOCAB = 512  # the bundled byte-level BPE; larger model vocabularies decode unknown ids to ""
 
 
 def main() -> int:
@@ -110,6 +115,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--size", choices=tuple(SIZES), default="full")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--edge-layers", type=int, default=None,
+                   help="decoder layers of the 7B-shaped edge model (default: 28 with --size full, 2 tiny)")
     p.add_argument("--out", help="also write the JSON summary here")
     p.add_argument("--skip", nargs="*", default=(),
                    choices=("moe_model", "moe_engine", "edge_onnx", "nccl", "moe_expert_parallel"))
@@ -370,41 +377,71 @@ async def engine_figures(engine: Any, batches: tuple[int, ...], repeats: int, pr
 
 # --- 3. the edge model on ONNX Runtime's CUDA provider ---------------------------------------------
 async def edge_onnx(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    if importlib.util.find_spec("dsnode.edge.convert") is None or importlib.util.find_spec("dsnode.edge.onnx_engine") is None:
-        raise Skip("dsnode.edge (convert, OnnxEngine) is not in this tree yet")
+    if importlib.util.find_spec("dsnode.edge.slot_runner") is None:
+        raise Skip("dsnode.edge (convert --target cuda, SlotRunner) is not in this tree yet")
     import onnxruntime
 
     providers = onnxruntime.get_available_providers()
     if args.device == "cuda" and "CUDAExecutionProvider" not in providers:
         raise Skip(f"onnxruntime {onnxruntime.__version__} has no CUDA provider here (providers: {providers}); "
                    "install onnxruntime-gpu (never beside onnxruntime)")
-    import torch
     from dsnode.config import BatchingSection, ModelSection
-    from dsnode.edge.convert import convert_model
     from dsnode.edge.onnx_engine import OnnxEngine
-    from transformers import AutoModelForCausalLM, Qwen2Config
 
-    src, dst = work / "dense", work / "dense-onnx-int8"
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=TOKENIZER_VOCAB, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2,
-                         pad_token_id=3, **DENSE_SIZES[args.size])
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(src))
-    save_tokenizer_files(src, config.max_position_embeddings)
-    started = time.monotonic()
-    converted = convert_model(src, dst, quant="int8", min_agreement=0.0)  # random weights: no bar to pass
-    convert_s = time.monotonic() - started
+    dst, convert_s, layers = convert_edge_model(args, work)
+    result: dict[str, Any] = {"layers": layers, "convert_s": round(convert_s, 1),
+                              "strict_session": strict_cuda_session(dst / "model.onnx", args.device)}
     engine = OnnxEngine(ModelSection(name="gpu-check-edge", path=dst, backend="onnx", device=args.device),
                         BatchingSection(max_running=max(EDGE_BATCHES)))
     await engine.load()
     try:
         if args.device == "cuda" and engine.info.device != "CUDAExecutionProvider":
             raise RuntimeError(f"OnnxEngine runs on {engine.info.device}, not the CUDA provider")
-        result: dict[str, Any] = {"convert_s": round(convert_s, 1), "provider": engine.info.device,
-                                  "agreement_vs_torch": getattr(converted.report, "agreement", None)}
+        result["provider"] = engine.info.device
         result.update(await engine_figures(engine, EDGE_BATCHES, args.repeats, prefill=False))
         return result
     finally:
         await engine.close()
+
+
+def convert_edge_model(args: argparse.Namespace, work: Path) -> tuple[Path, float, int]:
+    """A random 7B-shaped Qwen2 (bf16 shards, like the published checkpoint) → int8 for the target."""
+    import torch
+    from dsnode.edge.convert import ConvertOptions, convert_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    layers = args.edge_layers or (28 if args.size == "full" else 2)
+    src, dst = work / "edge-src", work / "edge-int8"
+    torch.manual_seed(0)
+    config = Qwen2Config(num_hidden_layers=layers, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=3, **DENSE_SIZES[args.size])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(src), max_shard_size="4GB")
+    del model
+    save_tokenizer_files(src, config.max_position_embeddings)
+    target = "cuda" if args.device == "cuda" else "cpu"
+    started = time.monotonic()
+    # random weights: validation would only measure near-ties, and costs minutes of CPU torch at 7B
+    convert_model(src, dst, options=ConvertOptions(quant="int8", target=target), validate=False)
+    return dst, time.monotonic() - started, layers
+
+
+def strict_cuda_session(path: Path, device: str) -> dict[str, Any]:
+    """A session with `session.disable_cpu_ep_fallback = 1`: creating it fails if any node would be
+    placed on the CPU beside the CUDA provider."""
+    import onnxruntime
+
+    if device != "cuda":
+        return {"ok": None, "skipped": "a CPU run: the check is about the CUDA provider"}
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    providers = ["CUDAExecutionProvider"]
+    started = time.monotonic()
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime's own error types
+        return {"ok": False, "error": str(exc)[-2000:]}
+    return {"ok": True, "providers": session.get_providers(), "start_s": round(time.monotonic() - started, 1)}
 
 
 # --- 4. nccl ---------------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ class BundledModels:
 
     @property
     def dense_onnx_int8(self) -> Path:
-        return self.root / "dense-onnx-int8"
+        # "-nbits": the MatMulNBits + GroupQueryAttention format (manifest v2); a new folder name, so a
+        # cache built by an older dsnode (MatMulInteger, "dense-onnx-int8") is not reused or rewritten
+        return self.root / "dense-onnx-int8-nbits"
 
 
 def ensure_bundled(cache_dir: Path, log: Callable[[str], None] = print) -> BundledModels:

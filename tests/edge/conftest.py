@@ -31,6 +31,24 @@ def int8_conversion(tmp_path_factory, dense_dir):
     return convert_quietly(dense_dir, tmp_path_factory.mktemp("onnx") / "dense-int8", "int8")
 
 
+@pytest.fixture(scope="session")
+def cuda_conversions(tmp_path_factory, dense_dir) -> dict[str, Path]:
+    """int8 and int4 folders converted for the CUDA provider (float16), validated here on the CPU."""
+    from dsnode.edge.convert import STAGES, ConvertOptions, convert_model
+    from dsnode.edge.progress import Progress
+
+    root = tmp_path_factory.mktemp("cuda")
+    return {quant: convert_model(dense_dir, root / quant, progress=Progress(STAGES, enabled=False),
+                                 options=ConvertOptions(quant=quant, target="cuda")).path
+            for quant in ("int8", "int4")}
+
+
+@pytest.fixture(scope="session")
+def int8_dynamic_dir(tmp_path_factory, dense_dir) -> Path:
+    """The traced-export graph with MatMulInteger weights (the format before MatMulNBits)."""
+    return convert_quietly(dense_dir, tmp_path_factory.mktemp("onnx") / "dense-int8-dynamic", "int8-dynamic").path
+
+
 @dataclass(frozen=True)
 class CliRun:
     code: int

@@ -39,11 +39,11 @@ def test_manifest_describes_the_folder(int8_conversion, dense_dir):
     manifest = read_manifest(int8_conversion.path)
     assert (manifest.format, manifest.format_version) == (FORMAT, FORMAT_VERSION)
     assert (manifest.architecture, manifest.model_type, manifest.quantization) == ("Qwen2ForCausalLM", "qwen2", "int8")
-    assert manifest.opset == 18 and manifest.context_limit == 512
+    assert manifest.opset == 21 and manifest.context_limit == 512
     assert (manifest.kv.layers, manifest.kv.key, manifest.kv.value) == (4, (2, 32), (2, 32))
     assert manifest.source == {"path": str(dense_dir), "sha256": folder_checksum(dense_dir)}
     assert manifest.tokenizer_sha256 == TextTokenizer.from_folder(dense_dir).digest
-    assert {"model.onnx", "validation.json", "config.json", *TOKENIZER_FILES} == set(manifest.files)
+    assert {"model.onnx", "model.onnx.data", "validation.json", "config.json", *TOKENIZER_FILES} == set(manifest.files)
     verify_files(int8_conversion.path, manifest)
     assert [p.name for p in int8_conversion.path.parent.iterdir()] == ["dense-int8"]  # no staging left
 
@@ -56,14 +56,34 @@ def test_validation_report_is_saved_and_summarised(int8_conversion):
     assert all(p["tokens"] == 16 and p["max_abs_logit_error"] >= 0 for p in saved["per_prompt"])
 
 
-def test_int8_graph_is_smaller_and_quantizes_activations_per_row(int8_dir, fp32_dir):
-    assert (int8_dir / "model.onnx").stat().st_size < 0.45 * (fp32_dir / "model.onnx").stat().st_size
+def graph_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+
+
+def test_int8_graph_is_weight_only_matmulnbits_with_gqa(int8_dir, fp32_dir):
+    assert graph_bytes(int8_dir) < 0.45 * graph_bytes(fp32_dir)
     graph = onnx.load(str(int8_dir / "model.onnx")).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention"} <= ops
+    assert not ops & {"MatMulInteger", "DynamicQuantizeLinear", "MatMul", "Expand", "Concat"}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * 4 + 1  # per layer: qkv, o, gate+up, down; and the LM head
+    attrs = {(a.name, a.i) for a in nbits[0].attribute}
+    assert {("bits", 8), ("block_size", 128), ("accuracy_level", 4)} <= attrs
+    manifest = read_manifest(int8_dir)
+    assert (manifest.graph, manifest.target) == ("gqa", "cpu")
+    assert manifest.weights == {"method": "MatMulNBits", "bits": 8, "block_size": 128, "accuracy_level": 4,
+                                "symmetric": True, "activations": "float32", "float_layers": {}}
+
+
+def test_int8_dynamic_keeps_the_matmulinteger_format_with_per_row_activations(int8_dynamic_dir):
+    graph = onnx.load(str(int8_dynamic_dir / "model.onnx")).graph
     ops = {node.op_type for node in graph.node}
     assert "MatMulInteger" in ops and "DynamicQuantizeLinear" not in ops  # one scale per row, not per batch
     tables = {init.name: (init.data_type, tuple(init.dims)) for init in graph.initializer}
     gathered = [tables[n.input[0]] for n in graph.node if n.op_type == "Gather" and n.input[0] in tables]
     assert sorted(gathered) == [(onnx.TensorProto.FLOAT, (512, 1)), (onnx.TensorProto.INT8, (512, 128))]
+    assert read_manifest(int8_dynamic_dir).graph == "export"
 
 
 def test_cli_shows_each_stage_and_prints_the_report(fp32_cli_run):
@@ -150,14 +170,14 @@ def test_sliding_window_models_are_refused(tmp_path, dense_dir):
 
 
 def test_bad_quant_and_agreement_values_are_usage_errors(tmp_path, dense_dir):
-    for args in (["--quant", "int4"], ["--min-agreement", "2"]):
+    for args in (["--quant", "int3"], ["--min-agreement", "2"], ["--target", "tpu"]):
         with pytest.raises(SystemExit) as exit_:
             convert_cli(str(dense_dir), str(tmp_path / "out"), *args)
         assert exit_.value.code == 2
     assert no_trace_of(tmp_path / "out")
 
 
-def test_onnxruntime_graph_fusions_keep_the_per_row_numbers(int8_dir):
+def test_onnxruntime_graph_fusions_keep_the_per_row_numbers(int8_dynamic_dir):
     # MatMulIntegerToFloat (fused at session start) only takes a scalar activation scale; the per-row
     # rewrite must keep the optimized graph computing what the plain graph computes.
     feeds = {"input_ids": np.array([[5, 17, 99, 200, 31, 8, 77]]), "attention_mask": np.ones((1, 7), np.int64),
@@ -167,7 +187,8 @@ def test_onnxruntime_graph_fusions_keep_the_per_row_numbers(int8_dir):
         options = ort.SessionOptions()
         options.graph_optimization_level = level
         options.intra_op_num_threads = 1
-        session = ort.InferenceSession(str(int8_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(int8_dynamic_dir / "model.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
         for arg in session.get_inputs()[3:]:
             feeds[arg.name] = np.zeros((1, arg.shape[1], 0, arg.shape[3]), np.float32)
         outputs.append(session.run(None, feeds))

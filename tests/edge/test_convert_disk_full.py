@@ -65,13 +65,16 @@ def test_a_disk_too_small_is_refused_before_anything_is_written(small_disk, dens
 
 # onnxruntime's quantizer does not report the ENOSPC of its own write: it leaves a truncated graph,
 # which fails when read back ("Wire format was corrupt"); convert sees the full disk and says so.
-@pytest.mark.parametrize("megabytes, stage, why", [(1.5, "export", "No space left on device"),
-                                                   (4.2, "quantize", "the disk filled up while converting")])
+@pytest.mark.parametrize("quant, megabytes, stage, why", [
+    ("int8", 0.5, "export", "No space left on device"),  # the GQA builder's weight file
+    ("int8-dynamic", 1.5, "export", "No space left on device"),  # torch.onnx.export
+    ("int8-dynamic", 4.2, "quantize", "the disk filled up while converting"),
+])
 def test_a_disk_that_fills_up_on_the_way_leaves_no_destination(small_disk, dense_dir, monkeypatch,
-                                                                megabytes, stage, why):
+                                                                quant, megabytes, stage, why):
     disk = small_disk(megabytes)
-    monkeypatch.setattr(convert_module, "estimate_bytes", lambda *args: 0)  # the check passed, then...
-    run = convert_cli(str(dense_dir), str(disk / "out"))
+    monkeypatch.setattr(convert_module, "estimate_bytes", lambda *args, **kwargs: 0)  # the check passed, then...
+    run = convert_cli(str(dense_dir), str(disk / "out"), "--quant", quant)
     assert run.code == 1
     assert f"{stage} failed" in run.stderr.replace("  ", " ").replace("  ", " "), run.stderr
     assert "dsnode convert: error:" in run.stderr and why in run.stderr, run.stderr

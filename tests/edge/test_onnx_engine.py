@@ -138,3 +138,29 @@ async def test_device_cuda_without_cuda_is_refused_clearly(int8_dir):
     with pytest.raises(EngineNotReady):
         await run(engine, "Call me", max_tokens=2)
 
+
+
+async def test_a_model_converted_for_cuda_is_refused_on_a_cpu_only_host(cuda_conversions):
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("CUDA is here")
+    engine = onnx_engine(cuda_conversions["int8"])
+    with pytest.raises(Exception, match="converted for target 'cuda'.*--target cpu"):
+        await engine.load()
+    assert not engine.health().ready
+
+
+def test_which_provider_serves_which_target():
+    from dsnode.edge.manifest import Manifest
+    from dsnode.edge.onnx_engine import device_for_target
+    from dsnode.edge.onnx_runner import CPU, CUDA, RunnerError
+
+    def manifest(target: str, graph: str = "gqa") -> Manifest:
+        return Manifest("Qwen2ForCausalLM", "qwen2", "int8", 21, "model.onnx", 512, None, {}, "", {}, "",  # type: ignore[arg-type]
+                        graph=graph, target=target)
+
+    assert device_for_target(manifest("cuda"), "auto", [CUDA, CPU]) == "cuda"
+    assert device_for_target(manifest("cpu"), "auto", [CUDA, CPU]) == "cpu"  # float32 GQA: no CUDA kernel
+    assert device_for_target(manifest("cpu", "export"), "auto", [CUDA, CPU]) == "auto"
+    for target, device, available in (("cuda", "auto", [CPU]), ("cuda", "cpu", [CUDA, CPU]), ("cpu", "cuda", [CPU])):
+        with pytest.raises(RunnerError, match=f"converted for target '{target}'"):
+            device_for_target(manifest(target), device, available)

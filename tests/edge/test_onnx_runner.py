@@ -15,8 +15,8 @@ PROMPTS = {"a": [5, 17, 99, 200, 31, 8, 77], "b": [40, 41], "c": [300, 12, 12, 6
 
 
 @pytest.fixture(scope="module")
-def runner(int8_dir):
-    runner = OnnxRunner(open_session(int8_dir / "model.onnx", "cpu", threads=1))
+def runner(int8_dynamic_dir):
+    runner = OnnxRunner(open_session(int8_dynamic_dir / "model.onnx", "cpu", threads=1))
     yield runner
     runner.close()
 

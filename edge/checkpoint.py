@@ -1,0 +1,113 @@
+"""Read a Hugging Face checkpoint one tensor at a time, without torch (convert time).
+
+The graph builder (`edge/graph_builder.py`) needs each weight once, in float32, and then never again.
+Loading the whole model first would hold a 7B checkpoint twice over (bf16 on disk is 15 GB, float32 in
+memory 30 GB): more than an edge-class host has. So only the safetensors headers are read up front, and
+each tensor is read from its file on request (a plain read, not a memory map, so what was read is not
+left counted in the process's resident memory) and widened to float32 in numpy. Peak memory is then
+about the largest tensor (the embedding table), not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+class CheckpointError(Exception):
+    """The weights cannot be read as the graph builder needs them; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file, after the header
+    end: int
+
+
+class Checkpoint:
+    """name → float32 array, read lazily from every `*.safetensors` file of a folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._entries: dict[str, _Entry] = {}
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.folder}: no *.safetensors weights (the streaming converter reads only those)")
+        for path in files:
+            self._index(path)
+
+    def _index(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+        except (OSError, struct.error, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            self._entries[name] = _Entry(path, entry["dtype"], tuple(entry["shape"]), 8 + size + start, 8 + size + end)
+
+    def check(self, required: list[str]) -> None:
+        """Every `required` tensor is there and every file is as long as its header says: a truncated
+        download is refused before anything is built, not halfway through."""
+        missing = [name for name in required if name not in self._entries]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise CheckpointError(f"{self.folder}: the weights have no {', '.join(missing[:3])}{more}")
+        ends: dict[Path, int] = {}
+        for entry in self._entries.values():
+            ends[entry.path] = max(ends.get(entry.path, 0), entry.end)
+        for path, end in sorted(ends.items()):
+            if path.stat().st_size < end:
+                raise CheckpointError(f"{path}: {path.stat().st_size} bytes, its header needs {end}: truncated")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def dtype(self) -> str:
+        """The dtype most of the weights are stored in (e.g. "BF16"): what the source model is."""
+        counts: dict[str, int] = {}
+        for entry in self._entries.values():
+            counts[entry.dtype] = counts.get(entry.dtype, 0) + 1
+        return max(counts, key=lambda k: counts[k])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor as a new float32 array (bf16 is the top half of a float32: shift it up)."""
+        entry = self._entry(name)
+        if entry.dtype not in _DTYPES:
+            raise CheckpointError(f"{entry.path}: {name} is {entry.dtype}; only F32, F16 and BF16 weights are read")
+        raw = np.empty(entry.end - entry.start, dtype=np.uint8)
+        with open(entry.path, "rb") as f:
+            f.seek(entry.start)
+            if f.readinto(memoryview(raw)) != raw.size:
+                raise CheckpointError(f"{entry.path}: {name} is cut short (the file is truncated)")
+        values = raw.view(_DTYPES[entry.dtype]).reshape(entry.shape)
+        if entry.dtype == "BF16":
+            return (values.astype(np.uint32) << 16).view(np.float32)
+        return values.astype(np.float32, copy=entry.dtype != "F32")
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.folder}: the weights have no tensor {name!r}") from None
+
+    def close(self) -> None:
+        """Nothing stays open between reads; kept so callers can release a checkpoint explicitly."""

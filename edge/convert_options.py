@@ -1,0 +1,48 @@
+"""What `dsnode convert` can be asked for, checked before anything is read or written (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .nbits import BITS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
+
+QUANTIZATIONS = ("int8", "int4", "int8-dynamic", "none")
+TARGETS = ("cpu", "cuda")
+# Top-1 agreement the validation must reach. float32 differs from torch only in summation order, so
+# only near-ties may flip; int8 rounds every weight, so a few close calls flip on a real model; int4
+# rounds sixteen times coarser.
+MIN_AGREEMENT = {"none": 0.95, "int8": 0.80, "int8-dynamic": 0.80, "int4": 0.60}
+
+
+class ConvertError(Exception):
+    """Bad input or a failed conversion; the message is for the operator, DST was not written."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    quant: str = "int8"
+    target: str = "cpu"  # "cuda": float16 activations and cache, for onnxruntime's CUDA provider
+    block_size: int = DEFAULT_BLOCK_SIZE
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+
+    def check(self) -> None:
+        if self.quant not in QUANTIZATIONS:
+            raise ConvertError(f"--quant {self.quant!r}: choose one of {', '.join(QUANTIZATIONS)}")
+        if self.target not in TARGETS:
+            raise ConvertError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConvertError(f"--block-size {self.block_size}: a power of two, at least 16")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConvertError(f"--accuracy-level {self.accuracy_level}: 0..4")
+
+    def weights(self, float_layers: dict[str, str]) -> dict[str, Any]:
+        """The manifest's description of how the weights are stored."""
+        if self.quant == "int8-dynamic":
+            return {"method": "MatMulInteger", "bits": 8, "activations": "uint8, per row at run time"}
+        activations = "float16" if self.target == "cuda" else "float32"
+        if self.quant == "none":
+            return {"method": "float", "activations": activations}
+        return {"method": "MatMulNBits", "bits": BITS[self.quant], "block_size": self.block_size,
+                "accuracy_level": self.accuracy_level, "symmetric": True, "activations": activations,
+                "float_layers": dict(float_layers)}

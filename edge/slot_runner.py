@@ -1,0 +1,189 @@
+"""`SlotRunner`: the `ModelRunner` for graphs built by `edge/graph_builder.py` (GroupQueryAttention).
+
+The KV cache is one buffer per layer and per K/V, shaped (slots, kv_heads, length, head_dim), kept on
+the session's device for the life of the runner and handed to onnxruntime by pointer (I/O binding) as
+both the past input and the present output: GroupQueryAttention writes each step's new positions into
+it in place. Nothing of the cache crosses into numpy on a step, and no step copies it.
+
+- Each running sequence owns a slot (a row), taken at its first prefill and given back at release.
+  Slots are handed out lowest first, so the running batch is the prefix [0, highest used + 1).
+- Prefill runs one sequence (batch 1) against a view of its slot alone; a later chunk continues
+  where the previous one stopped (GroupQueryAttention reads the slot's earlier positions).
+- Decode runs the prefix in one call: row r's `seqlens_k` is its own length, so rows of any length
+  decode together with no padding; a free slot inside the prefix computes one throw-away position.
+- The buffer grows (slots or length doubled, at most to the context limit) by one copy when a
+  sequence needs more: a copy per growth, not per token. Sequences joining and leaving never move data.
+
+Only numpy and onnxruntime here: this is the edge host's run-time path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .onnx_runner import CUDA, RunnerError
+
+_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+INITIAL_SLOTS = 4
+INITIAL_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The cache layout read from the graph's inputs (not from file names or configs)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: type
+
+    @classmethod
+    def of(cls, session: ort.InferenceSession) -> CacheSpec:
+        inputs = {i.name: i for i in session.get_inputs()}
+        missing = [n for n in ("input_ids", "seqlens_k", "total_sequence_length") if n not in inputs]
+        if missing or "past_key_values.0.key" not in inputs:
+            raise RunnerError(f"not a dsnode GQA graph (missing inputs {missing or ['past_key_values.0.key']})")
+        layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+        first = inputs["past_key_values.0.key"]
+        heads, dim = first.shape[1], first.shape[3]
+        if not (isinstance(heads, int) and isinstance(dim, int)) or first.type not in _TYPES:
+            raise RunnerError(f"past_key_values.0.key: unexpected {first.type} {first.shape}")
+        return cls(layers, heads, dim, _TYPES[first.type])
+
+
+class CacheBuffers:
+    """Per layer, K and V buffers (slots, kv_heads, length, head_dim) on one device."""
+
+    def __init__(self, spec: CacheSpec, device: str, slots: int, length: int) -> None:
+        self.spec, self.device = spec, device
+        self.slots, self.length = slots, length
+        self.values = [self._allocate(slots, length) for _ in range(2 * spec.layers)]
+
+    def _allocate(self, slots: int, length: int) -> ort.OrtValue:
+        shape = [slots, self.spec.kv_heads, length, self.spec.head_dim]
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.spec.dtype), self.device, 0)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.spec.kv_heads * self.length * self.spec.head_dim * np.dtype(self.spec.dtype).itemsize
+
+    def pointer(self, index: int, slot: int) -> int:
+        return int(self.values[index].data_ptr()) + slot * self.slot_bytes
+
+    def grow(self, slots: int, length: int) -> None:
+        """Reallocate larger and copy what is there (through the host: growth is rare, steps are not)."""
+        grown = []
+        for value in self.values:
+            old = value.numpy()  # (slots, h, length, d)
+            new = np.zeros((slots, self.spec.kv_heads, length, self.spec.head_dim), self.spec.dtype)
+            new[: old.shape[0], :, : old.shape[2]] = old
+            grown.append(ort.OrtValue.ortvalue_from_numpy(new, self.device, 0))
+        self.values, self.slots, self.length = grown, slots, length
+
+
+class SlotRunner:
+    """The `ModelRunner` of GQA graphs. Called from one thread (the engine's worker)."""
+
+    def __init__(self, session: ort.InferenceSession, max_length: int) -> None:
+        self.session = session
+        self.spec = CacheSpec.of(session)
+        self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
+        self.max_length = max_length
+        self.vocab = int(session.get_outputs()[0].shape[1])
+        self.cache = CacheBuffers(self.spec, self.device, INITIAL_SLOTS, min(INITIAL_LENGTH, max_length))
+        self.slot_of: dict[str, int] = {}
+        self.length_of: dict[str, int] = {}  # tokens in the cache, per sequence
+        self._decode_binding: tuple[ort.IOBinding, int, int] | None = None  # (binding, batch, buffer id)
+
+    @property
+    def provider(self) -> str:
+        return str(self.session.get_providers()[0])
+
+    def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
+        if seq_id not in self.slot_of:
+            if start != 0:
+                raise RunnerError(f"{seq_id}: prefill from position {start} without a cache")
+            self.slot_of[seq_id] = self._free_slot()
+        elif self.length_of[seq_id] != start:
+            raise RunnerError(f"{seq_id}: prefill from {start}, but {self.length_of[seq_id]} tokens are cached")
+        total = start + len(token_ids)
+        self._ensure_length(total)
+        binding = self.session.io_binding()
+        self._bind_cache(binding, self.slot_of[seq_id], 1)
+        logits = self._run(binding, np.asarray([token_ids], np.int64), np.asarray([total - 1], np.int32))
+        self.length_of[seq_id] = total
+        row: np.ndarray = logits[0]  # (V,)
+        return row
+
+    def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
+        rows = [self.slot_of[s] for s in seq_ids]
+        self._ensure_length(max(self.length_of[s] for s in seq_ids) + 1)
+        batch = max(self.slot_of.values()) + 1  # the running prefix of slots
+        ids = np.zeros((batch, 1), np.int64)  # (B, 1); free slots read token 0
+        seqlens = np.zeros(batch, np.int32)  # (B,) tokens cached before this step = new length - 1
+        ids[rows, 0] = token_ids
+        seqlens[rows] = [self.length_of[s] for s in seq_ids]
+        logits = self._run(self._decode_bound(batch), ids, seqlens)
+        for seq_id in seq_ids:
+            self.length_of[seq_id] += 1
+        ordered: np.ndarray = logits[rows]  # (n, V) in the order asked
+        return ordered
+
+    def release(self, seq_id: str) -> None:
+        self.slot_of.pop(seq_id, None)
+        self.length_of.pop(seq_id, None)
+
+    def close(self) -> None:
+        self.slot_of.clear()
+        self.length_of.clear()
+        self._decode_binding = None
+
+    # --- internals -------------------------------------------------------------------------------
+    def _free_slot(self) -> int:
+        used = set(self.slot_of.values())
+        slot = next(i for i in range(len(used) + 1) if i not in used)
+        if slot >= self.cache.slots:
+            self._grow(self.cache.slots * 2, self.cache.length)
+        return slot
+
+    def _ensure_length(self, needed: int) -> None:
+        if needed > self.max_length:
+            raise RunnerError(f"{needed} tokens exceed the model's context limit of {self.max_length}")
+        if needed > self.cache.length:
+            self._grow(self.cache.slots, min(self.max_length, max(needed, 2 * self.cache.length)))
+
+    def _grow(self, slots: int, length: int) -> None:
+        self.cache.grow(slots, length)
+        self._decode_binding = None  # its pointers are stale
+
+    def _bind_cache(self, binding: ort.IOBinding, slot: int, batch: int) -> None:
+        """past and present of every layer → the same memory: `batch` slots from `slot` on."""
+        shape = [batch, self.spec.kv_heads, self.cache.length, self.spec.head_dim]
+        for layer in range(self.spec.layers):
+            for j, kv in enumerate(("key", "value")):
+                pointer = self.cache.pointer(2 * layer + j, slot)
+                binding.bind_input(f"past_key_values.{layer}.{kv}", self.device, 0, self.spec.dtype, shape, pointer)
+                binding.bind_output(f"present.{layer}.{kv}", self.device, 0, self.spec.dtype, shape, pointer)
+
+    def _decode_bound(self, batch: int) -> ort.IOBinding:
+        """The decode binding, rebound only when the batch prefix or the buffers change."""
+        key = id(self.cache.values[0])
+        if self._decode_binding is None or self._decode_binding[1:] != (batch, key):
+            binding = self.session.io_binding()
+            self._bind_cache(binding, 0, batch)
+            self._decode_binding = (binding, batch, key)
+        return self._decode_binding[0]
+
+    def _run(self, binding: ort.IOBinding, ids: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
+        """One session call; returns logits (B, V) float32 on the host."""
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("seqlens_k", seqlens)
+        binding.bind_cpu_input("total_sequence_length", np.asarray(int(seqlens.max()) + 1, np.int32))
+        logits = np.empty((len(ids), self.vocab), np.float32)  # (B, V), written by the session
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits

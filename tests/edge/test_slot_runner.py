@@ -1,0 +1,96 @@
+"""`SlotRunner` on the float32 GQA graph (exact to torch up to summation order): slots joining and
+leaving the running batch, chunked prefill into a slot, growth of the in-place cache, and its limits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dsnode.edge import slot_runner as slot_module
+from dsnode.edge.onnx_runner import RunnerError, open_session
+from dsnode.edge.slot_runner import SlotRunner
+
+PROMPTS = {"a": [5, 17, 99, 200, 31, 8, 77], "b": [40, 41], "c": [300, 12, 12, 64]}
+THEN = [3, 150, 9]
+
+
+@pytest.fixture()
+def runner(fp32_dir):
+    runner = SlotRunner(open_session(fp32_dir / "model.onnx", "cpu", threads=1), max_length=512)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def torch_model(dense_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
+
+
+def expected_logits(model, prompt: list[int], then: list[int]) -> np.ndarray:
+    """Torch's logits (len(then) + 1, V) at the last prompt position and after each fed token."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt + then])).logits[0].numpy()
+    return logits[len(prompt) - 1:]
+
+
+def test_a_batch_of_different_lengths_gives_each_row_the_source_models_logits(runner, torch_model):
+    got = {seq: [runner.prefill(seq, prompt, 0)] for seq, prompt in PROMPTS.items()}
+    order = ["c", "a", "b"]  # any order: rows are looked up, not assumed
+    for token in THEN:
+        for seq, row in zip(order, runner.decode(order, [token] * 3)):
+            got[seq].append(row)
+    for seq, prompt in PROMPTS.items():
+        np.testing.assert_allclose(np.stack(got[seq]), expected_logits(torch_model, prompt, THEN), atol=1e-4)
+
+
+def test_a_leaving_sequence_frees_its_slot_without_disturbing_the_others(runner, torch_model):
+    for seq, prompt in PROMPTS.items():
+        runner.prefill(seq, prompt, 0)
+    runner.decode(["a", "b", "c"], [3, 3, 3])
+    runner.release("a")  # slot 0 is free now: a hole below the running batch
+    rows = runner.decode(["b", "c"], [150, 150])
+    runner.prefill("d", PROMPTS["a"], 0)  # joins in the freed slot
+    assert runner.slot_of == {"b": 1, "c": 2, "d": 0}
+    joined = runner.decode(["d", "b"], [3, 9])
+    np.testing.assert_allclose(rows[0], expected_logits(torch_model, PROMPTS["b"], [3, 150])[-1], atol=1e-4)
+    np.testing.assert_allclose(rows[1], expected_logits(torch_model, PROMPTS["c"], [3, 150])[-1], atol=1e-4)
+    np.testing.assert_allclose(joined[0], expected_logits(torch_model, PROMPTS["a"], [3])[-1], atol=1e-4)
+    np.testing.assert_allclose(joined[1], expected_logits(torch_model, PROMPTS["b"], [3, 150, 9])[-1], atol=1e-4)
+
+
+def test_chunked_prefill_continues_where_the_previous_chunk_stopped(runner, torch_model):
+    prompt = PROMPTS["a"]
+    runner.prefill("x", prompt[:3], 0)
+    last = runner.prefill("x", prompt[3:], 3)
+    np.testing.assert_allclose(last, expected_logits(torch_model, prompt, [])[0], atol=1e-4)
+    with pytest.raises(RunnerError, match="prefill from 2, but 7 tokens are cached"):
+        runner.prefill("x", [1], 2)
+    with pytest.raises(RunnerError, match="without a cache"):
+        runner.prefill("new", [1], 4)
+
+
+def test_the_cache_grows_in_slots_and_length_and_keeps_what_it_holds(fp32_dir, torch_model, monkeypatch):
+    monkeypatch.setattr(slot_module, "INITIAL_SLOTS", 1)
+    monkeypatch.setattr(slot_module, "INITIAL_LENGTH", 4)
+    runner = SlotRunner(open_session(fp32_dir / "model.onnx", "cpu", threads=1), max_length=512)
+    got = {seq: [runner.prefill(seq, prompt, 0)] for seq, prompt in PROMPTS.items()}
+    for token in THEN:
+        for seq, row in zip(PROMPTS, runner.decode(list(PROMPTS), [token] * 3)):
+            got[seq].append(row)
+    assert (runner.cache.slots, runner.cache.length) == (4, 16)
+    for seq, prompt in PROMPTS.items():
+        np.testing.assert_allclose(np.stack(got[seq]), expected_logits(torch_model, prompt, THEN), atol=1e-4)
+
+
+def test_the_context_limit_is_enforced(fp32_dir):
+    runner = SlotRunner(open_session(fp32_dir / "model.onnx", "cpu", threads=1), max_length=8)
+    runner.prefill("x", list(range(4, 12)), 0)
+    with pytest.raises(RunnerError, match="9 tokens exceed the model's context limit of 8"):
+        runner.decode(["x"], [5])
+
+
+def test_the_cache_layout_is_read_from_the_graph(runner):
+    assert (runner.spec.layers, runner.spec.kv_heads, runner.spec.head_dim) == (4, 2, 32)
+    assert runner.spec.dtype is np.float32 and runner.device == "cpu" and runner.vocab == 512

@@ -1,0 +1,61 @@
+"""The GQA builder's path on a checkpoint laid out like a real 7B one (bf16, several safetensors shards),
+small enough for CI: weights streamed shard by shard, and a layer the blocks do not divide kept float."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from dsnode.edge.checkpoint import Checkpoint
+from dsnode.edge.manifest import read_manifest
+
+from tests.edge.conftest import convert_quietly
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+@pytest.fixture(scope="module")
+def bf16_shards(tmp_path_factory, dense_dir) -> Path:
+    """A random Qwen2 in bf16, in shards; intermediate 320 is not a multiple of the 128 block."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=3)
+    folder = tmp_path_factory.mktemp("bf16") / "src"
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="300KB")
+    for name in TOKENIZER_FILES:
+        shutil.copy(dense_dir / name, folder / name)
+    return folder
+
+
+def test_bf16_tensors_widen_exactly(bf16_shards):
+    from safetensors.torch import load_file
+
+    assert len(list(bf16_shards.glob("*.safetensors"))) > 1
+    checkpoint = Checkpoint(bf16_shards)
+    assert checkpoint.dtype() == "BF16"
+    for shard in bf16_shards.glob("*.safetensors"):
+        for name, tensor in load_file(shard).items():
+            np.testing.assert_array_equal(checkpoint.float32(name), tensor.float().numpy())
+    checkpoint.close()
+
+
+def test_layers_the_blocks_do_not_divide_stay_float_and_are_reported(tmp_path, bf16_shards):
+    result = convert_quietly(bf16_shards, tmp_path / "out", "int8")  # random weights: the bar still applies
+    why = "K=320 is not a multiple of the block size 128"
+    expected = {"layers.0.down_proj": why, "layers.1.down_proj": why}
+    manifest = read_manifest(result.path)
+    assert manifest.weights["float_layers"] == expected
+    assert json.loads((result.path / "validation.json").read_text())["float_layers"] == expected
+    assert "not quantized (kept float): layers.0.down_proj: K=320" in result.report.render()
+    graph = onnx.load(str(result.path / "model.onnx"), load_external_data=False).graph
+    kinds = {n.name: n.op_type for n in graph.node if n.name.endswith("_proj")}
+    assert kinds["layers.0.down_proj"] == "MatMul" and kinds["layers.0.gate_up_proj"] == "MatMulNBits"
+    assert result.report.agreement >= 0.9
