@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -174,7 +175,48 @@ class LineWriterFactory:
         return self._logger
 
 
+# --- other libraries' logs --------------------------------------------------------------------------
+# Header values that are credentials, wherever a library quotes a request (`name: value`, `name=value`)
+_SECRET_HEADER = re.compile(r"(?i)\b(authorization|proxy-authorization|x-dsnode-peer|cookie|set-cookie)"
+                            r"(\s*[:=]\s*)([^\r\n'\"\\]*)")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\"\\]+")
+REDACTED = "<redacted>"
+
+
+def redact(text: str) -> str:
+    """`text` with the values of credential headers (Authorization, X-DSNode-Peer, cookies) and
+    bearer tokens replaced by `<redacted>`."""
+    text = _SECRET_HEADER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+    return _BEARER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+
+
+class LibraryBridge(logging.Handler):
+    """aiohttp's and asyncio's own log records, as structured events (`library_log`, one line each,
+    through the same output as every other event) with credentials redacted: a library that quotes
+    a request it refused (aiohttp quotes the header line) must not put a key in the journal."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name, "message": redact(record.getMessage())[:2000]}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                fields["error"] = redact(f"{type(exc).__name__}: {_exception_text(exc)}")[:2000]
+            structlog.get_logger(record.name).log(record.levelno, "library_log", **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _exception_text(exc: BaseException) -> str:
+    """An exception's message; for an HTTP parser error, its first line only (the rest quotes the
+    request)."""
+    message = getattr(exc, "message", None)
+    text = message if isinstance(message, str) and message else str(exc)
+    return text.split("\n", 1)[0] if hasattr(exc, "code") and hasattr(exc, "headers") else text
+
+
+LIBRARY_LOGGERS = ("aiohttp", "asyncio")
 _our_handler: list[logging.Handler] = []  # the root handler configure_logging installed, if any
+_our_bridge: list[LibraryBridge] = []
 
 
 def _quiet_libraries(sender: JournalSender | None) -> None:
@@ -195,3 +237,18 @@ def _quiet_libraries(sender: JournalSender | None) -> None:
     root.setLevel(logging.WARNING)
     for noisy in ("aiohttp.access", "DeepSpeed", "transformers", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _bridge_libraries()
+
+
+def _bridge_libraries() -> None:
+    """aiohttp and asyncio log through structlog (`LibraryBridge`), not the root handler."""
+    while _our_bridge:
+        bridge = _our_bridge.pop()
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).removeHandler(bridge)
+    bridge = LibraryBridge(logging.WARNING)
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(bridge)
+        logger.propagate = False
+    _our_bridge.append(bridge)

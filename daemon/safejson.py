@@ -30,10 +30,14 @@ class JSONRefused(ValueError):
 
 
 def loads(raw: bytes, max_depth: int) -> Any:
-    """Parse `raw` (UTF-8 JSON); raises JSONRefused for anything that is not valid JSON, nested
-    deeper than `max_depth`, or holding a lone surrogate."""
+    """Parse `raw` (UTF-8 JSON, a leading BOM allowed); raises JSONRefused for anything that is not
+    valid JSON in strict UTF-8, nested deeper than `max_depth`, or holding a lone surrogate.
+
+    The bytes are decoded here, strictly: `json.loads(bytes)` would guess UTF-16 or UTF-32 and decode
+    UTF-8 with `surrogatepass`, letting a UTF-8-encoded surrogate (`\xed\xa0\x80`) through."""
     try:
-        data = json.loads(raw)
+        text = raw.decode("utf-8")
+        data = json.loads(text[1:] if text.startswith("\ufeff") else text)
     except RecursionError:
         raise JSONRefused(f"The JSON is nested more than {max_depth} levels deep.", "json_too_deep") from None
     except UnicodeDecodeError as exc:

@@ -34,9 +34,23 @@ class Supervised:
         self._first = first_backoff_s
         self._max = max_backoff_s
         self.restarts = 0  # runs that ended in an exception (or returned) and were started again
-        self.failing = False  # the last run ended in an exception and no run has lasted since
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._failed_at: float | None = None  # monotonic times: the last failure,
+        self._healthy_at: float | None = None  # the last healthy_run(),
+        self._run_started: float | None = None  # the start of the current run
+
+    @property
+    def failing(self) -> bool:
+        """The last run failed, and since then the task has neither said it did a round of its work
+        (`healthy_run`) nor run for `HEALTHY_RUN_S`."""
+        failed = self._failed_at
+        if failed is None or (self._healthy_at is not None and self._healthy_at > failed):
+            return False
+        started = self._run_started
+        lasted = self.running and started is not None and started > failed and \
+            time.monotonic() - started >= HEALTHY_RUN_S
+        return not lasted
 
     @property
     def running(self) -> bool:
@@ -55,7 +69,7 @@ class Supervised:
     async def _supervise(self) -> None:
         delay = self._first
         while True:
-            started = time.monotonic()
+            started = self._run_started = time.monotonic()
             try:
                 await self._run()
                 log.error("task_ended", task=self.name, detail="it should run until stopped; started again",
@@ -63,7 +77,7 @@ class Supervised:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.failing = True
+                self._failed_at = time.monotonic()
                 self.last_error = f"{type(exc).__name__}: {exc}"[:500]
                 log.error("task_failed", task=self.name, error=self.last_error, restarts=self.restarts,
                           retry_in_s=delay, exc_info=True)
@@ -75,7 +89,7 @@ class Supervised:
 
     def healthy_run(self) -> None:
         """The task says it did a round of its work: it is not failing (whatever happened before)."""
-        self.failing = False
+        self._healthy_at = time.monotonic()
 
 
 def log_failure(task: "asyncio.Task[object]") -> None:

@@ -37,10 +37,14 @@ async def read_body(request: web.Request, timeout: float) -> bytes:
     except TimeoutError:
         raise APIError(408, f"The request body did not arrive within {timeout:g}s.", code="body_timeout") from None
     except RequestPayloadError:
-        raise bad_request(_unreadable(request), code="invalid_body") from None
+        # The rest of the body can't be parsed either: answer, then close the connection (and tell
+        # aiohttp not to read on, which would fail again and be logged as an unhandled error).
+        request.content.feed_eof()
+        raise APIError(400, _unreadable(request), code="invalid_body", close_connection=True) from None
 
 
 def parse_json(raw: bytes) -> object:
+    """JSON text in UTF-8 (RFC 8259; a leading BOM is allowed), within `MAX_BODY_DEPTH`."""
     try:
         return safejson.loads(raw, MAX_BODY_DEPTH)
     except safejson.JSONRefused as exc:

@@ -143,13 +143,13 @@ class Poller:
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
     if response.content_length is not None and response.content_length > MAX_ADVERT_BYTES:
         raise _PollFailed(f"GET /cluster answered {response.content_length} bytes; an advertisement is at "
-                          f"most {MAX_ADVERT_BYTES}")
+                          f"most {MAX_ADVERT_BYTES} bytes")
     body = bytearray()
     while chunk := await response.content.read(_READ_CHUNK):
         body += chunk
         if len(body) > MAX_ADVERT_BYTES:
-            raise _PollFailed(f"GET /cluster answered more than {MAX_ADVERT_BYTES} bytes; an advertisement "
-                              "is at most that")
+            raise _PollFailed(f"GET /cluster answered more bytes than an advertisement has at most "
+                              f"({MAX_ADVERT_BYTES} bytes)")
     return bytes(body)
 
 
