@@ -1,21 +1,23 @@
 """Answer a completion request through an upstream node.
 
-The balancer picks a peer; the client's body goes on as the bytes it came in (never re-serialised),
-with the request id and the list of nodes it passed through (`X-DSNode-Via`, so two nodes that list
-each other can't pass a request back and forth); the answer is relayed as it arrives
-(`dsnode.api.relay`).
+The balancer picks a peer; the client's body goes on as the bytes this node parsed (decoded from its
+Content-Encoding, never re-serialised), with the request id and the list of nodes it passed through
+(`X-DSNode-Via`, so two nodes that list each other can't pass a request back and forth); the answer
+is relayed as it arrives (`dsnode.api.relay`).
 
-Failure rules (docs/cluster.md):
-- no connection, no answer within `first_token_timeout`, 5xx, or 429 before anything was sent to the
-  client → the next peer (429 is not counted against the peer's health);
-- nothing left to try → the last peer's 5xx/429 answer as it was, or 503 explaining why each peer
-  could not take it;
+Failure rules (docs/cluster.md), and what counts toward `max_fails`:
+- no connection, no answer within `first_token_timeout`, a broken head → the next peer; counted;
+- 500/502/504 → the next peer; counted only once another peer served the same request (a request
+  that every peer refuses is the request's fault); 503 and 429 → the next peer, never counted;
+- a cut, a stall or an answer over the size limits once relaying → counted (too late to retry);
+- nothing left to try → `NotForwarded`: the caller serves the request itself if it fits here (the
+  fallback), or answers `not_forwarded` (the last 5xx/429 as it was, or 503 saying why);
 - the node stops and the drain deadline passes → 503 before the answer started (`Relays.cut`, called
   by the server), an error event once it has.
 
 With a cluster secret (`[auth] cluster_secret_file`) each forwarded request is signed
-(`dsnode.cluster.peer_auth`): the peer credential stands for the client's API key, which is not sent
-on; the key's name goes along in `X-DSNode-User`, covered by the signature.
+(`dsnode.cluster.peer_auth`) for the peer it goes to: the peer credential stands for the client's API
+key, which is not sent on; the key's name goes along in `X-DSNode-User`, covered by the signature.
 """
 
 from __future__ import annotations
