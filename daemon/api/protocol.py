@@ -14,22 +14,16 @@ upgrade changes them.
 
 from __future__ import annotations
 
-import re
-import traceback
-
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from ..logs import redact
+from ..logs import describe_http_error, exception_text
 from .errors import protocol_error
 
 log = structlog.get_logger("dsnode.api")
-
-# a quoted excerpt of the request (`...: b'...'`, `...: '...'`, `b'...'`) and whatever follows it
-_QUOTED = re.compile(r"""\s*:\s*b?['"].*|\s*\bb['"].*""", re.S)
 
 
 class Runner(web.AppRunner):
@@ -50,7 +44,7 @@ class _Handler(RequestHandler):
         description = describe(exc) if status < 500 else "internal error"
         if status >= 500:
             log.error("unhandled_error", path=_path(request), error=description,
-                      traceback=redact("".join(traceback.format_exception(exc))) if exc else None)
+                      traceback=exception_text(exc) if exc else None)
         elif isinstance(exc, BadHttpMethod) and self._request_count == 1:
             log.debug("bad_http_request", client=request.remote, status=status, error=description)
         else:
@@ -65,14 +59,7 @@ class _Handler(RequestHandler):
 
 def describe(exc: BaseException | None) -> str:
     """What was wrong with a request aiohttp refused, without quoting any of it."""
-    if isinstance(exc, LineTooLong):
-        return f"a request line or header is longer than {exc.args[1]} bytes"
-    if isinstance(exc, HttpProcessingError):
-        text = exc.message or type(exc).__name__
-    else:
-        text = str(exc) if exc else "bad request"
-    first = _QUOTED.sub("", text.split("\n", 1)[0]).strip().rstrip(":.")
-    return redact(first)[:200] or "bad request"
+    return describe_http_error(exc) if exc is not None else "bad request"
 
 
 def _path(request: BaseRequest) -> str | None:
