@@ -44,6 +44,7 @@ class Upstreams:
         self.changed = asyncio.Event()  # set on reload: the poller polls the new list at once
         self._session: aiohttp.ClientSession | None = None
         self.poller: Supervised | None = None  # while started
+        self._users = 0  # apps that started it (tests run two apps on one node): stopped by the last
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self, routing: Callable[[], "RoutingSection"], trust: ssl.SSLContext | None,
@@ -51,6 +52,9 @@ class Upstreams:
         """The pool for forwarding and the poller (its own client session) for advertisements.
         `routing` is read each poll round, so a reload's poll settings apply; `trust` verifies
         https:// upstreams (None: the system store)."""
+        self._users += 1
+        if self._users > 1:
+            return
         self.pool = Pool(trust)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=trust or True))
         poller = Poller(self.balancer, self.changed, self._session, routing, sign=sign)
@@ -59,6 +63,9 @@ class Upstreams:
         self.poller.start()
 
     async def stop(self) -> None:
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
         if self.poller is not None:
             await self.poller.stop()
             self.poller = None
