@@ -150,9 +150,10 @@ class Balancer:
             peer.fails = 0
 
     # --- advertisements ---------------------------------------------------------------------------
-    def advertised(self, url: str, advert: Mapping[str, Any], wall_time: float) -> None:
+    def advertised(self, url: str, advert: Mapping[str, Any], wall_time: float, now: float | None = None) -> None:
         """A peer's advertisement, field by field: a field of the wrong type counts as absent (a
-        `ready` that is not `true` is not ready; a model entry without a string name is skipped)."""
+        `ready` that is not `true` is not ready; a model entry without a string name is skipped).
+        `now` (monotonic): while passive health keeps the peer out, its failure stays `last_error`."""
         peer = self.find(url)
         if peer is None:
             return  # removed by a reload while its poll was in flight
@@ -164,7 +165,8 @@ class Balancer:
         peer.models = models
         peer.advert = dict(advert)
         peer.last_seen = wall_time
-        peer.last_error = None if peer.ready else _not_ready(advert)
+        down = now is not None and peer.down(now)
+        peer.last_error = (peer.last_failure if down else None) if peer.ready else _not_ready(advert)
 
     def unreachable(self, url: str, error: str) -> None:
         peer = self.find(url)

@@ -85,7 +85,7 @@ class Poller:
                       error=f"{type(exc).__name__}: {exc}", exc_info=True)
             self._failed(url, f"polling failed: {type(exc).__name__}: {exc}", was[0])
             return
-        balancer.advertised(url, advert, time.time())
+        balancer.advertised(url, advert, time.time(), now=time.monotonic())
         peer = balancer.find(url)
         if peer is not None and (peer.reachable, peer.ready) != was:
             log.info("upstream_advertised", upstream=url, name=peer.name, ready=peer.ready,

@@ -58,8 +58,13 @@ def test_a_peer_down_after_a_failure_says_which_even_once_its_poll_answers_again
     b = balancer()
     b.advertised(URL, advert(), 0.0)
     peer = b.pick(MODEL, None, 1.0)
-    b.failed(peer, 1.0, "cannot connect to 10.0.0.1:8000: Connection refused")
-    b.advertised(URL, advert(), 1.5)  # the next poll answers: last_error is cleared...
+    failure = "cannot connect to 10.0.0.1:8000: Connection refused"
+    b.failed(peer, 1.0, failure)
+    b.advertised(URL, advert(), 1.5)  # the next poll answers (no monotonic time: last_error is cleared)...
     why = b.why_none(MODEL, None, 2.0)
-    assert why.endswith("last error: cannot connect to 10.0.0.1:8000: Connection refused")  # ...not None
+    assert why.endswith(f"last error: {failure}")  # ...the 503 still names the failure, not None
     assert "None" not in why
+    b.advertised(URL, advert(), 1.5, now=2.0)  # as the poller says it: still down, so still the reason
+    assert b.states(2.0)[0].last_error == failure
+    b.advertised(URL, advert(), 20.0, now=20.0)  # fail_timeout (10 s) later: no longer down
+    assert b.states(20.0)[0].last_error is None
