@@ -159,6 +159,8 @@ class RoutingSection(_Section):
     poll_timeout: PositiveFloat = 2.0
     connect_timeout: PositiveFloat = 2.0
     first_token_timeout: PositiveFloat = 120.0  # forwarded: until the upstream answers headers
+    max_answer_bytes: PositiveInt = 16 * 1024 * 1024  # a whole (non-streamed) upstream answer; then 502
+    max_event_bytes: PositiveInt = 1024 * 1024  # one SSE event of a streamed upstream answer; then cut
     upstream: tuple[UpstreamSection, ...] = ()
 
     @field_validator("upstream", mode="before")

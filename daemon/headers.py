@@ -9,3 +9,4 @@ REQUEST_ID = "X-Request-Id"  # given by the client or made up; passed on when fo
 VIA = "X-DSNode-Via"  # the nodes a forwarded request passed through, comma-separated
 USER = "X-DSNode-User"  # the client's identity (API key name or fingerprint), signed
 PEER = "X-DSNode-Peer"  # the peer credential
+PEER_CHALLENGE = "X-DSNode-Peer-Challenge"  # on a 401 to a peer: "<boot id> <node name>" to sign for

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, MutableMapping, TextIO
 
 import structlog
@@ -174,7 +176,85 @@ class LineWriterFactory:
         return self._logger
 
 
+# --- other libraries' logs --------------------------------------------------------------------------
+# Header values that are credentials, wherever a library quotes a request (`name: value`, `name=value`)
+_SECRET_HEADER = re.compile(r"(?i)\b(authorization|proxy-authorization|x-dsnode-peer|cookie|set-cookie)"
+                            r"(\s*[:=]\s*)([^\r\n'\"\\]*)")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\"\\]+")
+REDACTED = "<redacted>"
+
+
+def redact(text: str) -> str:
+    """`text` with the values of credential headers (Authorization, X-DSNode-Peer, cookies) and
+    bearer tokens replaced by `<redacted>`."""
+    text = _SECRET_HEADER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+    return _BEARER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+
+
+class LibraryBridge(logging.Handler):
+    """aiohttp's and asyncio's own log records, as structured events (`library_log`, one line each,
+    through the same output as every other event) with credentials redacted: a library that quotes
+    a request it refused (aiohttp quotes the header line) must not put a key in the log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name, "message": redact(record.getMessage())[:2000]}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["error"] = exception_text(record.exc_info[1])[-4000:]
+            structlog.get_logger(record.name).log(record.levelno, "library_log", **fields)
+        except Exception:
+            self.handleError(record)
+
+
+class RedactCredentials(logging.Filter):
+    """The same for the journal's handler of stdlib records: the record's message and exception
+    rewritten, redacted, before the handler formats them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = redact(record.getMessage())
+        if record.exc_info and record.exc_info[1] is not None:
+            text += "\n" + exception_text(record.exc_info[1])
+        record.msg, record.args, record.exc_info, record.exc_text = text, None, None, None
+        return True
+
+
+# an excerpt of the request that an HTTP parser error quotes (`...: b'...'`, `b'...'`), and what follows
+_QUOTED = re.compile(r"""\s*:\s*b?['"].*|\s*\bb['"].*""", re.S)
+
+
+def describe_http_error(exc: BaseException) -> str:
+    """What an HTTP parser error (aiohttp's `HttpProcessingError`) says was wrong, without any of the
+    request it quotes: the first line of its message, quoted bytes cut off."""
+    limit = getattr(exc, "args", ())[1:2] if type(exc).__name__ == "LineTooLong" else ()
+    if limit:
+        return f"a request line or header is longer than {limit[0]} bytes"
+    message = getattr(exc, "message", None)
+    text = message if isinstance(message, str) and message else str(exc)
+    first = _QUOTED.sub("", text.split("\n", 1)[0]).strip().rstrip(":.")
+    return redact(first)[:200] or type(exc).__name__
+
+
+def exception_text(exc: BaseException) -> str:
+    """An exception for a log: its traceback, redacted; only a summary when an HTTP parser error is in
+    its chain (such an error quotes the request, and a continuation line carries no header name)."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    parser_errors = [e for e in chain if _is_http_parser_error(e)]
+    if parser_errors:
+        return f"{type(exc).__name__}: {describe_http_error(parser_errors[-1])}"
+    return redact("".join(traceback.format_exception(exc)))
+
+
+def _is_http_parser_error(exc: BaseException) -> bool:
+    return any(c.__name__ == "HttpProcessingError" and c.__module__.startswith("aiohttp") for c in type(exc).__mro__)
+
+
+LIBRARY_LOGGERS = ("aiohttp", "asyncio")
 _our_handler: list[logging.Handler] = []  # the root handler configure_logging installed, if any
+_our_bridge: list[logging.Handler] = []
 
 
 def _quiet_libraries(sender: JournalSender | None) -> None:
@@ -196,6 +276,7 @@ def _quiet_libraries(sender: JournalSender | None) -> None:
     for noisy in ("aiohttp.access", "DeepSpeed", "transformers", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _no_progress_bars()
+    _bridge_libraries(sender)
 
 
 def _no_progress_bars() -> None:
@@ -211,3 +292,21 @@ def _no_progress_bars() -> None:
     transformers_logging = sys.modules.get("transformers.utils.logging")
     if transformers_logging is not None:
         transformers_logging.disable_progress_bar()
+
+
+def _bridge_libraries(sender: JournalSender | None) -> None:
+    """aiohttp and asyncio log with credentials redacted: through structlog (`LibraryBridge`), or to
+    the journal as other libraries do (with `RedactCredentials`), never through the plain root handler."""
+    while _our_bridge:
+        old = _our_bridge.pop()
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).removeHandler(old)
+    bridge: logging.Handler = LibraryBridge(logging.WARNING)
+    if sender is not None:
+        bridge = JournalHandler(sender)
+        bridge.addFilter(RedactCredentials())
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(bridge)
+        logger.propagate = False
+    _our_bridge.append(bridge)

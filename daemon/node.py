@@ -19,6 +19,7 @@ from .config import Config
 from .inference.engine import Engine, Health
 from .probe import HostFacts
 from .record import RequestRecord
+from .tasks import Supervised
 
 log = structlog.get_logger("dsnode.request")
 
@@ -37,6 +38,7 @@ class Node:
     observers: list[Observer] = field(default_factory=list)
     upstreams_provider: Callable[[], list[UpstreamState]] | None = None
     upstreams: Upstreams = field(init=False)  # the balancer's view of [[routing.upstream]]
+    tasks: list[Supervised] = field(default_factory=list)  # background tasks others own (the watchdog)
 
     def __post_init__(self) -> None:
         self.upstreams = Upstreams(self.config.routing)
@@ -60,6 +62,11 @@ class Node:
         if host in ("0.0.0.0", "::", ""):
             host = self.host.hostname
         return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def background_tasks(self) -> list[Supervised]:
+        """Every supervised background task running for this node (for /metrics)."""
+        poller = self.upstreams.poller
+        return [*([poller] if poller is not None else []), *self.tasks]
 
     def readiness(self) -> Health:
         if self.draining:

@@ -27,6 +27,7 @@ from aiohttp import web
 from .api.app import create_app
 from .api.auth import AUTH
 from .api.forward import cut_forwarded
+from .api.protocol import Runner
 from .config import Config, ConfigError, load_config
 from .inference.backends import BackendUnavailable, build_engine
 from .inference.engine import Engine
@@ -36,6 +37,7 @@ from .nccl_result import result_path
 from .node import Node
 from .probe import probe_host
 from .systemd import Notifier, SystemdEnv, watchdog_pings
+from .tasks import Supervised, log_failure
 
 log = structlog.get_logger("dsnode.server")
 
@@ -77,10 +79,12 @@ class NodeServer:
         try:
             return await self._lifecycle()
         finally:
-            for task in (pinger, self._reloading):
-                if task is not None:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+            if pinger is not None:
+                await pinger.stop()
+                self.node.tasks.remove(pinger)
+            if self._reloading is not None:
+                self._reloading.cancel()
+                await asyncio.gather(self._reloading, return_exceptions=True)
             self.notifier.close()
             self._remove_signal_handlers()
 
@@ -92,11 +96,12 @@ class NodeServer:
     async def _lifecycle(self) -> int:
         listen, model = self.config.node.listen, self.config.model
         self.notifier.status(f"starting: listening on {listen}")
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=CLEANUP_TIMEOUT_S,
-                               # an idle connection, or one still sending its request head, is
-                               # closed after this (aiohttp's own default is an hour)
-                               keepalive_timeout=self.config.node.idle_timeout)
+        # Runner: what aiohttp answers by itself (a refused request head) in OpenAI's error shape
+        runner = Runner(self.app, handler_cancellation=True, access_log=None,
+                        shutdown_timeout=CLEANUP_TIMEOUT_S,
+                        # an idle connection, or one still sending its request head, is
+                        # closed after this (aiohttp's own default is an hour)
+                        keepalive_timeout=self.config.node.idle_timeout)
         await runner.setup()
         site = web.TCPSite(runner, self.config.node.host, self.config.node.port,
                            ssl_context=_ssl_context(self.config), reuse_address=True)
@@ -127,13 +132,14 @@ class NodeServer:
         info = self.engine.info
         return f"serving 1 model ({info.name}, {info.backend} on {info.device}) at {self.node.url}"
 
-    def _start_watchdog(self) -> "asyncio.Task[None] | None":
+    def _start_watchdog(self) -> Supervised | None:
         interval = self.systemd.watchdog_interval_s
         if interval is None or not self.config.node.watchdog or not self.notifier.enabled:
             return None
-        return asyncio.get_running_loop().create_task(
-            watchdog_pings(self.notifier, interval), name="systemd-watchdog"
-        )
+        pinger = Supervised("systemd-watchdog", lambda: watchdog_pings(self.notifier, interval))
+        pinger.start()
+        self.node.tasks.append(pinger)
+        return pinger
 
     async def _until_stop_or_engine_failure(self) -> int:
         """0 on SIGTERM; 1 if the engine fails for good (a tensor-parallel rank died): its requests
@@ -225,7 +231,8 @@ class NodeServer:
         changed again since it was read)."""
         self._reload_wanted = True
         if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.get_running_loop().create_task(self._reload_while_wanted())
+            self._reloading = asyncio.get_running_loop().create_task(self._reload_while_wanted(), name="reload")
+            self._reloading.add_done_callback(log_failure)
 
     async def _reload_while_wanted(self) -> None:
         while self._reload_wanted:

@@ -93,12 +93,13 @@ def convert_model(
     hf_config = check_source(src)
     if dst.exists():
         raise ConvertError(f"{dst}: already exists; remove it or choose another destination")
+    remove_abandoned_staging(dst)
     parent = _existing_ancestor(dst.parent)
     shape = buildable_shape(hf_config, options)
     check_free_space(parent, estimate_bytes(src, hf_config, options.quant, gqa=shape is not None))
     progress = progress or Progress(STAGES)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(dst)}{os.getpid()}-", dir=dst.parent))
     try:
         manifest, report = _convert(src, staging, hf_config, shape, options, min_agreement, progress, validate)
         staging.chmod(0o755)  # mkdtemp made it private; the daemon may run as another user
@@ -137,6 +138,39 @@ def buildable_shape(hf_config: dict[str, Any], options: ConvertOptions) -> Model
 
 
 DISK_FULL_BELOW_BYTES = 4 * 2**20
+OLD_STAGING_AGE_S = 3600  # a staging folder without a process id in its name: abandoned after this
+
+
+def _staging_prefix(dst: Path) -> str:
+    return f".{dst.name}.partial-"
+
+
+def remove_abandoned_staging(dst: Path) -> list[Path]:
+    """Staging folders of earlier conversions to `dst` that no process owns any more (the converter
+    was killed with SIGKILL, or the machine lost power): removed, and returned. A folder is named
+    after its process; one whose process is alive is another conversion at work and is left alone."""
+    prefix = _staging_prefix(dst)
+    if not dst.parent.is_dir():
+        return []
+    removed = []
+    for path in dst.parent.iterdir():
+        if path.name.startswith(prefix) and path.is_dir() and _abandoned(path, path.name[len(prefix):]):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _abandoned(path: Path, suffix: str) -> bool:
+    pid, dash, _ = suffix.partition("-")
+    if not (dash and pid.isdigit()):  # named before process ids were: judge by age
+        return time.time() - path.stat().st_mtime > OLD_STAGING_AGE_S
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # alive, another user's (or not a pid at all: leave it)
+    return False
 
 
 def _disk_full(folder: Path) -> bool:

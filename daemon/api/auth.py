@@ -34,7 +34,7 @@ import structlog
 from aiohttp import web
 
 from .. import headers as names
-from ..cluster.peer_auth import PeerAuth, PeerRefused
+from ..cluster.peer_auth import Binding, PeerAuth, PeerRefused
 from ..secrets import ApiKeys, SecretsFileError
 from .errors import APIError, Handler
 
@@ -97,9 +97,9 @@ class Auth:
         return not self.installed and new.auth != old.auth and \
             (new.auth.api_keys_file is not None or new.auth.cluster_secret_file is not None)
 
-    def peer_headers(self, method: str, path: str) -> dict[str, str]:
-        """Headers for this node's own peer requests (the advertisement poll)."""
-        return {} if self.peers is None else self.peers.headers(method, path)
+    def peer_headers(self, method: str, path: str, to: Binding | None = None) -> dict[str, str]:
+        """Headers for this node's own peer requests (the advertisement poll) to the node `to`."""
+        return {} if self.peers is None else self.peers.headers(method, path, to)
 
     @contextmanager
     def slot(self, identity: str, limit: int) -> Iterator[None]:
@@ -149,7 +149,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         try:
             request[PEER] = auth.peers.verify(request.method, request.raw_path, headers)
         except PeerRefused as exc:
-            raise _refused(request, str(exc), "invalid_peer_credential") from None
+            challenge = auth.peers.challenge if exc.challenge else None
+            raise _refused(request, str(exc), "invalid_peer_credential", challenge=challenge) from None
         user = headers.get(names.USER)
         if user:
             request[IDENTITY] = user
@@ -157,7 +158,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if auth.keys is None:
         if path == "/cluster" and auth.peers is not None:
             raise _refused(request, "GET /cluster needs the cluster credential (a peer node's, or "
-                           "`dsnode status --secret-file`).", "missing_peer_credential")
+                           "`dsnode status --secret-file`).", "missing_peer_credential",
+                           challenge=auth.peers.challenge)
         return await handler(request)
     scheme, _, token = headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -170,11 +172,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def _refused(request: web.Request, message: str, code: str, invalid: bool = False) -> APIError:
+def _refused(request: web.Request, message: str, code: str, invalid: bool = False,
+             challenge: str | None = None) -> APIError:
+    """401. `challenge`: this node's peer binding, for a peer whose credential was made for another
+    node or boot (`X-DSNode-Peer-Challenge`)."""
     log.warning("unauthorized", path=request.path, method=request.method, client=request.remote,
                 code=code, reason=message, request_id=_request_id(request))
-    challenge = 'Bearer realm="dsnode", error="invalid_token"' if invalid else 'Bearer realm="dsnode"'
-    return APIError(401, message, code=code, headers={"WWW-Authenticate": challenge})
+    bearer = 'Bearer realm="dsnode", error="invalid_token"' if invalid else 'Bearer realm="dsnode"'
+    extra = {names.PEER_CHALLENGE: challenge} if challenge else {}
+    return APIError(401, message, code=code, headers={"WWW-Authenticate": bearer, **extra})
 
 
 def _request_id(request: web.Request) -> str | None:

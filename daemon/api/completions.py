@@ -11,9 +11,6 @@ outcome.
 
 from __future__ import annotations
 
-import asyncio
-import json
-
 from aiohttp import web
 
 from .. import headers
@@ -24,8 +21,9 @@ from ..node import Node
 from ..record import RequestRecord, new_request_id
 from .appkeys import NODE
 from .auth import admit
+from .body import read_json
 from .errors import APIError, bad_request, client_gone, model_not_found, to_api_error
-from .forward import serve_forwarded
+from .forward import NotForwarded, not_forwarded, serve_forwarded
 from .local import serve_local
 from .prompt import prompt_token_ids
 from .schemas import Body, ChatCompletionRequest, CompletionRequest, parse_body
@@ -78,8 +76,16 @@ async def _serve(request: web.Request, node: Node, endpoint: str, record: Reques
     if route.kind == "loop":
         raise APIError(508, f"The request for `{body.model}` came back to {node.name} through "
                        f"{', '.join(via)}; it is not forwarded again.", type="server_error", code="loop_detected")
+    if route.kind == "too_long":
+        raise _too_long(body, prompt_ids, route)
     if route.kind == "forward":
-        return await serve_forwarded(request, node, raw, body, record, route, via)
+        try:
+            return await serve_forwarded(request, node, raw, body, record, route, via)
+        except NotForwarded as exc:
+            if not (route.fallback and prompt_ids is not None):
+                return not_forwarded(exc, body, record, route)
+            record.route, record.upstream = "local", None
+            record.route_reason = f"{route.reason}, but no upstream could take it ({exc.why}): served here"
     if prompt_ids is None:  # the local model is not ready, and no upstream serves it
         raise EngineNotReady(node.engine.health().reason)
     try:
@@ -110,24 +116,6 @@ async def _parse(request: web.Request, endpoint: str, limits: LimitsSection,
     return raw, body
 
 
-async def read_json(request: web.Request, timeout: float) -> tuple[bytes, object]:
-    """The body as received (forwarding passes these bytes on) and parsed. A body still arriving
-    after `timeout` seconds (a client trickling it) is refused with 408."""
-    if request.content.is_eof():  # all here already (the usual case): no timer to arm
-        raw = await request.read()
-    else:
-        try:
-            async with asyncio.timeout(timeout):
-                raw = await request.read()
-        except TimeoutError:
-            raise APIError(408, f"The request body did not arrive within {timeout:g}s.",
-                           code="body_timeout") from None
-    try:
-        return raw, json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-
-
 async def _local_prompt_ids(node: Node, body: Body) -> list[int] | None:
     """The prompt's tokens, counted only for the local model when it is ready: a model only
     upstreams serve costs no tokenizing."""
@@ -145,9 +133,23 @@ def choose_route(node: Node, body: Body, prompt_ids: list[int] | None, via: tupl
         RouteRequest(body.model, None if prompt_ids is None else len(prompt_ids), body.requested_max_tokens()),
         local,
         node.config.routing.long_prompt_tokens,
-        node.upstreams.known_models(),
+        node.upstreams.model_limits(),
         may_forward=node.name not in via and len(via) < MAX_HOPS,
     )
+
+
+def _too_long(body: Body, prompt_ids: list[int] | None, route: Route) -> APIError:
+    """No node reachable from here can hold the request: final (400), worded as the engine words it,
+    with the largest context limit there is."""
+    limit = route.limit or 0
+    requested = body.requested_max_tokens()
+    if prompt_ids is not None:
+        message = str(ContextLengthExceeded(len(prompt_ids), requested or 0, limit))
+    else:  # a model only upstreams serve: its prompt was not counted here
+        message = (f"This model's maximum context length is {limit} tokens. However, you requested "
+                   f"{requested} tokens for the completion alone, and the prompt needs at least one. "
+                   "Please reduce max_tokens.")
+    return APIError(400, message, param=_prompt_param(body), code="context_length_exceeded")
 
 
 # --- limits -----------------------------------------------------------------------------------------

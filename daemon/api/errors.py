@@ -26,6 +26,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        close_connection: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -34,6 +35,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.close_connection = close_connection  # the connection can't carry another request
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -104,8 +106,19 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, "Internal server error.", type="server_error", code="internal_error")
 
 
+def protocol_error(status: int, description: str) -> APIError:
+    """A request aiohttp's HTTP parser refused before any handler ran (`dsnode.api.protocol`), or a
+    failure outside every middleware."""
+    if status >= 500:
+        return APIError(status, "Internal server error.", type="server_error", code="internal_error")
+    return APIError(status, f"Bad HTTP request: {description}.", code="bad_http_request")
+
+
 def error_response(error: APIError) -> web.Response:
-    return web.json_response(error.body(), status=error.status, headers=error.headers)
+    response = web.json_response(error.body(), status=error.status, headers=error.headers)
+    if error.close_connection:
+        response.force_close()
+    return response
 
 
 def sse_error_event(error: APIError) -> bytes:

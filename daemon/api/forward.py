@@ -1,21 +1,23 @@
 """Answer a completion request through an upstream node.
 
-The balancer picks a peer; the client's body goes on as the bytes it came in (never re-serialised),
-with the request id and the list of nodes it passed through (`X-DSNode-Via`, so two nodes that list
-each other can't pass a request back and forth); the answer is relayed as it arrives
-(`dsnode.api.relay`).
+The balancer picks a peer; the client's body goes on as the bytes this node parsed (decoded from its
+Content-Encoding, never re-serialised), with the request id and the list of nodes it passed through
+(`X-DSNode-Via`, so two nodes that list each other can't pass a request back and forth); the answer
+is relayed as it arrives (`dsnode.api.relay`).
 
-Failure rules (docs/cluster.md):
-- no connection, no answer within `first_token_timeout`, 5xx, or 429 before anything was sent to the
-  client → the next peer (429 is not counted against the peer's health);
-- nothing left to try → the last peer's 5xx/429 answer as it was, or 503 explaining why each peer
-  could not take it;
+Failure rules (docs/cluster.md), and what counts toward `max_fails`:
+- no connection, no answer within `first_token_timeout`, a broken head → the next peer; counted;
+- 500/502/504 → the next peer; counted only once another peer served the same request (a request
+  that every peer refuses is the request's fault); 503 and 429 → the next peer, never counted;
+- a cut, a stall or an answer over the size limits once relaying → counted (too late to retry);
+- nothing left to try → `NotForwarded`: the caller serves the request itself if it fits here (the
+  fallback), or answers `not_forwarded` (the last 5xx/429 as it was, or 503 saying why);
 - the node stops and the drain deadline passes → 503 before the answer started (`Relays.cut`, called
   by the server), an error event once it has.
 
 With a cluster secret (`[auth] cluster_secret_file`) each forwarded request is signed
-(`dsnode.cluster.peer_auth`): the peer credential stands for the client's API key, which is not sent
-on; the key's name goes along in `X-DSNode-User`, covered by the signature.
+(`dsnode.cluster.peer_auth`) for the peer it goes to: the peer credential stands for the client's API
+key, which is not sent on; the key's name goes along in `X-DSNode-User`, covered by the signature.
 """
 
 from __future__ import annotations
@@ -23,34 +25,58 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
 from .. import headers
-from ..cluster.balancer import Peer
-from ..cluster.peer_auth import PeerAuth
-from ..cluster.pool import Origin, UpstreamError
+from ..cluster.balancer import Balancer, Peer
+from ..cluster.peer_auth import PeerAuth, challenge_of
+from ..cluster.pool import Origin, Pool, UpstreamError
+from ..cluster.pool import Response as PoolResponse
 from ..cluster.routing import Route
+from ..config import RoutingSection
 from ..node import Node
 from ..record import RequestRecord
 from .auth import AUTH, IDENTITY
 from .errors import APIError, shutting_down
-from .relay import RELAYS, read_refusal, relay, response_headers
+from .relay import RELAYS, UpstreamFault, read_refusal, relay, response_headers
 from .schemas import Body
 
 log = structlog.get_logger("dsnode.forward")
 
-# Request headers not passed on: hop-by-hop ones, framing, and those set here.
+# Request headers not passed on: hop-by-hop ones, framing, those set here, and those that describe
+# the body as the client encoded it (aiohttp undid its Content-Encoding: the upstream gets plain JSON).
 _DROP_REQUEST = frozenset(
     b"host content-length connection keep-alive transfer-encoding te trailer upgrade proxy-connection "
     b"proxy-authorization expect accept-encoding x-request-id x-dsnode-via x-dsnode-user "
-    b"x-dsnode-peer".split()
+    b"x-dsnode-peer content-encoding content-md5 content-digest digest".split()
 )
 _DROP_SIGNED = _DROP_REQUEST | {b"authorization"}  # signed: the peer credential replaces the client's key
 _NODE = headers.NODE.lower()
+_CHALLENGE = headers.PEER_CHALLENGE.lower()
+_BROKEN = frozenset({500, 502, 504})  # an upstream's own answers that say it is broken
 _REQUEST_ID, _VIA, _USER, _PEER = (f"{name}: ".encode() for name in (headers.REQUEST_ID, headers.VIA, headers.USER,
                                                                      headers.PEER))
+
+
+class NotForwarded(Exception):
+    """No upstream took the request: why not, peer by peer, and the last refusal (5xx/429) to pass on
+    as it was, if there was one. The caller serves it here instead, or answers `not_forwarded`."""
+
+    def __init__(self, why: str, refused: "Refusal | None") -> None:
+        super().__init__(why)
+        self.why = why
+        self.refused = refused
+
+
+@dataclass(frozen=True)
+class Refusal:
+    peer: Peer
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
 
 
 async def serve_forwarded(
@@ -62,6 +88,7 @@ async def serve_forwarded(
     route: Route,
     via: tuple[str, ...],
 ) -> web.StreamResponse:
+    """The upstream's answer; raises NotForwarded when no upstream took the request."""
     relays = request.app[RELAYS]
     task = asyncio.current_task()
     assert task is not None
@@ -82,6 +109,19 @@ def cut_forwarded(app: web.Application) -> int:
     return app[RELAYS].cut()
 
 
+def not_forwarded(exc: NotForwarded, body: Body, record: RequestRecord, route: Route) -> web.Response:
+    """Nothing left to try: the last refusal as it was (as nginx does), or 503 saying why."""
+    if exc.refused is not None:
+        refused = exc.refused
+        record.upstream = refused.peer.url
+        record.node = next((v for k, v in refused.headers if k.lower() == _NODE), refused.peer.label)
+        return web.Response(body=refused.body, status=refused.status,
+                            headers=response_headers(refused.headers, record))
+    needed = f" with {route.context} tokens of context" if route.context else ""
+    raise APIError(503, f"No upstream can take this request for model `{body.model}`{needed} now: {exc.why}.",
+                   type="service_unavailable", code="no_upstream", headers={"Retry-After": "5"})
+
+
 async def _forward(
     request: web.Request,
     node: Node,
@@ -94,82 +134,124 @@ async def _forward(
     upstreams, routing = node.upstreams, node.config.routing
     balancer, pool = upstreams.balancer, upstreams.pool
     if pool is None:
-        raise APIError(503, "Forwarding is not running on this node.", type="service_unavailable",
-                       code="no_upstream", headers={"Retry-After": "5"})
+        raise NotForwarded("forwarding is not running on this node", None)
     hops = (*via, node.name)  # also never picked: this node, should it be listed as its own upstream
-    tail = _request_tail(request, record.request_id, hops, raw, request.app[AUTH].peers)
-    start = b"POST " + request.raw_path.encode() + b" HTTP/1.1\r\nHost: "
+    outgoing = _Outgoing(request, record.request_id, hops, raw, request.app[AUTH].peers)
     tried: list[Peer] = []
-    refused: tuple[Peer, int, list[tuple[str, str]], bytes] | None = None
+    refused: list[Refusal] = []
     while (peer := balancer.pick(body.model, route.context, time.monotonic(), tried, hops)) is not None:
         tried.append(peer)
         peer.forwarded += 1
         peer.in_flight += 1
         try:
-            origin = _origin(peer.url)
             try:
-                response = await pool.request(origin, start + origin.host_header + tail,
-                                              routing.connect_timeout, routing.first_token_timeout)
+                response = await outgoing.send(pool, peer, routing)
             except UpstreamError as exc:
                 balancer.failed(peer, time.monotonic(), str(exc))
                 log.warning("upstream_failed", request_id=record.request_id, upstream=peer.url, error=str(exc))
                 continue
             if response.status >= 500 or response.status == 429:
-                answer = await read_refusal(response, routing.first_token_timeout)
-                if response.status >= 500:
-                    balancer.failed(peer, time.monotonic(), f"answered HTTP {response.status}")
-                log.warning("upstream_refused", request_id=record.request_id, upstream=peer.url,
-                            status=response.status)
-                refused = (peer, response.status, response.headers, answer)
+                refused.append(await _refusal(peer, response, routing, record))
                 continue
-            balancer.succeeded(peer, time.monotonic())
-            record.upstream = peer.url
-            record.node = response.header(_NODE) or peer.label
-            record.admitted = time.monotonic()
-            return await relay(request, response, peer, record, body.stream, routing.first_token_timeout,
-                               request.app[RELAYS])
+            if response.status < 400:  # another upstream served this request: their 5xx were their own
+                _count_broken(balancer, refused)
+            return await _relay_counted(request, response, peer, record, body, routing, balancer)
         finally:
             peer.in_flight -= 1
-    return _after_every_peer(body, record, route, refused, balancer.why_none(body.model, route.context,
-                                                                         time.monotonic(), tried))
+    answered = {r.peer.url: f"answered HTTP {r.status}" for r in refused}
+    raise NotForwarded(balancer.why_none(body.model, route.context, time.monotonic(), tried, answered),
+                       refused[-1] if refused else None)
 
 
-def _after_every_peer(body: Body, record: RequestRecord, route: Route,
-                      refused: tuple[Peer, int, list[tuple[str, str]], bytes] | None, why: str) -> web.Response:
-    """Nothing left to try: the last refusal as it was (as nginx does), or 503 saying why."""
-    if refused is not None:
-        peer, status, upstream_headers, answer = refused
-        record.upstream = peer.url
-        record.node = next((v for k, v in upstream_headers if k.lower() == _NODE), peer.label)
-        return web.Response(body=answer, status=status, headers=response_headers(upstream_headers, record))
-    needed = f" with {route.context} tokens of context" if route.context else ""
-    raise APIError(503, f"No upstream can take this request for model `{body.model}`{needed} now: {why}.",
-                   type="service_unavailable", code="no_upstream", headers={"Retry-After": "5"})
+async def _refusal(peer: Peer, response: PoolResponse, routing: RoutingSection, record: RequestRecord) -> Refusal:
+    answer = await read_refusal(response, routing.first_token_timeout, routing.max_answer_bytes)
+    log.warning("upstream_refused", request_id=record.request_id, upstream=peer.url, status=response.status)
+    return Refusal(peer, response.status, response.headers, answer)
 
 
-def _request_tail(request: web.Request, request_id: str, via: tuple[str, ...], raw: bytes,
-                  peers: PeerAuth | None) -> bytes:
-    """Everything of the upstream request after the Host value: headers, blank line, body."""
-    hops = ",".join(via)
+def _count_broken(balancer: Balancer, refused: list[Refusal]) -> None:
+    """5xx answers that say the upstream is broken (500, 502, 504) count against it only once another
+    upstream has served the same request: a request that every upstream refuses is the request's
+    fault, and must not take them out (503 and 429 say "busy"; readiness is the poller's to see)."""
+    now = time.monotonic()
+    for refusal in refused:
+        if refusal.status in _BROKEN:
+            balancer.failed(refusal.peer, now, f"answered HTTP {refusal.status}")
+
+
+async def _relay_counted(request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord,
+                         body: Body, routing: RoutingSection, balancer: Balancer) -> web.StreamResponse:
+    """Relay the answer; a cut, a stall or an answer over the size limits counts against the peer."""
+    record.upstream = peer.url
+    record.node = response.header(_NODE) or peer.label
+    record.admitted = time.monotonic()
+    try:
+        out, fault = await relay(request, response, peer, record, body.stream, routing, request.app[RELAYS])
+    except UpstreamFault as exc:
+        balancer.failed(peer, time.monotonic(), exc.message)
+        log.warning("upstream_cut", request_id=record.request_id, upstream=peer.url, error=exc.message)
+        raise
+    if fault is None:
+        balancer.succeeded(peer, time.monotonic())
+    else:
+        balancer.failed(peer, time.monotonic(), fault)
+    return out
+
+
+class _Outgoing:
+    """The upstream request as bytes: the same head and body for every attempt; with a cluster
+    secret, a peer credential made for the upstream it goes to (the receiving node is signed)."""
+
+    def __init__(self, request: web.Request, request_id: str, hops: tuple[str, ...], raw: bytes,
+                 peers: PeerAuth | None) -> None:
+        self.path = request.raw_path
+        self.start = b"POST " + self.path.encode() + b" HTTP/1.1\r\nHost: "
+        self.via = ",".join(hops)
+        self.request_id = request_id
+        self.peers = peers
+        self.user = request.get(IDENTITY, "") if peers is not None else ""
+        self.raw = raw
+        self.headers = _request_headers(request, request_id, self.via, self.user, raw, peers is not None)
+
+    def bytes_for(self, peer: Peer, origin: Origin) -> bytes:
+        head = self.start + origin.host_header + self.headers
+        if self.peers is not None:  # signed; the client's identity goes on by name, its key stays here
+            signature = self.peers.sign("POST", self.path, self.via, self.user, self.request_id, to=peer.binding)
+            head += _PEER + signature.encode() + b"\r\n"
+        return head + b"\r\n" + self.raw
+
+    async def send(self, pool: Pool, peer: Peer, routing: RoutingSection) -> PoolResponse:
+        """The upstream's response head. A peer that refuses the credential because it was made for
+        another node or an earlier boot of it says which it is (`challenge_of`): once, sign for that."""
+        origin = _origin(peer.url)
+        response = await pool.request(origin, self.bytes_for(peer, origin), routing.connect_timeout,
+                                      routing.first_token_timeout)
+        if response.status != 401 or self.peers is None:
+            return response
+        binding = challenge_of(response.header(_CHALLENGE))
+        if binding is None or binding == peer.binding:
+            return response
+        await read_refusal(response, routing.first_token_timeout, routing.max_answer_bytes)
+        peer.binding = binding
+        return await pool.request(origin, self.bytes_for(peer, origin), routing.connect_timeout,
+                                  routing.first_token_timeout)
+
+
+def _request_headers(request: web.Request, request_id: str, via: str, user: str, raw: bytes,
+                     signed: bool) -> bytes:
+    """The header lines after Host, each ending in CRLF (the peer credential goes after them)."""
     lines = [
         b"Content-Length: %d" % len(raw),
         _REQUEST_ID + request_id.encode(),
-        _VIA + hops.encode(),
+        _VIA + via.encode(),
     ]
-    drop = _DROP_REQUEST
-    if peers is not None:  # signed; the client's identity goes on by name, its key stays here
-        user = request.get(IDENTITY, "")
-        if user:
-            lines.append(_USER + user.encode())
-        signature = peers.sign("POST", request.raw_path, hops, user, request_id)
-        lines.append(_PEER + signature.encode())
-        drop = _DROP_SIGNED
+    if user:
+        lines.append(_USER + user.encode())
+    drop = _DROP_SIGNED if signed else _DROP_REQUEST
     lines += [name + b": " + value for name, value in request.raw_headers if name.lower() not in drop]
-    return b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n" + raw
+    return b"\r\n" + b"\r\n".join(lines) + b"\r\n"
 
 
 @functools.lru_cache(maxsize=256)
 def _origin(url: str) -> Origin:
     return Origin.from_url(url)
-
-

@@ -99,7 +99,7 @@ def _add_validator_rules(props: dict[str, Any]) -> None:
         prompt.pop("minLength", None)
         prompt["anyOf"] = [
             {"type": "string", "minLength": 1},
-            {"type": "array", "items": _STRING, "minItems": 1, "maxItems": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
             {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
         ]
 

@@ -1,9 +1,12 @@
-"""Pass an upstream's answer on to the client as it arrives: a whole answer (Content-Length) as one
-body, a stream chunk by chunk, each SSE event as soon as it is complete.
+"""Pass an upstream's answer on to the client: a whole answer (Content-Length, or any answer to a
+request that did not ask for a stream) as one body, read up to `[routing] max_answer_bytes`; a stream
+as it arrives, each SSE event as soon as it is complete (and at most `max_event_bytes` long).
 
-- a stream cut after tokens were sent → an error event and `data: [DONE]`;
-- a whole answer cut mid-body → 502;
+- a stream cut after tokens were sent, or an event over the limit → an error event and `data: [DONE]`;
+- a whole answer cut mid-body → 502 `upstream_cut`; over the limit → 502 `upstream_answer_too_large`;
 - the node stops and the drain deadline passes → an error event (`shutting_down`) and `data: [DONE]`.
+
+What the upstream did wrong goes back to the forwarder, which counts it against the upstream.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from aiohttp import web
 
 from .. import headers
 from ..cluster.balancer import Peer
-from ..cluster.pool import BodyCut
+from ..cluster.pool import BodyCut, TooLarge
 from ..cluster.pool import Response as PoolResponse
+from ..config import RoutingSection
 from ..record import RequestRecord
 from .errors import APIError, shutting_down, sse_error_event
 from .responses import DONE
@@ -51,66 +55,107 @@ class Relays:
 RELAYS: web.AppKey[Relays] = web.AppKey("relays", Relays)
 
 
+class UpstreamFault(APIError):
+    """The upstream broke a whole answer: cut it, stalled, or sent more than `max_answer_bytes`.
+    A 502 for the client, and a failure against the upstream (passive health)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(502, message, type="server_error", code=code)
+
+
 async def relay(
     request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord, stream: bool,
-    timeout: float, relays: Relays,
-) -> web.StreamResponse:
+    routing: RoutingSection, relays: Relays,
+) -> tuple[web.StreamResponse, str | None]:
+    """The client's answer, and what the upstream did wrong on the way (None: nothing). A whole
+    answer it broke raises UpstreamFault; a stream it broke ends with an error event."""
     out_headers = response_headers(response.headers, record)
-    if response.sized:
-        try:
-            data = await response.read(timeout)
-        except BodyCut as exc:
-            response.close()
-            raise APIError(502, f"The upstream {peer.label} stopped in the middle of its answer ({exc}).",
-                           type="server_error", code="upstream_cut") from None
-        except BaseException:
-            response.close()
-            raise
-        response.release()
-        record.mark_token()
-        note_usage(record, data)
-        whole = web.Response(body=data, status=response.status, headers=out_headers)
-        # Sent here rather than by aiohttp after the handler returns: the request's log event and
-        # metrics (Node.observe) then come after the client has its answer, not before it.
-        await whole.prepare(request)
-        await whole.write_eof()
-        return whole
+    if response.sized or not stream:  # a non-streamed request gets a whole answer, whatever the framing
+        return await _relay_whole(request, response, peer, record, out_headers, routing), None
+    return await _relay_stream(request, response, peer, record, out_headers, routing, relays)
+
+
+async def _relay_whole(request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord,
+                       out_headers: list[tuple[str, str]], routing: RoutingSection) -> web.StreamResponse:
+    try:
+        data = await response.read(routing.first_token_timeout, routing.max_answer_bytes)
+    except BodyCut as exc:
+        response.close()
+        raise UpstreamFault(f"The upstream {peer.label} stopped in the middle of its answer ({exc}).",
+                            "upstream_cut") from None
+    except TooLarge:
+        response.close()
+        raise UpstreamFault(f"The upstream {peer.label} answered more than this node's limit of "
+                            f"{routing.max_answer_bytes} bytes (max_answer_bytes).", "upstream_answer_too_large") from None
+    except BaseException:
+        response.close()
+        raise
+    response.release()
+    record.mark_token()
+    note_usage(record, data)
+    whole = web.Response(body=data, status=response.status, headers=out_headers)
+    # Sent here rather than by aiohttp after the handler returns: the request's log event and
+    # metrics (Node.observe) then come after the client has its answer, not before it.
+    await whole.prepare(request)
+    await whole.write_eof()
+    return whole
+
+
+async def _relay_stream(request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord,
+                        out_headers: list[tuple[str, str]], routing: RoutingSection,
+                        relays: Relays) -> tuple[web.StreamResponse, str | None]:
     out = web.StreamResponse(status=response.status, headers=out_headers)
     sent = _Sent()
     try:
         await out.prepare(request)
-        ended, cut = await _pass_events(response.chunks(timeout), out, record, sent)
+        chunks = response.chunks(routing.first_token_timeout)
+        ended, fault = await _pass_events(chunks, out, record, sent, routing.max_event_bytes)
     except (asyncio.CancelledError, ConnectionError) as exc:
         response.close()  # the client went away, or the stop's deadline: drop the upstream connection
-        if sent.done:  # the client has its whole answer ([DONE]); it only hung up before the end
-            _uncancel(exc)
-            return out
-        if not (relays.cutting and isinstance(exc, asyncio.CancelledError) and out.prepared):
-            raise
-        _uncancel(exc)
-        error = shutting_down()
-        record.status, record.error = error.status, error.message
-        with suppress(ConnectionError):
-            await out.write(sse_error_event(error) + DONE)
-            await out.write_eof()
-        return out
+        return await _stream_interrupted(exc, out, record, sent, relays), None
     except BaseException:
         response.close()
         raise
-    if cut is None:
+    if fault is None:
         response.release()
     else:
         response.close()
-        log.warning("upstream_cut", request_id=record.request_id, upstream=peer.url, error=str(cut))
-    if cut is not None and not ended:
-        error = APIError(502, f"The upstream {peer.label} stopped in the middle of the stream ({cut}).",
-                         type="server_error", code="upstream_cut")
+        log.warning("upstream_cut", request_id=record.request_id, upstream=peer.url, error=fault.message)
+    if fault is not None and not ended:
+        error = APIError(502, f"The upstream {peer.label} {fault.message}.", type="server_error", code=fault.code)
         record.status, record.error = error.status, error.message
         await out.write(sse_error_event(error) + DONE)
-    elif not ended and stream:
+    elif not ended:
         await out.write(DONE)  # an upstream that ended without [DONE]: end the stream properly
     await out.write_eof()
+    return out, None if fault is None else fault.message
+
+
+async def _stream_interrupted(exc: BaseException, out: web.StreamResponse, record: RequestRecord, sent: "_Sent",
+                              relays: Relays) -> web.StreamResponse:
+    """The client went away (raise on), or the stop's deadline passed (end the stream cleanly)."""
+    if sent.done:  # the client has its whole answer ([DONE]); it only hung up before the end
+        _uncancel(exc)
+        return out
+    if not (relays.cutting and isinstance(exc, asyncio.CancelledError) and out.prepared):
+        raise exc
+    _uncancel(exc)
+    error = shutting_down()
+    record.status, record.error = error.status, error.message
+    with suppress(ConnectionError):
+        await out.write(sse_error_event(error) + DONE)
+        await out.write_eof()
     return out
+
+
+class _Fault:
+    """How a relayed stream went wrong on the upstream's side."""
+
+    __slots__ = ("message", "code")
+
+    def __init__(self, message: str, code: str) -> None:
+        self.message = message  # completes "The upstream NAME ..."
+        self.code = code
 
 
 class _Sent:
@@ -129,11 +174,11 @@ def _uncancel(exc: BaseException) -> None:
 
 
 async def _pass_events(
-    chunks: AsyncIterator[bytes], out: web.StreamResponse, record: RequestRecord, sent: _Sent
-) -> tuple[bool, BodyCut | None]:
+    chunks: AsyncIterator[bytes], out: web.StreamResponse, record: RequestRecord, sent: _Sent, max_event: int
+) -> tuple[bool, _Fault | None]:
     """Write whole SSE events as they arrive (a partial one waits for its end, so a cut never leaves
-    half an event before the error event). Returns whether the stream ended with `data: [DONE]`, and
-    the cut that stopped it, if one did."""
+    half an event before the error event, and is held up to `max_event` bytes). Returns whether the
+    stream ended with `data: [DONE]`, and what stopped it early, if anything did."""
     carry = b""
     tail = b""
     try:
@@ -143,6 +188,9 @@ async def _pass_events(
             end = data.rfind(b"\n\n") + 2
             if end == 1:
                 carry = data
+                if len(carry) > max_event:
+                    return tail.endswith(DONE), _Fault(f"sent an event of more than {max_event} bytes, this "
+                                                       "node's limit (max_event_bytes)", "upstream_answer_too_large")
                 continue
             if end < len(data):
                 data, carry = data[:end], data[end:]
@@ -153,7 +201,7 @@ async def _pass_events(
             tail = data
             sent.done = data.endswith(DONE)
     except BodyCut as exc:
-        return tail.endswith(DONE), exc
+        return tail.endswith(DONE), _Fault(f"stopped in the middle of the stream ({exc})", "upstream_cut")
     if carry:
         await out.write(carry)
         tail = carry
@@ -167,20 +215,22 @@ def response_headers(upstream: list[tuple[str, str]], record: RequestRecord) -> 
     return out
 
 
-async def read_refusal(response: PoolResponse, timeout: float) -> bytes:
+async def read_refusal(response: PoolResponse, timeout: float, limit: int) -> bytes:
+    """A refusal's body (an upstream's 5xx/429), to pass on if no other upstream takes the request;
+    empty if it is cut or over `limit`."""
     try:
-        data = await response.read(timeout)
-    except BodyCut:
+        data = await response.read(timeout, limit)
+    except (BodyCut, TooLarge):
         response.close()
         return b""
     except BaseException:
         response.close()
         raise
     response.release()
-    return data
+    return bytes(data)
 
 
-def note_usage(record: RequestRecord, data: bytes) -> None:
+def note_usage(record: RequestRecord, data: bytes | bytearray) -> None:
     """Token counts for the log record, from the upstream's `usage` (the last one in `data`)."""
     at = data.rfind(b'"usage":')
     if at < 0:

@@ -148,6 +148,8 @@ class CompletionRequest(_Sampling):
     def _single_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
         if isinstance(value, list) and value and isinstance(value[0], str) and len(value) > 1:
             raise ValueError("only one prompt per request is supported")
+        if value == [""]:
+            raise ValueError("the prompt is empty")
         if isinstance(value, list) and value and isinstance(value[0], int) and min(value) < 0:
             raise ValueError("token ids must be >= 0")
         return value

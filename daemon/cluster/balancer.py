@@ -23,6 +23,8 @@ from typing import Any, Collection, Mapping, Sequence
 from ..config import RoutingSection, UpstreamSection
 from .state import UpstreamState
 
+MAX_FIELD_CHARS = 256  # a name, a role or a reason from an advertisement is cut to this
+
 
 @dataclass(eq=False)  # identity: `peer in tried` must not compare fields
 class Peer:
@@ -45,7 +47,9 @@ class Peer:
     models: dict[str, int | None] = field(default_factory=dict)  # model name → its context limit
     advert: dict[str, Any] | None = None
     last_seen: float | None = None  # wall-clock time of the last answered poll
-    last_error: str | None = None
+    last_error: str | None = None  # why it is not healthy (a failure, a poll, its readiness)
+    last_failure: str | None = None  # the last failure counted toward max_fails
+    binding: tuple[str, str] | None = None  # (boot id, name) its peer credentials are made for
     # counters
     forwarded: int = 0
     in_flight: int = 0
@@ -134,9 +138,10 @@ class Balancer:
 
     # --- outcomes (nginx: ngx_http_upstream_free_round_robin_peer) --------------------------------
     def failed(self, peer: Peer, now: float, error: str) -> None:
+        """A failure that counts toward max_fails (the forwarder decides which do: docs/cluster.md)."""
         peer.fails += 1
         peer.accessed = peer.checked = now
-        peer.last_error = error
+        peer.last_error = peer.last_failure = error
         if peer.max_fails:
             peer.effective_weight = max(0, peer.effective_weight - peer.weight // peer.max_fails)
 
@@ -145,11 +150,14 @@ class Balancer:
             peer.fails = 0
 
     # --- advertisements ---------------------------------------------------------------------------
-    def advertised(self, url: str, advert: Mapping[str, Any], wall_time: float) -> None:
+    def advertised(self, url: str, advert: Mapping[str, Any], wall_time: float, now: float | None = None) -> None:
+        """A peer's advertisement, field by field: a field of the wrong type counts as absent (a
+        `ready` that is not `true` is not ready; a model entry without a string name is skipped).
+        `now` (monotonic): while passive health keeps the peer out, its failure stays `last_error`."""
         peer = self.find(url)
         if peer is None:
             return  # removed by a reload while its poll was in flight
-        peer.reachable, peer.ready = True, bool(advert.get("ready"))
+        peer.reachable, peer.ready = True, advert.get("ready") is True
         peer.name, peer.role = _str_or_none(advert.get("name")), _str_or_none(advert.get("role"))
         models = _models(advert.get("models"))
         if models.keys() != peer.models.keys():
@@ -157,7 +165,8 @@ class Balancer:
         peer.models = models
         peer.advert = dict(advert)
         peer.last_seen = wall_time
-        peer.last_error = None if peer.ready else f"not ready: {advert.get('reason') or 'no reason given'}"
+        down = now is not None and peer.down(now)
+        peer.last_error = (peer.last_failure if down else None) if peer.ready else _not_ready(advert)
 
     def unreachable(self, url: str, error: str) -> None:
         peer = self.find(url)
@@ -178,22 +187,38 @@ class Balancer:
             self._known = frozenset(name for peer in self.peers for name in peer.models)
         return self._known
 
-    def why_none(self, model: str, context: int | None, now: float, tried: Sequence[Peer] = ()) -> str:
-        """Why `pick` found nothing, peer by peer, for the 503 message and the log."""
+    def model_limits(self) -> dict[str, int | None]:
+        """Every advertised model → the largest context limit any upstream (healthy now or not)
+        advertises for it; None when one of them does not say (its model is loading)."""
+        limits: dict[str, int | None] = {}
+        for peer in self.peers:
+            for name, limit in peer.models.items():
+                best = limits.get(name, 0)
+                limits[name] = None if limit is None or best is None else max(best, limit)
+        return limits
+
+    def why_none(self, model: str, context: int | None, now: float, tried: Sequence[Peer] = (),
+                 answered: Mapping[str, str] | None = None) -> str:
+        """Why `pick` found nothing, peer by peer, for the 503 message and the log. `answered`: what
+        tried peers (by URL) answered this request, when they did."""
         serving = [p for p in self.peers if model in p.models]
         if not serving:
             return f"no upstream serves the model `{model}`"
-        reasons = [f"{p.label}: {self._reason(p, model, context, now, tried)}" for p in serving]
+        reasons = [f"{p.label}: {self._reason(p, model, context, now, tried, answered or {})}" for p in serving]
         return "; ".join(reasons)
 
     @staticmethod
-    def _reason(peer: Peer, model: str, context: int | None, now: float, tried: Sequence[Peer]) -> str:
+    def _reason(peer: Peer, model: str, context: int | None, now: float, tried: Sequence[Peer],
+                answered: Mapping[str, str]) -> str:
         if peer in tried:
+            if peer.url in answered:
+                return answered[peer.url]
             return f"failed for this request ({peer.last_error})" if peer.last_error else "tried"
         if peer.down(now):
             left = peer.fail_timeout - (now - peer.checked)
+            last = f"; last error: {peer.last_failure}" if peer.last_failure else ""
             return (f"down after {peer.fails} failure(s) (max_fails={peer.max_fails}), retried in "
-                    f"{max(0.0, left):.0f}s; last error: {peer.last_error}")
+                    f"{max(0.0, left):.0f}s{last}")
         if not peer.reachable:
             return f"unreachable ({peer.last_error})"
         if not peer.ready:
@@ -242,11 +267,24 @@ def _models(value: Any) -> dict[str, int | None]:
     if not isinstance(value, list):
         return out
     for entry in value:
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]:
             limit = entry.get("max_context")
-            out[entry["name"]] = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+            good = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+            out[entry["name"][:MAX_FIELD_CHARS]] = limit if good else None
     return out
 
 
+def _not_ready(advert: Mapping[str, Any]) -> str:
+    ready, reason = advert.get("ready"), advert.get("reason")
+    if not isinstance(ready, bool):
+        return f"its advertisement's `ready` is not true or false (got {_shown(ready)})"
+    return f"not ready: {reason[:MAX_FIELD_CHARS] if isinstance(reason, str) and reason else 'no reason given'}"
+
+
 def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    return value[:MAX_FIELD_CHARS] if isinstance(value, str) and value else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

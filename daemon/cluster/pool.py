@@ -49,6 +49,10 @@ class BodyCut(UpstreamError):
     """The response started but its body ended early (connection lost, timeout, bad framing)."""
 
 
+class TooLarge(UpstreamError):
+    """The response body is longer than the reader's limit (what was read of it is dropped)."""
+
+
 class _Stale(Exception):
     """A pooled connection turned out closed by the peer before it answered anything."""
 
@@ -95,14 +99,24 @@ class Response:
         """The body is framed by Content-Length (a whole answer), not a stream."""
         return self._conn.framing == _LENGTH
 
-    async def read(self, timeout: float) -> bytes:
-        """The whole body; raises BodyCut if it ends early."""
-        parts = []
+    @property
+    def length(self) -> int | None:
+        """The body's Content-Length, if the head gave one."""
+        return self._conn.length
+
+    async def read(self, timeout: float, limit: int | None = None) -> bytearray:
+        """The whole body; raises BodyCut if it ends early, TooLarge (having held at most `limit`
+        bytes of it) if it is longer than `limit`."""
+        if limit is not None and self.length is not None and self.length > limit:
+            raise TooLarge(f"Content-Length {self.length} > {limit} bytes")
+        body = bytearray()
         while True:
             data = await self._conn.next_data(timeout)
             if not data:
-                return b"".join(parts)
-            parts.append(data)
+                return body
+            if limit is not None and len(body) + len(data) > limit:
+                raise TooLarge(f"more than {limit} bytes")
+            body += data
 
     async def chunks(self, timeout: float) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (everything buffered at each wake-up, joined); `timeout` is the
@@ -139,6 +153,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = True
         self._buf = b""  # unparsed framing bytes (head, chunk-size lines)
         self._remaining = 0
+        self.length: int | None = None  # the current response's Content-Length
         self._pieces: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -156,6 +171,7 @@ class _Connection(asyncio.Protocol):
         self.used += 1
         self._state, self.framing, self._keep_alive = _HEAD, _IDLE, True
         self._buf, self._head, self._error, self._received = b"", None, None, False
+        self.length = None
         self._transport.write(data)
         try:
             while self._head is None:
@@ -351,6 +367,7 @@ class _Connection(asyncio.Protocol):
             elif key == "connection":
                 keep_alive = keep_alive and "close" not in value.lower()
         self._keep_alive = keep_alive
+        self.length = None if chunked else length
         if chunked:
             self._state = self.framing = _CHUNK_SIZE
         elif length is not None:

@@ -5,8 +5,13 @@ The rules (docs/cluster.md):
   most `long_prompt_tokens` and prompt + max_tokens fits the local context limit;
 - it is forwarded when the prompt is longer, when it doesn't fit here, or when the local model isn't
   ready — provided some upstream is known to serve the model (from the advertisements, healthy now
-  or not; whether one can take it *now* is the balancer's question, and "none" is a 503, never a
-  local attempt);
+  or not; whether one can take it *now* is the balancer's question);
+- a long prompt that also fits here is forwarded with a *fallback*: should no upstream take it, this
+  node serves it itself (slower, and the record says so); one that fits nowhere but upstreams gets
+  the 503 ("none can take it now"), never a local attempt that would overrun the context;
+- a request that no node can hold — prompt + completion over the local context limit and over every
+  upstream's advertised limit for the model — is `too_long`: a final 400 with the largest limit
+  there is, never a 503 that a client would retry;
 - a model only upstreams serve is always forwarded, without tokenizing the prompt;
 - a request that already passed through this node (or too many nodes) is not forwarded again;
 - anything else is a 404 that lists what exists.
@@ -15,9 +20,9 @@ The rules (docs/cluster.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Literal
+from typing import Literal, Mapping
 
-RouteKind = Literal["local", "forward", "not_found", "loop"]
+RouteKind = Literal["local", "forward", "not_found", "loop", "too_long"]
 
 
 @dataclass(frozen=True)
@@ -39,26 +44,23 @@ class Route:
     kind: RouteKind
     reason: str  # for the request's log record
     context: int | None = None  # tokens an upstream must hold (prompt + completion), when known
+    fallback: bool = False  # forward: if no upstream takes it, this node may serve it (it fits here)
+    limit: int | None = None  # too_long: the largest context limit of any node that serves the model
 
 
 def decide(
     request: RouteRequest,
     local: LocalModel,
     long_prompt_tokens: int,
-    peer_models: Collection[str],
+    peer_models: Mapping[str, int | None],
     may_forward: bool = True,
 ) -> Route:
+    """`peer_models`: every model an upstream advertises → the largest context limit advertised for
+    it (None: not known, e.g. still loading)."""
     model = request.model
     peers_serve = may_forward and model in peer_models
     if model != local.name:
-        if peers_serve:
-            # no local tokenizer for it: the upstream checks the prompt; at least max_tokens must fit
-            context = None if request.max_tokens is None else request.max_tokens + 1
-            return Route("forward", f"model `{model}` is served only by upstreams", context)
-        if model in peer_models:
-            return Route("loop", "the request already passed through this node; not forwarded again")
-        return Route("not_found", f"no node serves model `{model}`")
-
+        return _remote(request, peer_models, peers_serve)
     prompt = request.prompt_tokens or 0
     needed = prompt + (request.max_tokens or 1)
     if not peers_serve:
@@ -66,12 +68,34 @@ def decide(
         return Route("local", f"model served locally ({why})", needed)
     if not local.ready:
         return Route("forward", "the local model is not ready", needed)
+    fits_here = local.max_context is not None and needed <= local.max_context
+    peer_limit = peer_models[model]
+    if not fits_here and peer_limit is not None and needed > peer_limit:
+        limit = max(peer_limit, local.max_context or 0)
+        return Route("too_long", f"{needed} tokens > every context limit (largest {limit})", needed, limit=limit)
     if prompt > long_prompt_tokens:
-        return Route("forward", f"prompt of {prompt} tokens > long_prompt_tokens ({long_prompt_tokens})", needed)
-    if local.max_context is not None and needed > local.max_context:
+        return Route("forward", f"prompt of {prompt} tokens > long_prompt_tokens ({long_prompt_tokens})", needed,
+                     fallback=fits_here)
+    if not fits_here:
         return Route(
             "forward",
             f"prompt {prompt} + completion {needed - prompt} tokens > local context limit ({local.max_context})",
             needed,
         )
     return Route("local", f"prompt of {prompt} tokens <= long_prompt_tokens ({long_prompt_tokens})", needed)
+
+
+def _remote(request: RouteRequest, peer_models: Mapping[str, int | None], peers_serve: bool) -> Route:
+    """A model only upstreams serve: no local tokenizer for it, the upstream checks the prompt; at
+    least max_tokens (and one prompt token) must fit."""
+    model = request.model
+    if peers_serve:
+        context = None if request.max_tokens is None else request.max_tokens + 1
+        limit = peer_models[model]
+        if context is not None and limit is not None and context > limit:
+            return Route("too_long", f"max_tokens {request.max_tokens} > every context limit (largest {limit})",
+                         context, limit=limit)
+        return Route("forward", f"model `{model}` is served only by upstreams", context)
+    if model in peer_models:
+        return Route("loop", "the request already passed through this node; not forwarded again")
+    return Route("not_found", f"no node serves model `{model}`")

@@ -1,8 +1,9 @@
 """This node's upstreams as one object: the balancer's state (pure), the forwarding connection pool,
 and the advertisement poller with its client session.
 
-`Node` owns one `Upstreams`. The app starts it (`start`: session, pool, poller task) and stops it on
-cleanup (`stop`: poller cancelled and awaited, pool and session closed). `NodeServer` registers
+`Node` owns one `Upstreams`. The app starts it (`start`: session, pool, poller task, supervised:
+restarted with backoff if it fails) and stops it on cleanup (`stop`: poller cancelled and awaited,
+pool and session closed). `NodeServer` registers
 `reload` as a reloader, so a SIGHUP that changes `[routing]` swaps the upstream list for new requests
 while requests in flight keep their peer.
 """
@@ -12,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import aiohttp
 import structlog
 
+from ..tasks import Supervised
 from .balancer import Balancer
-from .peers import Poller
+from .peers import Poller, Signer
 from .pool import Pool
 from .state import UpstreamState
 
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
     from ..config import Config, RoutingSection
 
 log = structlog.get_logger("dsnode.cluster")
-
-Signer = Callable[[str, str], dict[str, str]]  # (method, path) -> peer credential headers
-
 
 @dataclass(frozen=True)
 class ReachableModel:
@@ -45,7 +43,8 @@ class Upstreams:
         self.pool: Pool | None = None  # while started
         self.changed = asyncio.Event()  # set on reload: the poller polls the new list at once
         self._session: aiohttp.ClientSession | None = None
-        self._poller: asyncio.Task[None] | None = None
+        self.poller: Supervised | None = None  # while started
+        self._users = 0  # apps that started it (tests run two apps on one node): stopped by the last
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self, routing: Callable[[], "RoutingSection"], trust: ssl.SSLContext | None,
@@ -53,17 +52,23 @@ class Upstreams:
         """The pool for forwarding and the poller (its own client session) for advertisements.
         `routing` is read each poll round, so a reload's poll settings apply; `trust` verifies
         https:// upstreams (None: the system store)."""
+        self._users += 1
+        if self._users > 1:
+            return
         self.pool = Pool(trust)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=trust or True))
         poller = Poller(self.balancer, self.changed, self._session, routing, sign=sign)
-        self._poller = asyncio.get_running_loop().create_task(poller.run(), name="dsnode-poller")
+        self.poller = Supervised("dsnode-poller", poller.run)
+        poller.on_round = self.poller.healthy_run
+        self.poller.start()
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
+        if self.poller is not None:
+            await self.poller.stop()
+            self.poller = None
         pool, self.pool = self.pool, None
         if pool is not None:
             await pool.close()
@@ -86,6 +91,9 @@ class Upstreams:
 
     def known_models(self) -> frozenset[str]:
         return self.balancer.known_models()
+
+    def model_limits(self) -> dict[str, int | None]:
+        return self.balancer.model_limits()
 
     def reachable_models(self) -> list[ReachableModel]:
         """Models that healthy upstreams serve now, for `/v1/models`."""

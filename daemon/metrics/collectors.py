@@ -55,12 +55,25 @@ class NodeCollector(Collector):
                     [([model], 1.0 if node.readiness().ready else 0.0)], ["model"])
         yield gauge("dsnode_requests_in_flight", "HTTP requests being served right now.",
                     [([], node.in_flight)], [])
+        yield from _task_families(node)
         try:
             load = node.engine.load_figures()
         except Exception:  # an engine that can't tell yet (loading): leave its figures out
             return
         for name, doc, read in _ENGINE_GAUGES:
             yield gauge(name, doc, [([model], read(load))], ["model"])
+
+
+def _task_families(node: "Node") -> Iterator[Metric]:
+    tasks = node.background_tasks()
+    restarts = CounterMetricFamily("dsnode_background_task_restarts",
+                                   "Times a background task failed (or ended) and was started again.", labels=["task"])
+    for task in tasks:
+        restarts.add_metric([task.name], task.restarts)
+    yield restarts
+    yield gauge("dsnode_background_task_failing",
+                "1 while a background task's last run failed and no run has gone well since, else 0.",
+                [([t.name], 1.0 if t.failing else 0.0) for t in tasks], ["task"])
 
 
 # --- upstreams --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_OK = 0
@@ -63,9 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     try:
-        credentials = credential_headers(getattr(args, "secret_file", None),
-                                         getattr(args, "api_key_file", None))
-        cluster = fetch_cluster(url, args.timeout, credentials, getattr(args, "ca_file", None))
+        sign = peer_signer(getattr(args, "secret_file", None))
+        credentials = {} if sign else api_key_headers(getattr(args, "api_key_file", None))
+        cluster = fetch_cluster(url, args.timeout, credentials, getattr(args, "ca_file", None), sign=sign)
     except Unreachable as exc:
         print(f"dsnode status: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -77,18 +77,27 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def credential_headers(secret_file: Path | None, api_key_file: Path | None) -> dict[str, str]:
-    """How to ask a node that has `[auth]`: as a peer (signed with the cluster secret), or with an
-    API key. Raises Unreachable when a file named cannot be used."""
-    if secret_file is not None:
-        from ..cluster.peer_auth import PeerAuth
-        from ..secrets import SecretFileError, read_cluster_secrets
+Signer = Callable[["tuple[str, str] | None"], dict[str, str]]  # the node's (boot, name) -> headers
 
-        try:
-            secrets = read_cluster_secrets(secret_file)
-        except SecretFileError as exc:
-            raise Unreachable(f"--secret-file {secret_file}: {'; '.join(exc.problems)}") from None
-        return PeerAuth(secrets, "dsnode-status", 0.0).headers("GET", "/cluster")
+
+def peer_signer(secret_file: Path | None) -> Signer | None:
+    """Ask as a peer: a fresh credential for each try, made for the node asked once it has said
+    which node (and boot) it is. Raises Unreachable when the file cannot be used."""
+    if secret_file is None:
+        return None
+    from ..cluster.peer_auth import PeerAuth
+    from ..secrets import SecretFileError, read_cluster_secrets
+
+    try:
+        secrets = read_cluster_secrets(secret_file)
+    except SecretFileError as exc:
+        raise Unreachable(f"--secret-file {secret_file}: {'; '.join(exc.problems)}") from None
+    peer = PeerAuth(secrets, "dsnode-status", 0.0)
+    return lambda to: peer.headers("GET", "/cluster", to)
+
+
+def api_key_headers(api_key_file: Path | None) -> dict[str, str]:
+    """Ask with an API key (`Authorization: Bearer`). Raises Unreachable when the file cannot be read."""
     if api_key_file is None:
         return {}
     try:
@@ -99,23 +108,51 @@ def credential_headers(secret_file: Path | None, api_key_file: Path | None) -> d
 
 
 def fetch_cluster(url: str, timeout: float, headers: dict[str, str] | None = None,
-                  ca_file: Path | None = None) -> dict[str, Any]:
+                  ca_file: Path | None = None, sign: Signer | None = None) -> dict[str, Any]:
     context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+    to = None
+    for _ in range(2):  # a peer credential made for no node yet is challenged: sign for the one named
+        try:
+            body = _get_cluster(url, timeout, {**(headers or {}), **(sign(to) if sign else {})}, context)
+            break
+        except _Challenged as exc:
+            if sign is None or exc.binding == to:
+                raise exc.unreachable from None
+            to = exc.binding
+    else:
+        raise Unreachable(f"{url}/cluster refused the peer credential made for it (HTTP 401): "
+                          "is the cluster secret the same?")
+    return _advertised_cluster(url, body)
+
+
+class _Challenged(Exception):
+    def __init__(self, binding: "tuple[str, str] | None", unreachable: Unreachable) -> None:
+        self.binding = binding
+        self.unreachable = unreachable
+
+
+def _get_cluster(url: str, timeout: float, headers: dict[str, str], context: ssl.SSLContext | None) -> bytes:
+    from ..cluster.peer_auth import challenge_of
+    from ..headers import PEER_CHALLENGE
+
     try:
-        request = urllib.request.Request(f"{url}/cluster", headers=headers or {})
+        request = urllib.request.Request(f"{url}/cluster", headers=headers)
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            body = response.read()
+            return bytes(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
-            raise Unreachable(f"{url}/cluster answered HTTP 401: this node needs a credential "
-                              "(--secret-file with the cluster secret, or --api-key-file)") \
-                from None
+            refused = Unreachable(f"{url}/cluster answered HTTP 401: this node needs a credential "
+                                  "(--secret-file with the cluster secret, or --api-key-file)")
+            raise _Challenged(challenge_of(exc.headers.get(PEER_CHALLENGE)), refused) from None
         raise Unreachable(f"{url}/cluster answered HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise Unreachable(
             f"cannot reach {url} ({reason}). Is dsnode running there? (systemctl status dsnode)"
         ) from None
+
+
+def _advertised_cluster(url: str, body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except ValueError:

@@ -23,7 +23,7 @@ def fake_node() -> Any:
     config = types.SimpleNamespace(model=types.SimpleNamespace(name=MODEL, backend="test"))
     return types.SimpleNamespace(
         config=config, engine=engine, name="edge-1", role="edge", version="0", in_flight=0,
-        readiness=lambda: Health(True), upstream_states=list,
+        readiness=lambda: Health(True), upstream_states=list, background_tasks=list,
     )
 
 

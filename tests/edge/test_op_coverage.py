@@ -7,7 +7,6 @@ import pytest
 from dsnode.edge.op_coverage import check_file, kernel_table
 
 
-
 def test_the_kernel_list_says_where_it_came_from():
     table = kernel_table()
     assert "OperatorKernels.md" in table["source"] and "001d12d2623f" in table["source"]

@@ -16,7 +16,7 @@ import pytest_asyncio
 from dsnode.api.app import create_app
 from dsnode.api.auth import AUTH
 from dsnode.api.openapi import openapi_bytes
-from dsnode.cluster.peer_auth import PeerAuth, PeerRefused
+from dsnode.cluster.peer_auth import PeerAuth, PeerRefused, challenge_of
 from dsnode.cluster.peers import Poller
 from dsnode.cluster.upstreams import Upstreams
 from dsnode.config import ConfigError, RoutingSection, UpstreamSection, load_config
@@ -156,23 +156,24 @@ def test_a_peer_credential_covers_the_request_and_is_good_once():
     now = [1_800_000_000.0]
     sender = PeerAuth((SECRET.encode(),), "edge-1", 30, clock=lambda: now[0])
     receiver = PeerAuth((OTHER_SECRET.encode(), SECRET.encode()), "central-1", 30, clock=lambda: now[0])
+    to = receiver.binding
     sent = {"X-DSNode-Via": "edge-1", "X-DSNode-User": "alice", "X-Request-Id": "r1",
-            "X-DSNode-Peer": sender.sign("POST", "/v1/completions", "edge-1", "alice", "r1")}
+            "X-DSNode-Peer": sender.sign("POST", "/v1/completions", "edge-1", "alice", "r1", to=to)}
     assert receiver.verify("POST", "/v1/completions", sent) == "edge-1"
     with pytest.raises(PeerRefused, match="already used"):
         receiver.verify("POST", "/v1/completions", sent)  # a captured header, replayed
     for changed in ({"X-DSNode-User": "mallory"}, {"X-DSNode-Via": ""}, {"X-Request-Id": "r2"}):
-        forged = {**sent, "X-DSNode-Peer": sender.sign("POST", "/v1/completions", "edge-1", "alice", "r1"),
+        forged = {**sent, "X-DSNode-Peer": sender.sign("POST", "/v1/completions", "edge-1", "alice", "r1", to=to),
                   **changed}
         with pytest.raises(PeerRefused, match="does not match"):
             receiver.verify("POST", "/v1/completions", forged)
-    fresh = {**sent, "X-DSNode-Peer": sender.sign("POST", "/v1/completions", "edge-1", "alice", "r1")}
+    fresh = {**sent, "X-DSNode-Peer": sender.sign("POST", "/v1/completions", "edge-1", "alice", "r1", to=to)}
     with pytest.raises(PeerRefused, match="does not match"):
         receiver.verify("POST", "/v1/chat/completions", fresh)  # another path
     stranger = PeerAuth((b"y" * 40,), "laptop", 30, clock=lambda: now[0])
     with pytest.raises(PeerRefused, match="does not match"):
-        receiver.verify("GET", "/cluster", stranger.headers("GET", "/cluster"))
-    old = sender.headers("GET", "/cluster")
+        receiver.verify("GET", "/cluster", stranger.headers("GET", "/cluster", to))
+    old = sender.headers("GET", "/cluster", to)
     now[0] += 31
     with pytest.raises(PeerRefused, match="more than max_clock_skew"):
         receiver.verify("GET", "/cluster", old)
@@ -334,9 +335,13 @@ async def test_cluster_needs_the_peer_credential_and_a_poller_without_it_is_refu
     refused = await client.get("/cluster")
     assert refused.status == 401 and (await error_of(refused))["code"] == "missing_peer_credential"
     peer = PeerAuth((SECRET.encode(),), "edge-9", 30)
-    assert (await client.get("/cluster", headers=peer.headers("GET", "/cluster"))).status == 200
+    challenged = await client.get("/cluster", headers=peer.headers("GET", "/cluster"))  # for no node yet
+    assert challenged.status == 401
+    to = challenge_of(challenged.headers["X-DSNode-Peer-Challenge"])
+    assert to == client.app[AUTH].peers.binding
+    assert (await client.get("/cluster", headers=peer.headers("GET", "/cluster", to))).status == 200
     stranger = PeerAuth((OTHER_SECRET.encode(),), "laptop", 30)
-    refused = await client.get("/cluster", headers=stranger.headers("GET", "/cluster"))
+    refused = await client.get("/cluster", headers=stranger.headers("GET", "/cluster", to))
     assert refused.status == 401 and (await error_of(refused))["code"] == "invalid_peer_credential"
 
     url = str(client.make_url("")).rstrip("/")
@@ -359,8 +364,9 @@ async def test_a_request_claiming_to_be_forwarded_needs_a_good_credential(tmp_pa
         response = await client.post("/v1/chat/completions", json=CHAT, headers={**bearer(ALICE), **claim})
         assert response.status == 401 and (await error_of(response))["code"] == "invalid_peer_credential"
     peer = PeerAuth((SECRET.encode(),), "edge-1", 30)
+    to = client.app[AUTH].peers.binding
     signed = {"X-DSNode-Via": "edge-1", "X-DSNode-User": "alice", "X-Request-Id": "fwd-1",
-              "X-DSNode-Peer": peer.sign("POST", "/v1/chat/completions", "edge-1", "alice", "fwd-1")}
+              "X-DSNode-Peer": peer.sign("POST", "/v1/chat/completions", "edge-1", "alice", "fwd-1", to=to)}
     response = await client.post("/v1/chat/completions", json=CHAT, headers=signed)  # the peer vouches
     assert response.status == 200
     assert node.records[-1].user == "alice" and node.records[-1].request_id == "fwd-1"
@@ -374,7 +380,8 @@ async def test_a_request_claiming_to_be_forwarded_needs_a_good_credential(tmp_pa
 async def test_a_signed_forward_carries_the_key_name_not_the_key(tmp_path, node_with):
     secret = tmp_path / "secret"
     secret.write_text(SECRET + "\n")
-    central = await FakeUpstream("central-a").start()
+    receiver = PeerAuth((SECRET.encode(),), "central-a", 30)
+    central = await FakeUpstream("central-a", verifier=receiver).start()  # it challenges, then checks
     try:
         routing = f'[routing]\npoll_interval = 0.1\n\n[[routing.upstream]]\nurl = "{central.url}"\n'
         node, client = await node_with(auth_toml(keys_file(tmp_path, f"alice: {ALICE}\n"), secret),
@@ -386,10 +393,7 @@ async def test_a_signed_forward_carries_the_key_name_not_the_key(tmp_path, node_
         got = central.received[-1]
         assert got.header("Authorization") is None  # the client's key stays on this node
         assert got.header("X-DSNode-User") == "alice"
-        headers = {k: got.header(k) or "" for k in ("X-DSNode-Peer", "X-DSNode-Via", "X-DSNode-User",
-                                                     "X-Request-Id")}
-        receiver = PeerAuth((SECRET.encode(),), "central-a", 30)
-        assert receiver.verify("POST", "/v1/completions", headers) == "node-under-test"
+        assert central.verified[-1] == "node-under-test"  # the credential held, made for central-a
         assert node.records[-1].user == "alice"
     finally:
         await central.stop()

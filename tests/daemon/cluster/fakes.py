@@ -8,6 +8,8 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
+from dsnode.cluster.peer_auth import PeerAuth, PeerRefused
+
 MODEL = "remote-model"
 
 
@@ -32,6 +34,8 @@ class FakeUpstream:
     max_context: int = 4096
     close_after_answer: bool = False  # close each connection after answering (stale keep-alive)
     received: list[Received] = field(default_factory=list)
+    verifier: PeerAuth | None = None  # check X-DSNode-Peer as a node with a cluster secret does
+    verified: list[str] = field(default_factory=list)  # the senders of the credentials it accepted
     connections: int = 0
     closed_by_peer: int = 0
     server: asyncio.Server | None = None
@@ -68,6 +72,8 @@ class FakeUpstream:
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
                 body = await reader.readexactly(length)
+                if not await self._credential_holds(writer, Received(head, body)):
+                    continue
                 if head.startswith(b"GET /cluster"):
                     await self._advert(writer)
                     continue
@@ -80,6 +86,22 @@ class FakeUpstream:
         finally:
             self.writers.discard(writer)
             writer.close()
+
+    async def _credential_holds(self, writer: asyncio.StreamWriter, got: Received) -> bool:
+        if self.verifier is None:
+            return True
+        method, path = got.head.split(b" ", 2)[:2]
+        headers = {k: got.header(k) or "" for k in ("X-DSNode-Peer", "X-DSNode-Via", "X-DSNode-User",
+                                                     "X-Request-Id")}
+        try:
+            self.verified.append(self.verifier.verify(method.decode(), path.decode(), headers))
+            return True
+        except PeerRefused as exc:
+            body = json.dumps({"error": {"message": str(exc), "type": "invalid_request_error", "param": None,
+                                         "code": "invalid_peer_credential"}}).encode()
+            challenge = b"X-DSNode-Peer-Challenge: " + self.verifier.challenge.encode() + b"\r\n"
+            await self._send(writer, 401, body, extra=challenge if exc.challenge else b"")
+            return False
 
     # --- behaviours: return whether the connection stays open -----------------------------------
     async def _advert(self, writer: asyncio.StreamWriter) -> None:
@@ -147,7 +169,8 @@ class FakeUpstream:
         return False  # close without a word
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes, extra: bytes = b"") -> None:
-        reason = {200: b"OK", 429: b"Too Many Requests", 500: b"Internal Server Error"}[status]
+        reason = {200: b"OK", 401: b"Unauthorized", 429: b"Too Many Requests", 500: b"Internal Server Error",
+                  502: b"Bad Gateway", 503: b"Service Unavailable"}[status]
         writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                      b"X-DSNode-Node: %s\r\n%s\r\n" % (status, reason, len(body), self.name.encode(), extra) + body)
         await writer.drain()

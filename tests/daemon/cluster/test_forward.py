@@ -141,12 +141,13 @@ async def test_no_upstream_that_can_take_it_is_a_503_saying_why(fakes, edge):
     assert response.headers["Retry-After"] == "5"
 
 
-async def test_a_prompt_too_big_for_every_upstream_is_a_503(fakes, edge):
+async def test_a_request_too_big_for_every_upstream_is_a_final_400(fakes, edge):
     a = await fakes("central-a", max_context=64)
     _, client = await edge([(a.url, 1)])
     response, data = await post(client, {"model": MODEL, "prompt": "x", "max_tokens": 100})
-    assert response.status == 503
-    assert "context limit 64 < 101 tokens needed" in json.loads(data)["error"]["message"]
+    assert response.status == 400
+    error = json.loads(data)["error"]
+    assert error["code"] == "context_length_exceeded" and "maximum context length is 64 tokens" in error["message"]
     assert a.received == []
 
 

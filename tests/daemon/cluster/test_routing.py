@@ -11,7 +11,7 @@ LONG = 48
 
 def route(model="deepseek-r1", prompt=10, max_tokens=16, local=LOCAL, peers=("deepseek-r1",), may_forward=True):
     return decide(RouteRequest(model, prompt if model == local.name else None, max_tokens), local, LONG,
-                  frozenset(peers), may_forward)
+                  dict.fromkeys(peers), may_forward)
 
 
 def test_short_prompt_of_a_local_model_stays_local():
