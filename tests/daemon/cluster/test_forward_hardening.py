@@ -9,6 +9,7 @@ import asyncio
 import gzip
 import json
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import pytest
 from dsnode.cluster.peers import Poller
@@ -102,6 +103,15 @@ def state(node, i: int = 0):
 
 
 # --- what counts toward max_fails ----------------------------------------------------------------
+async def polled_until(node: Any, done: Callable[[], bool]) -> None:
+    """Poll now (the poller wakes on `changed`, as on a reload), again and again, until `done()`: the
+    fixture's poll interval is an hour, so no poll comes by itself in the middle of a test."""
+    async with asyncio.timeout(WAIT_S):
+        while not done():
+            node.upstreams.changed.set()
+            await asyncio.sleep(0.02)
+
+
 async def test_the_only_upstream_answering_500_is_not_taken_out(upstreams, edge):
     a = await upstreams("central-a", script=["error-500"])
     node, client = await edge([(a.url, 1)], routing="max_fails = 1\nfail_timeout = 60")
@@ -202,7 +212,7 @@ async def test_a_streamed_event_over_max_event_bytes_ends_the_stream_with_an_err
 
 
 # --- the local fallback ---------------------------------------------------------------------------
-async def test_a_long_prompt_that_fits_here_is_served_here_when_no_upstream_can_take_it(upstreams, edge):
+async def test_a_long_prompt_that_fits_here_is_served_here_when_no_upstream_can_take_it(upstreams, edge, engine):
     a = await upstreams("central-a", models=(LOCAL_MODEL,))
     node, client = await edge([(a.url, 1)])
     records = []
@@ -217,6 +227,8 @@ async def test_a_long_prompt_that_fits_here_is_served_here_when_no_upstream_can_
     assert record.route == "local" and record.upstream is None
     assert "> long_prompt_tokens (16), but no upstream could take it (central-a: failed for this request" \
         in record.route_reason and record.route_reason.endswith("served here")
+    assert len(engine.requests) == 1  # the local engine did serve it: the one request it may see here
+    engine.requests.clear()
 
 
 async def test_a_request_that_only_an_upstream_can_hold_still_gets_the_503(upstreams, edge):
@@ -232,9 +244,7 @@ async def test_a_503_names_the_last_failure_not_none(upstreams, edge):
     node, client = await edge([(a.url, 1)], routing="max_fails = 1\nfail_timeout = 60")
     assert (await post(client))[0].status == 503  # no answer: a failure, the upstream is taken out
     seen = state(node).last_seen
-    async with asyncio.timeout(WAIT_S):
-        while state(node).last_seen == seen:  # its next poll answers (on main, that cleared the reason)
-            await asyncio.sleep(0.02)
+    await polled_until(node, lambda: state(node).last_seen != seen)  # its next poll answers
     assert state(node).last_error == "connection lost"  # still why it is not healthy
     response, data = await post(client)
     message = json.loads(data)["error"]["message"]
@@ -243,6 +253,7 @@ async def test_a_503_names_the_last_failure_not_none(upstreams, edge):
 
 
 # --- the poller -----------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("body, why", [
     (b"[" * 100_000 + b"]" * 100_000, "nested more than 16 levels deep"),
     (b'{"node": ' + b'{"a": ' * 50 + b"1" + b"}" * 51, "nested more than 16 levels deep"),
@@ -253,14 +264,10 @@ async def test_a_hostile_advertisement_fails_that_poll_only(upstreams, edge, bod
     hostile = await upstreams("hostile", advert_body=body)
     good = await upstreams("central-b")
     node, client = await edge([(hostile.url, 1), (good.url, 1)], wait_healthy=1)
-    async with asyncio.timeout(WAIT_S):
-        while state(node, 0).reachable is not False:
-            await asyncio.sleep(0.02)
+    await polled_until(node, lambda: state(node, 0).reachable is False)
     assert why in state(node, 0).last_error
     hostile.advert_body = None  # it answers properly again: polled again, healthy again
-    async with asyncio.timeout(WAIT_S):
-        while not state(node, 0).healthy:
-            await asyncio.sleep(0.02)
+    await polled_until(node, lambda: state(node, 0).healthy)
     assert state(node, 1).healthy
 
 
