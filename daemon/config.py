@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from .distributed import DistributedSection, cross_section_problems
 from .secrets import KeyFileError, SecretFileError, Secrets, read_api_keys, read_cluster_secrets, read_secrets
 
 DEFAULT_CONFIG_PATH = Path("/etc/dsnode/dsnode.toml")
@@ -218,6 +219,7 @@ class Config(_Section):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     tls: TlsSection = Field(default_factory=TlsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    distributed: DistributedSection | None = None  # one model over several hosts (dsnode.distributed)
     source: Path | None = None  # the file it came from (set by load_config)
     _secrets: Secrets | None = PrivateAttr(default=None)  # the [auth] files as load_config read them
 
@@ -259,6 +261,7 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
     _resolve_paths(raw, path.resolve().parent)
     read: dict[str, Any] = {}
     problems = _check_files(raw, str(path), read) if check_paths else []
+    problems += [Problem(str(path), key, why) for key, why in cross_section_problems(raw)]
     try:
         config = Config.model_validate({**raw, "source": path})
     except ValidationError as exc:
