@@ -223,7 +223,7 @@ def model_dtype_bytes(model: nn.Module, dtype: torch.dtype) -> int:
         leaf = name.rpartition(".")[2]
         if isinstance(owner, EIGHT_BIT):
             total += _unpadded_numel(owner, leaf) * size if not leaf.endswith(("_scale", "_scale_inv")) else 0
-        elif tensor.is_floating_point():
+        elif tensor.is_floating_point() and leaf not in owner._non_persistent_buffers_set:  # not rotary tables
             total += tensor.numel() * tensor.element_size()
     return total
 
