@@ -73,6 +73,8 @@ class ModelShape:
     kv_values_per_token: int  # all layers; MLA: the latent, else K and V of every KV head
     kv_heads: int  # 0 for MLA (its latent is not split by heads)
     router_fp32: bool  # transformers keeps the router in float32 (DeepSeek-V3)
+    hidden_size: int = 0  # what one all-reduce per token carries (activations)
+    vocab_size: int = 0  # the head's logits
 
     @property
     def routed_expert_params(self) -> int:
@@ -182,6 +184,7 @@ def _deepseek_v3(c: _Config) -> ModelShape:
         layers=layers, moe_layers=moe_layers, routed_experts=experts,
         experts_per_token=c.int("num_experts_per_tok", 8), expert_params=3 * hidden * expert_inter,
         kv_values_per_token=layers * (kv_lora + rope), kv_heads=0, router_fp32=True,
+        hidden_size=hidden, vocab_size=c.int("vocab_size"),
     )
 
 
@@ -208,6 +211,7 @@ def _mixtral(c: _Config) -> ModelShape:
         experts_per_token=c.int("num_experts_per_tok", 2),
         expert_params=3 * hidden * c.int("intermediate_size", 14336),
         kv_values_per_token=2 * layers * kv_heads * head_dim, kv_heads=kv_heads, router_fp32=False,
+        hidden_size=hidden, vocab_size=c.int("vocab_size"),
     )
 
 
@@ -231,6 +235,7 @@ def _qwen2_moe(c: _Config) -> ModelShape:
         experts_per_token=c.int("num_experts_per_tok", 4),
         expert_params=3 * hidden * c.int("moe_intermediate_size", 1408),
         kv_values_per_token=2 * layers * kv_heads * head_dim, kv_heads=kv_heads, router_fp32=False,
+        hidden_size=hidden, vocab_size=c.int("vocab_size"),
     )
 
 
@@ -248,6 +253,7 @@ def _dense(model_type: str, qkv_bias_key: str | None, qkv_bias_default: bool
                                 shared=Part(), router=Part()),
             layers=layers, moe_layers=0, routed_experts=0, experts_per_token=0, expert_params=0,
             kv_values_per_token=2 * layers * kv_heads * head_dim, kv_heads=kv_heads, router_fp32=False,
+            hidden_size=hidden, vocab_size=c.int("vocab_size"),
         )
 
     return count
@@ -408,3 +414,46 @@ def fit_summary(model_name: str, f: Fit, where: str) -> str:
         f"KV cache {f.kv_bytes_per_token} bytes/token × {f.kv_tokens_needed} tokens ([batching] max_batch_tokens) = {gb(kv)}; "
         f"usable {gb(f.usable_per_rank)} ({USABLE_FRACTION:.0%}). See `dsnode plan MODEL_DIR`"
     )
+
+
+# --- traffic between ranks ----------------------------------------------------------------------------
+ACTIVATION_BYTES = 2  # bf16 activations on GPUs, whatever the weight format (W8A16 and FP8 both)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What one generated token makes the ranks exchange in one step, and how much of it crosses
+    hosts. Ring all-reduce with a host's ranks adjacent: each of the `hosts` links between hosts
+    carries 2(N−1)/N of every all-reduce, each way (NCCL's bus-bandwidth model)."""
+
+    ranks: int
+    hosts: int
+    per_layer: int  # bytes of one all-reduce for one token: the hidden state
+    all_reduces: dict[str, int]  # per token: "attention" / "dense_mlp" / "moe" → how many
+    head: int  # bytes of the head's all-reduce (the logits) per token; 0 when the head is whole
+
+    @property
+    def per_token(self) -> int:
+        return sum(self.all_reduces.values()) * self.per_layer + self.head
+
+    @property
+    def per_host_link(self) -> int:
+        """Bytes per token each link between hosts carries, each way; 0 on one host."""
+        if self.hosts < 2:
+            return 0
+        return math.ceil(self.per_token * 2 * (self.ranks - 1) / self.ranks)
+
+
+def traffic(shape: ModelShape, ranks: int, hosts: int, fmt: WeightFormat) -> Traffic:
+    """The all-reduces of the `deepspeed` backend's layout: one per MoE layer (the experts of every
+    rank summed); with 16/32-bit weights AutoTP adds one per attention block (o_proj), one per dense
+    MLP (down_proj) and the head's logits; 8-bit linears are whole on every rank and add none."""
+    counts: dict[str, int] = {}
+    if ranks > 1 and fmt.split_linears:
+        counts["attention"] = shape.layers
+        counts["dense_mlp"] = shape.layers - shape.moe_layers
+    if ranks > 1 and shape.routed_experts:
+        counts["moe"] = shape.moe_layers
+    head = shape.vocab_size * ACTIVATION_BYTES if ranks > 1 and fmt.split_linears else 0
+    counts = {kind: n for kind, n in counts.items() if n}
+    return Traffic(ranks, hosts, shape.hidden_size * ACTIVATION_BYTES, counts, head)

@@ -206,3 +206,33 @@ def test_every_kind_matches_the_parameters_transformers_builds(architecture):
     planned = {kind: part.whole + part.split for kind, part in shape.parts.items()}
     planned["routed_experts"] = shape.routed_expert_params
     assert built == {kind: n for kind, n in planned.items() if n}
+
+
+def test_what_crosses_hosts_per_token():
+    """DeepSeek-V3 on 2 hosts of 8: every all-reduce carries the hidden state (7168 × 2 bytes, bf16
+    activations) per token; bf16 adds AutoTP's attention, dense-MLP and head all-reduces to the 58
+    MoE ones; 8-bit keeps those linears whole. A ring over 16 ranks puts 2·15/16 of each on a host link."""
+    plan = build_plan(v3_shape(), Gpus(8, 80 * GIB), hosts=2, kv_tokens=32768)
+    bf16, int8 = plan.traffic["bf16"], plan.traffic["int8"]
+    assert bf16.per_layer == int8.per_layer == H * 2 == 14336
+    assert bf16.all_reduces == {"attention": LAYERS, "dense_mlp": DENSE, "moe": MOE} and bf16.head == V * 2
+    assert int8.all_reduces == {"moe": MOE} and int8.head == 0
+    assert int8.per_token == MOE * H * 2
+    assert int8.per_host_link == -(-MOE * H * 2 * 2 * 15 // 16)  # ≈ 1.49 MiB per token, each way
+    assert bf16.per_host_link == -(-((LAYERS + DENSE + MOE) * H * 2 + V * 2) * 2 * 15 // 16)
+    one_host = build_plan(v3_shape(), Gpus(8, 80 * GIB), hosts=1, kv_tokens=32768)
+    assert one_host.traffic["int8"].per_host_link == 0 and one_host.traffic["int8"].per_token == int8.per_token
+
+
+def test_plan_command_says_what_crosses_hosts(v3_folder, capsys):
+    assert main(["plan", str(v3_folder), "--gpus", "8xA100-80GB", "--hosts", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "one all-reduce per layer = 14.0 KiB (the hidden state of 7168)" in out
+    assert "int8  58 all-reduces (58 MoE) = 812.0 KiB; crosses hosts: 1.49 MiB per host link, each way" in out
+    assert "bf16  122 all-reduces (61 attention, 3 dense MLP, 58 MoE) + head logits 252.5 KiB" in out
+    assert main(["plan", str(v3_folder), "--gpus", "8xA100-80GB", "--hosts", "2", "--json"]) == 0
+    between = json.loads(capsys.readouterr().out)["between_ranks"]["int8"]
+    assert between["all_reduce_bytes_per_token_per_layer"] == 14336 and between["all_reduces_per_token"] == {"moe": 58}
+    assert between["bytes_per_token_per_host_link"] == -(-58 * 14336 * 30 // 16)
+    assert main(["plan", str(v3_folder), "--gpus", "8xH100"]) == 0
+    assert "crosses hosts: nothing (one host)" in capsys.readouterr().out
