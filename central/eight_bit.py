@@ -120,6 +120,20 @@ def expand_blocks(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return scale.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
 
 
+def quantize_fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float (N, K) → float8_e4m3fn (N, K) and float32 `weight_scale_inv` (⌈N/128⌉, ⌈K/128⌉), each
+    128 × 128 block scaled so its largest value is e4m3's largest: DeepSeek's layout, the inverse of
+    `dequantize_fp8` (for test checkpoints and scripts/gpu_check.py; dsnode never writes FP8)."""
+    rows, cols = weight.shape
+    n, k = blocks(rows), blocks(cols)
+    padded = torch.zeros((n * BLOCK, k * BLOCK), dtype=torch.float32, device=weight.device)
+    padded[:rows, :cols] = weight.float()
+    grid = padded.reshape(n, BLOCK, k, BLOCK)
+    scale = grid.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # (n, k)
+    quantized = (grid / scale[:, None, :, None]).reshape(padded.shape)[:rows, :cols].to(torch.float8_e4m3fn)
+    return quantized.contiguous(), scale
+
+
 def dequantize_fp8(bits: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """FP8 (e4m3; as uint8 bits or float8) (n, K) with its block scales → float32 (n, K)."""
     values = bits.view(torch.float8_e4m3fn).float()

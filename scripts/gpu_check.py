@@ -18,6 +18,10 @@
    1, 8 and 32, each rank's weights by kind and peak host memory while loading, and what `dsnode plan`'s
    arithmetic (`dsnode.sizing`) says a rank holds. Skipped on a host with one GPU (NCCL takes one
    rank per GPU).
+6. `moe_fp8` (scripts/gpu_check_fp8.py): DeepSeek's FP8 layout kept in FP8: one linear's kernel against
+   bf16, the MoE written as FP8 against its dequantized copy, and `DeepSpeedEngine` with two ranks (one
+   on a one-GPU host) choosing FP8 by itself. Skipped, saying why, where the GPU lacks FP8 compute
+   (compute capability below 8.9) and on `--device cpu`.
 
 Every section runs even if an earlier one failed; each reports `ok`, its figures or its error. Each figure
 is a median of `--repeats` timed runs after a warm-up. `--size tiny --device cpu` smoke-tests the
@@ -88,6 +92,7 @@ def main() -> int:
         ("edge_onnx", lambda: asyncio.run(edge_onnx(args, work))),
         ("nccl", lambda: nccl(args)),
         ("moe_expert_parallel", lambda: asyncio.run(moe_expert_parallel(args, work))),
+        ("moe_fp8", lambda: moe_fp8(args, work)),
     ]
     try:
         for name, run in sections:
@@ -112,7 +117,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", help="also write the JSON summary here")
     p.add_argument("--skip", nargs="*", default=(),
-                   choices=("moe_model", "moe_engine", "edge_onnx", "nccl", "moe_expert_parallel"))
+                   choices=("moe_model", "moe_engine", "edge_onnx", "nccl", "moe_expert_parallel", "moe_fp8"))
     return p.parse_args()
 
 
@@ -457,6 +462,27 @@ async def moe_expert_parallel(args: argparse.Namespace, work: Path) -> dict[str,
         return result
     finally:
         await engine.close()
+
+
+# --- 6. FP8 kept on GPUs that compute in FP8 --------------------------------------------------------
+def moe_fp8(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import gpu_check_fp8 as fp8
+
+    try:
+        device = fp8.fp8_device() if args.device == "cuda" else None
+    except fp8.FP8Unavailable as exc:
+        raise Skip(str(exc)) from None
+    if device is None:
+        raise Skip("FP8 compute needs a CUDA GPU of compute capability 8.9+ (this run: --device cpu)")
+    source, _ = saved_moe(args, work)
+    folder, dequantized = work / "moe-fp8", work / "moe-fp8-dequantized"
+    fp8.write_fp8(source, folder, dequantized)
+    result: dict[str, Any] = {"kernel": fp8.kernel(device)}
+    free_gpu()
+    result["model"] = fp8.model(folder, dequantized, device)
+    free_gpu()
+    result["engine"] = asyncio.run(fp8.engine(args, folder, engine_figures, BATCHES))
+    return result
 
 
 if __name__ == "__main__":

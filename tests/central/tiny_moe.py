@@ -70,7 +70,6 @@ def link_copy(source: Path, target: Path) -> Path:
 
 # --- DeepSeek's FP8 layout ----------------------------------------------------------------------------
 FP8_BLOCK = 128
-FP8_MAX = 448.0
 FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                            "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
 
@@ -82,25 +81,10 @@ def stored_fp8(name: str, shape: tuple[int, ...]) -> bool:
             and ".mlp.gate." not in name and "norm" not in name)
 
 
-def to_fp8_blocks(weight: Any) -> tuple[Any, Any]:
-    """float (N, K) → float8_e4m3fn (N, K) and float32 `weight_scale_inv` (⌈N/128⌉, ⌈K/128⌉): each
-    128 × 128 block scaled so its largest value is e4m3's largest, as DeepSeek's quantizer does."""
-    import torch
-
-    rows, cols = weight.shape
-    n, k = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
-    padded = torch.zeros((n * FP8_BLOCK, k * FP8_BLOCK), dtype=torch.float32)
-    padded[:rows, :cols] = weight.float()
-    grid = padded.reshape(n, FP8_BLOCK, k, FP8_BLOCK)
-    scale = grid.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # (n, k)
-    quantized = (grid / scale[:, None, :, None]).reshape(padded.shape)[:rows, :cols].to(torch.float8_e4m3fn)
-    return quantized.contiguous(), scale
-
-
 def from_fp8_blocks(quantized: Any, scale: Any) -> Any:
-    rows, cols = quantized.shape
-    full = scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
-    return quantized.float() * full
+    from dsnode.central.eight_bit import dequantize_fp8
+
+    return dequantize_fp8(quantized, scale)
 
 
 def write_fp8(source: Path, fp8_folder: Path, dequantized_folder: Path, shards: int = 4) -> None:
@@ -112,6 +96,8 @@ def write_fp8(source: Path, fp8_folder: Path, dequantized_folder: Path, shards: 
     import torch
     from safetensors.torch import load_file, save_file
 
+    from dsnode.central.eight_bit import quantize_fp8_blocks
+
     tensors: dict[str, Any] = {}
     for file in sorted(source.glob("*.safetensors")):
         tensors.update(load_file(str(file)))
@@ -119,7 +105,7 @@ def write_fp8(source: Path, fp8_folder: Path, dequantized_folder: Path, shards: 
     dequantized: dict[str, Any] = {}
     for name, tensor in sorted(tensors.items()):
         if stored_fp8(name, tuple(tensor.shape)):
-            quantized, scale = to_fp8_blocks(tensor)
+            quantized, scale = quantize_fp8_blocks(tensor)
             fp8[name], fp8[name + "_scale_inv"] = quantized, scale
             dequantized[name] = from_fp8_blocks(quantized, scale)
         else:
