@@ -97,14 +97,15 @@ class Checkpoint:
                                   "dsnode reads FP8 weights of linears (2-D) only")
         scale = self.entries.get(entry.name + SCALE_SUFFIX)
         if scale is None:
-            raise CheckpointError(f"{entry.file}: FP8 tensor {entry.name!r} has no {entry.name + SCALE_SUFFIX!r} "
-                                  "(one scale per 128 x 128 block) in the checkpoint")
+            raise CheckpointError(f"{entry.file}: FP8 tensor {entry.name!r} has no "
+                                  f"{entry.name + SCALE_SUFFIX!r} (one scale per 128 x 128 block) "
+                                  "in the checkpoint")
         want = fp8_scale_shape(entry.shape)
         if scale.shape != want or scale.dtype not in SCALE_DTYPES:
             raise CheckpointError(
-                f"{scale.file}: tensor {scale.name!r} is {scale.dtype} {list(scale.shape)}, but its FP8 weight "
-                f"{entry.name!r} {list(entry.shape)} needs float scales of shape {list(want)} "
-                f"(one per {FP8_BLOCK} x {FP8_BLOCK} block)")
+                f"{scale.file}: tensor {scale.name!r} is {scale.dtype} {list(scale.shape)}, "
+                f"but its FP8 weight {entry.name!r} {list(entry.shape)} needs float scales of shape "
+                f"{list(want)} (one per {FP8_BLOCK} x {FP8_BLOCK} block)")
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries

@@ -97,7 +97,8 @@ class RemoteRunner:
 class DeepSpeedEngine(BatchingEngine):
     backend = "deepspeed"
 
-    def __init__(self, model: ModelSection, batching: BatchingSection, group: HostGroup | None = None) -> None:
+    def __init__(self, model: ModelSection, batching: BatchingSection,
+                 group: HostGroup | None = None) -> None:
         super().__init__(batching)
         self._model = model
         self._group = group  # [distributed]: this engine is the leader's
@@ -142,8 +143,8 @@ class DeepSpeedEngine(BatchingEngine):
         extra = {**facts, "weights": self._weights}
         if self._group is not None and self._link is not None:
             extra["distributed"] = self._group.describe(self._link)
-        info = describe_model(self._model, hf_config, self.backend, self._batching, device=_device_name(placement),
-                              tensor_parallel=world, extra=extra)
+        info = describe_model(self._model, hf_config, self.backend, self._batching,
+                              device=_device_name(placement), tensor_parallel=world, extra=extra)
         log.info("model_loaded", model=info.name, backend=info.backend, device=info.device,
                  tensor_parallel=world, architecture=info.architecture, weights=self._weights,
                  max_context=info.max_context, quantization=info.quantization)

@@ -144,7 +144,8 @@ def fp8_compute_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
 
 
-def fp8_matmul(x: torch.Tensor, bits: torch.Tensor, scale_inv: torch.Tensor, out_features: int) -> torch.Tensor:
+def fp8_matmul(x: torch.Tensor, bits: torch.Tensor, scale_inv: torch.Tensor,
+               out_features: int) -> torch.Tensor:
     """x (..., K), bits uint8 (Np, Kp) padded to whole blocks, scale_inv (Np/128, Kp/128) → (..., N)."""
     x2 = x.reshape(-1, x.shape[-1])  # (T, K)
     if fp8_compute_available(x2.device):
@@ -237,7 +238,7 @@ def model_dtype_bytes(model: nn.Module, dtype: torch.dtype) -> int:
         leaf = name.rpartition(".")[2]
         if isinstance(owner, EIGHT_BIT):
             total += _unpadded_numel(owner, leaf) * size if not leaf.endswith(("_scale", "_scale_inv")) else 0
-        elif tensor.is_floating_point() and leaf not in owner._non_persistent_buffers_set:  # not rotary tables
+        elif tensor.is_floating_point() and leaf not in owner._non_persistent_buffers_set:  # rotary: computed
             total += tensor.numel() * tensor.element_size()
     return total
 

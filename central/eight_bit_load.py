@@ -52,8 +52,8 @@ def to_eight_bit(model: nn.Module, checkpoint: Checkpoint, names: dict[str, str]
                 setattr(module, child_name, kind(child.in_features, child.out_features, child.bias))
                 swapped += 1
             elif child_name == "experts" and _fused(child):
-                kind_e = Fp8Experts if weights == "fp8" and _experts_fp8(checkpoint, names, full) else Int8Experts
-                setattr(module, child_name, kind_e(child))
+                fp8 = weights == "fp8" and _experts_fp8(checkpoint, names, full)
+                setattr(module, child_name, (Fp8Experts if fp8 else Int8Experts)(child))
                 swapped += 1
     return swapped
 
@@ -71,7 +71,8 @@ def _stored_fp8(checkpoint: Checkpoint, names: dict[str, str], model_name: str) 
 def _experts_fp8(checkpoint: Checkpoint, names: dict[str, str], prefix: str) -> bool:
     """Whether this layer's experts are stored FP8 (expert 0's first weight says for all)."""
     first = [key for model_name, key in names.items() if model_name.startswith(f"{prefix}.0.")]
-    return bool(first) and all(checkpoint.entries[k].dtype == FP8 for k in first if not k.endswith(SCALE_SUFFIX))
+    weights = [k for k in first if not k.endswith(SCALE_SUFFIX)]
+    return bool(weights) and all(checkpoint.entries[k].dtype == FP8 for k in weights)
 
 
 # --- what to read -----------------------------------------------------------------------------------------
@@ -135,8 +136,10 @@ def _fp8_expert(checkpoint: Checkpoint, module: Fp8Experts, t: dict[str, torch.T
     pad = t["gate_up_proj"].shape[1] // 2  # Ip: gate rows 0..I, up rows Ip..Ip+I
     bits, scale = t["gate_up_proj"][i], t["gate_up_proj_scale_inv"][i]
     copy_fp8(checkpoint, gate_up[0], bits[:size, :hidden], scale[: blocks(size)])
-    copy_fp8(checkpoint, gate_up[1], bits[pad:pad + size, :hidden], scale[pad // BLOCK: pad // BLOCK + blocks(size)])
-    copy_fp8(checkpoint, down[0], t["down_proj"][i][:hidden, :size], t["down_proj_scale_inv"][i][: blocks(hidden)])
+    copy_fp8(checkpoint, gate_up[1], bits[pad:pad + size, :hidden],
+             scale[pad // BLOCK: pad // BLOCK + blocks(size)])
+    copy_fp8(checkpoint, down[0], t["down_proj"][i][:hidden, :size],
+             t["down_proj_scale_inv"][i][: blocks(hidden)])
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -155,7 +158,8 @@ def to_int8(checkpoint: Checkpoint, key: str, weight: torch.Tensor, scale: torch
         scale[rows.start:rows.stop] = row_scale
 
 
-def fused_to_int8(checkpoint: Checkpoint, key: str, expert: int, weight: torch.Tensor, scale: torch.Tensor) -> None:
+def fused_to_int8(checkpoint: Checkpoint, key: str, expert: int, weight: torch.Tensor,
+                  scale: torch.Tensor) -> None:
     """One expert of a fused float tensor (E, n, K) into int8 (n, K): one expert's floats at a time."""
     whole = torch.empty((1, *weight.shape), dtype=torch.float32)
     checkpoint.read_into(key, whole, rows=range(expert, expert + 1))
@@ -169,7 +173,8 @@ def copy_fp8(checkpoint: Checkpoint, key: str, bits: torch.Tensor, scale_inv: to
     and its block scales into the top-left of `scale_inv`."""
     entry = checkpoint.entry(key)
     if entry.dtype != FP8:
-        raise CheckpointError(f"{entry.file}: tensor {key!r} is {entry.dtype}, not {FP8}: cannot keep it in FP8")
+        raise CheckpointError(f"{entry.file}: tensor {key!r} is {entry.dtype}, not {FP8}: "
+                              "cannot keep it in FP8")
     rows, cols = entry.shape
     for start in range(0, rows, CHUNK_ROWS):
         span = range(start, min(rows, start + CHUNK_ROWS))
@@ -187,7 +192,8 @@ def _scales(checkpoint: Checkpoint, key: str) -> torch.Tensor:
     return scales
 
 
-def _float_rows(checkpoint: Checkpoint, key: str, rows: range, scale_inv: torch.Tensor | None) -> torch.Tensor:
+def _float_rows(checkpoint: Checkpoint, key: str, rows: range,
+                scale_inv: torch.Tensor | None) -> torch.Tensor:
     """Rows of tensor `key` as float32 (len(rows), K), FP8 blocks multiplied by their scales."""
     cols = checkpoint.entry(key).shape[1]
     if scale_inv is None:

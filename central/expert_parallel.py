@@ -150,7 +150,8 @@ def weight_kind(name: str, tensor: torch.Tensor) -> str:
 def bytes_by_kind(model: nn.Module) -> dict[str, int]:
     totals: dict[str, int] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        weights = tensor.is_floating_point() or tensor.dtype in (torch.int8, torch.uint8)  # 8-bit: eight_bit.py
+        # 8-bit weights (dsnode.central.eight_bit) count too
+        weights = tensor.is_floating_point() or tensor.dtype in (torch.int8, torch.uint8)
         if weights and not _non_persistent(model, name):
             kind = weight_kind(name, tensor)
             totals[kind] = totals.get(kind, 0) + tensor.numel() * tensor.element_size()

@@ -92,19 +92,20 @@ class FollowerEngine(Engine):
             if self._ranks is not None:
                 self._ranks.kill()
             raise
-        self._info = describe_model(self._model, hf_config, self.backend, self._batching, device=placement.device,
-                                    tensor_parallel=settings.world_size,
-                                    extra={**facts, "weights": weights, "distributed": self._group.describe(self._link)})
+        extra = {**facts, "weights": weights, "distributed": self._group.describe(self._link)}
+        self._info = describe_model(self._model, hf_config, self.backend, self._batching,
+                                    device=placement.device, tensor_parallel=settings.world_size, extra=extra)
+        last = settings.first_rank + placement.ranks - 1
         log.info("follower_ready", model=self._model.name, host_index=settings.host_index,
-                 ranks=[settings.first_rank, settings.first_rank + placement.ranks - 1], leader=settings.leader)
+                 leader=settings.leader, ranks=[settings.first_rank, last])
 
     def _start_ranks(self, placement: Placement, weights: str) -> dict[str, object]:
         """This host's ranks, until local rank 0 says they hold their shards."""
         assert self._link is not None
         if self._link.lost_reason is not None:
             raise RunnerDied(self._link.lost_reason)
-        command, extra, group = rank_command(self._model, placement, weights), rank_threads(self._model, placement), \
-            self._group
+        group = self._group
+        command, extra = rank_command(self._model, placement, weights), rank_threads(self._model, placement)
         self._ranks = RankGroup(placement.ranks, command=lambda rank: command,
                                 env=lambda rank: group.rank_env(dict(os.environ), rank, extra),
                                 on_death=self._rank_died, first_rank=group.settings.first_rank)
@@ -120,8 +121,10 @@ class FollowerEngine(Engine):
         yield  # an async generator, like every engine's generate
 
     def _redirect(self) -> str:
-        leader = next((m for m in self._link.formed.members if m.host_index == 0), None) if self._link else None
-        where = f"{leader.node} ({leader.url})" if leader else f"the leader (rendezvous {self._group.settings.leader})"
+        members = self._link.formed.members if self._link else []
+        leader = next((m for m in members if m.host_index == 0), None)
+        where = (f"{leader.node} ({leader.url})" if leader
+                 else f"the leader (rendezvous {self._group.settings.leader})")
         return (f"this node is host {self._group.settings.host_index} of model {self._model.name}'s "
                 f"[distributed] group: its requests are served by {where}")
 

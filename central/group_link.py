@@ -25,7 +25,8 @@ HEARTBEAT_S = 1.0
 
 
 class GroupLink:
-    def __init__(self, formed: Formed, me: int, heartbeat_timeout: float, on_lost: Callable[[str], None]) -> None:
+    def __init__(self, formed: Formed, me: int, heartbeat_timeout: float,
+                 on_lost: Callable[[str], None]) -> None:
         self.formed = formed
         self._me = me  # this host's index
         self._timeout = heartbeat_timeout

@@ -55,8 +55,8 @@ def plan_placement(model: ModelSection, gpus: int, ranks_per_host: int | None = 
     return Placement(ranks, device)
 
 
-def prepare_load(model: ModelSection, batching: BatchingSection, hf_config: dict[str, Any], placement: Placement,
-                 gpus: list[GPU], world: int) -> str:
+def prepare_load(model: ModelSection, batching: BatchingSection, hf_config: dict[str, Any],
+                 placement: Placement, gpus: list[GPU], world: int) -> str:
     """Refuse what cannot work before any rank starts (the plan does not fit: DoesNotFit; an
     architecture the shard loader does not know; more ranks than experts; a broken checkpoint, an
     FP8 weight without fitting scales) and return how the ranks hold their weights (`weights_format`)."""

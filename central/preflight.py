@@ -94,8 +94,9 @@ def weights_format(model: ModelSection, fp8_checkpoint: bool, device: str, gpus:
         return "model"
     if model.quantization == "nf4":
         raise UnsupportedArchitecture(
-            "model.quantization = 'nf4' cannot read an FP8 checkpoint (its weights need their block scales); "
-            "use quantization = \"none\" (FP8 on GPUs of compute capability 8.9+, int8 elsewhere) or \"int8\"")
+            "model.quantization = 'nf4' cannot read an FP8 checkpoint (its weights need their block "
+            "scales); use quantization = \"none\" (FP8 on GPUs of compute capability 8.9+, int8 elsewhere) "
+            "or \"int8\"")
     if device == "cuda" and gpus and all(_cc(g) >= FP8_MIN_CC for g in gpus):
         return "fp8"
     return "int8"

@@ -129,7 +129,8 @@ class RankGroup:
                 # stdout → our stderr: DeepSpeed prints to stdout, which is the daemon's JSON log
                 process = subprocess.Popen(argv, env=self.env(rank), pass_fds=pass_fds, stdout=2)
                 self.processes.append(process)
-                log.info("rank_started", rank=self.first_rank + rank, pid=process.pid, local_ranks=self.world_size)
+                log.info("rank_started", rank=self.first_rank + rank, pid=process.pid,
+                         local_ranks=self.world_size)
         except BaseException:
             daemon_end.close()
             raise
@@ -152,10 +153,12 @@ class RankGroup:
             time.sleep(POLL_S)
 
     def _died(self) -> None:
-        exited = [(self.first_rank + rank, p) for rank, p in enumerate(self.processes) if p.poll() is not None]
+        exited = [(self.first_rank + rank, p) for rank, p in enumerate(self.processes)
+                  if p.poll() is not None]
         # a signal is a cause; an exit code is often the effect (a peer's broken collective)
         exited.sort(key=lambda rp: (rp[1].returncode or 0) >= 0)
-        reason = "; ".join(f"tensor-parallel rank {rank} (pid {p.pid}) {_how(p.returncode)}" for rank, p in exited)
+        reason = "; ".join(f"tensor-parallel rank {rank} (pid {p.pid}) {_how(p.returncode)}"
+                           for rank, p in exited)
         if not self._claim_death(reason):
             return
         self._kill_all()

@@ -160,8 +160,8 @@ def _admit(wire: Wire, settings: DistributedSection, me: Member, keys: Sequence[
         member = Member(**{k: hello[k] for k in Member.__dataclass_fields__})
         their_nonce = str(hello["nonce"])
     except (KeyError, TypeError):
-        raise WireClosed(f"{wire.peer} sent a hello that is not dsnode's (protocol {hello.get('protocol')!r})") \
-            from None
+        protocol = hello.get("protocol")
+        raise WireClosed(f"{wire.peer} sent a hello that is not dsnode's (protocol {protocol!r})") from None
     why = _credential_problem(hello, member, me, keys, nonce) or _mismatch(member, me, settings)
     if why:
         wire.send({"type": "refused", "why": why})
@@ -180,7 +180,8 @@ def _credential_problem(hello: dict[str, Any], member: Member, me: Member, keys:
         return (f"{member.who()} has no cluster secret but {me.who()} has one: set the same "
                 "[auth] cluster_secret_file on every host of the group")
     if not verify(keys, hello, nonce):
-        return f"{member.who()} does not hold {me.who()}'s cluster secret ([auth] cluster_secret_file differs)"
+        return (f"{member.who()} does not hold {me.who()}'s cluster secret "
+                "([auth] cluster_secret_file differs)")
     return None
 
 
@@ -240,7 +241,8 @@ def _join_once(settings: DistributedSection, me: Member, keys: Sequence[bytes] |
         if keys:
             hello["mac"] = sign(keys[0], hello, str(challenge.get("nonce")))
         wire.send(hello)
-        log.info("rendezvous_hello", role="follower", leader=settings.leader, leader_node=challenge.get("node"))
+        log.info("rendezvous_hello", role="follower", leader=settings.leader,
+                 leader_node=challenge.get("node"))
         return Formed(_await_go(wire, settings, me, keys, nonce, deadline), {0: wire})
     except BaseException:
         wire.close()
@@ -253,8 +255,8 @@ def _await_go(wire: Wire, settings: DistributedSection, me: Member, keys: Sequen
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise RendezvousError(f"joined the leader at {settings.leader}, but the group did not form within "
-                                  f"join_timeout = {settings.join_timeout:g}s (other hosts missing?)")
+            raise RendezvousError(f"joined the leader at {settings.leader}, but the group did not form "
+                                  f"within join_timeout = {settings.join_timeout:g}s (other hosts missing?)")
         reply = wire.receive(min(left, LOG_EVERY_S))
         if reply is None:
             log.info("rendezvous_waiting", role="follower", leader=settings.leader, detail="joined; waiting "
@@ -265,8 +267,8 @@ def _await_go(wire: Wire, settings: DistributedSection, me: Member, keys: Sequen
         if reply.get("type") != "go":
             raise WireClosed(f"{settings.leader} sent {reply.get('type')!r}, not go")
         if keys and not verify(keys, reply, nonce):
-            raise RendezvousError(f"the leader at {settings.leader} did not prove it holds this host's cluster "
-                                  "secret ([auth] cluster_secret_file differs)")
+            raise RendezvousError(f"the leader at {settings.leader} did not prove it holds this host's "
+                                  "cluster secret ([auth] cluster_secret_file differs)")
         members = [Member(**m) for m in reply["members"]]
         log.info("group_formed", role="follower", host_index=me.host_index, hosts=settings.hosts,
                  world_size=settings.world_size, members=[m.node for m in members])
@@ -279,5 +281,6 @@ def _bind_problem(settings: DistributedSection, exc: OSError) -> str:
         return (f"distributed.leader = {settings.leader!r}: this host (host_index 0, the leader) has no such "
                 "address; is host_index right on this host?")
     if exc.errno == errno.EADDRINUSE:
-        return f"distributed.leader = {settings.leader!r}: port {settings.rendezvous_port} is in use on this host"
+        return (f"distributed.leader = {settings.leader!r}: port {settings.rendezvous_port} is in use "
+                "on this host")
     return f"distributed.leader = {settings.leader!r}: cannot listen there: {exc.strerror or exc}"

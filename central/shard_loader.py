@@ -87,8 +87,9 @@ def read_shard(empty: EmptyShard) -> nn.Module:
     with Checkpoint.open(empty.folder) as checkpoint:
         reads = _plan_reads(model, checkpoint, empty.layout, empty.shard)
         names = _checkpoint_names(checkpoint, empty.layout)
-        eight_bit = module_reads(model, names, empty.shard.experts,
-                                 lambda prefix, part: expert_keys(prefix, part, names, empty.layout, empty.shard))
+        layout, shard = empty.layout, empty.shard
+        eight_bit = module_reads(model, names, shard.experts,
+                                 lambda prefix, part: expert_keys(prefix, part, names, layout, shard))
         _materialize(model, reads, checkpoint, _fp32_names(model, empty.dtype), empty.dtype)
         _materialize_eight_bit(model, eight_bit, checkpoint)
     if getattr(model.config, "tie_word_embeddings", False):
@@ -180,8 +181,9 @@ def _eight_bit_names(model: nn.Module) -> set[str]:
 def _whole_read(key: str, checkpoint: Checkpoint) -> Read:
     entry = checkpoint.entry(key)
     if entry.dtype == FP8:  # its values mean nothing without their block scales
-        raise CheckpointError(f"{entry.file}: tensor {key!r} is {FP8}, but this module is kept in the model "
-                              "dtype; dsnode reads FP8 weights of the decoder layers' linears and experts only")
+        raise CheckpointError(f"{entry.file}: tensor {key!r} is {FP8}, but this module is kept in the "
+                              "model dtype; dsnode reads FP8 weights of the decoder layers' linears and "
+                              "experts only")
     return lambda checkpoint, out: checkpoint.read_into(key, out)
 
 

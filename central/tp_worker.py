@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int, required=True)
     p.add_argument("--control-fd", type=int, help="local rank 0: its end of the daemon's control socket")
     p.add_argument("--weights", choices=WEIGHTS, default="model",
-                   help="model: the model dtype; int8: 8-bit integer weights (W8A16); fp8: FP8 kept (GPUs 8.9+)")
+                   help="model: the model dtype; int8: 8-bit integer weights (W8A16); "
+                        "fp8: FP8 kept (GPUs 8.9+)")
     p.add_argument("--group-timeout", type=float, default=600.0,
                    help="seconds torch.distributed waits for a peer (meeting, or one collective)")
     p.add_argument("--log-level", default="info")

@@ -464,25 +464,11 @@ async def moe_expert_parallel(args: argparse.Namespace, work: Path) -> dict[str,
         await engine.close()
 
 
-# --- 6. FP8 kept on GPUs that compute in FP8 --------------------------------------------------------
+# --- 6. FP8 kept on GPUs that compute in FP8 (scripts/gpu_check_fp8.py) ----------------------------
 def moe_fp8(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import gpu_check_fp8 as fp8
+    import gpu_check_fp8
 
-    try:
-        device = fp8.fp8_device() if args.device == "cuda" else None
-    except fp8.FP8Unavailable as exc:
-        raise Skip(str(exc)) from None
-    if device is None:
-        raise Skip("FP8 compute needs a CUDA GPU of compute capability 8.9+ (this run: --device cpu)")
-    source, _ = saved_moe(args, work)
-    folder, dequantized = work / "moe-fp8", work / "moe-fp8-dequantized"
-    fp8.write_fp8(source, folder, dequantized)
-    result: dict[str, Any] = {"kernel": fp8.kernel(device)}
-    free_gpu()
-    result["model"] = fp8.model(folder, dequantized, device)
-    free_gpu()
-    result["engine"] = asyncio.run(fp8.engine(args, folder, engine_figures, BATCHES))
-    return result
+    return gpu_check_fp8.section(args, work, saved_moe, free_gpu, engine_figures, BATCHES, Skip)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def fp8_device() -> Any:
     import torch
 
     if not torch.cuda.is_available():
-        raise FP8Unavailable("FP8 compute needs a CUDA GPU of compute capability 8.9+ (this run: no CUDA device)")
+        raise FP8Unavailable("FP8 compute needs a CUDA GPU of compute capability 8.9+ "
+                             "(this run: no CUDA device)")
     capability = torch.cuda.get_device_capability(0)
     if capability < (8, 9):
         name = torch.cuda.get_device_name(0)
@@ -54,8 +55,8 @@ def kernel(device: Any) -> dict[str, Any]:
         x = torch.randn(tokens, 7168, device=device, dtype=torch.bfloat16)
         want = F.linear(x, reference).float()
         error = ((layer(x).float() - want).norm() / want.norm()).item()
-        out[f"tokens_{tokens}"] = {"relative_error": round(error, 5),
-                                   "fp8_ms": _ms(lambda: layer(x)), "bf16_ms": _ms(lambda: F.linear(x, reference))}
+        out[f"tokens_{tokens}"] = {"relative_error": round(error, 5), "fp8_ms": _ms(lambda: layer(x)),
+                                   "bf16_ms": _ms(lambda: F.linear(x, reference))}
     return out
 
 
@@ -84,20 +85,22 @@ def write_fp8(source: Path, folder: Path, dequantized: Path) -> None:
     plain: dict[str, Any] = {}
     for file in sorted(source.glob("*.safetensors")):
         for name, tensor in load_file(str(file)).items():
-            if ".layers." in name and name.endswith(".weight") and tensor.dim() == 2 and ".mlp.gate." not in name \
-                    and "norm" not in name:
+            stored_fp8 = ".layers." in name and name.endswith(".weight") and tensor.dim() == 2
+            if stored_fp8 and ".mlp.gate." not in name and "norm" not in name:  # as DeepSeek stores it
                 fp8[name], fp8[name + "_scale_inv"] = quantize_fp8_blocks(tensor)
                 plain[name] = dequantize_fp8(fp8[name], fp8[name + "_scale_inv"]).to(torch.bfloat16)
             else:
                 fp8[name] = plain[name] = tensor.to(torch.bfloat16)
     config = json.loads((source / "config.json").read_text())
-    quant = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    quant = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+             "weight_block_size": [128, 128]}
     for target, tensors, extra in ((folder, fp8, {"quantization_config": quant}), (dequantized, plain, {})):
         target.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
         (target / "config.json").write_text(json.dumps({**config, **extra}))
         for item in source.iterdir():
-            if item.suffix != ".safetensors" and item.name not in ("config.json", "model.safetensors.index.json"):
+            skip = ("config.json", "model.safetensors.index.json")
+            if item.suffix != ".safetensors" and item.name not in skip:
                 shutil.copy(item, target / item.name)
 
 
@@ -145,3 +148,25 @@ async def engine(args: argparse.Namespace, folder: Path, figures: Callable[..., 
         return result
     finally:
         await served.close()
+
+
+def section(args: argparse.Namespace, work: Path, saved_moe: Callable[..., Any], free_gpu: Callable[[], None],
+            figures: Callable[..., Any], batches: tuple[int, ...], skip: type[Exception]) -> dict[str, Any]:
+    """The section as gpu_check.py runs it (its helpers passed in: this module imports nothing of it)."""
+    import asyncio
+
+    try:
+        device = fp8_device() if args.device == "cuda" else None
+    except FP8Unavailable as exc:
+        raise skip(str(exc)) from None
+    if device is None:
+        raise skip("FP8 compute needs a CUDA GPU of compute capability 8.9+ (this run: --device cpu)")
+    source, _ = saved_moe(args, work)
+    folder, dequantized = work / "moe-fp8", work / "moe-fp8-dequantized"
+    write_fp8(source, folder, dequantized)
+    result: dict[str, Any] = {"kernel": kernel(device)}
+    free_gpu()
+    result["model"] = model(folder, dequantized, device)
+    free_gpu()
+    result["engine"] = asyncio.run(engine(args, folder, figures, batches))
+    return result

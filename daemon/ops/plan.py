@@ -4,8 +4,8 @@ Reads only the model folder's `config.json` (no weights, no torch: it runs on an
 `--gpus` describes the GPUs of one host (`8x80GB`, `8xH100`; default: this host's, from NVML);
 `--hosts` multiplies them, one rank per GPU, and the plan says what each generated token makes the
 ranks exchange (all-reduce bytes per token per layer, how many per token) and how much of it
-crosses the links between hosts (`dsnode.sizing.traffic`). For each weight format (bf16, fp8, int8) it prints the
-weights of the fullest rank by kind, the KV-cache bytes per token, the KV tokens that fit, and a
+crosses the links between hosts (`dsnode.traffic`). For each weight format (bf16, fp8, int8)
+it prints the weights of the fullest rank by kind, the KV-cache bytes per token, the KV tokens that fit, and a
 verdict: with the routed experts sharded over the ranks (what the `deepspeed` backend does) and, for
 comparison, replicated on every rank (tensor parallelism alone). Arithmetic: `dsnode.sizing`.
 
@@ -25,7 +25,8 @@ from typing import Any
 
 from ..hfconfig import ModelFolderError, read_hf_config
 from ..sizing import (FORMATS, KIND_LABELS, KINDS, MIN_COMPUTE_CAPABILITY, PLAN_FORMATS, USABLE_FRACTION, Fit,
-                      ModelShape, Traffic, describe_spread, fit, gb, model_shape, traffic)
+                      ModelShape, describe_spread, fit, gb, model_shape)
+from ..traffic import Traffic, traffic
 
 EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE = 0, 1, 2
 DEFAULT_KV_TOKENS = 32768  # the default [batching] max_batch_tokens
@@ -179,8 +180,8 @@ def format_plan(plan: Plan) -> str:
         lines += ["", "experts replicated on every rank (tensor parallelism only), for comparison:"]
         lines += [f"  {name:5} weights/rank {gb(f.weights):>9}  {f.verdict}"
                   for name, f in plan.replicated.items()]
-    lines += ["", "GB = 10^9 bytes; rank 0 (the fullest) shown; bf16: AutoTP splits attention, dense MLP and head; "
-                  "fp8/int8: those stay whole on every rank."]
+    lines += ["", "GB = 10^9 bytes; rank 0 (the fullest) shown; bf16: AutoTP splits attention, dense MLP "
+                  "and head; fp8/int8: those stay whole on every rank."]
     return "\n".join(lines)
 
 
@@ -217,8 +218,8 @@ def _traffic_lines(plan: Plan) -> list[str]:
         lines.append(f"  {name:5} {sum(t.all_reduces.values())} all-reduces ({parts}){head} = "
                      f"{_kib(t.per_token)}; {crossing}")
     if plan.hosts > 1:
-        lines.append(f"  (ring all-reduce over {plan.ranks} ranks, a host's ranks adjacent: each host link carries "
-                     f"2(N-1)/N = {2 * (plan.ranks - 1) / plan.ranks:.3f} of every all-reduce)")
+        lines.append(f"  (ring all-reduce over {plan.ranks} ranks, a host's ranks adjacent: each host link "
+                     f"carries 2(N-1)/N = {2 * (plan.ranks - 1) / plan.ranks:.3f} of every all-reduce)")
     return lines
 
 

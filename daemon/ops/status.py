@@ -176,13 +176,13 @@ def _group_rows(advert: dict[str, Any]) -> list[NodeRow]:
         first, last = (member.get("ranks") or [0, -1])[:2]
         weights = tuple(r["weights_bytes"] for r in ranks
                         if isinstance(r.get("weights_bytes"), int) and first <= r.get("rank", -1) <= last)
+        ready = bool(advert.get("ready"))  # a ready leader heard this follower within heartbeat_timeout
         rows.append(NodeRow(
-            node=str(member.get("node", "?")), url=member.get("url"), role=f"central/host {member.get('host_index')}",
-            state="in group" if advert.get("ready") else "not ready", this_node=False, weight=None,
-            effective_weight=None, gpus=[], models=[f"{group.get('model')} (ranks {first}-{last})"], context=None,
-            # a leader that is ready heard this follower's heartbeat within heartbeat_timeout
-            waiting=None, running=None, tokens_per_second=None, last_seen_s=0.0 if advert.get("ready") else None,
-            weights_per_rank=weights,
+            node=str(member.get("node", "?")), url=member.get("url"),
+            role=f"central/host {member.get('host_index')}", state="in group" if ready else "not ready",
+            this_node=False, weight=None, effective_weight=None, gpus=[],
+            models=[f"{group.get('model')} (ranks {first}-{last})"], context=None, waiting=None, running=None,
+            tokens_per_second=None, last_seen_s=0.0 if ready else None, weights_per_rank=weights,
         ))
     return rows
 

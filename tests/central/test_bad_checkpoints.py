@@ -1,6 +1,7 @@
 """What a central node does with input it cannot serve: a checkpoint missing a shard or a tensor, an
 FP8 weight without fitting block scales, a rank count above the expert count, an architecture the
-expert-parallel loader does not know, a model too big for the host. Each is one line naming the file, tensor or numbers; no traceback; no rank left."""
+expert-parallel loader does not know, a model too big for the host. Each is one line naming the file,
+tensor or numbers; no traceback; no rank left."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ import pytest
 from dsnode.config import ConfigError, load_config
 
 
-def config_text(model_dir: Path, distributed: str, model: str = 'backend = "deepspeed"', role: str = "central") -> str:
+def config_text(model_dir: Path, distributed: str, model: str = 'backend = "deepspeed"',
+                role: str = "central") -> str:
     return f"""[node]
 role = "{role}"
 
@@ -65,7 +66,8 @@ def test_no_section_is_one_host(tmp_path, model_dir):
     (GOOD.replace('"10.0.0.1:29500"', '"10.0.0.1"'), "distributed.leader: must be HOST:PORT"),
     (GOOD.replace("29500", "65535"), "distributed.leader: port must be between 1 and 65534 (the next port is "
                                      "torch.distributed's store) (got '10.0.0.1:65535')"),
-    (GOOD.replace("ranks_per_host = 8", "ranks_per_host = 0"), "distributed.ranks_per_host: must be > 0 (got 0)"),
+    (GOOD.replace("ranks_per_host = 8", "ranks_per_host = 0"),
+     "distributed.ranks_per_host: must be > 0 (got 0)"),
     (GOOD + "\nheartbeat_timeout = 1", "distributed.heartbeat_timeout: must be >= 3 (got 1)"),
     (GOOD + "\nbogus = 1", "distributed.bogus: unknown key (got 1)"),
     (GOOD.replace("ranks_per_host = 8", ""), "distributed.ranks_per_host: required key is missing"),

@@ -170,9 +170,11 @@ async def test_a_rank_holds_its_fp8_shard_in_8_bits_while_loading(tmp_path_facto
             mine = spread_experts(18, 2)[rank["rank"]]
             eight_bit, fp32 = _shard_bytes(checkpoint, FP8, mine)
             grew = rank["load_peak_rss_bytes"] - rank["load_rss_before_bytes"]
-            print(f"rank {rank['rank']}: grew {grew / 2**20:.1f} MiB; shard in 8 bits {eight_bit / 2**20:.1f} MiB, "
+            print(f"rank {rank['rank']}: grew {grew / 2**20:.1f} MiB; "
+                  f"shard in 8 bits {eight_bit / 2**20:.1f} MiB, "
                   f"in float32 {fp32 / 2**20:.1f} MiB")
-            assert rank["load_peak_rss_exact"] and grew <= eight_bit + LOAD_OVERHEAD, (rank["rank"], grew, eight_bit)
+            assert rank["load_peak_rss_exact"]
+            assert grew <= eight_bit + LOAD_OVERHEAD, (rank["rank"], grew, eight_bit)
             assert eight_bit + LOAD_OVERHEAD < fp32  # a rank that held its shard in float32 would fail here
 
 

@@ -52,7 +52,8 @@ join_timeout = {join_timeout}
 
 
 def start(tmp_path: Path, index: int, config: Path, ports: dict[str, int], run: str) -> ServeProcess:
-    return ServeProcess(f"central-{index}", config, ports[f"http{index}"], tmp_path / f"host{index}-{run}.log").start()
+    return ServeProcess(f"central-{index}", config, ports[f"http{index}"],
+                        tmp_path / f"host{index}-{run}.log").start()
 
 
 def post(url: str, body: dict, timeout: float = 120.0):
@@ -69,7 +70,8 @@ def complete(url: str, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
 
 
 def ranks_of(node: ServeProcess) -> list[psutil.Process]:
-    return [p for p in psutil.Process(node.process.pid).children() if "dsnode.central.tp_worker" in p.cmdline()]
+    children = psutil.Process(node.process.pid).children()
+    return [p for p in children if "dsnode.central.tp_worker" in p.cmdline()]
 
 
 def gone(processes: list[psutil.Process]) -> bool:
@@ -150,17 +152,20 @@ def _the_group_shows_on_both_hosts(leader: ServeProcess, follower: ServeProcess)
     assert advert["models"] == [] and advert["group"]["role"] == "follower"  # peers never route here
     with pytest.raises(urllib.error.HTTPError) as refused:
         post(follower.url, {"model": MODEL, "prompt": "It was", "max_tokens": 2})
-    assert refused.value.code == 503 and f"served by central-0 ({leader.url})" in refused.value.read().decode()
+    assert refused.value.code == 503
+    assert f"served by central-0 ({leader.url})" in refused.value.read().decode()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["status", "--url", leader.url]) == 0
     rows = {line.split()[0]: line for line in out.getvalue().splitlines()[1:3]}
     assert "central/leader" in rows["central-0"] and "×4" in rows["central-0"]  # the model: every rank
     assert "central/host 1" in rows["central-1"] and "in group" in rows["central-1"]
-    assert "(ranks 2-3)" in rows["central-1"] and "×2" in rows["central-1"] and follower.url in rows["central-1"]
+    assert "(ranks 2-3)" in rows["central-1"] and "×2" in rows["central-1"]
+    assert follower.url in rows["central-1"]
 
 
-def _a_killed_follower_rank_ends_the_stream_and_both_daemons(leader: ServeProcess, follower: ServeProcess) -> None:
+def _a_killed_follower_rank_ends_the_stream_and_both_daemons(leader: ServeProcess,
+                                                             follower: ServeProcess) -> None:
     ranks = ranks_of(leader) + ranks_of(follower)
     victim = next(p for p in ranks_of(follower) if p.environ().get("RANK") == "3")
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 1500, "temperature": 0, "ignore_eos": True,
@@ -221,7 +226,8 @@ def test_a_follower_for_another_model_or_rank_count_is_refused_on_both_hosts(tmp
         for node in [leader, *followers]:
             node.kill()
             node.stop()
-    model_why = "model differs: 'deepseek-r1-tiny' on the leader central-0, 'deepseek-v3-tiny' on host 1 (central-1)"
+    model_why = ("model differs: 'deepseek-r1-tiny' on the leader central-0, "
+                 "'deepseek-v3-tiny' on host 1 (central-1)")
     ranks_why = "ranks_per_host differs: 2 on the leader central-0, 1 on host 1 (central-1)"
     for follower, why in zip(followers, (model_why, ranks_why)):
         assert why in _event(follower, "model_load_failed")["error"]
@@ -242,8 +248,9 @@ def test_a_leader_that_never_answers_ends_the_follower_after_join_timeout(tmp_pa
         follower.kill()
         follower.stop()
     error = _event(follower, "model_load_failed")["error"]
-    assert f"the leader's rendezvous at 127.0.0.1:{ports['rendezvous']} did not answer within join_timeout = 3s" \
-        in error and "Connection refused" in error
+    rendezvous = f"127.0.0.1:{ports['rendezvous']}"
+    assert f"the leader's rendezvous at {rendezvous} did not answer within join_timeout = 3s" in error
+    assert "Connection refused" in error
     assert _events(follower, "rendezvous_waiting") and "rank_started" not in follower.log_text()
 
 

@@ -69,7 +69,8 @@ def per_rank_int8_bytes(ranks: int, experts_per_rank: int) -> int:
     byte a weight, all but the experts whole on every rank (AutoTP cannot split 8-bit linears, so it
     does not run); embeddings and head whole in bf16; router float32; norms 16-bit. (`ranks` only
     decides `experts_per_rank`.)"""
-    eight_bit = COUNTS["attention"] + COUNTS["dense_mlp"] + COUNTS["shared_experts"] + experts_per_rank * MOE * EXPERT
+    whole = COUNTS["attention"] + COUNTS["dense_mlp"] + COUNTS["shared_experts"]
+    eight_bit = whole + experts_per_rank * MOE * EXPERT
     return eight_bit + 2 * COUNTS["embeddings_head"] + 4 * COUNTS["router"] + 2 * COUNTS["norms"]
 
 
@@ -221,7 +222,8 @@ def test_what_crosses_hosts_per_token():
     assert int8.per_host_link == -(-MOE * H * 2 * 2 * 15 // 16)  # ≈ 1.49 MiB per token, each way
     assert bf16.per_host_link == -(-((LAYERS + DENSE + MOE) * H * 2 + V * 2) * 2 * 15 // 16)
     one_host = build_plan(v3_shape(), Gpus(8, 80 * GIB), hosts=1, kv_tokens=32768)
-    assert one_host.traffic["int8"].per_host_link == 0 and one_host.traffic["int8"].per_token == int8.per_token
+    assert one_host.traffic["int8"].per_host_link == 0
+    assert one_host.traffic["int8"].per_token == int8.per_token
 
 
 def test_plan_command_says_what_crosses_hosts(v3_folder, capsys):
@@ -232,7 +234,8 @@ def test_plan_command_says_what_crosses_hosts(v3_folder, capsys):
     assert "bf16  122 all-reduces (61 attention, 3 dense MLP, 58 MoE) + head logits 252.5 KiB" in out
     assert main(["plan", str(v3_folder), "--gpus", "8xA100-80GB", "--hosts", "2", "--json"]) == 0
     between = json.loads(capsys.readouterr().out)["between_ranks"]["int8"]
-    assert between["all_reduce_bytes_per_token_per_layer"] == 14336 and between["all_reduces_per_token"] == {"moe": 58}
+    assert between["all_reduce_bytes_per_token_per_layer"] == 14336
+    assert between["all_reduces_per_token"] == {"moe": 58}
     assert between["bytes_per_token_per_host_link"] == -(-58 * 14336 * 30 // 16)
     assert main(["plan", str(v3_folder), "--gpus", "8xH100"]) == 0
     assert "crosses hosts: nothing (one host)" in capsys.readouterr().out

@@ -46,7 +46,8 @@ def meet(leader_keys, follower_keys, follower: Member | None = None, port: int |
             results[name] = exc
 
     threads = [
-        threading.Thread(target=run, args=("leader", lambda: lead(settings(port, 0), member(0), leader_keys))),
+        threading.Thread(target=run,
+                         args=("leader", lambda: lead(settings(port, 0), member(0), leader_keys))),
         threading.Thread(target=run, args=("follower", lambda: join(settings(port, 1), follower or member(1),
                                                                     follower_keys))),
     ]
@@ -69,7 +70,8 @@ def test_hosts_holding_the_same_secret_form_the_group():
     leader, follower = meet((OTHER, SECRET), (SECRET, OTHER))
     try:
         assert isinstance(leader, Formed) and isinstance(follower, Formed)
-        assert [m.node for m in leader.members] == [m.node for m in follower.members] == ["central-0", "central-1"]
+        nodes = ["central-0", "central-1"]
+        assert [m.node for m in leader.members] == [m.node for m in follower.members] == nodes
         assert follower.members[1].url == "http://10.0.0.2:8000"
     finally:
         close(leader, follower)
@@ -126,8 +128,10 @@ def _unsigned_leader(port: int) -> None:
 
 
 @pytest.mark.parametrize(("follower", "why"), [
-    (member(1, model="deepseek-v3"), "model differs: 'deepseek-r1' on the leader central-0, 'deepseek-v3' on host 1"),
-    (member(1, ranks_per_host=4), "ranks_per_host differs: 2 on the leader central-0, 4 on host 1 (central-1)"),
+    (member(1, model="deepseek-v3"),
+     "model differs: 'deepseek-r1' on the leader central-0, 'deepseek-v3' on host 1"),
+    (member(1, ranks_per_host=4),
+     "ranks_per_host differs: 2 on the leader central-0, 4 on host 1 (central-1)"),
     (member(1, dtype="float16"), "dtype differs: 'bfloat16' on the leader central-0, 'float16' on host 1"),
     (member(1, model_config_sha256="cd" * 32), "sha256 of the model's config.json differs"),
     (member(1, host_index=5), "central-1 says host_index = 5, but the leader central-0 has hosts = 2"),
@@ -146,7 +150,8 @@ def test_a_follower_that_differs_is_refused_with_both_values(follower, why):
 def test_a_follower_waits_for_a_leader_that_starts_later():
     port = free_port()
     results: list[Any] = []
-    follower = threading.Thread(target=lambda: _catch(results, lambda: join(settings(port, 1), member(1), None)))
+    follower = threading.Thread(
+        target=lambda: _catch(results, lambda: join(settings(port, 1), member(1), None)))
     follower.start()
     time.sleep(2.5)  # refused connections meanwhile: it retries
     leader = lead(settings(port, 0), member(0), None)
@@ -170,14 +175,16 @@ def test_a_group_ends_on_every_host_when_one_leaves_or_goes_silent():
     assert not lost
     follower_link.end("tensor-parallel rank 3 (pid 42) was killed by SIGKILL")
     assert ended.wait(10)
-    assert lost == {"leader": "host 1 (central-1) left the group: tensor-parallel rank 3 (pid 42) was killed by SIGKILL"}
+    why = "host 1 (central-1) left the group: tensor-parallel rank 3 (pid 42) was killed by SIGKILL"
+    assert lost == {"leader": why}
     assert leader_link.ended
 
     leader, follower = meet(None, None)
     assert isinstance(leader, Formed) and isinstance(follower, Formed)
     silent: dict[str, str] = {}
     started = time.monotonic()
-    GroupLink(leader, 0, 3.0, lambda reason: silent.setdefault("leader", reason)).start()  # the follower never beats
+    GroupLink(leader, 0, 3.0,
+              lambda reason: silent.setdefault("leader", reason)).start()  # the follower never beats
     while "leader" not in silent and time.monotonic() - started < 15:
         time.sleep(0.1)
     assert silent["leader"] == "no heartbeat from host 1 (central-1) for 3s (host down or network cut?)"

@@ -132,4 +132,5 @@ def _save_sharded(tensors: dict[str, Any], folder: Path, shards: int, save_file:
         part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
         save_file(part, str(folder / file), metadata={"format": "pt"})
         weight_map.update({n: file for n in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
