@@ -7,6 +7,12 @@ loading is its shard. The index (`model.safetensors.index.json`) and the files' 
 before anything is read: a missing shard, an unreadable header or a truncated file is one error
 naming the file. Importing this module needs no torch (the daemon checks a folder before it starts
 any rank); reading does.
+
+FP8 checkpoints (DeepSeek-V3/R1's official layout): a linear's weight `X.weight` is F8_E4M3 and
+`X.weight_scale_inv` holds one float32 multiplier per 128 × 128 block, shape (⌈N/128⌉, ⌈K/128⌉) for a
+weight (N, K). `check_dtypes` checks every pair before a rank starts; the 8-bit loaders
+(`dsnode.central.eight_bit_load`) read them; a plain read of an FP8 tensor is refused, since its
+values mean nothing without their scales.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from dsnode.hfconfig import ModelFolderError
 INDEX_NAME = "model.safetensors.index.json"
 HEADER_LIMIT = 100 * 2**20  # a header longer than this is not a safetensors header
 LOADABLE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+FP8 = "F8_E4M3"
+SCALE_SUFFIX = "_scale_inv"
+SCALE_DTYPES = ("F32", "BF16", "F16")
+FP8_BLOCK = 128
 
 
 class CheckpointError(ModelFolderError):
@@ -66,10 +76,36 @@ class Checkpoint:
         return cls(folder, entries, files[0] if len(files) == 1 else folder)
 
     def check_dtypes(self) -> None:
-        """Refuse a checkpoint with tensors of a dtype this loader cannot convert (FP8), naming one."""
+        """Refuse a tensor of a dtype no loader here converts, and an FP8 weight whose block scales
+        are missing or do not fit its shape; the message names the tensor."""
         for entry in self.entries.values():
-            if entry.dtype not in LOADABLE_DTYPES:
+            if entry.dtype == FP8:
+                self._check_scales(entry)
+            elif entry.dtype not in LOADABLE_DTYPES:
                 raise CheckpointError(_unloadable(entry))
+
+    @property
+    def has_fp8(self) -> bool:
+        return any(entry.dtype == FP8 for entry in self.entries.values())
+
+    def is_fp8(self, name: str) -> bool:
+        return self.entry(name).dtype == FP8
+
+    def _check_scales(self, entry: TensorEntry) -> None:
+        if len(entry.shape) != 2:
+            raise CheckpointError(f"{entry.file}: FP8 tensor {entry.name!r} has shape {list(entry.shape)}; "
+                                  "dsnode reads FP8 weights of linears (2-D) only")
+        scale = self.entries.get(entry.name + SCALE_SUFFIX)
+        if scale is None:
+            raise CheckpointError(f"{entry.file}: FP8 tensor {entry.name!r} has no "
+                                  f"{entry.name + SCALE_SUFFIX!r} (one scale per 128 x 128 block) "
+                                  "in the checkpoint")
+        want = fp8_scale_shape(entry.shape)
+        if scale.shape != want or scale.dtype not in SCALE_DTYPES:
+            raise CheckpointError(
+                f"{scale.file}: tensor {scale.name!r} is {scale.dtype} {list(scale.shape)}, "
+                f"but its FP8 weight {entry.name!r} {list(entry.shape)} needs float scales of shape "
+                f"{list(want)} (one per {FP8_BLOCK} x {FP8_BLOCK} block)")
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -129,16 +165,21 @@ def _torch_dtype(entry: TensorEntry) -> Any:
 
     dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+              "BOOL": torch.bool, FP8: torch.float8_e4m3fn}
     if entry.dtype not in dtypes:
         raise CheckpointError(_unloadable(entry))
     return dtypes[entry.dtype]
 
 
 def _unloadable(entry: TensorEntry) -> str:
-    # FP8 blocks need their `weight_scale_inv` scales: not a plain cast
-    return (f"{entry.file}: tensor {entry.name!r} is {entry.dtype}; dsnode loads F32/F16/BF16 checkpoints "
-            "(dequantize FP8 checkpoints to BF16 first)")
+    return (f"{entry.file}: tensor {entry.name!r} is {entry.dtype}; dsnode loads F32/F16/BF16 checkpoints, "
+            f"and {FP8} (e4m3) weights with 128 x 128 block scales")
+
+
+def fp8_scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The `weight_scale_inv` shape of an FP8 weight: one per 128 x 128 block of its last two dims."""
+    *lead, rows, cols = shape
+    return (*lead, -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
 
 
 def _entries_from_index(index: Path) -> dict[str, TensorEntry]:

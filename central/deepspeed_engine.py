@@ -12,67 +12,48 @@ gloo (tests, development).
 A rank that dies, or does not answer within `CALL_TIMEOUT_S`, ends the group: the others are killed
 (they would wait forever in a collective), every request gets a clean error, /ready says why, and the
 daemon exits 1 so systemd restarts it (`BatchingEngine.failed`).
+
+With `[distributed]` this engine runs on the leader (host 0) and `dsnode.central.follower` on every
+other host: the daemons meet first (`dsnode.central.host_group`), then each starts its own ranks
+into one torch.distributed world; any host leaving ends every host's group the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
-import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
 import numpy as np
 import structlog
-from dsnode.config import BatchingSection, ModelSection
-from dsnode.hfconfig import ModelFolderError, read_hf_config
+from dsnode.config import BatchingSection, Config, ModelSection
+from dsnode.hfconfig import read_hf_config
 from dsnode.inference.batching import BatchingEngine, Loaded, RunnerDied
-from dsnode.inference.engine import EngineError
+from dsnode.inference.engine import Engine, EngineError
 from dsnode.inference.tokenizer import TextTokenizer
 from dsnode.probe import GPU, probe_gpus
-from dsnode.sizing import model_shape
 
-from .checkpoint import Checkpoint
-from .preflight import check_fits
+from .group_link import GroupLink
+from .host_group import HostGroup
+from .launch import (
+    CALL_TIMEOUT_S,
+    LOAD_TIMEOUT_S,
+    Placement,
+    plan_placement,
+    prepare_load,
+    rank_command,
+    rank_threads,
+    receive,
+)
+from .launch import PlacementError as PlacementError  # where tests and callers have always found it
+from .preflight import serving_dtype
 from .ranks import RankGroup, free_port, worker_env
 from .transformers_engine import describe_model
 
 log = structlog.get_logger("dsnode.central")
 
-LOAD_TIMEOUT_S = 3600.0  # a 671B checkpoint takes long to read; a hung rank still ends here
-CALL_TIMEOUT_S = 600.0  # one prefill chunk or decode step; far above any healthy step
-POLL_S = 0.2  # how often a waiting call checks the ranks are alive
 FATAL_GRACE_S = 10.0  # a rank that reported a fatal error exits within this
-
-
-class PlacementError(ModelFolderError):
-    pass
-
-
-@dataclass(frozen=True)
-class Placement:
-    ranks: int
-    device: str  # "cuda" (one GPU per rank) or "cpu"
-
-
-def plan_placement(model: ModelSection, gpus: int) -> Placement:
-    """How many ranks on which device: `[model] tensor_parallel`, by default every local GPU (one
-    rank on CPU, or when bitsandbytes quantization is on)."""
-    if model.device == "cuda" and gpus == 0:
-        raise PlacementError("model.device = 'cuda' but this host has no NVIDIA GPU")
-    device = "cuda" if model.device == "cuda" or (model.device == "auto" and gpus > 0) else "cpu"
-    quantized = model.quantization != "none"
-    ranks = model.tensor_parallel or (gpus if device == "cuda" and not quantized else 1)
-    if quantized and ranks > 1:
-        raise PlacementError(
-            f"model.quantization = {model.quantization!r} needs tensor_parallel = 1 (got {ranks}): "
-            "DeepSpeed cannot shard bitsandbytes layers"
-        )
-    if device == "cuda" and ranks > gpus:
-        raise PlacementError(f"model.tensor_parallel = {ranks} but this host has {gpus} GPUs")
-    return Placement(ranks, device)
 
 
 class RemoteRunner:
@@ -121,29 +102,27 @@ class RemoteRunner:
             raise RunnerDied(self._ranks.wait_dead(1.0) or f"rank 0's control socket is closed ({exc})") from None
 
 
-def receive(control: Connection, ranks: RankGroup, timeout_s: float, what: str) -> tuple[str, Any]:
-    """Rank 0's next message, or RunnerDied if a rank dies or nothing comes within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not control.poll(POLL_S):
-        if ranks.dead_reason is not None:
-            raise RunnerDied(ranks.dead_reason)
-        if time.monotonic() > deadline:
-            ranks.kill()
-            raise RunnerDied(f"rank 0 did not answer {what} within {timeout_s:.0f}s; the ranks were killed")
-    try:
-        message: tuple[str, Any] = control.recv()
-    except (EOFError, OSError):
-        raise RunnerDied(ranks.wait_dead(2.0) or "rank 0 closed its control socket") from None
-    return message
-
-
 class DeepSpeedEngine(BatchingEngine):
     backend = "deepspeed"
 
-    def __init__(self, model: ModelSection, batching: BatchingSection) -> None:
+    def __init__(self, model: ModelSection, batching: BatchingSection,
+                 group: HostGroup | None = None) -> None:
         super().__init__(batching)
         self._model = model
+        self._group = group  # [distributed]: this engine is the leader's
         self._ranks: RankGroup | None = None
+        self._link: GroupLink | None = None
+        self._weights = "model"
+
+    @classmethod
+    def from_config(cls, config: Config) -> "BatchingEngine | Engine":
+        """The leader's engine, or a follower's (`dsnode.central.follower`) with `[distributed]`."""
+        group = HostGroup.from_config(config)
+        if group is not None and not group.is_leader:
+            from .follower import FollowerEngine
+
+            return FollowerEngine(config.model, config.batching, group)
+        return cls(config.model, config.batching, group)
 
     @property
     def rank_pids(self) -> list[int]:
@@ -152,65 +131,74 @@ class DeepSpeedEngine(BatchingEngine):
     def _load_blocking(self) -> Loaded:
         hf_config = read_hf_config(self._model.path)
         gpus = probe_gpus()
-        placement = plan_placement(self._model, len(gpus))
-        self._check_before_loading(hf_config, placement, gpus)
+        per_host = self._group.settings.ranks_per_host if self._group else None
+        placement = plan_placement(self._model, len(gpus), per_host)
+        world = self._group.settings.world_size if self._group else placement.ranks
+        self._weights = prepare_load(self._model, self._batching, hf_config, placement, gpus, world)
         tokenizer = TextTokenizer.from_folder(self._model.path)
-        ranks = self._start_ranks(placement)
         try:
+            self._form_group(placement, gpus)
+            ranks = self._start_ranks(placement)
             control = ranks.start()
             kind, facts = receive(control, ranks, LOAD_TIMEOUT_S, "while loading the model")
             if kind != "ready":
                 raise RunnerDied(str(facts))
-        except BaseException:
-            ranks.kill()
+        except BaseException as exc:
+            self._leave_group(f"the leader could not load the model: {exc}")
+            if self._ranks is not None:
+                self._ranks.kill()
             raise
-        info = describe_model(
-            self._model, hf_config, self.backend, self._batching,
-            device=_device_name(placement),
-            tensor_parallel=placement.ranks,
-            extra=facts,
-        )
+        extra = {**facts, "weights": self._weights}
+        if self._group is not None and self._link is not None:
+            extra["distributed"] = self._group.describe(self._link)
+        info = describe_model(self._model, hf_config, self.backend, self._batching,
+                              device=_device_name(placement), tensor_parallel=world, extra=extra)
         log.info("model_loaded", model=info.name, backend=info.backend, device=info.device,
-                 tensor_parallel=placement.ranks, architecture=info.architecture,
+                 tensor_parallel=world, architecture=info.architecture, weights=self._weights,
                  max_context=info.max_context, quantization=info.quantization)
         return Loaded(RemoteRunner(control, ranks), tokenizer, info)
 
-    def _check_before_loading(self, hf_config: dict[str, Any], placement: Placement, gpus: list[GPU]) -> None:
-        """Refuse what cannot work before any rank starts: the plan does not fit (DoesNotFit), an
-        architecture the shard loader does not know, more ranks than experts, a broken checkpoint."""
-        sharded = self._model.quantization == "none"  # bitsandbytes loads through transformers instead
-        plan = check_fits(self._model, hf_config, self._batching, placement.ranks, placement.device, gpus,
-                          require_supported=sharded)
-        if plan is None or not sharded:
+    def _form_group(self, placement: Placement, gpus: list[GPU]) -> None:
+        """[distributed]: meet the followers before any rank starts (bounded by join_timeout)."""
+        if self._group is None:
             return
-        shape = model_shape(hf_config)
-        if shape.routed_experts and placement.ranks > shape.routed_experts:
-            raise PlacementError(f"model.tensor_parallel = {placement.ranks} is more than the "
-                                 f"{shape.routed_experts} routed experts per layer: a rank would hold none")
-        # index, headers and dtypes: a missing shard or an FP8 tensor is named here, before any rank starts
-        Checkpoint.open(self._model.path).check_dtypes()
+        dtype = serving_dtype(self._model.dtype, placement.device, gpus)
+        self._link = self._group.form(self._model, dtype, self._group_lost)
+
+    def _leave_group(self, why: str) -> None:
+        if self._link is not None:
+            self._link.end(why)
 
     async def close(self) -> None:
+        # followers first hear why the group ends (otherwise they see their ranks exit, and wonder)
+        self._leave_group(f"the leader {self._group.node if self._group else ''} is stopping")
         await super().close()
         if self._ranks is not None and self._loaded is None:  # stopped while the ranks were loading
             await asyncio.to_thread(self._ranks.kill)
 
     def _start_ranks(self, placement: Placement) -> RankGroup:
-        model_json = self._model.model_dump_json()
+        if self._link is not None and self._link.lost_reason is not None:
+            raise RunnerDied(self._link.lost_reason)  # a host left before our ranks started
+        command, extra, group = rank_command(self._model, placement, self._weights), rank_threads(
+            self._model, placement), self._group
         port = free_port()
-        command = [sys.executable, "-m", "dsnode.central.tp_worker", "--model", model_json,
-                   "--device", placement.device, "--parent-pid", str(os.getpid())]
-        threads = self._model.threads or max(1, (os.cpu_count() or 1) // placement.ranks)
-        extra = {"OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": placement.device}
         self._ranks = RankGroup(
             placement.ranks,
             command=lambda rank: command,
-            env=lambda rank: worker_env(dict(os.environ), rank, placement.ranks, port, extra),
+            env=lambda rank: (group.rank_env(dict(os.environ), rank, extra) if group is not None
+                              else worker_env(dict(os.environ), rank, placement.ranks, port, extra)),
             on_death=self._rank_died,
+            first_rank=group.settings.first_rank if group is not None else 0,
         )
         return self._ranks
 
+    def _group_lost(self, reason: str) -> None:
+        """Another host left the group (its link said so, closed, or went silent): end ours."""
+        if self._ranks is not None:
+            self._ranks.end(f"the group ended: {reason}")
+
     def _rank_died(self, reason: str) -> None:
+        self._leave_group(reason)
         if self._loaded is None:  # still loading: `_load_blocking` raises with this reason
             log.error("rank_died_while_loading", reason=reason)
             return

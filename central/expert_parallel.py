@@ -132,7 +132,7 @@ def deepspeed_all_reduce(tensor: torch.Tensor) -> Any:
 # --- weights by kind, as this rank holds them -------------------------------------------------------
 def weight_kind(name: str, tensor: torch.Tensor) -> str:
     """The `dsnode.sizing.KINDS` kind of a parameter, from its name (transformers 5 naming)."""
-    if ".experts." in name and tensor.dim() == 3:
+    if ".experts." in name:  # the fused weights (E, ., .), and their 8-bit scales
         return "routed_experts"
     if ".shared_expert" in name:
         return "shared_experts"
@@ -150,7 +150,9 @@ def weight_kind(name: str, tensor: torch.Tensor) -> str:
 def bytes_by_kind(model: nn.Module) -> dict[str, int]:
     totals: dict[str, int] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not _non_persistent(model, name):
+        # 8-bit weights (dsnode.central.eight_bit) count too
+        weights = tensor.is_floating_point() or tensor.dtype in (torch.int8, torch.uint8)
+        if weights and not _non_persistent(model, name):
             kind = weight_kind(name, tensor)
             totals[kind] = totals.get(kind, 0) + tensor.numel() * tensor.element_size()
     return totals

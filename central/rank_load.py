@@ -18,6 +18,8 @@ import importlib
 import os
 import re
 import resource
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +30,26 @@ from dsnode.sizing import describe_spread
 log = structlog.get_logger("dsnode.central.rank")
 
 _TP_LAYERS = {"LinearLayer", "LinearAllreduce", "LmHeadLinearAllreduce"}
+WEIGHTS = ("model", "int8", "fp8")  # what the linear weights are held as (dsnode.central.weights_format)
 
 
 class LoadRefused(Exception):
     """Some rank could not read its shard; the same one-line message on every rank."""
 
 
-def load_rank(model: ModelSection, device_kind: str, local_rank: int, world: int
-              ) -> tuple[Any, dict[str, Any], Any]:
+@dataclass(frozen=True)
+class RankPlace:
+    """Where a rank stands: its global rank (which experts it holds), its local rank (which GPU), the
+    world, the format of its linear weights, and how long torch.distributed waits for a peer."""
+
+    rank: int
+    local_rank: int
+    world: int
+    weights: str = "model"
+    group_timeout_s: float = 600.0
+
+
+def load_rank(model: ModelSection, device_kind: str, place: RankPlace) -> tuple[Any, dict[str, Any], Any]:
     """This rank's shard behind a `TorchRunner`, facts for the daemon, and the control group."""
     import torch
 
@@ -43,17 +57,17 @@ def load_rank(model: ModelSection, device_kind: str, local_rank: int, world: int
     from .transformers_engine import pick_dtype
 
     if device_kind == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", place.local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(model.threads or max(1, (os.cpu_count() or 1) // world))
-    group = _init_distributed(device_kind)
+        torch.set_num_threads(model.threads or max(1, (os.cpu_count() or 1) // place.world))
+    group = _init_distributed(device_kind, place.group_timeout_s)
     dtype = pick_dtype(model.dtype, device)
-    if model.quantization != "none":
+    if model.quantization == "nf4":
         module, facts = _load_quantized(model, device, dtype)
     else:
-        module, facts = _load_expert_parallel(model, dtype, local_rank, world, group)
+        module, facts = _load_expert_parallel(model, dtype, place, group, device)
     facts["dtype"] = str(dtype).removeprefix("torch.")
     facts["weights_bytes_per_rank"] = module.get_memory_footprint()
     facts["sharded_linears"] = sum(type(m).__name__ in _TP_LAYERS for m in module.modules())
@@ -68,14 +82,16 @@ def _load_quantized(model: ModelSection, device: Any, dtype: Any) -> tuple[Any, 
     return load_hf_model(model, device, dtype), {"deepspeed_init_inference": False}
 
 
-def _load_expert_parallel(model: ModelSection, dtype: Any, rank: int, world: int, group: Any
+def _load_expert_parallel(model: ModelSection, dtype: Any, place: RankPlace, group: Any, device: Any
                           ) -> tuple[Any, dict[str, Any]]:
+    from .eight_bit import model_dtype_bytes
     from .expert_parallel import bytes_by_kind, deepspeed_all_reduce
     from .shard_loader import empty_shard, read_shard
 
+    rank, world = place.rank, place.world
     peak: PeakMemory | None = None
     try:
-        empty = empty_shard(Path(model.path), dtype, rank, world, deepspeed_all_reduce)
+        empty = empty_shard(Path(model.path), dtype, rank, world, deepspeed_all_reduce, place.weights)
         shard = empty.shard
         peak = PeakMemory()  # from here on: the weights (the model code is imported by now)
         module, failure = read_shard(empty), None
@@ -85,10 +101,7 @@ def _load_expert_parallel(model: ModelSection, dtype: Any, rank: int, world: int
         module, failure = None, _one_line(exc)
     _agree(failure, world, group)
     assert peak is not None
-    # detached: init_inference's cast swaps each parameter's .data, these keep the float32 storage
-    fp32 = {name: t.detach() for name, t in _tensors(module) if t.dtype != dtype and t.is_floating_point()}
-    module = _deepspeed_shard(module, world, dtype)
-    _restore(module, fp32)
+    module = _place(module, world, dtype, device, place.weights)
     mine = {
         "rank": rank,
         "routed_experts": [shard.experts.start, shard.experts.stop - 1] if len(shard.experts) else None,
@@ -97,11 +110,27 @@ def _load_expert_parallel(model: ModelSection, dtype: Any, rank: int, world: int
         "weights_bytes_by_kind": bytes_by_kind(module),
         **peak.report(),
     }
-    facts: dict[str, Any] = {"deepspeed_init_inference": True, "ranks": _gather(mine, world, group)}
+    if place.weights != "model":
+        mine["weights_bytes_in_model_dtype"] = model_dtype_bytes(module, dtype)  # what 8 bits saved
+    facts: dict[str, Any] = {"deepspeed_init_inference": place.weights == "model",
+                             "ranks": _gather(mine, world, group)}
     if shard.routed_experts:
         facts["expert_parallel"] = {"ranks": world, "routed_experts": shard.routed_experts,
                                     "spread": describe_spread(shard.routed_experts, world)}
     return module, facts
+
+
+def _place(module: Any, world: int, dtype: Any, device: Any, weights: str) -> Any:
+    """16/32-bit weights: AutoTP splits attention, the dense MLPs and the head. 8-bit weights: AutoTP
+    finds no `nn.Linear` in the decoder layers ("Not able to determine model policy") and could not
+    split the 8-bit ones anyway, so the module only moves to its device (a move, never a cast)."""
+    if weights != "model":
+        return module.to(device)
+    # detached: init_inference's cast swaps each parameter's .data, these keep the float32 storage
+    fp32 = {name: t.detach() for name, t in _tensors(module) if t.dtype != dtype and t.is_floating_point()}
+    module = _deepspeed_shard(module, world, dtype)
+    _restore(module, fp32)
+    return module
 
 
 def _expected(exc: Exception) -> bool:
@@ -152,18 +181,20 @@ def _restore(module: Any, fp32: dict[str, Any]) -> None:
             tensor.data = kept.to(tensor.device)
 
 
-def _init_distributed(device_kind: str) -> Any:
+def _init_distributed(device_kind: str, timeout_s: float) -> Any:
     """torch.distributed through DeepSpeed: nccl between GPUs, gloo on CPU; returns the gloo group
-    the calls are broadcast on (CPU objects, whatever the model's backend)."""
+    the calls are broadcast on (CPU objects, whatever the model's backend). `timeout_s` bounds the
+    meeting at the store and every collective (the idle ticks of tp_worker stay far inside it)."""
     import deepspeed
     import torch.distributed as dist
 
     if device_kind == "cpu":
         # DeepSpeed's shared-memory all-reduce op segfaults on CPU (0.19.8); without it, gloo
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    timeout = timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend="nccl" if device_kind == "cuda" else "gloo",
-                               auto_mpi_discovery=False, verbose=False)
-    return dist.new_group(backend="gloo") if device_kind == "cuda" else None
+                               auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    return dist.new_group(backend="gloo", timeout=timeout) if device_kind == "cuda" else None
 
 
 def _deepspeed_shard(hf: Any, world: int, dtype: Any) -> Any:

@@ -35,13 +35,15 @@ class RankStartError(Exception):
 
 @dataclass
 class RankGroup:
-    """`command(rank)` is the argv of a rank; `env(rank)` its environment; rank 0 also gets
-    `--control-fd N`, its end of the control socket."""
+    """`command(rank)` is the argv of a local rank; `env(rank)` its environment; local rank 0 also
+    gets `--control-fd N`, its end of the control socket. With `[distributed]`, this host's ranks
+    are global ranks `first_rank` .. `first_rank + world_size - 1` of the group."""
 
-    world_size: int
+    world_size: int  # ranks on this host
     command: Callable[[int], list[str]]
     env: Callable[[int], dict[str, str]]
     on_death: Callable[[str], None]
+    first_rank: int = 0
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     dead_reason: str | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -50,6 +52,7 @@ class RankGroup:
     _start_error: BaseException | None = None
     _control: Connection | None = None
     _thread: threading.Thread | None = None
+    _death_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def pids(self) -> list[int]:
@@ -92,6 +95,16 @@ class RankGroup:
         self._kill_all()
         self._join()
 
+    def end(self, reason: str) -> None:
+        """Something outside these ranks ended the group (another host left it): kill them, and
+        report it as their death, with that reason."""
+        if self._claim_death(reason):
+            self._kill_all()
+            self._dead.set()
+            self.on_death(reason)
+        else:
+            self._kill_all()
+
     # --- the watcher thread ---------------------------------------------------------------------
     def _own(self) -> None:
         try:
@@ -116,7 +129,8 @@ class RankGroup:
                 # stdout → our stderr: DeepSpeed prints to stdout, which is the daemon's JSON log
                 process = subprocess.Popen(argv, env=self.env(rank), pass_fds=pass_fds, stdout=2)
                 self.processes.append(process)
-                log.info("rank_started", rank=rank, pid=process.pid, world_size=self.world_size)
+                log.info("rank_started", rank=self.first_rank + rank, pid=process.pid,
+                         local_ranks=self.world_size)
         except BaseException:
             daemon_end.close()
             raise
@@ -131,23 +145,37 @@ class RankGroup:
             if not self._stopping.is_set() and len(running) < len(self.processes):
                 self._died()
                 continue
+            if running and self._dead.is_set():  # ended from outside while still spawning
+                self._kill_all()
+                continue
             if not running:
                 return
             time.sleep(POLL_S)
 
     def _died(self) -> None:
-        exited = [(rank, p) for rank, p in enumerate(self.processes) if p.poll() is not None]
+        exited = [(self.first_rank + rank, p) for rank, p in enumerate(self.processes)
+                  if p.poll() is not None]
         # a signal is a cause; an exit code is often the effect (a peer's broken collective)
         exited.sort(key=lambda rp: (rp[1].returncode or 0) >= 0)
-        self.dead_reason = "; ".join(
-            f"tensor-parallel rank {rank} (pid {p.pid}) {_how(p.returncode)}" for rank, p in exited
-        )
-        self._stopping.set()  # from now on, exits are ours
+        reason = "; ".join(f"tensor-parallel rank {rank} (pid {p.pid}) {_how(p.returncode)}"
+                           for rank, p in exited)
+        if not self._claim_death(reason):
+            return
         self._kill_all()
         self._dead.set()
         for rank, p in exited:
             log.error("rank_died", rank=rank, pid=p.pid, returncode=p.returncode)
         self.on_death(self.dead_reason)
+
+    def _claim_death(self, reason: str) -> bool:
+        """True for the first death only; from then on, exits are ours."""
+        with self._death_lock:
+            if self.dead_reason is not None or self._stopping.is_set():
+                self._stopping.set()
+                return False
+            self.dead_reason = reason
+            self._stopping.set()
+            return True
 
     def _kill_all(self) -> None:
         for process in self.processes:

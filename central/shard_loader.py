@@ -22,7 +22,9 @@ import torch
 from dsnode.sizing import spread_experts
 from torch import nn
 
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import FP8, Checkpoint, CheckpointError
+from .eight_bit import EIGHT_BIT, eight_bit_tensors
+from .eight_bit_load import ExpertKeys, ModuleRead, module_reads, to_eight_bit
 from .expert_parallel import (
     DENSE_TYPES,
     MOE_LAYOUTS,
@@ -57,9 +59,10 @@ class EmptyShard:
 
 
 def empty_shard(folder: Path, dtype: torch.dtype, rank: int, ranks: int,
-                all_reduce: Callable[[torch.Tensor], Any]) -> EmptyShard:
+                all_reduce: Callable[[torch.Tensor], Any], weights: str = "model") -> EmptyShard:
     """This rank's model without weights: what `read_shard` fills. Costs the model code's imports
-    (about 100 MB of resident memory for transformers' modeling modules), not the weights."""
+    (about 100 MB of resident memory for transformers' modeling modules), not the weights.
+    `weights`: "model" (the model dtype), "int8" or "fp8" (`dsnode.central.eight_bit_load`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(folder))
@@ -76,6 +79,11 @@ def empty_shard(folder: Path, dtype: torch.dtype, rank: int, ranks: int,
         keep_shared_parts_whole(block, layout)
         if ranks > 1:
             shrink_experts(block.experts, shard.experts)
+    if weights != "model":  # after shrinking (8-bit experts take the rank's count), before routing
+        with Checkpoint.open(Path(folder)) as checkpoint:
+            to_eight_bit(model, checkpoint, _checkpoint_names(checkpoint, layout), weights)
+    if ranks > 1:
+        for _, block in blocks:
             install_expert_parallel(block.experts, shard.experts, all_reduce)
     return EmptyShard(model, shard, layout, Path(folder), dtype)
 
@@ -86,7 +94,12 @@ def read_shard(empty: EmptyShard) -> nn.Module:
     model = empty.model
     with Checkpoint.open(empty.folder) as checkpoint:
         reads = _plan_reads(model, checkpoint, empty.layout, empty.shard)
+        names = _checkpoint_names(checkpoint, empty.layout)
+        layout, shard = empty.layout, empty.shard
+        eight_bit = module_reads(model, names, shard.experts,
+                                 lambda prefix, part: expert_keys(prefix, part, names, layout, shard))
         _materialize(model, reads, checkpoint, _fp32_names(model, empty.dtype), empty.dtype)
+        _materialize_eight_bit(model, eight_bit, checkpoint)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()
@@ -124,12 +137,15 @@ def _plan_reads(model: nn.Module, checkpoint: Checkpoint, layout: MoeLayout | No
                 ) -> dict[str, Read]:
     names = _checkpoint_names(checkpoint, layout)
     tied = _tied_targets(model)
+    eight_bit = _eight_bit_names(model)  # filled by their module's read (dsnode.central.eight_bit_load)
     reads: dict[str, Read] = {}
     for name, tensor in _loadable(model):
+        if name in eight_bit:
+            continue
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and tensor.dim() == 3:
             reads[name] = _expert_read(name, names, layout, shard)
         elif name in names:
-            reads[name] = _whole_read(names[name])
+            reads[name] = _whole_read(names[name], checkpoint)
         elif name not in tied:
             raise CheckpointError(f"{checkpoint.source}: no tensor {name!r} in the checkpoint")
     return reads
@@ -165,44 +181,59 @@ def _loadable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return found
 
 
-def _whole_read(key: str) -> Read:
+def _eight_bit_names(model: nn.Module) -> set[str]:
+    return {f"{name}.{leaf}" for name, module in model.named_modules() if isinstance(module, EIGHT_BIT)
+            for leaf in eight_bit_tensors(module)}
+
+
+def _whole_read(key: str, checkpoint: Checkpoint) -> Read:
+    entry = checkpoint.entry(key)
+    if entry.dtype == FP8:  # its values mean nothing without their block scales
+        raise CheckpointError(f"{entry.file}: tensor {key!r} is {FP8}, but this module is kept in the "
+                              "model dtype; dsnode reads FP8 weights of the decoder layers' linears and "
+                              "experts only")
     return lambda checkpoint, out: checkpoint.read_into(key, out)
 
 
-def _expert_read(name: str, names: dict[str, str], layout: MoeLayout | None, shard: RankShard) -> Read:
-    """This rank's experts of one fused weight: rows of a fused checkpoint tensor, or expert by expert."""
-    if name in names:  # the checkpoint is fused too
-        key, held = names[name], shard.experts
-        return lambda checkpoint, out: checkpoint.read_into(key, out, rows=held)
+def expert_keys(prefix: str, part: str, names: dict[str, str], layout: MoeLayout | None, shard: RankShard
+                ) -> ExpertKeys:
+    """Checkpoint names of `prefix`.`part` (gate_up_proj or down_proj) for every expert of the layer
+    (all of them named, not only this rank's: a missing one is an error on every rank)."""
+    if f"{prefix}.{part}" in names:  # the checkpoint is fused too
+        return ExpertKeys(fused=names[f"{prefix}.{part}"])
     if layout is None:
-        raise ShardingError(f"{name}: fused experts in a model type without a known expert layout")
-    prefix = name.rsplit(".", 1)[0]  # model.layers.3.mlp.experts
+        raise ShardingError(f"{prefix}.{part}: fused experts in a model type without a known expert layout")
     gate, up, down = layout.expert_weights
 
-    def key(expert: int, part: str) -> str:
-        model_key = f"{prefix}.{expert}.{part}.weight"
+    def key(expert: int, name: str) -> str:
+        model_key = f"{prefix}.{expert}.{name}.weight"
         if model_key not in names:
             raise CheckpointError(f"no tensor for expert {expert} of {prefix} in the checkpoint "
                                   f"(looked for {model_key!r}, before renames)")
         return names[model_key]
 
-    if name.endswith("gate_up_proj"):  # (E_rank, 2I, H): gate rows, then up rows
-        parts = [(key(e, gate), key(e, up)) for e in range(shard.routed_experts)]
+    wanted = (gate, up) if part == "gate_up_proj" else (down,)
+    return ExpertKeys(parts=[tuple(key(e, name) for name in wanted) for e in range(shard.routed_experts)])
 
-        def read_gate_up(checkpoint: Checkpoint, out: torch.Tensor) -> None:
-            half = out.shape[1] // 2
-            for i, expert in enumerate(shard.experts):
-                checkpoint.read_into(parts[expert][0], out[i, :half])
-                checkpoint.read_into(parts[expert][1], out[i, half:])
 
-        return read_gate_up
-    downs = [key(e, down) for e in range(shard.routed_experts)]  # every expert named, not only ours
+def _expert_read(name: str, names: dict[str, str], layout: MoeLayout | None, shard: RankShard) -> Read:
+    """This rank's experts of one fused weight: rows of a fused checkpoint tensor, or expert by expert."""
+    prefix, part = name.rsplit(".", 1)  # model.layers.3.mlp.experts, gate_up_proj
+    keys = expert_keys(prefix, part, names, layout, shard)
+    if keys.fused is not None:
+        fused, held = keys.fused, shard.experts
+        return lambda checkpoint, out: checkpoint.read_into(fused, out, rows=held)
+    parts = keys.parts
+    assert parts is not None
 
-    def read_down(checkpoint: Checkpoint, out: torch.Tensor) -> None:
+    def read(checkpoint: Checkpoint, out: torch.Tensor) -> None:  # out (E_rank, 2I, H) or (E_rank, H, I)
         for i, expert in enumerate(shard.experts):
-            checkpoint.read_into(downs[expert], out[i])
+            pieces = parts[expert]
+            rows = out.shape[1] // len(pieces)  # gate rows, then up rows
+            for j, key in enumerate(pieces):
+                checkpoint.read_into(key, out[i, j * rows:(j + 1) * rows])
 
-    return read_down
+    return read
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -221,3 +252,14 @@ def _materialize(model: nn.Module, reads: dict[str, Read], checkpoint: Checkpoin
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         else:
             module._buffers[leaf] = tensor
+
+
+def _materialize_eight_bit(model: nn.Module, reads: dict[str, ModuleRead], checkpoint: Checkpoint) -> None:
+    """Fill each 8-bit module's tensors (zeros first: FP8 buffers are padded to whole blocks)."""
+    for name, read in reads.items():
+        module = model.get_submodule(name)
+        tensors = {leaf: torch.zeros(getattr(module, leaf).shape, dtype=getattr(module, leaf).dtype)
+                   for leaf in eight_bit_tensors(module)}
+        read(checkpoint, tensors)
+        for leaf, tensor in tensors.items():
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)

@@ -4,7 +4,11 @@ The daemon starts `tensor_parallel` of these (`dsnode.central.ranks`). Every ran
 shard of the checkpoint and `deepspeed.init_inference` splits the rest (`dsnode.central.rank_load`).
 Rank 0 reads each runner call from the daemon's control socket and broadcasts it; every rank runs the
 same `TorchRunner` method on its shard (the all-reduces inside the forward keep them in step, and
-every rank holds the same KV cache bookkeeping); rank 0 sends the result back. Followers never talk to the daemon.
+every rank holds the same KV cache bookkeeping); rank 0 sends the result back. With `[distributed]`,
+local rank 0 of a follower host also has a control socket to its own daemon, which only hears
+"ready" and "fatal" from it: the calls come from global rank 0, on the leader. When no call comes for
+`TICK_S`, rank 0 broadcasts a no-op ("tick"): the other ranks' wait stays far inside the process
+group's timeout, and a dead peer is found within a tick even when the node is idle.
 
 Calls and answers are pickled tuples: ("prefill", seq_id, token_ids, start), ("decode", seq_ids,
 token_ids), ("release", seq_id) (no answer), ("close",). Answers: ("ready", facts), ("ok", logits),
@@ -29,13 +33,14 @@ import structlog
 from dsnode.config import ModelSection
 from dsnode.logs import configure_logging
 
-from .rank_load import LoadRefused, load_rank
+from .rank_load import WEIGHTS, LoadRefused, RankPlace, load_rank
 
 log = structlog.get_logger("dsnode.central.rank")
 
 PR_SET_PDEATHSIG = 1
 ANSWERED = ("prefill", "decode")
 CALLS = ("prefill", "decode", "release")
+TICK_S = 30.0  # rank 0 broadcasts a no-op after this long without a call
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     structlog.contextvars.bind_contextvars(rank=rank)
     control = Connection(args.control_fd) if args.control_fd is not None else None
     model = ModelSection.model_validate(json.loads(args.model))  # python mode: the path validator
+    place = RankPlace(rank, local_rank, world, args.weights, args.group_timeout)
     try:
-        runner, facts, group = load_rank(model, args.device, local_rank, world)
+        runner, facts, group = load_rank(model, args.device, place)
     except LoadRefused as exc:  # every rank has the same one-line reason; no traceback for bad input
         log.error("rank_load_failed", model=model.name, error=str(exc))
         if control is not None:
@@ -62,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         if control is not None:
             control.send(("fatal", f"rank {rank} failed to load the model: {type(exc).__name__}: {exc}"))
         return 1
-    log.info("rank_ready", device=args.device, **facts)
+    log.info("rank_ready", device=args.device, **{k: v for k, v in facts.items() if k != "ranks"})
     if control is not None:
         control.send(("ready", facts))
-    return serve_calls(runner, control, world, group)
+    return serve_calls(runner, control, rank, world, group)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,7 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the [model] section, as JSON")
     p.add_argument("--device", choices=("cpu", "cuda"), required=True)
     p.add_argument("--parent-pid", type=int, required=True)
-    p.add_argument("--control-fd", type=int, help="rank 0: its end of the daemon's control socket")
+    p.add_argument("--control-fd", type=int, help="local rank 0: its end of the daemon's control socket")
+    p.add_argument("--weights", choices=WEIGHTS, default="model",
+                   help="model: the model dtype; int8: 8-bit integer weights (W8A16); "
+                        "fp8: FP8 kept (GPUs 8.9+)")
+    p.add_argument("--group-timeout", type=float, default=600.0,
+                   help="seconds torch.distributed waits for a peer (meeting, or one collective)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", default="auto")
     return p
@@ -90,15 +101,18 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 # --- serve ------------------------------------------------------------------------------------------
-def serve_calls(runner: Any, control: Connection | None, world: int, group: Any) -> int:
-    """Run calls until "close"; returns the exit code."""
+def serve_calls(runner: Any, control: Connection | None, rank: int, world: int, group: Any) -> int:
+    """Run calls until "close"; returns the exit code. Only global rank 0 reads calls and answers."""
+    calls = control if rank == 0 else None
     while True:
         try:
-            call = _next_call(control, world, group)
+            call = _next_call(calls, world, group)
         except RuntimeError as exc:  # a peer died mid-broadcast; the daemon already knows
             log.error("rank_collective_failed", error=str(exc).splitlines()[0][:300])
             return 1
         op = call[0]
+        if op == "tick":
+            continue
         if op == "close":
             _close_distributed()
             log.info("rank_closed")
@@ -118,15 +132,15 @@ def serve_calls(runner: Any, control: Connection | None, world: int, group: Any)
             if control is not None:
                 control.send(("error", message))
             continue
-        if control is not None and op in ANSWERED:
-            control.send(("ok", result))
+        if calls is not None and op in ANSWERED:
+            calls.send(("ok", result))
 
 
-def _next_call(control: Connection | None, world: int, group: Any) -> tuple[Any, ...]:
+def _next_call(calls: Connection | None, world: int, group: Any) -> tuple[Any, ...]:
     call: tuple[Any, ...] | None = None
-    if control is not None:
+    if calls is not None:
         try:
-            call = control.recv()
+            call = calls.recv() if world == 1 or calls.poll(TICK_S) else ("tick",)
         except (EOFError, OSError):  # the daemon is gone
             call = ("close",)
     if world > 1:

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from .distributed import DistributedSection, cross_section_problems
 from .secrets import KeyFileError, SecretFileError, Secrets, read_api_keys, read_cluster_secrets, read_secrets
 from .store.layout import DEFAULT_ROOT as DEFAULT_STORE_ROOT
 from .store.refs import resolve_model_path
@@ -238,6 +239,7 @@ class Config(_Section):
     tls: TlsSection = Field(default_factory=TlsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     store: StoreSection = Field(default_factory=StoreSection)
+    distributed: DistributedSection | None = None  # one model over several hosts (dsnode.distributed)
     source: Path | None = None  # the file it came from (set by load_config)
     model_version: ModelVersion | None = None  # when [model] path names a store version (set by load_config)
     _secrets: Secrets | None = PrivateAttr(default=None)  # the [auth] files as load_config read them
@@ -282,6 +284,7 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
     _resolve_paths(raw, path.resolve().parent)
     read: dict[str, Any] = {}
     problems += _check_files(raw, str(path), read, model=not problems) if check_paths else []
+    problems += [Problem(str(path), key, why) for key, why in cross_section_problems(raw)]
     try:
         config = Config.model_validate({**raw, "source": path, "model_version": version})
     except ValidationError as exc:

@@ -49,7 +49,7 @@ DRAIN_POLL_S = 0.05
 STOP_MARGIN_S = 2 * CLEANUP_TIMEOUT_S + 10.0
 
 # Settings a reload cannot change in a running process (they need `systemctl restart dsnode`).
-RESTART_ONLY = ("node", "model", "batching", "tls", "logging")
+RESTART_ONLY = ("node", "model", "batching", "tls", "logging", "distributed")
 
 
 class NodeServer:

@@ -6,7 +6,11 @@ What a rank holds is what the `deepspeed` backend builds (docs/central.md, "Expe
 - the router, its correction bias, the shared experts, the embeddings, the norms and MLA's low-rank
   input projections (`q_a_proj`, `kv_a_proj_with_mqa`) whole on every rank;
 - the rest of attention, the dense MLPs and the output head split by DeepSpeed AutoTP, ≈ 1/N each
-  (AutoTP rounds shards to 64 rows; `ceil(n / N)` here).
+  (AutoTP rounds shards to 64 rows; `ceil(n / N)` here) — with 16/32-bit weights. With 8-bit weights
+  (FP8 blocks, or int8 W8A16: `dsnode.central.eight_bit`) AutoTP cannot split the 8-bit linears, so
+  attention and the dense MLPs are whole on every rank too (one byte a weight); embeddings and head
+  stay 16-bit and whole too (AutoTP does not run). Scales (4 bytes per int8 row, or per FP8 128 × 128 block:
+  < 0.2% of DeepSeek-R1's bytes) are left out.
 The KV cache of MLA is the compressed latent (kv_lora_rank + qk_rope_head_dim values per layer and
 token), on every rank; multi-head attention caches K and V of the heads a rank holds.
 """
@@ -69,6 +73,8 @@ class ModelShape:
     kv_values_per_token: int  # all layers; MLA: the latent, else K and V of every KV head
     kv_heads: int  # 0 for MLA (its latent is not split by heads)
     router_fp32: bool  # transformers keeps the router in float32 (DeepSeek-V3)
+    hidden_size: int = 0  # what one all-reduce per token carries (activations)
+    vocab_size: int = 0  # the head's logits
 
     @property
     def routed_expert_params(self) -> int:
@@ -84,16 +90,20 @@ class WeightFormat:
     """Bytes per parameter by kind, and per KV-cache value."""
 
     name: str
-    matrix: float  # attention, MLPs, experts, embeddings/head
+    matrix: float  # attention, MLPs, experts (and embeddings/head unless `head` says otherwise)
     small: float  # norms (and the router unless the model keeps it in float32)
     kv: int
     linear: float | None = None  # bitsandbytes: the nn.Linear kinds only (not fused experts, not the head)
+    head: float | None = None  # embeddings/head, when they differ from `matrix` (8-bit: 16-bit)
+    split_linears: bool = True  # AutoTP splits attention, dense MLPs and head (it does not run with 8-bit)
 
     def bytes_per_param(self, kind: str, shape: ModelShape) -> float:
         if kind == "router":
             return 4 if shape.router_fp32 else self.small
         if self.linear is not None and kind in LINEAR_KINDS:
             return self.linear
+        if kind == "embeddings_head" and self.head is not None:
+            return self.head
         return self.small if kind == "norms" else self.matrix
 
 
@@ -101,11 +111,12 @@ FORMATS = {
     "bf16": WeightFormat("bf16", 2, 2, 2),
     "fp16": WeightFormat("fp16", 2, 2, 2),
     "fp32": WeightFormat("fp32", 4, 4, 4),
-    # 8-bit weights (FP8 e4m3 blocks, or int8 W8A16); scales (< 0.1% of the bytes) left out;
-    # norms, router and the KV cache stay 16-bit
-    "fp8": WeightFormat("fp8", 1, 2, 2),
-    "int8": WeightFormat("int8", 1, 2, 2),
+    # 8-bit weights (FP8 e4m3 blocks, or int8 W8A16), the routed experts included; scales left out;
+    # embeddings/head, norms, router and the KV cache stay 16-bit; attention and dense MLPs whole
+    "fp8": WeightFormat("fp8", 1, 2, 2, head=2, split_linears=False),
+    "int8": WeightFormat("int8", 1, 2, 2, head=2, split_linears=False),
 }
+DTYPE_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 PLAN_FORMATS = ("bf16", "fp8", "int8")
 LINEAR_KINDS = ("attention", "dense_mlp", "shared_experts")
 BNB_BYTES = {"int8": 1.0, "nf4": 0.5}  # bitsandbytes LLM.int8 / 4-bit NormalFloat, per nn.Linear weight
@@ -173,6 +184,7 @@ def _deepseek_v3(c: _Config) -> ModelShape:
         layers=layers, moe_layers=moe_layers, routed_experts=experts,
         experts_per_token=c.int("num_experts_per_tok", 8), expert_params=3 * hidden * expert_inter,
         kv_values_per_token=layers * (kv_lora + rope), kv_heads=0, router_fp32=True,
+        hidden_size=hidden, vocab_size=c.int("vocab_size"),
     )
 
 
@@ -199,6 +211,7 @@ def _mixtral(c: _Config) -> ModelShape:
         experts_per_token=c.int("num_experts_per_tok", 2),
         expert_params=3 * hidden * c.int("intermediate_size", 14336),
         kv_values_per_token=2 * layers * kv_heads * head_dim, kv_heads=kv_heads, router_fp32=False,
+        hidden_size=hidden, vocab_size=c.int("vocab_size"),
     )
 
 
@@ -222,6 +235,7 @@ def _qwen2_moe(c: _Config) -> ModelShape:
         experts_per_token=c.int("num_experts_per_tok", 4),
         expert_params=3 * hidden * c.int("moe_intermediate_size", 1408),
         kv_values_per_token=2 * layers * kv_heads * head_dim, kv_heads=kv_heads, router_fp32=False,
+        hidden_size=hidden, vocab_size=c.int("vocab_size"),
     )
 
 
@@ -239,6 +253,7 @@ def _dense(model_type: str, qkv_bias_key: str | None, qkv_bias_default: bool
                                 shared=Part(), router=Part()),
             layers=layers, moe_layers=0, routed_experts=0, experts_per_token=0, expert_params=0,
             kv_values_per_token=2 * layers * kv_heads * head_dim, kv_heads=kv_heads, router_fp32=False,
+            hidden_size=hidden, vocab_size=c.int("vocab_size"),
         )
 
     return count
@@ -291,9 +306,14 @@ def describe_spread(experts: int, ranks: int) -> str:
             f"{max(sizes)}, ranks {more}-{ranks - 1} hold {min(sizes)} (contiguous ranges)")
 
 
-def rank_params(shape: ModelShape, ranks: int, rank: int, experts_sharded: bool = True) -> dict[str, int]:
-    """Parameters rank `rank` of `ranks` holds, by kind."""
+def rank_params(shape: ModelShape, ranks: int, rank: int, experts_sharded: bool = True,
+                split_linears: bool = True) -> dict[str, int]:
+    """Parameters rank `rank` of `ranks` holds, by kind (`split_linears`: AutoTP splits attention, the
+    dense MLPs and the head; with 8-bit weights it does not run)."""
     params = {kind: part.whole + math.ceil(part.split / ranks) for kind, part in shape.parts.items()}
+    if not split_linears:  # 8-bit weights: no AutoTP at all (it finds no nn.Linear in the layers)
+        for kind in ("attention", "dense_mlp", "embeddings_head"):
+            params[kind] = shape.parts[kind].whole + shape.parts[kind].split
     held = len(spread_experts(shape.routed_experts, ranks)[rank]) if experts_sharded else shape.routed_experts
     params["routed_experts"] = held * shape.moe_layers * shape.expert_params
     return {kind: params[kind] for kind in KINDS}
@@ -348,15 +368,23 @@ def fit(shape: ModelShape, ranks: int, memory_per_rank: int, fmt: WeightFormat, 
     return Fit(
         format=fmt.name, ranks=ranks, experts_sharded=experts_sharded, weights_by_kind=per_rank[0],
         memory_per_rank=memory_per_rank, usable_per_rank=int(memory_per_rank * usable_fraction),
-        kv_bytes_per_token=kv_bytes_per_token(shape, ranks, fmt), kv_tokens_needed=kv_tokens_needed,
+        # 8-bit attention is whole on every rank, and so is its KV cache
+        kv_bytes_per_token=kv_bytes_per_token(shape, ranks if fmt.split_linears else 1, fmt),
+        kv_tokens_needed=kv_tokens_needed,
         weights_per_rank=[sum(b.values()) for b in per_rank],
     )
 
 
-def serving_format(dtype: str, quantization: str) -> WeightFormat:
-    """What the central engines hold: `dtype` ("bfloat16", ...) everywhere, but bitsandbytes'
-    quantized `nn.Linear`s (attention, dense and shared MLPs; never the fused experts or the head)."""
-    base = FORMATS[{"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]]
+def serving_format(dtype: str, quantization: str, weights: str = "model") -> WeightFormat:
+    """What the central engines hold: `dtype` ("bfloat16", ...) everywhere, but
+    - `weights` "int8"/"fp8" (the deepspeed backend's 8-bit loader): one byte a weight in the decoder
+      layers and the experts, whole on every rank but the experts; embeddings/head in `dtype`;
+    - bitsandbytes' quantized `nn.Linear`s (attention, dense and shared MLPs; never the fused experts
+      or the head) for the transformers backend's int8/nf4, and nf4 on either."""
+    base = FORMATS[DTYPE_FORMATS[dtype]]
+    if weights in ("int8", "fp8"):
+        return WeightFormat(f"{weights}+{base.name}", 1, base.small, base.kv, head=base.matrix,
+                            split_linears=False)
     if quantization == "none":
         return base
     return WeightFormat(f"{base.name}+{quantization}", base.matrix, base.small, base.kv,
@@ -365,7 +393,7 @@ def serving_format(dtype: str, quantization: str) -> WeightFormat:
 
 def rank_bytes(shape: ModelShape, ranks: int, rank: int, fmt: WeightFormat, experts_sharded: bool = True
                ) -> dict[str, int]:
-    params = rank_params(shape, ranks, rank, experts_sharded)
+    params = rank_params(shape, ranks, rank, experts_sharded, fmt.split_linears)
     return {kind: math.ceil(n * fmt.bytes_per_param(kind, shape)) for kind, n in params.items()}
 
 

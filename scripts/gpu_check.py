@@ -22,6 +22,10 @@
    1, 8 and 32, each rank's weights by kind and peak host memory while loading, and what `dsnode plan`'s
    arithmetic (`dsnode.sizing`) says a rank holds. Skipped on a host with one GPU (NCCL takes one
    rank per GPU).
+6. `moe_fp8` (scripts/gpu_check_fp8.py): DeepSeek's FP8 layout kept in FP8: one linear's kernel against
+   bf16, the MoE written as FP8 against its dequantized copy, and `DeepSpeedEngine` with two ranks (one
+   on a one-GPU host) choosing FP8 by itself. Skipped, saying why, where the GPU lacks FP8 compute
+   (compute capability below 8.9) and on `--device cpu`.
 
 Every section runs even if an earlier one failed; each reports `ok`, its figures or its error. Each figure
 is a median of `--repeats` timed runs after a warm-up. `--size tiny --device cpu` smoke-tests the
@@ -93,6 +97,7 @@ def main() -> int:
         ("edge_onnx", lambda: asyncio.run(edge_onnx(args, work))),
         ("nccl", lambda: nccl(args)),
         ("moe_expert_parallel", lambda: asyncio.run(moe_expert_parallel(args, work))),
+        ("moe_fp8", lambda: moe_fp8(args, work)),
     ]
     try:
         for name, run in sections:
@@ -119,7 +124,7 @@ def parse() -> argparse.Namespace:
                    help="decoder layers of the 7B-shaped edge model (default: 28 with --size full, 2 tiny)")
     p.add_argument("--out", help="also write the JSON summary here")
     p.add_argument("--skip", nargs="*", default=(),
-                   choices=("moe_model", "moe_engine", "edge_onnx", "nccl", "moe_expert_parallel"))
+                   choices=("moe_model", "moe_engine", "edge_onnx", "nccl", "moe_expert_parallel", "moe_fp8"))
     return p.parse_args()
 
 
@@ -494,6 +499,13 @@ async def moe_expert_parallel(args: argparse.Namespace, work: Path) -> dict[str,
         return result
     finally:
         await engine.close()
+
+
+# --- 6. FP8 kept on GPUs that compute in FP8 (scripts/gpu_check_fp8.py) ----------------------------
+def moe_fp8(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import gpu_check_fp8
+
+    return gpu_check_fp8.section(args, work, saved_moe, free_gpu, engine_figures, BATCHES, Skip)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ def advertisement(node: "Node") -> dict[str, Any]:
     readiness = node.readiness()
     load = node.engine.load_figures()
     local = node.local_model_json()
+    group = _group(node, local)
+    if group is not None and group["role"] == "follower":
+        local = None  # its ranks serve the leader's model: peers must not route requests here
     return {
         "advert_version": ADVERT_VERSION,
         "name": node.name,
@@ -38,4 +41,20 @@ def advertisement(node: "Node") -> dict[str, Any]:
             "max_queue": load.max_queue,
             "tokens_per_second": load.tokens_per_second,
         },
+        **({"group": group} if group is not None else {}),
     }
+
+
+def _group(node: "Node", local: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`[distributed]`: this host's part in its central group, as the engine describes it once the
+    group has formed (`dsnode.central.host_group`), from the config before."""
+    settings = getattr(node.config, "distributed", None)
+    if settings is None:
+        return None
+    formed = ((local or {}).get("details") or {}).get("distributed")
+    if isinstance(formed, dict):
+        return {"model": node.config.model.name, "state": "formed", **formed}
+    return {"model": node.config.model.name, "state": "forming",
+            "role": "leader" if settings.is_leader else "follower", "hosts": settings.hosts,
+            "host_index": settings.host_index, "ranks_per_host": settings.ranks_per_host,
+            "rendezvous": settings.leader}

@@ -29,5 +29,8 @@ def build_engine(config: Config) -> Engine:
             f"install it with: pip install 'dsnode[{extra}]'"
         ) from exc
     engine_class = getattr(module, class_name)
-    engine: Engine = engine_class(config.model, config.batching)
+    # an engine that needs more than [model] and [batching] (the deepspeed one: [distributed],
+    # the cluster secret) builds itself from the whole config
+    from_config = getattr(engine_class, "from_config", None)
+    engine: Engine = from_config(config) if from_config else engine_class(config.model, config.batching)
     return engine

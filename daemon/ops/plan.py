@@ -2,8 +2,10 @@
 
 Reads only the model folder's `config.json` (no weights, no torch: it runs on an edge install too).
 `--gpus` describes the GPUs of one host (`8x80GB`, `8xH100`; default: this host's, from NVML);
-`--hosts` multiplies them, one rank per GPU. For each weight format (bf16, fp8, int8) it prints the
-weights of the fullest rank by kind, the KV-cache bytes per token, the KV tokens that fit, and a
+`--hosts` multiplies them, one rank per GPU, and the plan says what each generated token makes the
+ranks exchange (all-reduce bytes per token per layer, how many per token) and how much of it
+crosses the links between hosts (`dsnode.traffic`). For each weight format (bf16, fp8, int8)
+it prints the weights of the fullest rank by kind, the KV-cache bytes per token, the KV tokens that fit, and a
 verdict: with the routed experts sharded over the ranks (what the `deepspeed` backend does) and, for
 comparison, replicated on every rank (tensor parallelism alone). Arithmetic: `dsnode.sizing`.
 
@@ -36,6 +38,7 @@ from ..sizing import (
     gb,
     model_shape,
 )
+from ..traffic import Traffic, traffic
 
 EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE = 0, 1, 2
 DEFAULT_KV_TOKENS = 32768  # the default [batching] max_batch_tokens
@@ -144,6 +147,7 @@ class Plan:
     hosts: int
     sharded: dict[str, Fit]  # format → fit, experts spread over the ranks
     replicated: dict[str, Fit]  # format → fit, every expert on every rank
+    traffic: dict[str, Traffic]  # format → what a token makes the ranks exchange (experts spread)
 
     @property
     def ranks(self) -> int:
@@ -157,7 +161,8 @@ def build_plan(shape: ModelShape, gpus: Gpus, hosts: int, kv_tokens: int) -> Pla
         return {name: fit(shape, ranks, gpus.memory, FORMATS[name], kv_tokens, experts_sharded=sharded)
                 for name in PLAN_FORMATS}
 
-    return Plan(shape, gpus, hosts, fits(True), fits(False))
+    exchanges = {name: traffic(shape, ranks, hosts, FORMATS[name]) for name in PLAN_FORMATS}
+    return Plan(shape, gpus, hosts, fits(True), fits(False), exchanges)
 
 
 def format_unusable(fmt: str, gpus: Gpus) -> str | None:
@@ -182,12 +187,13 @@ def format_plan(plan: Plan) -> str:
     ]
     if shape.routed_experts:
         lines.append(f"experts: {describe_spread(shape.routed_experts, ranks)}")
-    lines += ["", _table(plan)]
+    lines += ["", _table(plan), "", *_traffic_lines(plan)]
     if shape.routed_experts:
         lines += ["", "experts replicated on every rank (tensor parallelism only), for comparison:"]
         lines += [f"  {name:5} weights/rank {gb(f.weights):>9}  {f.verdict}"
                   for name, f in plan.replicated.items()]
-    lines += ["", "GB = 10^9 bytes; rank 0 (the fullest) shown; AutoTP splits attention, dense MLP and head."]
+    lines += ["", "GB = 10^9 bytes; rank 0 (the fullest) shown; bf16: AutoTP splits attention, dense MLP "
+                  "and head; fp8/int8: those stay whole on every rank."]
     return "\n".join(lines)
 
 
@@ -209,6 +215,33 @@ def _table(plan: Plan) -> str:
     return "\n".join(out + notes)
 
 
+def _traffic_lines(plan: Plan) -> list[str]:
+    """Per generated token: the all-reduces of each format, and what crosses the links between hosts."""
+    if plan.ranks < 2:
+        return ["between ranks: nothing (one rank)"]
+    first = next(iter(plan.traffic.values()))
+    lines = [f"between ranks, per generated token (bf16 activations): one all-reduce per layer = "
+             f"{_kib(first.per_layer)} (the hidden state of {plan.shape.hidden_size})"]
+    for name, t in plan.traffic.items():
+        parts = ", ".join(f"{n} {_TRAFFIC_LABELS[k]}" for k, n in t.all_reduces.items())
+        head = f" + head logits {_kib(t.head)}" if t.head else ""
+        crossing = (f"crosses hosts: {_kib(t.per_host_link)} per host link, each way" if plan.hosts > 1
+                    else "crosses hosts: nothing (one host)")
+        lines.append(f"  {name:5} {sum(t.all_reduces.values())} all-reduces ({parts}){head} = "
+                     f"{_kib(t.per_token)}; {crossing}")
+    if plan.hosts > 1:
+        lines.append(f"  (ring all-reduce over {plan.ranks} ranks, a host's ranks adjacent: each host link "
+                     f"carries 2(N-1)/N = {2 * (plan.ranks - 1) / plan.ranks:.3f} of every all-reduce)")
+    return lines
+
+
+_TRAFFIC_LABELS = {"attention": "attention", "dense_mlp": "dense MLP", "moe": "MoE"}
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
+
+
 def _short_verdict(name: str, f: Fit, gpus: Gpus) -> str:
     if format_unusable(name, gpus):
         return "not on these GPUs"
@@ -227,7 +260,14 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "usable_fraction": USABLE_FRACTION,
         "experts_sharded": {name: _fit_json(f, plan.gpus) for name, f in plan.sharded.items()},
         "experts_replicated": {name: _fit_json(f, plan.gpus) for name, f in plan.replicated.items()},
+        "between_ranks": {name: _traffic_json(t) for name, t in plan.traffic.items()},
     }
+
+
+def _traffic_json(t: Traffic) -> dict[str, Any]:
+    return {"all_reduce_bytes_per_token_per_layer": t.per_layer, "all_reduces_per_token": t.all_reduces,
+            "head_all_reduce_bytes_per_token": t.head, "bytes_per_token": t.per_token,
+            "hosts": t.hosts, "bytes_per_token_per_host_link": t.per_host_link}
 
 
 def _fit_json(f: Fit, gpus: Gpus) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def _advertised_cluster(url: str, body: bytes) -> dict[str, Any]:
 
 # --- rows -------------------------------------------------------------------------------------------
 def cluster_rows(cluster: dict[str, Any], now: float) -> list[NodeRow]:
-    rows = [_advert_row(cluster["node"])]
+    rows = [_advert_row(cluster["node"])] + _group_rows(cluster["node"])
     for peer in cluster.get("peers") or []:
         if isinstance(peer, dict):
             rows.append(_peer_row(peer, now))
@@ -175,10 +175,13 @@ def cluster_rows(cluster: dict[str, Any], now: float) -> list[NodeRow]:
 
 def _advert_row(advert: dict[str, Any]) -> NodeRow:
     facts = _advert_facts(advert)
+    group = _table(advert, "group")
+    if group.get("role") == "follower":  # it lists no model: the leader serves it
+        facts["models"] = [f"{group.get('model')} (host {group.get('host_index')})"]
     return NodeRow(
         node=str(advert.get("name", "?")),
         url=advert.get("url"),
-        role=advert.get("role"),
+        role=_group_role(advert.get("role"), group),
         state="ready" if advert.get("ready") else "not ready",
         this_node=True,
         weight=None,
@@ -187,6 +190,38 @@ def _advert_row(advert: dict[str, Any]) -> NodeRow:
         error=None if advert.get("ready") else (advert.get("reason") or None),
         **facts,
     )
+
+
+def _group_role(role: Any, group: dict[str, Any]) -> Any:
+    """`central`, or `central/leader` / `central/host 1` in a `[distributed]` group."""
+    if not group:
+        return role
+    return f"{role}/leader" if group.get("role") == "leader" else f"{role}/host {group.get('host_index')}"
+
+
+def _group_rows(advert: dict[str, Any]) -> list[NodeRow]:
+    """A leader's followers, as members of its group: their ranks are in the leader's model."""
+    group = _table(advert, "group")
+    if group.get("role") != "leader":
+        return []
+    ranks = [r for m in advert.get("models") or [] if isinstance(m, dict)
+             for r in _table(m, "details").get("ranks") or [] if isinstance(r, dict)]
+    rows = []
+    for member in group.get("members") or []:
+        if not isinstance(member, dict) or member.get("host_index") == 0:
+            continue
+        first, last = (member.get("ranks") or [0, -1])[:2]
+        weights = tuple(r["weights_bytes"] for r in ranks
+                        if isinstance(r.get("weights_bytes"), int) and first <= r.get("rank", -1) <= last)
+        ready = bool(advert.get("ready"))  # a ready leader heard this follower within heartbeat_timeout
+        rows.append(NodeRow(
+            node=str(member.get("node", "?")), url=member.get("url"),
+            role=f"central/host {member.get('host_index')}", state="in group" if ready else "not ready",
+            this_node=False, weight=None, effective_weight=None, gpus=[],
+            models=[f"{group.get('model')} (ranks {first}-{last})"], context=None, waiting=None, running=None,
+            tokens_per_second=None, last_seen_s=0.0 if ready else None, weights_per_rank=weights,
+        ))
+    return rows
 
 
 def _peer_row(peer: dict[str, Any], now: float) -> NodeRow:
@@ -276,6 +311,8 @@ def format_table(rows: list[NodeRow]) -> str:
         lines += ["", "problems:"] + notes
     lines += ["", "QUEUE = waiting/running requests; WEIGHT = effective/configured; * = the node asked;",
               "WEIGHTS/RANK = model weights per rank (their range, × ranks); `--json` lists each"]
+    if any(r.role and "/host " in r.role for r in rows):
+        lines += ["central/host N = a follower of a [distributed] group: its ranks serve the leader's model"]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
-"""What a central node does with input it cannot serve: a checkpoint missing a shard or a tensor, a
-rank count above the expert count, an architecture the expert-parallel loader does not know, a model
-too big for the host. Each is one line naming the file, tensor or numbers; no traceback; no rank left."""
+"""What a central node does with input it cannot serve: a checkpoint missing a shard or a tensor, an
+FP8 weight without fitting block scales, a rank count above the expert count, an architecture the
+expert-parallel loader does not know, a model too big for the host. Each is one line naming the file,
+tensor or numbers; no traceback; no rank left."""
 
 from __future__ import annotations
 
@@ -65,19 +66,39 @@ async def test_a_truncated_shard_is_named(v3, tmp_path):
     await _refused(engine, r"model-00002-of-00009\.safetensors: ends inside tensor")
 
 
-async def test_an_fp8_checkpoint_is_refused_naming_a_tensor(moe_dir, tmp_path):
-    """DeepSeek-R1 ships FP8 blocks with separate scales: not loadable by a plain cast."""
+def _fp8_copy(moe_dir, folder, name, scale=None):
+    """The bundled MoE with one weight stored FP8, with `scale` as its `weight_scale_inv` (or none)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     for item in moe_dir.iterdir():
-        shutil.copy(item, tmp_path / item.name)
+        shutil.copy(item, folder / item.name)
     tensors = load_file(str(moe_dir / "model.safetensors"))
-    name = "model.layers.1.mlp.experts.0.down_proj.weight"
     tensors[name] = tensors[name].to(torch.float8_e4m3fn)
-    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    if scale is not None:
+        tensors[name + "_scale_inv"] = scale
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+async def test_an_fp8_weight_without_its_block_scales_is_refused_naming_it(moe_dir, tmp_path):
+    """FP8 values mean nothing without their `weight_scale_inv`: not loadable by a plain cast."""
+    name = "model.layers.1.mlp.experts.0.down_proj.weight"
+    _fp8_copy(moe_dir, tmp_path, name)
     engine = _engine(tmp_path, tensor_parallel=2)
-    await _refused(engine, rf"model\.safetensors: tensor '{name}' is F8_E4M3; dsnode loads F32/F16/BF16")
+    await _refused(engine, rf"model\.safetensors: FP8 tensor '{name}' has no '{name}_scale_inv' "
+                           r"\(one scale per 128 x 128 block\)")
+    assert engine.rank_pids == []
+
+
+async def test_fp8_scales_that_do_not_fit_their_weight_are_refused_naming_them(moe_dir, tmp_path):
+    """down_proj (128, 96) has 1 x 1 blocks of 128 x 128; a (2, 1) scale belongs to another shape."""
+    import torch
+
+    name = "model.layers.1.mlp.experts.0.down_proj.weight"
+    _fp8_copy(moe_dir, tmp_path, name, scale=torch.ones((2, 1)))
+    engine = _engine(tmp_path, tensor_parallel=2)
+    await _refused(engine, rf"model\.safetensors: tensor '{name}_scale_inv' is F32 \[2, 1\], but its FP8 "
+                           rf"weight '{name}' \[128, 96\] needs float scales of shape \[1, 1\]")
     assert engine.rank_pids == []
 
 

@@ -66,3 +66,70 @@ def link_copy(source: Path, target: Path) -> Path:
     for item in source.iterdir():
         (target / item.name).hardlink_to(item)
     return target
+
+
+# --- DeepSeek's FP8 layout ----------------------------------------------------------------------------
+FP8_BLOCK = 128
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+
+
+def stored_fp8(name: str, shape: tuple[int, ...]) -> bool:
+    """What DeepSeek-V3/R1's checkpoint stores as FP8: the 2-D weights of the decoder layers' linears
+    and experts; not the embeddings, the head, the norms or the router (`mlp.gate`)."""
+    return (".layers." in name and name.endswith(".weight") and len(shape) == 2
+            and ".mlp.gate." not in name and "norm" not in name)
+
+
+def from_fp8_blocks(quantized: Any, scale: Any) -> Any:
+    from dsnode.central.eight_bit import dequantize_fp8
+
+    return dequantize_fp8(quantized, scale)
+
+
+def write_fp8(source: Path, fp8_folder: Path, dequantized_folder: Path, shards: int = 4) -> None:
+    """`source`'s checkpoint in DeepSeek's FP8 layout (F8_E4M3 weights + F32 `weight_scale_inv`, BF16
+    for the rest, `quantization_config` in config.json, several shards with an index), and the same
+    numbers dequantized to float32 in `dequantized_folder` (the reference it must agree with)."""
+    import json
+
+    import torch
+    from dsnode.central.eight_bit import quantize_fp8_blocks
+    from safetensors.torch import load_file, save_file
+
+    tensors: dict[str, Any] = {}
+    for file in sorted(source.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    fp8: dict[str, Any] = {}
+    dequantized: dict[str, Any] = {}
+    for name, tensor in sorted(tensors.items()):
+        if stored_fp8(name, tuple(tensor.shape)):
+            quantized, scale = quantize_fp8_blocks(tensor)
+            fp8[name], fp8[name + "_scale_inv"] = quantized, scale
+            dequantized[name] = from_fp8_blocks(quantized, scale)
+        else:
+            fp8[name] = tensor.to(torch.bfloat16)
+            dequantized[name] = fp8[name].float()
+    _save_sharded(fp8, fp8_folder, shards, save_file)
+    save_file(dequantized, str(dequantized_folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    for folder, extra in ((fp8_folder, {"quantization_config": FP8_QUANTIZATION_CONFIG, "dtype": "bfloat16"}),
+                          (dequantized_folder, {})):
+        (folder / "config.json").write_text(json.dumps({**config, **extra}, indent=2))
+        for name in TOKENIZER_FILES:
+            shutil.copy(source / name, folder / name)
+
+
+def _save_sharded(tensors: dict[str, Any], folder: Path, shards: int, save_file: Any) -> None:
+    import json
+
+    names = sorted(tensors)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i * per:(i + 1) * per]}
+        save_file(part, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
