@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import signal
 import threading
 import time
@@ -174,7 +175,8 @@ def _a_killed_follower_rank_ends_the_stream_and_both_daemons(leader: ServeProces
         assert stream.readline().startswith(b"data: ")  # tokens are flowing
         victim.kill()
         rest = stream.read().decode()
-    assert '"error"' in rest and "rank 3" in rest and rest.rstrip().endswith("data: [DONE]")
+    # the error names a rank: the killed one, or a leader's rank whose collective failed first (a race)
+    assert '"error"' in rest and re.search(r"rank \d", rest) and rest.rstrip().endswith("data: [DONE]")
     assert leader.process.wait(timeout=60) == 1 and follower.process.wait(timeout=60) == 1
     assert "was killed by SIGKILL" in leader.log_text() and "group_lost" in leader.log_text()
     assert "engine_failed" in follower.log_text()
