@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .corpus import PASSAGES
-from .tokenizer import BOS, IM_END, IM_START
+from .formats import Conversation, json_conversations, json_documents, reasoning_conversations, tool_conversations
+from .tokenizer import BOS, CHAT_TEMPLATE, IM_END, IM_START
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,41 @@ def chat_sample(passage: str, split_words: int) -> list[Segment]:
     ]
 
 
+def conversation_sample(conversation: Conversation) -> list[Segment]:
+    """A conversation rendered by the bundled chat template; only its last (assistant) turn is trained.
+    A reasoning answer is trained as written: the template drops `<think>…</think>` from history."""
+    from dsnode.inference.tokenizer import render_template
+
+    messages, tools = conversation
+    prompt = render_template(CHAT_TEMPLATE, messages[:-1], add_generation_prompt=True, tools=tools)
+    last = messages[-1]["content"]
+    if "<think>" in last:
+        return [(BOS + prompt, False), (last + IM_END + "\n", True)]
+    full = render_template(CHAT_TEMPLATE, messages, add_generation_prompt=False, tools=tools)
+    assert full.startswith(prompt), "the template renders a conversation's history as its prompt"
+    return [(BOS + prompt, False), (full[len(prompt):], True)]
+
+
+def format_documents() -> list[list[Segment]]:
+    """Reasoning, tool calls and JSON answers (`formats`), and bare JSON documents."""
+    conversations = reasoning_conversations(PASSAGES) + tool_conversations() + json_conversations()
+    docs = [conversation_sample(c) for c in conversations]
+    return docs + [[(BOS + doc + "\n", True)] for doc in json_documents()]
+
+
 def training_documents() -> list[list[Segment]]:
     docs = [[(BOS + p + "\n", True)] for p in PASSAGES]
     for passage in PASSAGES:
         for split in (2, 3, 4, 6):
             docs.append(chat_sample(passage, split))
-    return docs
+    return docs + format_documents()
+
+
+def tokenizer_text() -> str:
+    """What the BPE merges are learnt from: the passages (weighted: most of what the models say) and
+    the format examples."""
+    formats = "".join(text for doc in format_documents() for text, _ in doc)
+    return "\n".join(PASSAGES * 6) + "\n" + formats
 
 
 def token_stream(
