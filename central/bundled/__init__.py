@@ -1,7 +1,7 @@
 """The small models that ship with dsnode as a recipe: built locally, deterministically, then cached.
 
 `ensure_bundled(cache_dir)` returns the folders of a tokenizer-equipped dense model (edge) and a
-DeepSeek-V3 MoE model (central), building them the first time (about two minutes on two cores).
+DeepSeek-V3 MoE model (central), building them the first time (both at once: about four minutes on two idle cores).
 Both are ordinary Hugging Face folders, loadable by `AutoModelForCausalLM.from_pretrained`.
 """
 

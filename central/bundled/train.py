@@ -60,7 +60,9 @@ def conversation_sample(conversation: Conversation) -> list[Segment]:
 
 def format_documents() -> list[list[Segment]]:
     """Reasoning, tool calls and JSON answers (`formats`), and bare JSON documents."""
-    conversations = reasoning_conversations(PASSAGES) + tool_conversations() + json_conversations()
+    # tool calls are the hardest to learn (a long system turn, then a short answer that copies a city):
+    # seen four times as often
+    conversations = reasoning_conversations(PASSAGES) + tool_conversations() * 4 + json_conversations() * 2
     docs = [conversation_sample(c) for c in conversations]
     return docs + [[(BOS + doc + "\n", True)] for doc in json_documents()]
 

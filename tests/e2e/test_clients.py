@@ -250,3 +250,12 @@ def test_langchain_bind_tools_round_trip(routes, route_name):
     history += [first, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])]
     final = model.invoke(history)
     assert final.tool_calls == [] and final.content == "It is sunny, 22 C in Paris."
+
+
+@pytest.mark.parametrize("route_name", ["central", "edge→central"])
+def test_langchain_gets_the_answer_without_the_reasoning(routes, route_name):
+    """langchain-openai does not surface `reasoning_content` (its DeepSeek package does); the content it
+    returns is the answer alone."""
+    reply = chat_model(routes[route_name]).invoke(THINK_PROMPT)
+    assert reply.content.startswith("\n\nseven years ago") and "<think>" not in reply.content
+    assert "Lincoln" not in json.dumps(reply.additional_kwargs)
