@@ -19,12 +19,13 @@ Check = Callable[[dict[str, Any]], bool]
 
 EXAMPLES: tuple[tuple[str, dict[str, Any], Check], ...] = (
     ("reasoning", {"messages": [{"role": "user", "content": "Think step by step: Four score and"}],
-                   "max_tokens": 40, "temperature": 0},
+                   "max_tokens": 64, "temperature": 0},
      lambda message: bool(message.get("reasoning_content"))),
     ("tool call", {"messages": [{"role": "user", "content": "What is the weather in Paris?"}],
                    "tools": [WEATHER_TOOL], "max_tokens": 40, "temperature": 0},
      lambda message: bool(message.get("tool_calls"))),
     ("JSON answer", {"messages": [{"role": "user", "content": "Describe Ishmael in JSON."}], "max_tokens": 60,
+                     "temperature": 0,
                      "response_format": {"type": "json_schema", "json_schema": {"name": "person",
                                                                                 "schema": PERSON_SCHEMA}}},
      lambda message: isinstance(json.loads(message.get("content") or "null"), dict)),
