@@ -112,10 +112,13 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(plan.seed)
     model.train()
+    # Windows end on a target token: a window inside an untrained prompt (a long tool list) would teach
+    # nothing, so every window trains, and each kind of text in proportion to its trained tokens.
+    ends = torch.nonzero(~ignored[plan.seq_len:]).flatten() + plan.seq_len + 1  # exclusive window ends
     losses: list[float] = []
     started = time.perf_counter()
     for step in range(plan.steps):
-        starts = torch.randint(0, len(data) - plan.seq_len - 1, (plan.batch,), generator=gen)
+        starts = ends[torch.randint(0, len(ends), (plan.batch,), generator=gen)] - plan.seq_len
         x = torch.stack([data[i : i + plan.seq_len] for i in starts.tolist()])  # (B, T)
         labels = x.masked_fill(torch.stack([ignored[i : i + plan.seq_len] for i in starts.tolist()]), -100)
         lr = plan.lr * min(1.0, (step + 1) / plan.warmup) * (0.1 + 0.9 * (1 - step / plan.steps))
