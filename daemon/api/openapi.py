@@ -111,6 +111,12 @@ def _add_validator_rules(props: dict[str, Any]) -> None:
         ]
 
 
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+
+
 def _response_schemas() -> dict[str, Any]:
     usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
              "properties": {k: {"type": "integer", "minimum": 0}
@@ -139,7 +145,9 @@ def _response_schemas() -> dict[str, Any]:
                     "properties": {"index": {"type": "integer"}, "finish_reason": finish,
                                    "message": {"type": "object", "required": ["role", "content"],
                                                "properties": {"role": {"const": "assistant"},
-                                                              "content": {"type": ["string", "null"]}}}},
+                                                              "content": {"type": ["string", "null"]},
+                                                              "reasoning_content": {"type": ["string", "null"]},
+                                                              "tool_calls": {"type": "array", "items": _TOOL_CALL}}}},
                 }},
             },
         },

@@ -83,6 +83,8 @@ async def answer_constraint(body: ChatCompletionRequest, tokenizer: TextTokenize
                             in_reasoning: bool = False) -> Constraint | None:
     """The grammar the answer must follow, checked against the model's vocabulary off the event loop.
     A schema or tool the grammar library cannot use → 400 naming it."""
+    if not offered_tools(body) and _response_schema(body) is None:
+        return None  # free text: no thread hop
     grammar = await asyncio.to_thread(_grammar, body, tokenizer)
     return None if grammar is None else Constraint(grammar, after_reasoning=reasons, in_reasoning=in_reasoning)
 
@@ -117,6 +119,7 @@ def _check(build: Any, source: Any, tokenizer: TextTokenizer, param: str, what: 
     try:
         grammar: str = build(source)
         check_grammar(grammar, tokenizer)
-    except GrammarError as exc:
-        raise APIError(400, f"{what}: {exc}", param=param, code="invalid_schema") from None
+    except Exception as exc:  # whatever the library says of a client's schema, it is the client's 400
+        why = str(exc) if isinstance(exc, GrammarError) else f"{type(exc).__name__}: {exc}"
+        raise APIError(400, f"{what}: {why}", param=param, code="invalid_schema") from None
     return grammar

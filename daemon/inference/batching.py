@@ -23,6 +23,7 @@ import structlog
 from ..config import BatchingSection
 from .detokenizer import Detokenizer
 from .engine import (
+    ConstraintFailed,
     ContextLengthExceeded,
     Delta,
     Engine,
@@ -402,6 +403,8 @@ def _step_ids(plan: StepPlan) -> set[str]:
 
 
 def _model_failed(exc: Exception) -> EngineError:
+    if isinstance(exc, (GrammarError, GuideError)):
+        return ConstraintFailed(f"the request's grammar (response_format or tools) failed: {exc}")
     return EngineError(f"the model failed on this request: {exc}")
 
 

@@ -87,6 +87,11 @@ class EngineError(Exception):
     """The engine failed while generating; only the affected requests see it."""
 
 
+class ConstraintFailed(EngineError):
+    """The request's grammar could not be followed (it compiled, but the library gave up on it): the
+    client's schema, not the node, is at fault."""
+
+
 class EngineNotReady(EngineError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

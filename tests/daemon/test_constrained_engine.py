@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from dsnode.config import BatchingSection
 from dsnode.inference.batching import BatchingEngine, Loaded
-from dsnode.inference.engine import EngineError, GenerationRequest, ModelInfo, SamplingParams
+from dsnode.inference.engine import ConstraintFailed, GenerationRequest, ModelInfo, SamplingParams
 from dsnode.inference.grammar import Constraint, json_schema_grammar
 
 from tests.daemon.grammar_support import small_tokenizer
@@ -81,6 +81,6 @@ async def test_a_constraint_that_cannot_start_fails_only_its_request(engine):
     broken = Constraint('{"grammars": [{"lark_grammar": "start: @nonsense"}]}')
     results = await asyncio.gather(run(engine, "broken", broken, 40), run(engine, "good", good, 120),
                                    return_exceptions=True)
-    assert isinstance(results[0], EngineError)
+    assert isinstance(results[0], ConstraintFailed)  # a 400: the client's grammar, not the node
     text, finish, _ = results[1]
     assert finish == "stop" and json.loads(text)["city"] is not None
