@@ -11,6 +11,9 @@ from typing import Any, Callable
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "book": {"type": "string"},
                                                   "year": {"type": "integer"}},
                  "required": ["name", "book", "year"], "additionalProperties": False}
@@ -22,7 +25,10 @@ EXAMPLES: tuple[tuple[str, dict[str, Any], Check], ...] = (
                    "max_tokens": 64, "temperature": 0},
      lambda message: bool(message.get("reasoning_content"))),
     ("tool call", {"messages": [{"role": "user", "content": "What is the weather in Paris?"}],
-                   "tools": [WEATHER_TOOL], "max_tokens": 40, "temperature": 0},
+                   # the tool list makes the prompt long: the central answers, and its model calls tools
+                   # only when made to (docs/clients.md), so the call is required (constrained decoding)
+                   "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": "required", "max_tokens": 40,
+                   "temperature": 0},
      lambda message: bool(message.get("tool_calls"))),
     ("JSON answer", {"messages": [{"role": "user", "content": "Describe Ishmael in JSON."}], "max_tokens": 60,
                      "temperature": 0,

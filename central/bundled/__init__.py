@@ -1,7 +1,7 @@
 """The small models that ship with dsnode as a recipe: built locally, deterministically, then cached.
 
 `ensure_bundled(cache_dir)` returns the folders of a tokenizer-equipped dense model (edge) and a
-DeepSeek-V3 MoE model (central), building them the first time (both at once: about four minutes on two idle cores).
+DeepSeek-V3 MoE model (central), building them the first time (both at once: about six minutes on two idle cores).
 Both are ordinary Hugging Face folders, loadable by `AutoModelForCausalLM.from_pretrained`.
 """
 
@@ -18,8 +18,8 @@ from typing import Callable
 # Bump when the corpus, tokenizer, architectures or training plan change: it names the cache folder.
 RECIPE_VERSION = "bundled-v3"
 VOCAB_SIZE = 512
-DENSE_STEPS = 1600
-MOE_STEPS = 1600
+DENSE_STEPS = 2400
+MOE_STEPS = 2400
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,9 @@ def whole_message(output: ChatOutput, text: str) -> dict[str, Any]:
     parts = output.push(text) + output.finish()
     content = "".join(t for kind, t in parts if kind == "content")
     message: dict[str, Any] = {"role": "assistant", "content": content}
-    if output.reasons:
-        reasoning = "".join(t for kind, t in parts if kind == "reasoning")
-        message["reasoning_content"] = reasoning or None
+    reasoning = "".join(t for kind, t in parts if kind == "reasoning")
+    if reasoning:  # absent when the model did not reason: such answers are exactly as before
+        message["reasoning_content"] = reasoning
     if output.calls:
         message["content"] = content or None
         message["tool_calls"] = [{k: v for k, v in call.items() if k != "index"} for call in output.calls]

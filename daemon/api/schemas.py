@@ -62,7 +62,8 @@ class ChatMessage(_Body):
     @classmethod
     def _text_parts_only(cls, value: Any) -> Any:
         for part in value if isinstance(value, list) else ():
-            why = _UNSUPPORTED_PARTS.get(part.get("type")) if isinstance(part, dict) else None
+            kind = part.get("type") if isinstance(part, dict) else None
+            why = _UNSUPPORTED_PARTS.get(kind) if isinstance(kind, str) else None
             if why:
                 raise ValueError(why)
         return value

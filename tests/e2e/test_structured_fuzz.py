@@ -63,7 +63,7 @@ def random_schemas(count: int) -> list[dict]:
 def problem_with_answer(route, schema: dict) -> str | None:
     """None when the answer parses and validates; else what is wrong with it."""
     status, body = post(route.url, "/v1/chat/completions", {
-        "model": route.model, "messages": [{"role": "user", "content": "Answer in JSON."}], "max_tokens": 240,
+        "model": route.model, "messages": [{"role": "user", "content": "Answer in JSON."}], "max_tokens": 400,
         "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
     })
     if status != 200:

@@ -22,8 +22,9 @@ def streamed_message(text: str, cut: int, **kwargs) -> tuple[dict, str | None]:
     deltas = [stream_delta(p) for i in range(0, len(text), cut) for p in out.push(text[i:i + cut])]
     deltas += [stream_delta(p) for p in out.finish()]
     message: dict = {"role": "assistant", "content": "".join(d.get("content", "") for d in deltas)}
-    if out.reasons:
-        message["reasoning_content"] = "".join(d.get("reasoning_content", "") for d in deltas) or None
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    if reasoning:
+        message["reasoning_content"] = reasoning
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
     if calls:
         message["content"] = message["content"] or None
