@@ -122,6 +122,9 @@ class ModelSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: PositiveInt | None = None  # CPU threads for inference (default: all cores)
+    # "deepseek_r1": the model thinks in <think>…</think>, answered as reasoning_content; "auto": so
+    # when the chat template mentions </think> (R1 and its distills, the bundled models)
+    reasoning: Literal["auto", "deepseek_r1", "none"] = "auto"
 
     @field_validator("name")
     @classmethod

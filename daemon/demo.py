@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import headers
+from .demo_formats import curl_examples, show_formats
 
 MODEL_NAME = "deepseek-r1-tiny"  # both nodes serve this name: the edge a distilled int8 variant
 DEMO_LONG_PROMPT_TOKENS = 48
@@ -205,6 +206,8 @@ Try it through the edge. A short prompt is answered by the edge itself:
 Prompts over {DEMO_LONG_PROMPT_TOKENS} tokens are forwarded to the central (see X-DSNode-Node / X-DSNode-Route):
   curl -s {edge.url}/v1/completions -H 'Content-Type: application/json' -i \\
     -d '{long_body}'
+The bundled models know a few examples of reasoning, tool calls and JSON answers (docs/clients.md):
+{curl_examples(edge.url, MODEL_NAME)}
 The cluster as the edge sees it:
   {dsnode_command()} status --url {edge.url}
 
@@ -225,8 +228,8 @@ def run_demo(cache_dir: Path, once: bool, port: int) -> int:
             wait_ready(node, deadline)
         wait_for_upstreams(edge, deadline)
         if once:
-            code = 0 if ask_twice(edge) else 1
-            return code
+            routed = ask_twice(edge)
+            return 0 if show_formats(edge.url, MODEL_NAME) and routed else 1
         banner(central, edge, work)
         _wait_for_interrupt()
         code = 0

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .corpus import PASSAGES
-from .tokenizer import BOS, IM_END, IM_START
+from .formats import (
+    Conversation,
+    json_conversations,
+    json_documents,
+    reasoning_conversations,
+    tool_conversations,
+)
+from .tokenizer import BOS, CHAT_TEMPLATE, IM_END, IM_START
 
 
 @dataclass(frozen=True)
@@ -42,12 +49,43 @@ def chat_sample(passage: str, split_words: int) -> list[Segment]:
     ]
 
 
+def conversation_sample(conversation: Conversation) -> list[Segment]:
+    """A conversation rendered by the bundled chat template; only its last (assistant) turn is trained.
+    A reasoning answer is trained as written: the template drops `<think>…</think>` from history."""
+    from dsnode.inference.tokenizer import render_template
+
+    messages, tools = conversation
+    prompt = render_template(CHAT_TEMPLATE, messages[:-1], add_generation_prompt=True, tools=tools)
+    last = messages[-1]["content"]
+    if "<think>" in last:
+        return [(BOS + prompt, False), (last + IM_END + "\n", True)]
+    full = render_template(CHAT_TEMPLATE, messages, add_generation_prompt=False, tools=tools)
+    assert full.startswith(prompt), "the template renders a conversation's history as its prompt"
+    return [(BOS + prompt, False), (full[len(prompt):], True)]
+
+
+def format_documents() -> list[list[Segment]]:
+    """Reasoning, tool calls and JSON answers (`formats`), and bare JSON documents."""
+    # tool calls are the hardest to learn (a long system turn, then a short answer that copies a city):
+    # seen four times as often
+    conversations = reasoning_conversations(PASSAGES) + tool_conversations() * 4 + json_conversations() * 2
+    docs = [conversation_sample(c) for c in conversations]
+    return docs + [[(BOS + doc + "\n", True)] for doc in json_documents()]
+
+
 def training_documents() -> list[list[Segment]]:
     docs = [[(BOS + p + "\n", True)] for p in PASSAGES]
     for passage in PASSAGES:
         for split in (2, 3, 4, 6):
             docs.append(chat_sample(passage, split))
-    return docs
+    return docs + format_documents()
+
+
+def tokenizer_text() -> str:
+    """What the BPE merges are learnt from: the passages (weighted: most of what the models say) and
+    the format examples."""
+    formats = "".join(text for doc in format_documents() for text, _ in doc)
+    return "\n".join(PASSAGES * 6) + "\n" + formats
 
 
 def token_stream(
@@ -80,10 +118,13 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(plan.seed)
     model.train()
+    # Windows end on a target token: a window inside an untrained prompt (a long tool list) would teach
+    # nothing, so every window trains, and each kind of text in proportion to its trained tokens.
+    ends = torch.nonzero(~ignored[plan.seq_len:]).flatten() + plan.seq_len + 1  # exclusive window ends
     losses: list[float] = []
     started = time.perf_counter()
     for step in range(plan.steps):
-        starts = torch.randint(0, len(data) - plan.seq_len - 1, (plan.batch,), generator=gen)
+        starts = ends[torch.randint(0, len(ends), (plan.batch,), generator=gen)] - plan.seq_len
         x = torch.stack([data[i : i + plan.seq_len] for i in starts.tolist()])  # (B, T)
         labels = x.masked_fill(torch.stack([ignored[i : i + plan.seq_len] for i in starts.tolist()]), -100)
         lr = plan.lr * min(1.0, (step + 1) / plan.warmup) * (0.1 + 0.9 * (1 - step / plan.steps))

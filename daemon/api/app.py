@@ -44,6 +44,7 @@ def create_app(node: Node, nccl_result: Path | None = None) -> web.Application:
     app.router.add_post("/v1/chat/completions", completions.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
     app.router.add_get("/v1/models", models.list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", models.get_model)
     app.router.add_get("/health", probes.health)
     app.router.add_get("/ready", probes.ready)
     app.router.add_get("/cluster", probes.cluster)

@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from ..inference.engine import ContextLengthExceeded, EngineError, EngineNotReady, QueueFull
+from ..inference.engine import ConstraintFailed, ContextLengthExceeded, EngineError, EngineNotReady, QueueFull
 from ..inference.tokenizer import ChatTemplateError
 
 log = structlog.get_logger("dsnode.api")
@@ -96,6 +96,8 @@ def to_api_error(exc: BaseException) -> APIError:
             503, f"The model is not ready: {exc.reason}", type="service_unavailable",
             code="not_ready", headers={"Retry-After": "5"},
         )
+    if isinstance(exc, ConstraintFailed):
+        return APIError(400, str(exc), param="response_format", code="invalid_schema")
     if isinstance(exc, EngineError):
         return APIError(500, str(exc), type="server_error", code="engine_error")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):

@@ -13,9 +13,12 @@ from ..config import LimitsSection
 from ..inference.engine import Delta, Engine, EngineError, GenerationRequest, SamplingParams
 from ..inference.tokenizer import TextTokenizer
 from ..record import RequestRecord
+from .appkeys import NODE
+from .chat_output import ChatOutput, new_chat_output, stream_delta, whole_message
 from .errors import APIError, sse_error_event, to_api_error
 from .responses import DONE, Shape, chunk, full_response, sse, usage, usage_chunk
-from .schemas import Body, CompletionRequest
+from .schemas import Body, ChatCompletionRequest, CompletionRequest
+from .tools import answer_constraint
 
 
 def sampling_params(body: Body, prompt_tokens: int, max_context: int, limits: LimitsSection) -> SamplingParams:
@@ -47,14 +50,18 @@ async def serve_local(
     params = sampling_params(body, len(prompt_ids), engine.info.max_context, limits)
     record.prompt_tokens = len(prompt_ids)
     shape = Shape.new(record.endpoint, record.request_id, body.model)
-    stream = engine.generate(GenerationRequest(record.request_id, tuple(prompt_ids), params))
+    output, constraint = None, None
+    if isinstance(body, ChatCompletionRequest):  # [model] is restart-only: the node's config is this request's
+        output = new_chat_output(body, engine.tokenizer, prompt_ids, request.app[NODE].config.model.reasoning)
+        constraint = await answer_constraint(body, engine.tokenizer, output.reasons, output.starts_in_reasoning)
+    stream = engine.generate(GenerationRequest(record.request_id, tuple(prompt_ids), params, constraint))
     async with aclosing(stream):
         first = await anext(stream)  # admission errors surface here, before any header is sent
         record.queued_s = first.queued_s
         echo = _echo_text(engine.tokenizer, body, prompt_ids)
         if body.stream:
-            return await _stream(request, stream, first, shape, body, record, echo)
-        return await _whole(stream, first, shape, record, echo)
+            return await _stream(request, stream, first, shape, body, record, echo, output)
+        return await _whole(stream, first, shape, record, echo, output)
 
 
 def _echo_text(tokenizer: TextTokenizer, body: Body, prompt_ids: list[int]) -> str:
@@ -68,15 +75,20 @@ def _response_headers(record: RequestRecord) -> dict[str, str]:
 
 
 async def _whole(
-    stream: AsyncIterator[Delta], first: Delta, shape: Shape, record: RequestRecord, echo: str
+    stream: AsyncIterator[Delta], first: Delta, shape: Shape, record: RequestRecord, echo: str,
+    output: ChatOutput | None,
 ) -> web.Response:
     parts, last = [echo], first
     async for delta in _with_first(first, stream):
         record.mark_token()
         parts.append(delta.text)
         last = delta
-    record.completion_tokens, record.finish_reason = last.completion_tokens, last.finish_reason
-    body = full_response(shape, "".join(parts), last.finish_reason, usage(last.prompt_tokens, last.completion_tokens))
+    text, finish, message = "".join(parts), last.finish_reason, None
+    if output is not None:
+        message = whole_message(output, text)
+        finish = output.finish_reason(finish)
+    record.completion_tokens, record.finish_reason = last.completion_tokens, finish
+    body = full_response(shape, text, finish, usage(last.prompt_tokens, last.completion_tokens), message)
     return web.json_response(body, headers=_response_headers(record))
 
 
@@ -88,6 +100,7 @@ async def _stream(
     body: Body,
     record: RequestRecord,
     echo: str,
+    output: ChatOutput | None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
@@ -99,7 +112,7 @@ async def _stream(
     )
     await response.prepare(request)
     include_usage = body.include_usage
-    last = first
+    last, finish = first, first.finish_reason
     if shape.chat:
         await response.write(sse(chunk(shape, "", first=True, with_usage_field=include_usage)))
     elif echo:
@@ -107,14 +120,18 @@ async def _stream(
     try:
         async for delta in _with_first(first, stream):
             record.mark_token()
-            last = delta
-            for piece in _delta_chunks(shape, delta, include_usage):
+            last, finish = delta, delta.finish_reason
+            pieces = _delta_chunks(shape, delta, include_usage) if output is None else \
+                _chat_chunks(shape, output, delta, include_usage)
+            for piece in pieces:
                 await response.write(sse(piece))
+            if output is not None:
+                finish = output.finish_reason(finish)
     except (EngineError, APIError) as exc:  # mid-stream failure: say so, then end the stream properly
         error = to_api_error(exc)
         record.status, record.error = error.status, error.message
         await response.write(sse_error_event(error))
-    record.completion_tokens, record.finish_reason = last.completion_tokens, last.finish_reason
+    record.completion_tokens, record.finish_reason = last.completion_tokens, finish
     if include_usage:
         await response.write(sse(usage_chunk(shape, usage(last.prompt_tokens, last.completion_tokens))))
     await response.write(DONE)
@@ -146,6 +163,18 @@ def _delta_chunks(shape: Shape, delta: Delta, include_usage: bool) -> list[dict[
             chunk(shape, "", reason, with_usage_field=include_usage),
         ]
     return [chunk(shape, delta.text, reason, with_usage_field=include_usage)]
+
+
+def _chat_chunks(shape: Shape, output: ChatOutput, delta: Delta, include_usage: bool) -> list[dict[str, Any]]:
+    """A chat delta through `output`: reasoning, content and tool calls each in their own chunk, the
+    finish reason in a last one."""
+    parts = output.push(delta.text)
+    if delta.finish_reason is not None:
+        parts += output.finish()
+    out = [chunk(shape, "", None, with_usage_field=include_usage, delta=stream_delta(p)) for p in parts if p[1]]
+    if delta.finish_reason is not None:
+        out.append(chunk(shape, "", output.finish_reason(delta.finish_reason), with_usage_field=include_usage))
+    return out
 
 
 async def _with_first(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:

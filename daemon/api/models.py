@@ -1,4 +1,5 @@
-"""`GET /v1/models`: every model reachable through this node, local or via its upstreams."""
+"""`GET /v1/models`: every model reachable through this node, local or via its upstreams;
+`GET /v1/models/{id}`: one of them (404 `model_not_found` otherwise)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,26 @@ from typing import Any
 
 from aiohttp import web
 
+from ..node import Node
 from .appkeys import NODE
+from .errors import model_not_found
 
 
 async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": reachable_models(request.app[NODE])})
+
+
+async def get_model(request: web.Request) -> web.Response:
     node = request.app[NODE]
+    wanted = request.match_info["model_id"]
+    models = reachable_models(node)
+    for entry in models:
+        if entry["id"] == wanted:
+            return web.json_response(entry)
+    raise model_not_found(wanted, [entry["id"] for entry in models])
+
+
+def reachable_models(node: Node) -> list[dict[str, Any]]:
     data: list[dict[str, Any]] = []
     local = node.local_model_json()
     if local is not None:
@@ -23,7 +39,7 @@ async def list_models(request: web.Request) -> web.Response:
             entry["dsnode"]["nodes"] += model.nodes
             continue
         data.append(_entry(model.name, int(node.started_at), model.max_context, list(model.nodes), False, True))
-    return web.json_response({"object": "list", "data": data})
+    return data
 
 
 def _entry(name: str, created: int, max_context: int | None, nodes: list[str], local: bool,

@@ -59,6 +59,7 @@ def request_schemas() -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=_REF)
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
+    _add_chat_rules(components)
     for model in (ChatCompletionRequest, CompletionRequest):
         props = components[model.__name__]["properties"]
         _add_validator_rules(props)
@@ -80,6 +81,17 @@ def _or_null(prop: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [prop, {"type": "null"}], **outer}
 
 
+def _add_chat_rules(components: dict[str, Any]) -> None:
+    """The chat validators that look at more than one field: `json_schema` needs its schema, and
+    `tool_choice` (other than "none") needs tools."""
+    components["ResponseFormat"]["if"] = {"properties": {"type": {"const": "json_schema"}}}
+    components["ResponseFormat"]["then"] = {"required": ["json_schema"], "properties": {"json_schema": {
+        "type": "object", "required": ["schema"], "properties": {"schema": {"type": "object"}}}}}
+    chat = components["ChatCompletionRequest"]
+    chat["if"] = {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}}
+    chat["then"] = {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}
+
+
 def _add_validator_rules(props: dict[str, Any]) -> None:
     """What the models' validators check, in JSON Schema words."""
     text = {"type": "string", "minLength": 1}
@@ -89,11 +101,6 @@ def _add_validator_rules(props: dict[str, Any]) -> None:
     for name in ("presence_penalty", "frequency_penalty"):  # Literal[0, 0.0]: one value in JSON
         props[name].pop("enum", None)
         props[name]["const"] = 0
-    if "response_format" in props:
-        props["response_format"]["anyOf"] = [
-            {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
-            {"type": "null"},
-        ]
     if "prompt" in props:
         prompt = props["prompt"]
         prompt.pop("minLength", None)
@@ -102,6 +109,12 @@ def _add_validator_rules(props: dict[str, Any]) -> None:
             {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
             {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
         ]
+
+
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
 
 
 def _response_schemas() -> dict[str, Any]:
@@ -132,7 +145,9 @@ def _response_schemas() -> dict[str, Any]:
                     "properties": {"index": {"type": "integer"}, "finish_reason": finish,
                                    "message": {"type": "object", "required": ["role", "content"],
                                                "properties": {"role": {"const": "assistant"},
-                                                              "content": {"type": ["string", "null"]}}}},
+                                                              "content": {"type": ["string", "null"]},
+                                                              "reasoning_content": {"type": ["string", "null"]},
+                                                              "tool_calls": {"type": "array", "items": _TOOL_CALL}}}},
                 }},
             },
         },
@@ -226,6 +241,9 @@ def openapi_document(bearer: bool, peers: bool = False) -> dict[str, Any]:
             "/v1/completions": {"post": _completion("Text completion", "CompletionRequest", "Completion")},
             "/v1/models": {"get": _get("Every model reachable through this node", "application/json",
                                        {"$ref": "#/components/schemas/ModelList"}, ("401",))},
+            "/v1/models/{model_id}": {"get": {
+                **_get("One model reachable through this node", "application/json", any_json, ("401", "404")),
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": _STRING}]}},
             "/health": {"get": _get("Liveness: the process serves HTTP", "application/json", any_json,
                                     open_=True)},
             "/ready": {"get": _get("Readiness: the local model is loaded and the node takes work",

@@ -7,6 +7,7 @@ import asyncio
 from ..inference.tokenizer import TextTokenizer
 from .errors import bad_request
 from .schemas import Body, ChatCompletionRequest, CompletionRequest
+from .tools import template_messages
 
 # Tokenizing a prompt this long moves off the event loop (tokenizers is fast, but not free).
 TOKENIZE_IN_THREAD_CHARS = 32_768
@@ -33,6 +34,6 @@ def _prompt_chars(body: Body) -> int:
 
 def _tokenize(tokenizer: TextTokenizer, body: Body) -> list[int]:
     if isinstance(body, ChatCompletionRequest):
-        return tokenizer.encode_chat([m.for_template() for m in body.messages])
+        return tokenizer.encode_chat(*template_messages(body, tokenizer))
     prompt = body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])
     return tokenizer.encode(prompt)

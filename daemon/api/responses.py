@@ -37,11 +37,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def full_response(shape: Shape, text: str, finish_reason: str | None, use: dict[str, int]) -> dict[str, Any]:
+def full_response(shape: Shape, text: str, finish_reason: str | None, use: dict[str, int],
+                  message: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`message`: a chat answer's message when it is more than its text (reasoning, tool calls)."""
     if shape.chat:
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message or {"role": "assistant", "content": text},
             "logprobs": None,
             "finish_reason": finish_reason,
         }
@@ -65,9 +67,12 @@ def chunk(
     finish_reason: str | None = None,
     first: bool = False,
     with_usage_field: bool = False,
+    delta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`delta`: a chat chunk's delta when it carries more than text (reasoning, a tool call)."""
     if shape.chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        if delta is None:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         kind = "chat.completion.chunk"
     else:

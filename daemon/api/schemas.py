@@ -8,10 +8,19 @@ default means the default (OpenAI's parameters are nullable: `"temperature": nul
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import APIError, bad_request
 
@@ -31,10 +40,41 @@ class TextPart(_Body):
     text: str
 
 
+_UNSUPPORTED_PARTS = {
+    "image_url": "images are not supported: the models served here read text only",
+    "input_image": "images are not supported: the models served here read text only",
+    "input_audio": "audio is not supported: the models served here read text only",
+    "file": "files are not supported: send their text",
+}
+
+
+class FunctionCall(_Body):
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallMessage(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        for part in value if isinstance(value, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            why = _UNSUPPORTED_PARTS.get(kind) if isinstance(kind, str) else None
+            if why:
+                raise ValueError(why)
+        return value
 
     def text(self) -> str:
         if self.content is None:
@@ -43,9 +83,69 @@ class ChatMessage(_Body):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def for_template(self) -> dict[str, Any]:
+    def for_template(self, arguments_as_text: bool = False) -> dict[str, Any]:
+        """The message as chat templates take it; a call's `arguments` as text (DeepSeek's templates)
+        or as an object (Qwen's, which apply `tojson`)."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        out: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [_call_for_template(c, arguments_as_text) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _call_for_template(call: ToolCallMessage, arguments_as_text: bool) -> dict[str, Any]:
+    arguments: Any = call.function.arguments
+    if arguments_as_text and not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    elif not arguments_as_text and isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass  # not JSON: the template gets the text as it came
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+
+
+class FunctionSpec(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpecIn(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type 'json_schema' needs json_schema.schema, a JSON schema")
+        return self
 
 
 class _Sampling(_Body):
@@ -109,9 +209,11 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: Literal[False] = False
-    tools: None = None
-    tool_choice: Literal["none"] | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: Literal[0] | None = None
+    tools: list[ToolSpecIn] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -120,12 +222,22 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("Input should be a valid boolean")
         return value
 
-    @field_validator("response_format")
+    @field_validator("tool_choice", mode="before")
     @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError("only response_format {\"type\": \"text\"} is supported")
+    def _named_choice_shape(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, "none") and not info.data.get("tools"):
+            raise ValueError("'tool_choice' is only allowed when 'tools' are given")
+        if isinstance(value, dict):
+            function = value.get("function")
+            if value.get("type") != "function" or not isinstance(function, dict) or \
+                    not isinstance(function.get("name"), str):
+                raise ValueError('a named tool choice is {"type": "function", "function": {"name": NAME}}')
         return value
+
+    @field_validator("top_logprobs", mode="before")
+    @classmethod
+    def _top_logprobs_not_bool(cls, value: Any) -> Any:
+        return _no_bool(value)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -189,12 +301,15 @@ def _as_api_error(exc: ValidationError) -> APIError:
     param = _param_name(loc)
     if first["type"] == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_parameter")
-    if first["type"] in ("literal_error",) and param in _UNSUPPORTED_HINT:
+    if first["type"] in ("literal_error", "none_required") and param in _UNSUPPORTED_HINT:
         return bad_request(
             f"Unsupported value for '{param}': {_UNSUPPORTED_HINT[param]} (got {_show(first.get('input'))}).",
             param=param,
             code="unsupported_value",
         )
+    if first["type"] == "none_required":  # never pydantic's "Input should be None"
+        return bad_request(f"Unsupported parameter: '{param}' is not supported by this server.", param=param,
+                           code="unsupported_parameter")
     message = first["msg"].removeprefix("Value error, ")
     return bad_request(
         f"Invalid value for '{param}': {message} (got {_show(first.get('input'))}).",
@@ -203,7 +318,8 @@ def _as_api_error(exc: ValidationError) -> APIError:
     )
 
 
-_UNION_TAGS = {"str", "int", "list[str]", "list[int]", "list[TextPart]", "none", "function-after", "function-before"}
+_UNION_TAGS = {"str", "int", "list[str]", "list[int]", "list[TextPart]", "none", "function-after", "function-before",
+               "NamedToolChoice"}
 
 _UNSUPPORTED_HINT = {
     "n": "only n=1 is supported",
@@ -211,7 +327,8 @@ _UNSUPPORTED_HINT = {
     "presence_penalty": "presence_penalty is not supported (use 0)",
     "frequency_penalty": "frequency_penalty is not supported (use 0)",
     "logprobs": "logprobs are not supported",
-    "tool_choice": "tool calling is not supported",
+    "top_logprobs": "logprobs are not supported",
+    "suffix": "suffix (insertion) is not supported",
 }
 
 

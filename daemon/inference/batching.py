@@ -23,6 +23,7 @@ import structlog
 from ..config import BatchingSection
 from .detokenizer import Detokenizer
 from .engine import (
+    ConstraintFailed,
     ContextLengthExceeded,
     Delta,
     Engine,
@@ -35,6 +36,7 @@ from .engine import (
     ModelInfo,
     QueueFull,
 )
+from .grammar import GrammarError, GuideError, TokenGuide, start_guide
 from .sampling import new_generator, sample_token
 from .scheduler import RequestTooLarge, Scheduler, StepPlan, WaitingQueueFull
 from .tokenizer import TextTokenizer
@@ -74,6 +76,7 @@ class _Live:
     rng: np.random.Generator
     tokens: list[int] = field(default_factory=list)
     completion_tokens: int = 0
+    guide: TokenGuide | None = None  # the request's constraint, compiled on its first step
     queued_at: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None  # first step that fed it: the end of its queue time
 
@@ -301,23 +304,46 @@ class BatchingEngine(Engine):
                 failed[feed.seq_id] = exc
                 continue
             if feed.sample:
-                sampled[feed.seq_id] = sample_token(logits, live.request.params, live.rng)
+                self._sample(live, logits, sampled, failed)
         decoding = [(f.seq_id, self._live.get(f.seq_id)) for f in plan.decode]
         decoding = [(seq_id, live) for seq_id, live in decoding if live is not None]
         if decoding:
             logits = runner.decode([s for s, _ in decoding], [live.tokens[-1] for _, live in decoding])
             for row, (seq_id, live) in enumerate(decoding):
-                sampled[seq_id] = sample_token(logits[row], live.request.params, live.rng)
+                self._sample(live, logits[row], sampled, failed)
         return sampled, failed
+
+    def _sample(self, live: _Live, logits: np.ndarray, sampled: dict[str, int],
+                failed: dict[str, Exception]) -> None:
+        """One token for `live` from its logits (V,), masked by its constraint if it has one. A
+        constraint that fails is its own request's failure."""
+        params = live.request.params
+        try:
+            if live.request.constraint is not None:
+                if live.guide is None:
+                    live.guide = start_guide(self._require_loaded().tokenizer, live.request.constraint,
+                                             params.max_tokens)
+                logits = live.guide.mask(logits, params.max_tokens - live.completion_tokens)
+        except (GrammarError, GuideError) as exc:
+            log.warning("engine_constraint_failed", seq_id=live.seq_id, error=str(exc))
+            failed[live.seq_id] = exc
+            return
+        sampled[live.seq_id] = sample_token(logits, params, live.rng)
 
     def _finish_step(self, runner: ModelRunner, plan: StepPlan, sampled: dict[str, int]) -> None:
         outgoing: list[tuple[_Live, Delta]] = []
         ended: set[str] = set()
+        broken: dict[str, Exception] = {}
         for seq_id, token in sampled.items():
             live = self._live.get(seq_id)
             if live is None:
                 continue
-            delta = self._advance(live, token)
+            try:
+                delta = self._advance(live, token)
+            except GuideError as exc:  # the mask should make this impossible: fail the request, not the node
+                log.error("engine_constraint_broken", seq_id=seq_id, error=str(exc))
+                broken[seq_id] = exc
+                continue
             outgoing.append((live, delta))
             if delta.finish_reason is not None:
                 ended.add(seq_id)
@@ -329,6 +355,8 @@ class BatchingEngine(Engine):
             self._to_release.extend(ended)
         self._count_sampled(len(sampled))
         _send_all(outgoing)
+        for seq_id, exc in broken.items():
+            self._fail_sequences(runner, (seq_id,), _model_failed(exc))
 
     def _advance(self, live: _Live, token: int) -> Delta:
         params = live.request.params
@@ -338,9 +366,11 @@ class BatchingEngine(Engine):
         if token in self._require_loaded().tokenizer.eos_token_ids and not params.ignore_eos:
             text, reason = live.detok.flush(), "stop"
         else:
+            if live.guide is not None:
+                live.guide.accept(token)
             text = live.detok.push(token)
-            if live.detok.stopped:
-                reason = "stop"
+            if live.detok.stopped or (live.guide is not None and live.guide.finished):
+                text, reason = text + live.detok.flush(), "stop"
             elif live.completion_tokens >= params.max_tokens:
                 text, reason = text + live.detok.flush(), "length"
         queued_s = None
@@ -423,6 +453,8 @@ def _step_ids(plan: StepPlan) -> set[str]:
 
 
 def _model_failed(exc: Exception) -> EngineError:
+    if isinstance(exc, (GrammarError, GuideError)):
+        return ConstraintFailed(f"the request's grammar (response_format or tools) failed: {exc}")
     return EngineError(f"the model failed on this request: {exc}")
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Literal
 
 if TYPE_CHECKING:
+    from .grammar import Constraint
     from .tokenizer import TextTokenizer
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -37,6 +38,9 @@ class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    # The grammar the output must follow (structured output, forced tool calls): the engine masks the
+    # logits with it every step before sampling. None: free text.
+    constraint: "Constraint | None" = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,11 @@ class EngineLoad:
 
 class EngineError(Exception):
     """The engine failed while generating; only the affected requests see it."""
+
+
+class ConstraintFailed(EngineError):
+    """The request's grammar could not be followed (it compiled, but the library gave up on it): the
+    client's schema, not the node, is at fault."""
 
 
 class EngineNotReady(EngineError):

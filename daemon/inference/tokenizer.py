@@ -72,24 +72,46 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
-        try:
-            return _compile(self.chat_template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                tools=None,
-            )
-        except ChatTemplateError:
-            raise
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+        return render_template(self.chat_template, messages, add_generation_prompt, tools,
+                               self.bos_token or "", self.eos_token or "")
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
+
+    def single_token_id(self, text: str) -> int | None:
+        """The id of `text` when the vocabulary has it as one token (a format marker such as
+        `</think>` usually is), else None."""
+        ids = self.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
+
+def render_template(
+    source: str,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> str:
+    """A chat template rendered the way transformers renders it."""
+    try:
+        return _compile(source).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            tools=tools or None,
+        )
+    except ChatTemplateError:
+        raise
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"chat template failed: {exc}") from exc
 
 
 _COMPILED: dict[str, jinja2.Template] = {}

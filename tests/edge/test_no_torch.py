@@ -75,7 +75,7 @@ def edge(tmp_path_factory, int8_dir):
 
 def test_edge_serves_without_torch_or_transformers(edge):
     node, report_path = edge
-    body = {"model": "tiny-edge", "prompt": "It was the best", "max_tokens": 10, "temperature": 0}
+    body = {"model": "tiny-edge", "prompt": "It was the best", "max_tokens": 14, "temperature": 0}
     request = urllib.request.Request(node.url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:

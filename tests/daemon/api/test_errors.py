@@ -60,9 +60,10 @@ async def still_serves(client):
         ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "stop": ["a","b","c","d","e","f","g","h","i",'
          b'"j","k","l","m","n","o","p","q"]}', 400, "invalid_value", "stop", "16"),
         ("/v1/chat/completions", b'{"model": "tiny-dense", "messages": [{"role": "user", "content": "x"}], '
-         b'"tools": [{"type": "function"}]}', 400, None, "tools", None),
+         b'"tools": [{"type": "function"}]}', 400, "missing_parameter", "tools[0].function", None),
         ("/v1/chat/completions", b'{"model": "tiny-dense", "messages": [{"role": "user", "content": "x"}], '
-         b'"response_format": {"type": "json_object"}}', 400, None, "response_format", None),
+         b'"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objet"}}}}',
+         400, "invalid_schema", "response_format", "objet"),
         ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "max_tokens": 5000}', 400,
          "context_length_exceeded", "prompt", "512"),
     ],

@@ -44,8 +44,9 @@ SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, data
 def test_the_document_is_valid_openapi_3_1():
     SCHEMA.validate()
     assert DOCUMENT["openapi"] == "3.1.0"
-    assert set(DOCUMENT["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                                      "/ready", "/metrics", "/cluster", "/openapi.json"}
+    assert set(DOCUMENT["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models",
+                                      "/v1/models/{model_id}", "/health", "/ready", "/metrics", "/cluster",
+                                      "/openapi.json"}
 
 
 @pytest.mark.parametrize("path", sorted(BODIES))
