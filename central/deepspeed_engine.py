@@ -29,8 +29,9 @@ import numpy as np
 import structlog
 from dsnode.config import BatchingSection, Config, ModelSection
 from dsnode.hfconfig import read_hf_config
-from dsnode.inference.batching import BatchingEngine, Loaded, RunnerDied
+from dsnode.inference.batching import BatchingEngine
 from dsnode.inference.engine import Engine, EngineError
+from dsnode.inference.runner import Loaded, RunnerDied
 from dsnode.inference.tokenizer import TextTokenizer
 from dsnode.probe import GPU, probe_gpus
 

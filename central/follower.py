@@ -21,7 +21,6 @@ from typing import AsyncIterator
 import structlog
 from dsnode.config import BatchingSection, ModelSection
 from dsnode.hfconfig import read_hf_config
-from dsnode.inference.batching import RunnerDied
 from dsnode.inference.engine import (
     Delta,
     Engine,
@@ -31,6 +30,7 @@ from dsnode.inference.engine import (
     Health,
     ModelInfo,
 )
+from dsnode.inference.runner import RunnerDied
 from dsnode.inference.tokenizer import TextTokenizer
 from dsnode.probe import probe_gpus
 

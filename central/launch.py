@@ -14,7 +14,7 @@ from typing import Any
 
 from dsnode.config import BatchingSection, ModelSection
 from dsnode.hfconfig import ModelFolderError
-from dsnode.inference.batching import RunnerDied
+from dsnode.inference.runner import RunnerDied
 from dsnode.probe import GPU
 from dsnode.sizing import model_shape
 

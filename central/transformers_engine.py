@@ -11,8 +11,9 @@ from typing import Any
 import structlog
 from dsnode.config import BatchingSection, ModelSection
 from dsnode.hfconfig import ModelFolderError, read_hf_config
-from dsnode.inference.batching import BatchingEngine, Loaded, context_limit
+from dsnode.inference.batching import BatchingEngine, context_limit
 from dsnode.inference.engine import ModelInfo
+from dsnode.inference.runner import Loaded
 from dsnode.inference.tokenizer import TextTokenizer
 from dsnode.probe import probe_gpus
 

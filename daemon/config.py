@@ -11,7 +11,6 @@ import ipaddress
 import re
 import socket
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -26,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from .config_problems import ConfigError, Problem, problem_of
 from .distributed import DistributedSection, cross_section_problems
 from .secrets import KeyFileError, SecretFileError, Secrets, read_api_keys, read_cluster_secrets, read_secrets
 from .store.layout import DEFAULT_ROOT as DEFAULT_STORE_ROOT
@@ -259,22 +259,6 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    key: str
-    why: str
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.key}: {self.why}"
-
-
-class ConfigError(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("\n".join(str(p) for p in problems))
-        self.problems = problems
-
-
 def load_config(path: Path | str, check_paths: bool = True) -> Config:
     """Read, parse and validate; raises ConfigError listing every problem.
 
@@ -291,7 +275,7 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
     try:
         config = Config.model_validate({**raw, "source": path, "model_version": version})
     except ValidationError as exc:
-        problems = [_problem(path, err) for err in exc.errors()] + problems
+        problems = [problem_of(path, err) for err in exc.errors()] + problems
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
@@ -396,57 +380,3 @@ def _check_model_dir(model_dir: Path, backend: Any, file: str) -> list[Problem]:
     if not (model_dir / marker).is_file():
         return [Problem(file, "model.path", f"is not {kind}: no {marker} (got {str(model_dir)!r})")]
     return []
-
-
-_WHY = {
-    "extra_forbidden": "unknown key",
-    "missing": "required key is missing",
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-    "string_type": "must be a string",
-    "bool_type": "must be true or false",
-    "path_type": "must be a path string",
-    "tuple_type": "must be a list",
-    "model_type": "must be a table",
-    "model_attributes_type": "must be a table",
-    "dict_type": "must be a table",
-}
-
-
-def _problem(path: Path, err: Any) -> Problem:
-    key = _dotted(err["loc"])
-    kind = err["type"]
-    if kind == "literal_error":
-        why = f"must be one of {err['ctx']['expected']}"
-    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
-        bound = next(iter(err["ctx"].values()))
-        if isinstance(bound, float) and bound.is_integer():
-            bound = int(bound)
-        why = f"must be {op} {bound}"
-    elif kind == "value_error":
-        why = str(err["ctx"]["error"])
-    else:
-        why = _WHY.get(kind, err["msg"])
-    if kind != "missing":
-        why += f" (got {_show(err.get('input'))})"
-    return Problem(str(path), key or "(top level)", why)
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and part.startswith("function-"):
-            continue
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a table"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

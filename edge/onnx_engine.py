@@ -15,8 +15,9 @@ import time
 import onnxruntime as ort
 import structlog
 from dsnode.config import BatchingSection, ModelSection
-from dsnode.inference.batching import BatchingEngine, Loaded, context_limit
+from dsnode.inference.batching import BatchingEngine, context_limit
 from dsnode.inference.engine import ModelInfo
+from dsnode.inference.runner import Loaded
 from dsnode.inference.tokenizer import TextTokenizer
 
 from .manifest import GRAPH_GQA, Manifest, ManifestError, read_manifest, verify_files

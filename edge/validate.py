@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from dsnode.inference.batching import ModelRunner
+from dsnode.inference.runner import ModelRunner
 from dsnode.inference.tokenizer import TextTokenizer
 
 NEW_TOKENS = 16

@@ -68,15 +68,7 @@ SIZES: dict[str, dict[str, Any]] = {
     ),
 }
 TOKENIZER_VOCAB = 512  # the bundled byte-level BPE; larger model vocabularies decode unknown ids to ""
-DENSE_SIZES: dict[str, dict[str, Any]] = {
-    # R1-Distill-Qwen-7B's layer shapes and vocabulary (the layer count comes from --edge-layers)
-    "full": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-                 vocab_size=152064, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                 vocab_size=TOKENIZER_VOCAB, max_position_embeddings=512),
-}
 BATCHES = (1, 8, 32)
-EDGE_BATCHES = (1, 8, 32)
 PREFILL_TOKENS = 1024
 DECODE_STEPS = 64
 PROMPT_TOKENS = 128
@@ -94,7 +86,7 @@ def main() -> int:
     sections: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("moe_model", lambda: moe_model(args)),
         ("moe_engine", lambda: asyncio.run(moe_engine(args, work))),
-        ("edge_onnx", lambda: asyncio.run(edge_onnx(args, work))),
+        ("edge_onnx", lambda: asyncio.run(edge_onnx(args, work, Helpers(engine_figures, save_tokenizer_files, Skip)))),
         ("nccl", lambda: nccl(args)),
         ("moe_expert_parallel", lambda: asyncio.run(moe_expert_parallel(args, work))),
         ("moe_fp8", lambda: moe_fp8(args, work)),
@@ -380,73 +372,19 @@ async def engine_figures(engine: Any, batches: tuple[int, ...], repeats: int, pr
     return figures
 
 
-# --- 3. the edge model on ONNX Runtime's CUDA provider ---------------------------------------------
-async def edge_onnx(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    if importlib.util.find_spec("dsnode.edge.slot_runner") is None:
-        raise Skip("dsnode.edge (convert --target cuda, SlotRunner) is not in this tree yet")
-    import onnxruntime
+# --- 3. the edge model on ONNX Runtime's CUDA provider (scripts/gpu_check_edge.py) ----------------
+async def edge_onnx(args: argparse.Namespace, work: Path, helpers: Any) -> dict[str, Any]:
+    import gpu_check_edge
 
-    providers = onnxruntime.get_available_providers()
-    if args.device == "cuda" and "CUDAExecutionProvider" not in providers:
-        raise Skip(f"onnxruntime {onnxruntime.__version__} has no CUDA provider here (providers: {providers}); "
-                   "install onnxruntime-gpu (never beside onnxruntime)")
-    from dsnode.config import BatchingSection, ModelSection
-    from dsnode.edge.onnx_engine import OnnxEngine
-
-    dst, convert_s, layers = convert_edge_model(args, work)
-    result: dict[str, Any] = {"layers": layers, "convert_s": round(convert_s, 1),
-                              "strict_session": strict_cuda_session(dst / "model.onnx", args.device)}
-    engine = OnnxEngine(ModelSection(name="gpu-check-edge", path=dst, backend="onnx", device=args.device),
-                        BatchingSection(max_running=max(EDGE_BATCHES)))
-    await engine.load()
-    try:
-        if args.device == "cuda" and engine.info.device != "CUDAExecutionProvider":
-            raise RuntimeError(f"OnnxEngine runs on {engine.info.device}, not the CUDA provider")
-        result["provider"] = engine.info.device
-        result.update(await engine_figures(engine, EDGE_BATCHES, args.repeats, prefill=False))
-        return result
-    finally:
-        await engine.close()
+    return await gpu_check_edge.section(args, work, helpers)
 
 
-def convert_edge_model(args: argparse.Namespace, work: Path) -> tuple[Path, float, int]:
-    """A random 7B-shaped Qwen2 (bf16 shards, like the published checkpoint) → int8 for the target."""
-    import torch
-    from dsnode.edge.convert import ConvertOptions, convert_model
-    from transformers import AutoModelForCausalLM, Qwen2Config
+class Helpers:
+    """What a section kept in a module of its own borrows from this script (it imports nothing of it:
+    run as a script, this file is `__main__`, and `Skip` must be this one)."""
 
-    layers = args.edge_layers or (28 if args.size == "full" else 2)
-    src, dst = work / "edge-src", work / "edge-int8"
-    torch.manual_seed(0)
-    config = Qwen2Config(num_hidden_layers=layers, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
-                         pad_token_id=3, **DENSE_SIZES[args.size])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(str(src), max_shard_size="4GB")
-    del model
-    save_tokenizer_files(src, config.max_position_embeddings)
-    target = "cuda" if args.device == "cuda" else "cpu"
-    started = time.monotonic()
-    # random weights: validation would only measure near-ties, and costs minutes of CPU torch at 7B
-    convert_model(src, dst, options=ConvertOptions(quant="int8", target=target), validate=False)
-    return dst, time.monotonic() - started, layers
-
-
-def strict_cuda_session(path: Path, device: str) -> dict[str, Any]:
-    """A session with `session.disable_cpu_ep_fallback = 1`: creating it fails if any node would be
-    placed on the CPU beside the CUDA provider."""
-    import onnxruntime
-
-    if device != "cuda":
-        return {"ok": None, "skipped": "a CPU run: the check is about the CUDA provider"}
-    options = onnxruntime.SessionOptions()
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    providers = ["CUDAExecutionProvider"]
-    started = time.monotonic()
-    try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:  # onnxruntime's own error types
-        return {"ok": False, "error": str(exc)[-2000:]}
-    return {"ok": True, "providers": session.get_providers(), "start_s": round(time.monotonic() - started, 1)}
+    def __init__(self, figures: Callable[..., Any], save_tokenizer: Callable[..., None], skip: type[Exception]):
+        self.figures, self.save_tokenizer, self.skip = figures, save_tokenizer, skip
 
 
 # --- 4. nccl ---------------------------------------------------------------------------------------

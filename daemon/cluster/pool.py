@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
+from .http_head import ProtocolError, parse_head
+
 MAX_HEAD_BYTES = 64 * 1024
 PAUSE_ABOVE_BYTES = 256 * 1024  # body bytes buffered and not yet consumed: stop reading the socket
 RESUME_BELOW_BYTES = 64 * 1024
@@ -251,7 +253,7 @@ class _Connection(asyncio.Protocol):
         self._received = True
         try:
             self._feed(data)
-        except _ProtocolError as exc:
+        except ProtocolError as exc:
             self._fail(f"bad response from upstream: {exc}")
             self.close()
         if self._buffered > PAUSE_ABOVE_BYTES and not self._paused and not self.closed:
@@ -286,7 +288,7 @@ class _Connection(asyncio.Protocol):
                 stop = data.find(b"\r\n\r\n", pos)
                 if stop < 0:
                     if end - pos > MAX_HEAD_BYTES:
-                        raise _ProtocolError("response head too large")
+                        raise ProtocolError("response head too large")
                     self._buf = data[pos:]
                     return
                 self._parse_head(data[pos:stop])
@@ -302,7 +304,7 @@ class _Connection(asyncio.Protocol):
                 stop = data.find(b"\r\n", pos)
                 if stop < 0:
                     if end - pos > 4096:
-                        raise _ProtocolError("chunk header too long")
+                        raise ProtocolError("chunk header too long")
                     self._buf = data[pos:]
                     return
                 line, pos = data[pos:stop], stop + 2
@@ -313,7 +315,7 @@ class _Connection(asyncio.Protocol):
                 try:
                     size = int(line.split(b";", 1)[0].strip(), 16)
                 except ValueError:
-                    raise _ProtocolError(f"bad chunk size {line[:40]!r}") from None
+                    raise ProtocolError(f"bad chunk size {line[:40]!r}") from None
                 if size == 0:
                     self._state = _TRAILER
                 else:
@@ -323,7 +325,7 @@ class _Connection(asyncio.Protocol):
                     self._buf = data[pos:]
                     return
                 if data[pos:pos + 2] != b"\r\n":
-                    raise _ProtocolError("chunk not followed by CRLF")
+                    raise ProtocolError("chunk not followed by CRLF")
                 pos += 2
                 self._state = _CHUNK_SIZE
             elif state == _UNTIL_EOF:
@@ -338,52 +340,24 @@ class _Connection(asyncio.Protocol):
             self._pieces.append(piece)
             self._buffered += len(piece)
 
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise _ProtocolError(f"bad status line {lines[0][:60]!r}")
-        status = int(code)
-        if 100 <= status < 200:
+    def _parse_head(self, data: bytes) -> None:
+        head = parse_head(data)
+        if head is None:
             return  # an interim answer (100 Continue): the real head follows
-        headers: list[tuple[str, str]] = []
-        length: int | None = None
-        chunked = False
-        keep_alive = version == "HTTP/1.1"
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise _ProtocolError(f"bad header line {line[:60]!r}")
-            value = value.strip()
-            headers.append((name, value))
-            key = name.lower()
-            if key == "content-length":
-                if not value.isdigit():
-                    raise _ProtocolError(f"bad Content-Length {value[:20]!r}")
-                length = int(value)
-            elif key == "transfer-encoding":
-                chunked = "chunked" in value.lower()
-            elif key == "connection":
-                keep_alive = keep_alive and "close" not in value.lower()
-        self._keep_alive = keep_alive
-        self.length = None if chunked else length
-        if chunked:
+        self._keep_alive = head.keep_alive
+        self.length = None if head.chunked else head.length
+        if head.chunked:
             self._state = self.framing = _CHUNK_SIZE
-        elif length is not None:
+        elif head.length is not None:
             self.framing = _LENGTH
-            self._remaining = length
-            self._state = _LENGTH if length else _DONE
-        elif status in (204, 304):
+            self._remaining = head.length
+            self._state = _LENGTH if head.length else _DONE
+        elif head.status in (204, 304):
             self._state = self.framing = _DONE
         else:
             self._state = self.framing = _UNTIL_EOF
             self._keep_alive = False
-        self._head = (status, headers)
-
-
-class _ProtocolError(Exception):
-    pass
+        self._head = (head.status, head.headers)
 
 
 def _expire(waiter: "asyncio.Future[bool]") -> None:

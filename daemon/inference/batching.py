@@ -13,9 +13,7 @@ import asyncio
 import itertools
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable, Protocol, Sequence
+from typing import AsyncIterator, Iterable
 
 import numpy as np
 import structlog
@@ -36,60 +34,14 @@ from .engine import (
     ModelInfo,
     QueueFull,
 )
-from .grammar import GrammarError, GuideError, TokenGuide, start_guide
+from .grammar import GrammarError, GuideError, start_guide
+from .runner import Loaded, ModelRunner, RunnerDied
 from .sampling import new_generator, sample_token
 from .scheduler import RequestTooLarge, Scheduler, StepPlan, WaitingQueueFull
+from .sequences import LiveSequence, Throughput, send_all
 from .tokenizer import TextTokenizer
 
 log = structlog.get_logger("dsnode.inference.engine")
-
-THROUGHPUT_WINDOW_S = 10.0
-
-
-class ModelRunner(Protocol):
-    """What a backend provides: forward passes with a per-sequence KV cache. Called from one thread."""
-
-    def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
-        """Feed tokens at positions start.. of `seq_id`; returns the last position's logits (V,)."""
-        ...
-
-    def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
-        """Feed one token to each sequence, batched; returns logits (n, V) in the order given."""
-        ...
-
-    def release(self, seq_id: str) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class RunnerDied(EngineError):
-    """The runner cannot continue (a tensor-parallel rank died, the device was lost)."""
-
-
-@dataclass
-class _Live:
-    seq_id: str
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Delta | BaseException]
-    detok: Detokenizer
-    rng: np.random.Generator
-    tokens: list[int] = field(default_factory=list)
-    completion_tokens: int = 0
-    guide: TokenGuide | None = None  # the request's constraint, compiled on its first step
-    queued_at: float = field(default_factory=time.monotonic)
-    scheduled_at: float | None = None  # first step that fed it: the end of its queue time
-
-    def send(self, item: Delta | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-@dataclass(frozen=True)
-class Loaded:
-    runner: ModelRunner
-    tokenizer: TextTokenizer
-    info: ModelInfo
-
 
 class BatchingEngine(Engine):
     """Subclasses implement `_load_blocking()` (runs in a thread) and return the runner and facts."""
@@ -99,7 +51,7 @@ class BatchingEngine(Engine):
         self._batching = batching
         self._scheduler = Scheduler(batching)
         self._cond = threading.Condition()
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, LiveSequence] = {}
         self._to_release: list[str] = []
         self._ids = itertools.count()
         self._loaded: Loaded | None = None
@@ -109,7 +61,7 @@ class BatchingEngine(Engine):
         self._stopping = False
         self._failure: str | None = None
         self._dead = False
-        self._sampled: deque[tuple[float, int]] = deque()
+        self._throughput = Throughput()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @abc.abstractmethod
@@ -181,7 +133,7 @@ class BatchingEngine(Engine):
             waiting, running = self._scheduler.num_waiting, self._scheduler.num_active
             held = self._scheduler.held_tokens
         return EngineLoad(
-            waiting, running, held, self._batching.max_batch_tokens, self._throughput(), self._batching.max_queue
+            waiting, running, held, self._batching.max_batch_tokens, self._throughput.per_second(), self._batching.max_queue
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
@@ -218,7 +170,7 @@ class BatchingEngine(Engine):
             raise EngineNotReady("model is loading")
         return self._loaded
 
-    def _admit(self, request: GenerationRequest) -> _Live:
+    def _admit(self, request: GenerationRequest) -> LiveSequence:
         health = self.health()
         if not health.ready:
             raise EngineNotReady(health.reason)
@@ -227,7 +179,7 @@ class BatchingEngine(Engine):
         if prompt_len + max_tokens > loaded.info.max_context or prompt_len == 0:
             raise ContextLengthExceeded(prompt_len, max_tokens, loaded.info.max_context)
         seq_id = f"{request.request_id}#{next(self._ids)}"
-        live = _Live(
+        live = LiveSequence(
             seq_id,
             request,
             asyncio.get_running_loop(),
@@ -313,7 +265,7 @@ class BatchingEngine(Engine):
                 self._sample(live, logits[row], sampled, failed)
         return sampled, failed
 
-    def _sample(self, live: _Live, logits: np.ndarray, sampled: dict[str, int],
+    def _sample(self, live: LiveSequence, logits: np.ndarray, sampled: dict[str, int],
                 failed: dict[str, Exception]) -> None:
         """One token for `live` from its logits (V,), masked by its constraint if it has one. A
         constraint that fails is its own request's failure."""
@@ -331,7 +283,7 @@ class BatchingEngine(Engine):
         sampled[live.seq_id] = sample_token(logits, params, live.rng)
 
     def _finish_step(self, runner: ModelRunner, plan: StepPlan, sampled: dict[str, int]) -> None:
-        outgoing: list[tuple[_Live, Delta]] = []
+        outgoing: list[tuple[LiveSequence, Delta]] = []
         ended: set[str] = set()
         broken: dict[str, Exception] = {}
         for seq_id, token in sampled.items():
@@ -353,12 +305,12 @@ class BatchingEngine(Engine):
                 self._live.pop(seq_id, None)
             # released at the top of the next iteration, where a dead runner is handled
             self._to_release.extend(ended)
-        self._count_sampled(len(sampled))
-        _send_all(outgoing)
+        self._throughput.count(len(sampled))
+        send_all(outgoing)
         for seq_id, exc in broken.items():
             self._fail_sequences(runner, (seq_id,), _model_failed(exc))
 
-    def _advance(self, live: _Live, token: int) -> Delta:
+    def _advance(self, live: LiveSequence, token: int) -> Delta:
         params = live.request.params
         live.tokens.append(token)
         live.completion_tokens += 1
@@ -419,34 +371,6 @@ class BatchingEngine(Engine):
                 self._scheduler.abort(live.seq_id)
         for live in victims:
             live.send(error)
-
-    def _count_sampled(self, n: int) -> None:
-        now = time.monotonic()
-        self._sampled.append((now, n))
-        while self._sampled and self._sampled[0][0] < now - THROUGHPUT_WINDOW_S:
-            self._sampled.popleft()
-
-    def _throughput(self) -> float:
-        now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._sampled) if t >= now - THROUGHPUT_WINDOW_S]
-        return round(sum(n for _, n in recent) / THROUGHPUT_WINDOW_S, 2) if recent else 0.0
-
-
-def _send_all(outgoing: list[tuple[_Live, Delta]]) -> None:
-    """A step's deltas, one wake-up of each event loop for all of them. Each `call_soon_threadsafe`
-    writes to the loop's wake-up socket, and on a busy core every wake-up costs the worker a thread
-    switch (measured ~1 ms per sequence per step on one pinned core); one per step is enough."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Live, Delta]]] = {}
-    for live, delta in outgoing:
-        by_loop.setdefault(live.loop, []).append((live, delta))
-    for loop, items in by_loop.items():
-        loop.call_soon_threadsafe(_deliver, items)
-
-
-def _deliver(items: list[tuple[_Live, Delta]]) -> None:
-    for live, delta in items:
-        live.queue.put_nowait(delta)
-
 
 def _step_ids(plan: StepPlan) -> set[str]:
     return {f.seq_id for f in (*plan.prefill, *plan.decode)}

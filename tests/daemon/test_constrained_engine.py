@@ -12,9 +12,10 @@ import jsonschema
 import numpy as np
 import pytest
 from dsnode.config import BatchingSection
-from dsnode.inference.batching import BatchingEngine, Loaded
+from dsnode.inference.batching import BatchingEngine
 from dsnode.inference.engine import ConstraintFailed, GenerationRequest, ModelInfo, SamplingParams
 from dsnode.inference.grammar import Constraint, json_schema_grammar
+from dsnode.inference.runner import Loaded
 
 from tests.daemon.grammar_support import small_tokenizer
 

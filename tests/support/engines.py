@@ -26,8 +26,9 @@ from typing import AsyncIterator, Callable, Literal, Sequence
 
 import numpy as np
 from dsnode.config import BatchingSection
-from dsnode.inference.batching import BatchingEngine, Loaded, RunnerDied, context_limit
+from dsnode.inference.batching import BatchingEngine, context_limit
 from dsnode.inference.engine import Delta, GenerationRequest, ModelInfo
+from dsnode.inference.runner import Loaded, RunnerDied
 from dsnode.inference.tokenizer import TextTokenizer
 
 Script = Callable[[GenerationRequest, tuple[int, ...]], int]

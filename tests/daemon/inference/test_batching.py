@@ -11,7 +11,6 @@ from typing import Any, AsyncIterator, Callable
 
 import pytest
 from dsnode.config import BatchingSection
-from dsnode.inference.batching import Loaded, RunnerDied
 from dsnode.inference.engine import (
     ContextLengthExceeded,
     Delta,
@@ -22,6 +21,7 @@ from dsnode.inference.engine import (
     QueueFull,
     SamplingParams,
 )
+from dsnode.inference.runner import Loaded, RunnerDied
 
 from tests.support.engines import DEFAULT_REPLY, FakeEngine
 
