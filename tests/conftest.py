@@ -3,11 +3,14 @@
 A test that asks for a bundled model (`bundled`, `dense_dir`, `moe_dir`, directly or through another
 fixture) is marked `model` here, so the fast tier (`-m "not model"`, `make test-fast`) never builds or
 loads one; a test that needs torch, transformers or ONNX Runtime without a model says so itself with
-`@pytest.mark.model` and `pytest.importorskip`, so the fast venv (which has none of them) collects it.
+`@pytest.mark.model`. A test module that imports one of those heavy packages at its top, where it is
+not installed (the fast venv), is not collected, and the run's summary says which modules and why.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,6 +23,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tests.support.models import bundled_models  # noqa: E402
 
 MODEL_FIXTURES = frozenset({"bundled", "dense_dir", "moe_dir"})
+HEAVY = ("torch", "transformers", "onnxruntime", "onnx", "onnxscript", "deepspeed", "onnxruntime_genai")
+_left_out: dict[str, str] = {}  # test module → the heavy package it imports that is not installed
+
+
+def _missing_heavy_import(path: Path) -> str | None:
+    """The first heavy package `path` imports at its top level that this venv lacks, if any."""
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+        for name in names:
+            top = name.split(".")[0]
+            if top in HEAVY and importlib.util.find_spec(top) is None:
+                return top
+    return None
+
+
+def pytest_ignore_collect(collection_path: Path) -> bool | None:
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    missing = _missing_heavy_import(collection_path)
+    if missing is None:
+        return None
+    _left_out[str(collection_path.relative_to(Path(__file__).parent.parent))] = missing
+    return True
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _left_out:
+        terminalreporter.write_line(f"{len(_left_out)} test modules not collected: they import what this venv "
+                                    f"lacks ({', '.join(f'{m}: {p}' for m, p in sorted(_left_out.items()))})")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

@@ -89,7 +89,7 @@ def test_a_host_without_the_leaders_secret_is_refused_and_told_why(leader_keys, 
                                                                              follower_keys)))
     follower.start()
     with pytest.raises(RendezvousError, match="did not join the group") as leader_error:
-        lead(settings(port, 0, join_timeout=3.0), member(0), leader_keys)
+        lead(settings(port, 0, join_timeout=1.5), member(0), leader_keys)
     follower.join(30)
     assert why in str(leader_error.value)  # the leader's last refusal, in its own error
     assert isinstance(refused[0], RendezvousError) and why in str(refused[0])
@@ -142,7 +142,7 @@ def test_a_follower_that_differs_is_refused_with_both_values(follower, why):
     thread = threading.Thread(target=lambda: _catch(refused, lambda: join(settings(port, 1), follower, None)))
     thread.start()
     with pytest.raises(RendezvousError, match="did not join"):
-        lead(settings(port, 0, join_timeout=3.0), member(0), None)
+        lead(settings(port, 0, join_timeout=1.5), member(0), None)
     thread.join(30)
     assert why in str(refused[0])
 
@@ -153,7 +153,7 @@ def test_a_follower_waits_for_a_leader_that_starts_later():
     follower = threading.Thread(
         target=lambda: _catch(results, lambda: join(settings(port, 1), member(1), None)))
     follower.start()
-    time.sleep(2.5)  # refused connections meanwhile: it retries
+    time.sleep(1.5)  # refused connections meanwhile (RETRY_S = 1): it retries
     leader = lead(settings(port, 0), member(0), None)
     follower.join(30)
     assert isinstance(results[0], Formed)
