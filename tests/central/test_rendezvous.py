@@ -16,6 +16,9 @@ from dsnode.distributed import DistributedSection
 
 from tests.support.nodes import free_port
 
+# Most of these wait out a join or heartbeat timeout on real sockets (≈20 s in all): not the fast tier.
+pytestmark = pytest.mark.slow
+
 SECRET = b"0123456789abcdef0123456789abcdef-cluster"
 OTHER = b"fedcba9876543210fedcba9876543210-cluster"
 
