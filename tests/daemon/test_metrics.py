@@ -160,7 +160,7 @@ async def test_requests_move_counters_and_histograms(client):
     assert (await client.post("/v1/completions", data=b"{not json")).status == 400
 
     after = await scrape(client)
-    ok = dict(model=MODEL, route="local")
+    ok = dict(model=MODEL, route="local", version="unversioned")  # the stub folder is no store version
     assert value(after, "dsnode_requests_total", endpoint="chat", status="200", **ok) == 2
     assert (
         value(
@@ -170,6 +170,7 @@ async def test_requests_move_counters_and_histograms(client):
             endpoint="completion",
             route="local",
             status="404",
+            version="none",
         )
         == 1
     )
@@ -181,6 +182,7 @@ async def test_requests_move_counters_and_histograms(client):
             endpoint="completion",
             route="local",
             status="400",
+            version="none",
         )
         == 1
     )
@@ -194,15 +196,16 @@ async def test_requests_move_counters_and_histograms(client):
     # one token per engine step: a request with n tokens has n - 1 gaps between them
     gaps = sum(u["completion_tokens"] - 1 for u in usages)
     assert value(after, "dsnode_inter_token_latency_seconds_count", **ok) == gaps
-    assert value(after, "dsnode_request_queue_time_seconds_count", model=MODEL) == 2
-    assert value(after, "dsnode_request_queue_time_seconds_sum", model=MODEL) >= 0
+    assert value(after, "dsnode_request_queue_time_seconds_count", model=MODEL, version="unversioned") == 2
+    assert value(after, "dsnode_request_queue_time_seconds_sum", model=MODEL, version="unversioned") >= 0
     reasons = {whole["choices"][0]["finish_reason"]}
     assert sum(
-        value(after, "dsnode_request_success_total", model=MODEL, finished_reason=r) or 0
+        value(after, "dsnode_request_success_total", model=MODEL, finished_reason=r, version="unversioned") or 0
         for r in ("stop", "length")
     ) == 2 and reasons <= {"stop", "length"}
     # a failed request adds to no latency histogram
-    assert value(after, "dsnode_e2e_request_latency_seconds_count", model="unknown", route="local") is None
+    assert value(after, "dsnode_e2e_request_latency_seconds_count", model="unknown", route="local",
+                 version="none") is None
 
 
 async def test_engine_figures_are_read_at_scrape_time(client, node):
@@ -280,7 +283,8 @@ async def test_upstream_state_and_forwarding(client, node):
         value(samples, "dsnode_forwarded_requests_total", model="unknown", upstream=CENTRAL, status="404")
         == 1
     )
-    assert value(samples, "dsnode_generation_tokens_total", model="deepseek-r1-moe", route="forwarded") == 9
+    assert value(samples, "dsnode_generation_tokens_total", model="deepseek-r1-moe", route="forwarded",
+                 version="none") == 9
     # without upstreams, no upstream series at all
     assert not {n for n in names(await scrape(client)) if n.startswith("dsnode_upstream_")}
 
@@ -352,6 +356,7 @@ async def test_two_apps_on_one_node_have_their_own_registries(aiohttp_client, no
             endpoint="chat",
             route="local",
             status="200",
+            version="unversioned",
         )
         == 1
     )
@@ -363,6 +368,7 @@ async def test_two_apps_on_one_node_have_their_own_registries(aiohttp_client, no
             endpoint="chat",
             route="local",
             status="200",
+            version="unversioned",
         )
         == 1
     )  # every app observes the node's requests
