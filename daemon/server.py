@@ -143,6 +143,8 @@ class NodeServer:
         return code
 
     def _serving_status(self) -> str:
+        if not self.engine.health().ready:  # a model switch that could not load either version
+            return f"not serving: {self.node.readiness().reason}"
         info = self.engine.info
         return f"serving 1 model ({info.name}, {info.backend} on {info.device}) at {self.node.url}"
 
