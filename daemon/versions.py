@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 UNVERSIONED = "unversioned"  # a model folder outside the store, without a label
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -89,11 +89,13 @@ class CanarySection(BaseModel):
     min_ttft_difference_s: NonNegativeFloat = 0.05  # smaller TTFT p95 differences never count (noise)
     min_tpot_difference_s: NonNegativeFloat = 0.005  # smaller TPOT p95 differences never count
 
-    @model_validator(mode="after")
-    def _min_within_window(self) -> "CanarySection":
-        if self.min_requests > self.window:
-            raise ValueError(f"min_requests must be <= window = {self.window} (got min_requests = {self.min_requests})")
-        return self
+    @field_validator("min_requests")
+    @classmethod
+    def _within_window(cls, value: int, info: ValidationInfo) -> int:
+        window = info.data.get("window")
+        if window is not None and value > window:
+            raise ValueError(f"must be <= window ({window}): a window holds no more requests")
+        return value
 
 
 SplitTable = dict[str, dict[str, Share]]  # model name → version (id or label) → percent

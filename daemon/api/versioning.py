@@ -126,6 +126,7 @@ def log_decision(decision: Decision) -> None:
     """`canary_rolled_back` / `canary_promoted`, with the figures that led to it."""
     figures = {"canary": decision.canary.as_json() if decision.canary else None,
                "baseline_figures": decision.baseline_figures.as_json() if decision.baseline_figures else None}
-    event = "canary_rolled_back" if decision.action == "rolled_back" else "canary_promoted"
-    log.warning(event, model=decision.model, version=decision.version, baseline=decision.baseline,
-                by=decision.by, reasons=list(decision.reasons), **figures)
+    rolled_back = decision.action == "rolled_back"
+    emit = log.warning if rolled_back else log.info
+    emit("canary_rolled_back" if rolled_back else "canary_promoted", model=decision.model, version=decision.version,
+         baseline=decision.baseline, by=decision.by, reasons=list(decision.reasons), **figures)
