@@ -20,6 +20,7 @@ from dsnode.metrics import METRICS, NodeMetrics
 from dsnode.nccl_result import RESULT_KIND, write_result
 from dsnode.node import Node
 from dsnode.record import RequestRecord
+from dsnode.versions import CanarySection
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -385,8 +386,9 @@ async def test_openmetrics_when_asked(client):
 
 @pytest_asyncio.fixture
 async def full_scrape(client, node, tmp_path) -> str:
-    """A scrape with every family present: requests, upstreams, forwarding, GPUs, NCCL."""
+    """A scrape with every family present: requests, upstreams, forwarding, splits, GPUs, NCCL."""
     metrics = client.app[METRICS]
+    node.splits.configure({MODEL: {"v1": 90, "v2": 10}}, CanarySection())
     path = tmp_path / "nccl.json"
     write_result(path, nccl_result())
     assert (await chat(client)).status == 200
@@ -446,6 +448,8 @@ async def test_dashboard_uses_only_metrics_that_exist(full_scrape):
         "dsnode_generation_tokens_total",
         "dsnode_forwarded_requests_total",
         "dsnode_upstream_healthy",
+        "dsnode_version_share_percent",
+        "dsnode_canary_rollbacks_total",
     ):
         assert wanted in used
 
