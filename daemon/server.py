@@ -337,7 +337,9 @@ class NodeServer:
         if not problems:
             return True
         lines = [f"{self.path}: {key}: {why}" for _, key, why in problems]
-        if any(peer.advert is None for peer in self.node.upstreams.balancer.peers):
+        peers = self.node.upstreams.balancer.peers
+        known = {peer.url for peer in peers if peer.advert is not None}
+        if any(upstream.url not in known for upstream in new.routing.upstream):  # one not heard from yet
             log.warning("split_unverified", problems=lines, detail="some upstream has not advertised yet")
             return True
         log.error("config_reload_failed", file=str(self.path), problems=lines)

@@ -70,7 +70,7 @@ def plan_versions(node: Node, request: web.Request, body: Body, via: tuple[str, 
                   record: RequestRecord) -> VersionPlan:
     """The versions this request may be served by, the split's choice first; versions no node
     serves now are left out (and a split none of whose versions is served applies to nothing)."""
-    if via:
+    if via or body.model not in node.splits.models:
         return NO_SPLIT
     user, source = split_user(request, body)
     choice = node.splits.choose(body.model, user)

@@ -90,6 +90,7 @@ class Balancer:
     def __init__(self, routing: RoutingSection) -> None:
         self.peers: list[Peer] = [_new_peer(u, routing) for u in routing.upstream]
         self._known: frozenset[str] | None = None  # known_models(), kept until an advert changes it
+        self._version_ids: frozenset[str] | None = None  # known_version_ids(), the same way
 
     # --- configuration ----------------------------------------------------------------------------
     def configure(self, routing: RoutingSection) -> None:
@@ -109,7 +110,7 @@ class Balancer:
             new.current_weight = 0
             peers.append(new)
         self.peers = peers
-        self._known = None
+        self._known = self._version_ids = None
 
     # --- selection (nginx: ngx_http_upstream_get_peer) --------------------------------------------
     def pick(
@@ -174,7 +175,10 @@ class Balancer:
         if models.keys() != peer.models.keys():
             self._known = None
         peer.models = models
-        peer.versions = _versions(advert.get("models"))
+        versions = _versions(advert.get("models"))
+        if versions != peer.versions:
+            self._version_ids = None
+        peer.versions = versions
         peer.advert = dict(advert)
         peer.last_seen = wall_time
         down = now is not None and peer.down(now)
@@ -198,6 +202,12 @@ class Balancer:
         if self._known is None:
             self._known = frozenset(name for peer in self.peers for name in peer.models)
         return self._known
+
+    def known_version_ids(self) -> frozenset[str]:
+        """The id of every version some upstream has advertised (the `version` metric label's values)."""
+        if self._version_ids is None:
+            self._version_ids = frozenset(v.id for peer in self.peers for v in peer.versions.values())
+        return self._version_ids
 
     def served_versions(self) -> dict[str, list[ServedVersion]]:
         """Every advertised model → the versions upstreams (healthy now or not) serve of it."""

@@ -71,10 +71,9 @@ class NodeMetrics:
         version = record.version
         if not version:
             return NO_VERSION
-        if version in self.node.versions_served:
+        if version in self.node.versions_served or version in self.node.upstreams.balancer.known_version_ids():
             return version
-        advertised = self.node.upstreams.served_versions().get(record.model, ())
-        return version if any(v.id == version for v in advertised) else UNKNOWN_VERSION
+        return UNKNOWN_VERSION
 
     def _reachable_models(self) -> set[str]:
         names = {self.node.config.model.name}

@@ -485,3 +485,17 @@ def test_dashboard_queries_and_scrape_example_pass_promtool(tmp_path):
     for check in checks:
         result = subprocess.run([promtool, *check], capture_output=True, timeout=60, check=False)
         assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+async def test_the_version_label_takes_only_versions_known_here(client, node):
+    """An upstream's X-DSNode-Version header can't grow the label set: an id no node known here
+    serves is `unknown`; a request no version answered is `none`."""
+    metrics = client.app[METRICS]
+    for version in (node.served.id, "made-up-by-a-header", None):
+        record = RequestRecord(f"r-{version}", "completion", "central-1", route="forwarded", model=MODEL,
+                               upstream=CENTRAL, version=version)
+        record.done(200)
+        metrics.observe(record)
+    samples = await scrape(client)
+    labels = {dict(labels)["version"] for name, labels in samples if name == "dsnode_requests_total"}
+    assert labels == {"unversioned", "unknown", "none"}

@@ -26,7 +26,8 @@ def fake_node() -> Any:
     return types.SimpleNamespace(
         config=config, engine=engine, name="edge-1", role="edge", version="0", in_flight=0,
         readiness=lambda: Health(True), upstream_states=list, background_tasks=list,
-        splits=Splits({}, CanarySection()), versions_served=set(), upstreams=types.SimpleNamespace(served_versions=dict),
+        splits=Splits({}, CanarySection()), versions_served=set(),
+        upstreams=types.SimpleNamespace(balancer=types.SimpleNamespace(known_version_ids=frozenset)),
     )
 
 
