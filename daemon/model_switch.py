@@ -62,9 +62,9 @@ def free_bytes(device: str) -> int | None:
         readings = sampler.sample()
     finally:
         sampler.close()
-    if not readings:
-        return None
-    return sum(r.memory_total_bytes - r.memory_used_bytes for r in readings)
+    free = [r.memory_total_bytes - r.memory_used_bytes for r in readings
+            if r.memory_total_bytes is not None and r.memory_used_bytes is not None]
+    return sum(free) if free and len(free) == len(readings) else None
 
 
 class SwitchingNode(Protocol):

@@ -34,15 +34,15 @@ ACTIONS = ("promote", "rollback", "reset")
 BODY_TIMEOUT_S = 10.0
 
 
-def served_versions(node: Node, also: ServedVersion | None = None) -> dict[str, list[ServedVersion]]:
-    """model → the versions served by this node (and `also`: one it is about to serve) and by the
-    upstreams that advertised (healthy now or not)."""
+def served_versions(node: Node, also: tuple[str, ServedVersion] | None = None) -> dict[str, list[ServedVersion]]:
+    """model → the versions served by this node (and `also`: a model and version it is about to
+    serve) and by the upstreams that advertised (healthy now or not)."""
     served = node.upstreams.served_versions()
-    for version in (node.served, also):
-        if version is not None:
-            local = served.setdefault(node.config.model.name, [])
-            if version not in local:
-                local.append(version)
+    for entry in ((node.config.model.name, node.served), also):
+        if entry is not None:
+            local = served.setdefault(entry[0], [])
+            if entry[1] not in local:
+                local.append(entry[1])
     return served
 
 

@@ -7,8 +7,8 @@ from dataclasses import asdict
 from aiohttp import web
 
 from .advert import advertisement
-from .canary import splits_state
 from .appkeys import NODE
+from .canary import splits_state
 
 
 async def health(request: web.Request) -> web.Response:

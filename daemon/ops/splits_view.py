@@ -11,7 +11,7 @@ HEADER = ("MODEL", "VERSION", "SHARE", "CONFIGURED", "STATE", "REQUESTS", "ERROR
 
 def format_splits(splits: list[dict[str, Any]]) -> str:
     """One row per version of each split, then each decision with its reasons and any problem."""
-    rows = [HEADER]
+    rows: list[tuple[str, ...]] = [HEADER]
     notes: list[str] = []
     for split in splits:
         model = str(split.get("model", "?"))

@@ -192,3 +192,24 @@ def test_the_mode_is_beside_only_where_memory_is_known_to_allow():
     assert plan_switch("beside", 10 * gib, 1).mode == "beside"
     assert plan_switch("drain", 1, 20 * gib).mode == "drain"
     assert json.dumps(plan_switch("auto", gib, 4 * gib).why) == '"1.2 GiB needed, 4.0 GiB free"'
+
+
+async def test_a_reload_may_switch_the_version_and_name_it_in_a_split_at_once(running, tokenizer):
+    node = running(engine_for(tokenizer, "old"), extra='label = "v1"')
+    await node.until_message("READY=1")
+    node.server.build = lambda config: engine_for(tokenizer, "new")
+    relabel(node, "v2", "beside")
+    text = node.config_path.read_text()
+    node.config_path.write_text(text + f'\n[routing.split."{MODEL}"]\n"v2" = 100\n')
+    signal_self(signal.SIGHUP)
+    await until(lambda: node.server.node.served.id == "v2" and MODEL in node.server.node.splits.models)
+    node.config_path.write_text(text + f'\n[routing.split."{MODEL}"]\n"v2" = 60\n"v3" = 50\n')  # 110: refused
+    with capture_logs() as logs:
+        signal_self(signal.SIGHUP)
+        await until(lambda: any(e["event"] == "config_reload_failed" for e in logs))
+    [failed] = [e for e in logs if e["event"] == "config_reload_failed"]
+    assert failed["problems"] == [f"{node.config_path}: routing.split.{MODEL}: the shares must sum to 100 "
+                                  "(got 60 + 50 = 110)"]
+    assert node.server.node.splits.models[MODEL].shares == {"v2": 100}
+    node.server.stop()
+    assert await node.exit_code() == 0

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 from dsnode.cluster.canary import Outcome
-from dsnode.cluster.splits import Splits, SplitError, cluster_problems
+from dsnode.cluster.splits import SplitError, Splits, cluster_problems
 from dsnode.versions import CanarySection, ServedVersion
 
 MODEL = "deepseek-r1"
