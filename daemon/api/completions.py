@@ -81,7 +81,7 @@ async def _serve(request: web.Request, node: Node, endpoint: str, record: Reques
         if prompt_ids is not None:
             record.prompt_tokens = len(prompt_ids)
         via = via_of(request)
-        attempt = _Attempt(request, node, serving, raw, body, prompt_ids, record, via,
+        attempt = _Attempt(request, node, serving, config.limits, raw, body, prompt_ids, record, via,
                            plan_versions(node, request, body, via, record))
         for version in attempt.plan.attempts[:-1]:
             try:
@@ -94,10 +94,11 @@ async def _serve(request: web.Request, node: Node, endpoint: str, record: Reques
 class _Attempt:
     """Serving one request with one version (of a split), or with any (no split)."""
 
-    def __init__(self, request: web.Request, node: Node, serving: Serving, raw: bytes, body: Body,
-                 prompt_ids: list[int] | None, record: RequestRecord, via: tuple[str, ...], plan: VersionPlan) -> None:
-        self.request, self.node, self.serving, self.raw, self.body = request, node, serving, raw, body
-        self.prompt_ids, self.record, self.via, self.plan = prompt_ids, record, via, plan
+    def __init__(self, request: web.Request, node: Node, serving: Serving, limits: LimitsSection, raw: bytes,
+                 body: Body, prompt_ids: list[int] | None, record: RequestRecord, via: tuple[str, ...],
+                 plan: VersionPlan) -> None:
+        self.request, self.node, self.serving, self.limits = request, node, serving, limits
+        self.raw, self.body, self.prompt_ids, self.record, self.via, self.plan = raw, body, prompt_ids, record, via, plan
 
     async def serve(self, version: str | None, last: bool) -> web.StreamResponse:
         node, body, record = self.node, self.body, self.record
@@ -152,8 +153,7 @@ class _Attempt:
         try:
             if node.faults.next_fails(node.config.debug.inject_errors):
                 raise EngineError(INJECTED)
-            response = await serve_local(self.request, serving.engine, self.body, prompt_ids, record,
-                                         node.config.limits)
+            response = await serve_local(self.request, serving.engine, self.body, prompt_ids, record, self.limits)
         except ContextLengthExceeded as exc:
             raise APIError(400, str(exc), param=_prompt_param(self.body), code="context_length_exceeded") from None
         except (EngineNotReady, QueueFull) as exc:  # not ready or busy: no verdict on the version

@@ -137,13 +137,13 @@ def test_bench_load_agrees_with_both_nodes_metrics(cluster):
         "dsnode_forwarded_requests_total",
         frozenset({"model": CENTRAL_MODEL, "upstream": cluster.central.url, "status": "200"}.items()),
     )
-    central_prompt_key = (
+    central_prompt_key = (  # the central serves a folder outside the model store: `unversioned`
         "dsnode_prompt_tokens_total",
-        frozenset({"model": CENTRAL_MODEL, "route": "local"}.items()),
+        frozenset({"model": CENTRAL_MODEL, "route": "local", "version": "unversioned"}.items()),
     )
     central_gen_key = (
         "dsnode_generation_tokens_total",
-        frozenset({"model": CENTRAL_MODEL, "route": "local"}.items()),
+        frozenset({"model": CENTRAL_MODEL, "route": "local", "version": "unversioned"}.items()),
     )
     edge_before, central_before = samples(scrape(cluster.edge.url)), samples(scrape(cluster.central.url))
 
