@@ -37,11 +37,24 @@ def _check_config(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
 
     try:
-        load_config(args.path, check_paths=not args.skip_paths)
+        config = load_config(args.path, check_paths=not args.skip_paths)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
         return 1
+    if args.cluster:  # [routing.split] against what a node of the cluster serves
+        from .ops.canary import cluster_split_problems
+        from .ops.status import Unreachable
+
+        try:
+            problems = cluster_split_problems(args.cluster, config.routing.split)
+        except Unreachable as exc:
+            print(f"{args.path}: --cluster: {exc}")
+            return 1
+        for key, why in problems:
+            print(f"{args.path}: {key}: {why}")
+        if problems:
+            return 1
     print(f"{args.path}: ok")
     return 0
 
@@ -86,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.add_argument("--skip-paths", action="store_true",
                    help="don't check that the model folder and key files exist (a config for another host)")
+    p.add_argument("--cluster", metavar="URL",
+                   help="also check that some node serves each model and version [routing.split] names, as the "
+                        "node at URL sees the cluster (GET /cluster)")
     p.set_defaults(func=_check_config)
 
     p = sub.add_parser("demo", help="a central and an edge node on loopback, on the bundled models")
@@ -193,7 +209,8 @@ def _register_install(p: argparse.ArgumentParser) -> None:
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
     """Commands defined next to the code they drive (convert, status, bench, plan)."""
     registers = []
-    for module_name in ("dsnode.edge.convert_cli", "dsnode.ops.status", "dsnode.ops.bench", "dsnode.ops.plan"):
+    for module_name in ("dsnode.edge.convert_cli", "dsnode.ops.status", "dsnode.ops.canary", "dsnode.ops.bench",
+                        "dsnode.ops.plan"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

@@ -26,10 +26,12 @@ from pydantic import (
 )
 
 from .config_problems import ConfigError, Problem, problem_of
+from .debug import DebugSection
 from .distributed import DistributedSection, cross_section_problems
 from .secrets import KeyFileError, SecretFileError, Secrets, read_api_keys, read_cluster_secrets, read_secrets
 from .store.layout import DEFAULT_ROOT as DEFAULT_STORE_ROOT
 from .store.refs import resolve_model_path
+from .versions import CanarySection, Label, ModelVersion, SplitTable, split_problems
 
 DEFAULT_CONFIG_PATH = Path("/etc/dsnode/dsnode.toml")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -125,6 +127,8 @@ class ModelSection(_Section):
     # "deepseek_r1": the model thinks in <think>…</think>, answered as reasoning_content; "auto": so
     # when the chat template mentions </think> (R1 and its distills, the bundled models)
     reasoning: Literal["auto", "deepseek_r1", "none"] = "auto"
+    label: Label | None = None  # the served version's name of your own (dsnode.versions)
+    switch: Literal["auto", "beside", "drain"] = "auto"  # how a reload onto another version loads it
 
     @field_validator("name")
     @classmethod
@@ -166,6 +170,8 @@ class RoutingSection(_Section):
     max_answer_bytes: PositiveInt = 16 * 1024 * 1024  # a whole (non-streamed) upstream answer; then 502
     max_event_bytes: PositiveInt = 1024 * 1024  # one SSE event of a streamed upstream answer; then cut
     upstream: tuple[UpstreamSection, ...] = ()
+    split: SplitTable = Field(default_factory=dict)  # model → version → percent (dsnode.versions)
+    canary: CanarySection = Field(default_factory=CanarySection)
 
     @field_validator("upstream", mode="before")
     @classmethod
@@ -218,15 +224,6 @@ class StoreSection(_Section):
     _root = field_validator("root", mode="before")(lambda cls, v: _as_path(v))
 
 
-class ModelVersion(_Section):
-    """The store version `[model] path` resolved to (set by load_config from its manifest; not a key)."""
-
-    name: str
-    version: str
-    label: str | None = None
-    content_sha256: str
-
-
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console", "journal"] = "auto"
@@ -243,6 +240,7 @@ class Config(_Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     store: StoreSection = Field(default_factory=StoreSection)
     distributed: DistributedSection | None = None  # one model over several hosts (dsnode.distributed)
+    debug: DebugSection = Field(default_factory=DebugSection)  # testing dsnode itself (dsnode.debug)
     source: Path | None = None  # the file it came from (set by load_config)
     model_version: ModelVersion | None = None  # when [model] path names a store version (set by load_config)
     _secrets: Secrets | None = PrivateAttr(default=None)  # the [auth] files as load_config read them
@@ -271,7 +269,7 @@ def load_config(path: Path | str, check_paths: bool = True) -> Config:
     _resolve_paths(raw, path.resolve().parent)
     read: dict[str, Any] = {}
     problems += _check_files(raw, str(path), read, model=not problems) if check_paths else []
-    problems += [Problem(str(path), key, why) for key, why in cross_section_problems(raw)]
+    problems += [Problem(str(path), key, why) for key, why in cross_section_problems(raw) + split_problems(raw)]
     try:
         config = Config.model_validate({**raw, "source": path, "model_version": version})
     except ValidationError as exc:

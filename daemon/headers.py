@@ -3,7 +3,11 @@
 # On every completion answer
 NODE = "X-DSNode-Node"  # the node that generated the answer
 ROUTE = "X-DSNode-Route"  # "local" or "forwarded"
+VERSION = "X-DSNode-Version"  # the model version that generated the answer (docs/versions.md)
 REQUEST_ID = "X-Request-Id"  # given by the client or made up; passed on when forwarding
+
+# From clients
+SPLIT_KEY = "X-DSNode-Split-Key"  # who the request is for, to keep it on one version of a split
 
 # Between nodes (dsnode.cluster.peer_auth signs them)
 VIA = "X-DSNode-Via"  # the nodes a forwarded request passed through, comma-separated

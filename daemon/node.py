@@ -1,29 +1,46 @@
 """The running node: its configuration, engine and host facts, shared by the HTTP handlers.
 
 The configuration object is replaced as a whole on reload (never mutated); handlers read
-`node.config` once per request, so a request in flight keeps the settings it started with.
+`node.config` once per request, so a request in flight keeps the settings it started with. A request
+that may use the engine holds a lease on it (`serving`): a reload onto another model version
+(`dsnode.server`) installs the new engine for new requests and closes the old one once its last
+lease is given back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import structlog
 
 from . import __version__
+from .cluster.splits import Splits
 from .cluster.state import UpstreamState
 from .cluster.upstreams import Upstreams
 from .config import Config
+from .debug import InjectedFaults
 from .inference.engine import Engine, Health
 from .probe import HostFacts
 from .record import RequestRecord
 from .tasks import Supervised
+from .versions import ServedVersion, served_version
 
 log = structlog.get_logger("dsnode.request")
 
 Observer = Callable[[RequestRecord], None]
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What one request uses of the local model: the engine and version in service when it began."""
+
+    engine: Engine
+    version: ServedVersion
+    model: str  # its name
 
 
 @dataclass
@@ -39,11 +56,21 @@ class Node:
     upstreams_provider: Callable[[], list[UpstreamState]] | None = None
     upstreams: Upstreams = field(init=False)  # the balancer's view of [[routing.upstream]]
     tasks: list[Supervised] = field(default_factory=list)  # background tasks others own (the watchdog)
+    switching: str | None = None  # why the local model takes no new requests (a version switch)
+    served: ServedVersion = field(init=False)  # the version of the model in service
+    versions_served: set[str] = field(init=False)  # every version id served here since start (metrics)
+    splits: Splits = field(init=False)  # [routing.split]: shares, windows, rollbacks
+    faults: InjectedFaults = field(default_factory=InjectedFaults)  # [debug] inject_errors
+    _leases: dict[int, int] = field(default_factory=dict)  # id(engine) → requests holding it
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.upstreams = Upstreams(self.config.routing)
         if self.upstreams_provider is None:
             self.upstreams_provider = self.upstreams.states
+        self.served = served_version(self.config.model_version, self.config.model.label)
+        self.versions_served = {self.served.id}
+        self.splits = Splits(self.config.routing.split, self.config.routing.canary)
 
     @property
     def name(self) -> str:
@@ -71,17 +98,61 @@ class Node:
     def readiness(self) -> Health:
         if self.draining:
             return Health(False, "draining: the node is shutting down")
+        if self.switching is not None:
+            return Health(False, self.switching)
         return self.engine.health()
+
+    # --- the engine in service ----------------------------------------------------------------
+    @contextmanager
+    def serving(self) -> Iterator[Serving]:
+        """The engine and version in service now, held for one request."""
+        engine = self.engine
+        key = id(engine)
+        self._leases[key] = self._leases.get(key, 0) + 1
+        try:
+            yield Serving(engine, self.served, self.config.model.name)
+        finally:
+            left = self._leases[key] - 1
+            if left:
+                self._leases[key] = left
+            else:
+                del self._leases[key]
+                self._released.set()
+
+    def install(self, config: Config, engine: Engine) -> Engine:
+        """Put another model (version) in service, for the requests that begin from now on; returns the
+        engine it replaces (requests that hold it finish on it). `config`: the node's config with its
+        new `[model]`."""
+        old, self.engine, self.config = self.engine, engine, config
+        self.served = served_version(config.model_version, config.model.label)
+        self.versions_served.add(self.served.id)
+        return old
+
+    async def released(self, engine: Engine, timeout: float) -> bool:
+        """Wait until no request holds `engine`; False if `timeout` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while self._leases.get(id(engine)):
+            self._released.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._released.wait(), left)
+            except TimeoutError:
+                return False
+        return True
 
     def serves_locally(self, model: str) -> bool:
         return model == self.config.model.name
 
     def local_model_json(self) -> dict[str, Any] | None:
+        version = {"version": self.served.id, "version_label": self.served.label}
         if not self.engine.health().ready:
-            return {"name": self.config.model.name, "backend": self.config.model.backend, "ready": False}
+            return {"name": self.config.model.name, "backend": self.config.model.backend, "ready": False, **version}
         info = self.engine.info
         return {
             "name": info.name,
+            **version,
             "backend": info.backend,
             "architecture": info.architecture,
             "quantization": info.quantization,

@@ -37,6 +37,9 @@ class RequestRecord:
     error: str | None = None
     client: str | None = None
     user: str | None = None  # the client's identity (API key name), never the key
+    version: str | None = None  # the model version that generated the answer (X-DSNode-Version)
+    split: str | None = None  # how a split chose the version: "sticky (<source>)" or "shares"
+    stream_error: bool = False  # a relayed stream carried an error event
     started: float = field(default_factory=time.monotonic)
     admitted: float | None = None  # engine accepted it (local) / upstream answered headers
     queued_s: float | None = None  # local: time in the engine's waiting queue (from the first Delta)
@@ -93,4 +96,8 @@ class RequestRecord:
             out["client"] = self.client
         if self.user:
             out["user"] = self.user
+        if self.version:
+            out["version"] = self.version
+        if self.split:
+            out["split"] = self.split
         return out

@@ -1,7 +1,9 @@
 """`dsnode serve`: the node's life, as a written sequence.
 
 start:  listen (so /health answers while loading) → load the model → ready
-reload: SIGHUP → re-read the file → apply it whole, or keep the old one and log why
+reload: SIGHUP → re-read the file → apply it whole, or keep the old one and log why; another
+        `[model]` (version) is put in service beside the old one or after draining it
+        (`dsnode.model_switch`), without dropping a request
 stop:   SIGTERM/SIGINT → stop listening → let in-flight requests finish (up to drain_timeout) →
         fail what is left with a clean error → close the engine and background tasks → exit 0
 
@@ -26,22 +28,27 @@ from aiohttp import web
 
 from .api.app import create_app
 from .api.auth import AUTH
+from .api.canary import served_versions
 from .api.forward import cut_forwarded
 from .api.protocol import Runner
+from .cluster.splits import cluster_problems
 from .config import Config, ConfigError, load_config
 from .inference.backends import BackendUnavailable, build_engine
 from .inference.engine import Engine
 from .logs import configure_logging
 from .metrics import METRICS
+from .model_switch import switch_model
 from .nccl_result import result_path
 from .node import Node
 from .probe import probe_host
 from .systemd import Notifier, SystemdEnv, watchdog_pings
 from .tasks import Supervised, log_failure
+from .versions import served_version
 
 log = structlog.get_logger("dsnode.server")
 
 Reloader = Callable[[Config, Config], None]  # (old, new): apply the parts this component owns
+EngineBuilder = Callable[[Config], Engine]
 CLEANUP_TIMEOUT_S = 5.0
 DRAIN_POLL_S = 0.05
 # What a stop may take beyond drain_timeout (engine close, connection cleanup), told to systemd
@@ -49,19 +56,21 @@ DRAIN_POLL_S = 0.05
 STOP_MARGIN_S = 2 * CLEANUP_TIMEOUT_S + 10.0
 
 # Settings a reload cannot change in a running process (they need `systemctl restart dsnode`).
-RESTART_ONLY = ("node", "model", "batching", "tls", "logging", "distributed")
+# `[model]` is switched by a reload (`_switch_model`), except on a host of a `[distributed]` group.
+RESTART_ONLY = ("node", "batching", "tls", "logging", "distributed")
 
 
 class NodeServer:
     def __init__(self, config: Config, engine: Engine | None = None, systemd: SystemdEnv | None = None,
-                 state_directory: str | None = None) -> None:
+                 state_directory: str | None = None, build: EngineBuilder = build_engine) -> None:
         self.config = config
         self.path = config.source
-        self.engine = engine if engine is not None else build_engine(config)
-        self.node = Node(config, self.engine, probe_host())
+        self.build = build  # makes the engine of another [model] on reload
+        self.node = Node(config, engine if engine is not None else build(config), probe_host())
         self.app = create_app(self.node, result_path(state_directory))
-        # [routing]: weights, upstreams; [auth]: the key and secret files, re-read on every reload
-        self.reloaders: list[Reloader] = [self.node.upstreams.reload, self.app[AUTH].reload]
+        # [routing]: weights, upstreams, splits; [auth]: the key and secret files, re-read on every reload
+        self.reloaders: list[Reloader] = [self.node.upstreams.reload, self._reload_splits, self.app[AUTH].reload]
+        self._swapped = asyncio.Event()  # another engine was put in service (a model switch)
         self.systemd = systemd or SystemdEnv()
         self.notifier = Notifier.from_env(self.systemd)
         self.serving = False  # READY=1 was sent: the model is loaded and the port answers
@@ -87,6 +96,11 @@ class NodeServer:
                 await asyncio.gather(self._reloading, return_exceptions=True)
             self.notifier.close()
             self._remove_signal_handlers()
+
+    @property
+    def engine(self) -> Engine:
+        """The engine in service (a reload may put another in service)."""
+        return self.node.engine
 
     def stop(self) -> None:
         if self._stop.is_set():
@@ -129,6 +143,8 @@ class NodeServer:
         return code
 
     def _serving_status(self) -> str:
+        if not self.engine.health().ready:  # a model switch that could not load either version
+            return f"not serving: {self.node.readiness().reason}"
         info = self.engine.info
         return f"serving 1 model ({info.name}, {info.backend} on {info.device}) at {self.node.url}"
 
@@ -142,18 +158,22 @@ class NodeServer:
         return pinger
 
     async def _until_stop_or_engine_failure(self) -> int:
-        """0 on SIGTERM; 1 if the engine fails for good (a tensor-parallel rank died): its requests
-        have had their error, and exiting non-zero lets systemd's Restart=on-failure start afresh."""
-        waits = [asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self.engine.failed.wait())]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-        if self._stop.is_set():
-            return 0
-        log.error("engine_failed", reason=self.engine.health().reason, action="exit 1 for a restart")
-        return 1
+        """0 on SIGTERM; 1 if the engine in service fails for good (a tensor-parallel rank died): its
+        requests have had their error, and exiting non-zero lets systemd's Restart=on-failure start afresh."""
+        while True:
+            engine = self.engine
+            self._swapped.clear()
+            waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, engine.failed, self._swapped)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            if self._stop.is_set():
+                return 0
+            if engine.failed.is_set() and engine is self.engine:
+                log.error("engine_failed", reason=engine.health().reason, action="exit 1 for a restart")
+                return 1
 
     # --- phases -------------------------------------------------------------------------------
     async def _load_engine(self) -> bool:
@@ -191,6 +211,9 @@ class NodeServer:
         # requests are told here; closing the engine fails every generation still running.
         # runner.cleanup() gives those handlers time to write it.
         cut_forwarded(self.app)
+        if self._reloading is not None:  # a model switch under way closes the engines it holds
+            self._reloading.cancel()
+            await asyncio.gather(self._reloading, return_exceptions=True)
         await self.engine.close()
         await runner.cleanup()
         log.info("stopped")
@@ -270,16 +293,57 @@ class NodeServer:
         frozen = [s for s in RESTART_ONLY if getattr(old, s) != getattr(new, s)]
         if self.app[AUTH].needs_restart(old, new):  # started without [auth]: no middleware to turn on
             frozen.append("auth")
+        switch = (old.model, old.model_version) != (new.model, new.model_version)
+        if switch and (old.distributed or new.distributed):  # a group's hosts switch together: a restart
+            frozen.append("model")
+            switch = False
         if frozen:
             log.warning("config_reload_needs_restart", sections=frozen,
                         detail="these sections keep their old values until a restart")
             new = new.model_copy(update={s: getattr(old, s) for s in frozen})
+        if not self._splits_served(old, new, new if switch else None):
+            self.app[METRICS].count_reload(False)
+            return False
+        target = new
+        new = new.model_copy(update={"model": old.model, "model_version": old.model_version})
         for apply in self.reloaders:
             apply(old, new)
         self.config = self.node.config = new
         log.info("config_reloaded", file=str(self.path))
         self.app[METRICS].count_reload(True)
+        if switch:
+            await self._switch_model(target)
         return True
+
+    async def _switch_model(self, target: Config) -> None:
+        """Another `[model]` (version): in service once loaded (`dsnode.model_switch`), nothing dropped."""
+        self.notifier.status(f"reloading: switching model {target.model.name} to {target.model.path}")
+        await switch_model(self.node, target, self.build, self._swapped.set)
+        self.config = self.node.config
+
+    def _reload_splits(self, old: Config, new: Config) -> None:
+        """A reloader: `[routing.split]` / `[routing.canary]` (a split that changed starts afresh)."""
+        fresh = self.node.splits.configure(new.routing.split, new.routing.canary)
+        if fresh:
+            log.info("splits_reloaded", started_afresh=fresh)
+
+    def _splits_served(self, old: Config, new: Config, target: Config | None) -> bool:
+        """A changed `[routing.split]` must name models and versions some node serves (as far as this
+        node knows: peers it has never heard from make it a warning, not a refusal)."""
+        if new.routing.split == old.routing.split:
+            return True
+        also = None if target is None else (target.model.name, served_version(target.model_version, target.model.label))
+        problems = cluster_problems(new.routing.split, served_versions(self.node, also))
+        if not problems:
+            return True
+        lines = [f"{self.path}: {key}: {why}" for _, key, why in problems]
+        peers = self.node.upstreams.balancer.peers
+        known = {peer.url for peer in peers if peer.advert is not None}
+        if any(upstream.url not in known for upstream in new.routing.upstream):  # one not heard from yet
+            log.warning("split_unverified", problems=lines, detail="some upstream has not advertised yet")
+            return True
+        log.error("config_reload_failed", file=str(self.path), problems=lines)
+        return False
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..metrics import install_metrics
 from ..node import Node
-from . import completions, models, probes
+from . import canary, completions, models, probes
 from .appkeys import NODE
 from .auth import AUTH, Auth, auth_middleware
 from .errors import Handler, error_middleware
@@ -48,6 +48,8 @@ def create_app(node: Node, nccl_result: Path | None = None) -> web.Application:
     app.router.add_get("/health", probes.health)
     app.router.add_get("/ready", probes.ready)
     app.router.add_get("/cluster", probes.cluster)
+    app.router.add_get("/canary", canary.show)
+    app.router.add_post("/canary/{action}", canary.decide)
     document = openapi_bytes(bearer=auth.keys is not None, peers=auth.peers is not None)
 
     async def openapi_json(request: web.Request) -> web.Response:

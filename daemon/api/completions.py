@@ -1,7 +1,11 @@
 """`POST /v1/chat/completions`, `POST /v1/completions`: the request path, top to bottom.
 
     parse → limits on the body → count the prompt (local model only) → limit on the prompt
-          → route (a pure decision, `dsnode.cluster.routing`) → `serve_local` or `serve_forwarded`
+          → the versions to try (a split, `dsnode.api.versioning`) → for each, until one answers:
+            route (a pure decision, `dsnode.cluster.routing`) → `serve_local` or `serve_forwarded`
+
+A version of a split that fails before the request's first token hands the request to the next
+version (the baseline first); each attempt's outcome goes to the canary rule.
 
 `[limits]` are checked here and only here, for local and forwarded requests alike.
 
@@ -11,13 +15,16 @@ outcome.
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from .. import headers
 from ..cluster.routing import LocalModel, Route, RouteRequest, decide
 from ..config import LimitsSection
-from ..inference.engine import ContextLengthExceeded, EngineNotReady
-from ..node import Node
+from ..debug import INJECTED
+from ..inference.engine import ContextLengthExceeded, EngineError, EngineNotReady, QueueFull
+from ..node import Node, Serving
 from ..record import RequestRecord, new_request_id
 from .appkeys import NODE
 from .auth import admit
@@ -27,6 +34,7 @@ from .forward import NotForwarded, not_forwarded, serve_forwarded
 from .local import serve_local
 from .prompt import prompt_token_ids
 from .schemas import Body, ChatCompletionRequest, CompletionRequest, parse_body
+from .versioning import BROKEN, TryNextVersion, VersionPlan, failed, local_serves, note_outcome, plan_versions
 
 MAX_REQUEST_ID = 128
 MAX_HOPS = 3  # a request that passed through this many nodes is not forwarded again
@@ -51,6 +59,10 @@ async def _complete(request: web.Request, endpoint: str) -> web.StreamResponse:
     except BaseException as exc:
         error = to_api_error(exc) if isinstance(exc, Exception) else client_gone()
         record.done(error.status, error.message)
+        if record.version and isinstance(exc, (APIError, EngineError)):  # the version that failed says so
+            error.headers[headers.VERSION] = record.version
+            if error is not exc:
+                raise error from exc
         raise
     finally:
         node.observe(record)
@@ -63,35 +75,100 @@ async def _serve(request: web.Request, node: Node, endpoint: str, record: Reques
     config = node.config  # read once: a reload during the request does not change its settings
     raw, body = await _parse(request, endpoint, config.limits, record)
     check_body_limits(body, config.limits)
-    prompt_ids = await _local_prompt_ids(node, body)
-    check_prompt_limit(body, prompt_ids, config.limits)
-    via = via_of(request)
-    route = choose_route(node, body, prompt_ids, via)
-    record.route = "forwarded" if route.kind == "forward" else "local"
-    record.route_reason = route.reason
-    if prompt_ids is not None:
-        record.prompt_tokens = len(prompt_ids)
-    if route.kind == "not_found":
-        raise model_not_found(body.model, list({config.model.name, *node.upstreams.known_models()}))
-    if route.kind == "loop":
-        raise APIError(508, f"The request for `{body.model}` came back to {node.name} through "
-                       f"{', '.join(via)}; it is not forwarded again.", type="server_error", code="loop_detected")
-    if route.kind == "too_long":
-        raise _too_long(body, prompt_ids, route)
-    if route.kind == "forward":
+    with node.serving() as serving:  # the engine and version in service now, for the whole request
+        prompt_ids = await _local_prompt_ids(serving, body)
+        check_prompt_limit(body, prompt_ids, config.limits)
+        if prompt_ids is not None:
+            record.prompt_tokens = len(prompt_ids)
+        via = via_of(request)
+        attempt = _Attempt(request, node, serving, config.limits, raw, body, prompt_ids, record, via,
+                           plan_versions(node, request, body, via, record))
+        for version in attempt.plan.attempts[:-1]:
+            try:
+                return await attempt.serve(version, last=False)
+            except TryNextVersion as exc:
+                record.route_reason = f"version {exc.version} failed before the first token ({exc.why}): tried next"
+        return await attempt.serve(attempt.plan.attempts[-1], last=True)
+
+
+class _Attempt:
+    """Serving one request with one version (of a split), or with any (no split)."""
+
+    def __init__(self, request: web.Request, node: Node, serving: Serving, limits: LimitsSection, raw: bytes,
+                 body: Body, prompt_ids: list[int] | None, record: RequestRecord, via: tuple[str, ...],
+                 plan: VersionPlan) -> None:
+        self.request, self.node, self.serving, self.limits = request, node, serving, limits
+        self.raw, self.body, self.prompt_ids, self.record, self.via, self.plan = raw, body, prompt_ids, record, via, plan
+
+    async def serve(self, version: str | None, last: bool) -> web.StreamResponse:
+        node, body, record = self.node, self.body, self.record
+        here = local_serves(self.serving, body.model, version)
+        prompt_ids = self.prompt_ids if here else None
+        route = choose_route(node, self.serving, body, prompt_ids, self.via, version, here)
+        record.route = "forwarded" if route.kind == "forward" else "local"
+        record.route_reason = f"{record.route_reason}; {route.reason}" if record.route_reason else route.reason
+        if route.kind == "not_found":
+            raise model_not_found(body.model, list({node.config.model.name, *node.upstreams.known_models()}))
+        if route.kind == "loop":
+            raise APIError(508, f"The request for `{body.model}` came back to {node.name} through "
+                           f"{', '.join(self.via)}; it is not forwarded again.", type="server_error",
+                           code="loop_detected")
+        if route.kind == "too_long":
+            raise _too_long(body, prompt_ids, route)
+        if route.kind == "forward":
+            served = await self._forward(route, version, last)
+            if served is not None:
+                return served
+        if prompt_ids is None:  # the local model is not ready, and no upstream serves it
+            raise EngineNotReady(self.serving.engine.health().reason)
+        return await self._here(prompt_ids, version, last)
+
+    async def _forward(self, route: Route, version: str | None, last: bool) -> web.StreamResponse | None:
+        """The upstream's answer; None: serve it here (the fallback)."""
+        record, started = self.record, time.monotonic()
         try:
-            return await serve_forwarded(request, node, raw, body, record, route, via)
+            response = await serve_forwarded(self.request, self.node, self.raw, self.body, record, route, self.via,
+                                             version)
         except NotForwarded as exc:
-            if not (route.fallback and prompt_ids is not None):
-                return not_forwarded(exc, body, record, route)
+            broken = exc.refused is not None and exc.refused.status in BROKEN
+            if broken:  # an upstream of this version answered 5xx; unreachable or busy ones are no verdict
+                note_outcome(self.node, self.plan, version, record, started, True)
+            if not last:
+                raise TryNextVersion(str(version), exc.why) from None
+            if not (route.fallback and self.prompt_ids is not None):
+                return not_forwarded(exc, self.body, record, route)
             record.route, record.upstream = "local", None
             record.route_reason = f"{route.reason}, but no upstream could take it ({exc.why}): served here"
-    if prompt_ids is None:  # the local model is not ready, and no upstream serves it
-        raise EngineNotReady(node.engine.health().reason)
-    try:
-        return await serve_local(request, node.engine, body, prompt_ids, record, config.limits)
-    except ContextLengthExceeded as exc:
-        raise APIError(400, str(exc), param=_prompt_param(body), code="context_length_exceeded") from None
+            return None
+        except APIError as exc:
+            if exc.status in BROKEN:
+                note_outcome(self.node, self.plan, version, record, started, True)
+            raise
+        note_outcome(self.node, self.plan, version, record, started, failed(record))
+        return response
+
+    async def _here(self, prompt_ids: list[int], version: str | None, last: bool) -> web.StreamResponse:
+        node, record, serving = self.node, self.record, self.serving
+        record.version, started = serving.version.id, time.monotonic()
+        try:
+            if node.faults.next_fails(node.config.debug.inject_errors):
+                raise EngineError(INJECTED)
+            response = await serve_local(self.request, serving.engine, self.body, prompt_ids, record, self.limits)
+        except ContextLengthExceeded as exc:
+            raise APIError(400, str(exc), param=_prompt_param(self.body), code="context_length_exceeded") from None
+        except (EngineNotReady, QueueFull) as exc:  # not ready or busy: no verdict on the version
+            if last:
+                raise
+            record.version = None
+            raise TryNextVersion(str(version), str(exc)) from None
+        except EngineError as exc:  # before the first token (later ones end the stream inside serve_local)
+            note_outcome(node, self.plan, version, record, started, True)
+            if last:
+                raise
+            record.version = None
+            raise TryNextVersion(str(version), str(exc)) from None
+        note_outcome(node, self.plan, version, record, started, failed(record))
+        return response
 
 
 # --- parse ------------------------------------------------------------------------------------------
@@ -116,24 +193,26 @@ async def _parse(request: web.Request, endpoint: str, limits: LimitsSection,
     return raw, body
 
 
-async def _local_prompt_ids(node: Node, body: Body) -> list[int] | None:
+async def _local_prompt_ids(serving: Serving, body: Body) -> list[int] | None:
     """The prompt's tokens, counted only for the local model when it is ready: a model only
     upstreams serve costs no tokenizing."""
-    if node.serves_locally(body.model) and node.engine.health().ready:
-        return await prompt_token_ids(node.engine.tokenizer, body)
+    if serving.model == body.model and serving.engine.health().ready:
+        return await prompt_token_ids(serving.engine.tokenizer, body)
     return None
 
 
 # --- route ------------------------------------------------------------------------------------------
-def choose_route(node: Node, body: Body, prompt_ids: list[int] | None, via: tuple[str, ...]) -> Route:
-    """The pure routing decision, from what this node knows now."""
-    health = node.engine.health()
-    local = LocalModel(node.config.model.name, node.engine.info.max_context if health.ready else None, health.ready)
+def choose_route(node: Node, serving: Serving, body: Body, prompt_ids: list[int] | None, via: tuple[str, ...],
+                 version: str | None = None, here: bool = True) -> Route:
+    """The pure routing decision, from what this node knows now. With a version (a split), only the
+    nodes that serve it count: the local model when `here`, the upstreams that advertise it."""
+    ready = here and serving.engine.health().ready
+    local = LocalModel(serving.model if here else "", serving.engine.info.max_context if ready else None, ready)
     return decide(
         RouteRequest(body.model, None if prompt_ids is None else len(prompt_ids), body.requested_max_tokens()),
         local,
         node.config.routing.long_prompt_tokens,
-        node.upstreams.model_limits(),
+        node.upstreams.model_limits(body.model, version),
         may_forward=node.name not in via and len(via) < MAX_HOPS,
     )
 

@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from ..cluster.splits import SplitError
 from ..inference.engine import ConstraintFailed, ContextLengthExceeded, EngineError, EngineNotReady, QueueFull
 from ..inference.tokenizer import ChatTemplateError
 
@@ -100,6 +101,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param="response_format", code="invalid_schema")
     if isinstance(exc, EngineError):
         return APIError(500, str(exc), type="server_error", code="engine_error")
+    if isinstance(exc, SplitError):  # an operator's canary command that does not apply
+        return APIError(409, str(exc), code="canary_refused")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return APIError(413, "The request body is too large.", code="request_too_large")
     if isinstance(exc, web.HTTPException):
@@ -137,7 +140,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(to_api_error(exc))
     except APIError as exc:
         return error_response(exc)
-    except (QueueFull, ContextLengthExceeded, ChatTemplateError, EngineError) as exc:
+    except (QueueFull, ContextLengthExceeded, ChatTemplateError, EngineError, SplitError) as exc:
         return error_response(to_api_error(exc))
     except ConnectionError:
         return error_response(client_gone())  # not a fault of ours; aiohttp drops the write quietly

@@ -55,6 +55,7 @@ _DROP_REQUEST = frozenset(
 )
 _DROP_SIGNED = _DROP_REQUEST | {b"authorization"}  # signed: the peer credential replaces the client's key
 _NODE = headers.NODE.lower()
+_VERSION = headers.VERSION.lower()
 _CHALLENGE = headers.PEER_CHALLENGE.lower()
 _BROKEN = frozenset({500, 502, 504})  # an upstream's own answers that say it is broken
 _REQUEST_ID, _VIA, _USER, _PEER = (f"{name}: ".encode() for name in (headers.REQUEST_ID, headers.VIA, headers.USER,
@@ -87,14 +88,16 @@ async def serve_forwarded(
     record: RequestRecord,
     route: Route,
     via: tuple[str, ...],
+    version: str | None = None,
 ) -> web.StreamResponse:
-    """The upstream's answer; raises NotForwarded when no upstream took the request."""
+    """The upstream's answer, from one that serves `version` of the model when it is given (a split);
+    raises NotForwarded when no upstream took the request."""
     relays = request.app[RELAYS]
     task = asyncio.current_task()
     assert task is not None
     relays.tasks.add(task)
     try:
-        return await _forward(request, node, raw, body, record, route, via)
+        return await _forward(request, node, raw, body, record, route, via, version)
     except asyncio.CancelledError:
         if not relays.cutting:
             raise  # the client went away
@@ -115,6 +118,7 @@ def not_forwarded(exc: NotForwarded, body: Body, record: RequestRecord, route: R
         refused = exc.refused
         record.upstream = refused.peer.url
         record.node = next((v for k, v in refused.headers if k.lower() == _NODE), refused.peer.label)
+        record.version = next((v for k, v in refused.headers if k.lower() == _VERSION), None)
         return web.Response(body=refused.body, status=refused.status,
                             headers=response_headers(refused.headers, record))
     needed = f" with {route.context} tokens of context" if route.context else ""
@@ -130,6 +134,7 @@ async def _forward(
     record: RequestRecord,
     route: Route,
     via: tuple[str, ...],
+    version: str | None,
 ) -> web.StreamResponse:
     upstreams, routing = node.upstreams, node.config.routing
     balancer, pool = upstreams.balancer, upstreams.pool
@@ -139,7 +144,7 @@ async def _forward(
     outgoing = _Outgoing(request, record.request_id, hops, raw, request.app[AUTH].peers)
     tried: list[Peer] = []
     refused: list[Refusal] = []
-    while (peer := balancer.pick(body.model, route.context, time.monotonic(), tried, hops)) is not None:
+    while (peer := balancer.pick(body.model, route.context, time.monotonic(), tried, hops, version)) is not None:
         tried.append(peer)
         peer.forwarded += 1
         peer.in_flight += 1
@@ -159,8 +164,8 @@ async def _forward(
         finally:
             peer.in_flight -= 1
     answered = {r.peer.url: f"answered HTTP {r.status}" for r in refused}
-    raise NotForwarded(balancer.why_none(body.model, route.context, time.monotonic(), tried, answered),
-                       refused[-1] if refused else None)
+    why = balancer.why_none(body.model, route.context, time.monotonic(), tried, answered, version)
+    raise NotForwarded(why, refused[-1] if refused else None)
 
 
 async def _refusal(peer: Peer, response: PoolResponse, routing: RoutingSection, record: RequestRecord) -> Refusal:
@@ -184,6 +189,7 @@ async def _relay_counted(request: web.Request, response: PoolResponse, peer: Pee
     """Relay the answer; a cut, a stall or an answer over the size limits counts against the peer."""
     record.upstream = peer.url
     record.node = response.header(_NODE) or peer.label
+    record.version = response.header(_VERSION)
     record.admitted = time.monotonic()
     try:
         out, fault = await relay(request, response, peer, record, body.stream, routing, request.app[RELAYS])

@@ -71,7 +71,10 @@ def _echo_text(tokenizer: TextTokenizer, body: Body, prompt_ids: list[int]) -> s
 
 
 def _response_headers(record: RequestRecord) -> dict[str, str]:
-    return {headers.NODE: record.node, headers.ROUTE: "local", headers.REQUEST_ID: record.request_id}
+    out = {headers.NODE: record.node, headers.ROUTE: "local", headers.REQUEST_ID: record.request_id}
+    if record.version:
+        out[headers.VERSION] = record.version
+    return out
 
 
 async def _whole(

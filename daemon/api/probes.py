@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .advert import advertisement
 from .appkeys import NODE
+from .canary import splits_state
 
 
 async def health(request: web.Request) -> web.Response:
@@ -29,6 +30,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def cluster(request: web.Request) -> web.Response:
+    """The advertisement, the peers as the balancer sees them, and this node's splits."""
     node = request.app[NODE]
     peers = [asdict(state) for state in node.upstream_states()]
-    return web.json_response({"node": advertisement(node), "peers": peers})
+    return web.json_response({"node": advertisement(node), "peers": peers, "splits": splits_state(node)})

@@ -197,6 +197,8 @@ async def _pass_events(
             record.mark_token()
             if b'"prompt_tokens"' in data:  # the usage chunk (stream_options.include_usage)
                 note_usage(record, data)
+            if b'data: {"error"' in data:  # the upstream's own error event (its engine failed mid-stream)
+                record.stream_error = True
             await out.write(data)
             tail = data
             sent.done = data.endswith(DONE)

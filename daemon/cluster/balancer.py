@@ -11,7 +11,8 @@ A peer can take a request when
   drops by `weight / max_fails` per failure and climbs back by 1 per pick);
 - its last poll answered and its advertisement says ready;
 - it serves the model, with a context limit that holds the request (when the request's size is known);
-- this request has not tried it yet, and did not come through it (a forwarded hop).
+- this request has not tried it yet, and did not come through it (a forwarded hop);
+- when the request's version is chosen (a split, `dsnode.cluster.splits`): it serves that version.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping, Sequence
 
 from ..config import RoutingSection, UpstreamSection
+from ..versions import ServedVersion
 from .state import UpstreamState
 
 MAX_FIELD_CHARS = 256  # a name, a role or a reason from an advertisement is cut to this
@@ -45,6 +47,7 @@ class Peer:
     name: str | None = None
     role: str | None = None
     models: dict[str, int | None] = field(default_factory=dict)  # model name → its context limit
+    versions: dict[str, ServedVersion] = field(default_factory=dict)  # model name → the version it serves
     advert: dict[str, Any] | None = None
     last_seen: float | None = None  # wall-clock time of the last answered poll
     last_error: str | None = None  # why it is not healthy (a failure, a poll, its readiness)
@@ -75,11 +78,19 @@ class Peer:
         limit = self.models[model]
         return context is None or limit is None or context <= limit
 
+    def serves(self, model: str, version: str | None) -> bool:
+        """It serves `model` in `version` (a split's key: an id or a label); any version for None."""
+        if version is None:
+            return model in self.models
+        served = self.versions.get(model)
+        return served is not None and served.matches(version)
+
 
 class Balancer:
     def __init__(self, routing: RoutingSection) -> None:
         self.peers: list[Peer] = [_new_peer(u, routing) for u in routing.upstream]
         self._known: frozenset[str] | None = None  # known_models(), kept until an advert changes it
+        self._version_ids: frozenset[str] | None = None  # known_version_ids(), the same way
 
     # --- configuration ----------------------------------------------------------------------------
     def configure(self, routing: RoutingSection) -> None:
@@ -99,7 +110,7 @@ class Balancer:
             new.current_weight = 0
             peers.append(new)
         self.peers = peers
-        self._known = None
+        self._known = self._version_ids = None
 
     # --- selection (nginx: ngx_http_upstream_get_peer) --------------------------------------------
     def pick(
@@ -109,11 +120,12 @@ class Balancer:
         now: float,
         tried: Sequence[Peer] = (),
         exclude_names: Collection[str] = (),
+        version: str | None = None,
     ) -> Peer | None:
         best: Peer | None = None
         total = 0
         for peer in self.peers:
-            if not self._eligible(peer, model, context, now, tried, exclude_names):
+            if not self._eligible(peer, model, context, now, tried, exclude_names) or not peer.serves(model, version):
                 continue
             peer.current_weight += peer.effective_weight
             total += peer.effective_weight
@@ -163,6 +175,10 @@ class Balancer:
         if models.keys() != peer.models.keys():
             self._known = None
         peer.models = models
+        versions = _versions(advert.get("models"))
+        if versions != peer.versions:
+            self._version_ids = None
+        peer.versions = versions
         peer.advert = dict(advert)
         peer.last_seen = wall_time
         down = now is not None and peer.down(now)
@@ -187,23 +203,43 @@ class Balancer:
             self._known = frozenset(name for peer in self.peers for name in peer.models)
         return self._known
 
-    def model_limits(self) -> dict[str, int | None]:
+    def known_version_ids(self) -> frozenset[str]:
+        """The id of every version some upstream has advertised (the `version` metric label's values)."""
+        if self._version_ids is None:
+            self._version_ids = frozenset(v.id for peer in self.peers for v in peer.versions.values())
+        return self._version_ids
+
+    def served_versions(self) -> dict[str, list[ServedVersion]]:
+        """Every advertised model → the versions upstreams (healthy now or not) serve of it."""
+        served: dict[str, list[ServedVersion]] = {}
+        for peer in self.peers:
+            for name in peer.models:
+                versions = served.setdefault(name, [])
+                version = peer.versions.get(name)
+                if version is not None and version not in versions:
+                    versions.append(version)
+        return served
+
+    def model_limits(self, model: str | None = None, version: str | None = None) -> dict[str, int | None]:
         """Every advertised model → the largest context limit any upstream (healthy now or not)
-        advertises for it; None when one of them does not say (its model is loading)."""
+        advertises for it; None when one of them does not say (its model is loading). With a
+        version: only the upstreams that serve `model` in that version count for it."""
         limits: dict[str, int | None] = {}
         for peer in self.peers:
             for name, limit in peer.models.items():
+                if version is not None and name == model and not peer.serves(model, version):
+                    continue
                 best = limits.get(name, 0)
                 limits[name] = None if limit is None or best is None else max(best, limit)
         return limits
 
     def why_none(self, model: str, context: int | None, now: float, tried: Sequence[Peer] = (),
-                 answered: Mapping[str, str] | None = None) -> str:
+                 answered: Mapping[str, str] | None = None, version: str | None = None) -> str:
         """Why `pick` found nothing, peer by peer, for the 503 message and the log. `answered`: what
         tried peers (by URL) answered this request, when they did."""
-        serving = [p for p in self.peers if model in p.models]
+        serving = [p for p in self.peers if p.serves(model, version)]
         if not serving:
-            return f"no upstream serves the model `{model}`"
+            return f"no upstream serves the model `{model}`" + (f" in version {version}" if version else "")
         reasons = [f"{p.label}: {self._reason(p, model, context, now, tried, answered or {})}" for p in serving]
         return "; ".join(reasons)
 
@@ -271,6 +307,17 @@ def _models(value: Any) -> dict[str, int | None]:
             limit = entry.get("max_context")
             good = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
             out[entry["name"][:MAX_FIELD_CHARS]] = limit if good else None
+    return out
+
+
+def _versions(value: Any) -> dict[str, ServedVersion]:
+    """An advertisement's `models` list → name → the version it serves (entries without one: none)."""
+    out: dict[str, ServedVersion] = {}
+    for entry in value if isinstance(value, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]:
+            version, label = _str_or_none(entry.get("version")), _str_or_none(entry.get("version_label"))
+            if version is not None:
+                out[entry["name"][:MAX_FIELD_CHARS]] = ServedVersion(version, label)
     return out
 
 

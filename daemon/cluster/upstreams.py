@@ -20,6 +20,7 @@ import aiohttp
 import structlog
 
 from ..tasks import Supervised
+from ..versions import ServedVersion
 from .balancer import Balancer
 from .peers import Poller, Signer
 from .pool import Pool
@@ -35,6 +36,7 @@ class ReachableModel:
     name: str
     max_context: int | None  # the largest context limit among the peers serving it
     nodes: tuple[str, ...]
+    versions: tuple[tuple[ServedVersion, str], ...] = ()  # (version, node) for the peers that say
 
 
 class Upstreams:
@@ -92,13 +94,17 @@ class Upstreams:
     def known_models(self) -> frozenset[str]:
         return self.balancer.known_models()
 
-    def model_limits(self) -> dict[str, int | None]:
-        return self.balancer.model_limits()
+    def model_limits(self, model: str | None = None, version: str | None = None) -> dict[str, int | None]:
+        return self.balancer.model_limits(model, version)
+
+    def served_versions(self) -> dict[str, list[ServedVersion]]:
+        return self.balancer.served_versions()
 
     def reachable_models(self) -> list[ReachableModel]:
         """Models that healthy upstreams serve now, for `/v1/models`."""
         now = time.monotonic()
         found: dict[str, tuple[int | None, list[str]]] = {}
+        versions: dict[str, list[tuple[ServedVersion, str]]] = {}
         for peer in self.balancer.peers:
             if not peer.healthy(now):
                 continue
@@ -107,4 +113,7 @@ class Upstreams:
                 if limit is not None and (best is None or limit > best):
                     best = limit
                 found[name] = (best, [*nodes, peer.label])
-        return [ReachableModel(name, limit, tuple(nodes)) for name, (limit, nodes) in sorted(found.items())]
+                if name in peer.versions:
+                    versions.setdefault(name, []).append((peer.versions[name], peer.label))
+        return [ReachableModel(name, limit, tuple(nodes), tuple(versions.get(name, ())))
+                for name, (limit, nodes) in sorted(found.items())]

@@ -56,6 +56,7 @@ class NodeCollector(Collector):
         yield gauge("dsnode_requests_in_flight", "HTTP requests being served right now.",
                     [([], node.in_flight)], [])
         yield from _task_families(node)
+        yield from _split_families(node)
         try:
             load = node.engine.load_figures()
         except Exception:  # an engine that can't tell yet (loading): leave its figures out
@@ -74,6 +75,26 @@ def _task_families(node: "Node") -> Iterator[Metric]:
     yield gauge("dsnode_background_task_failing",
                 "1 while a background task's last run failed and no run has gone well since, else 0.",
                 [([t.name], 1.0 if t.failing else 0.0) for t in tasks], ["task"])
+
+
+def _split_families(node: "Node") -> Iterator[Metric]:
+    """[routing.split]: each version's share in force, and the automatic rollbacks (dsnode.cluster.splits)."""
+    splits = node.splits
+    shares = [([split.model, key], float(share)) for split in splits.models.values()
+              for key, share in split.shares.items()]
+    yield gauge("dsnode_version_share_percent", "Share of a model's requests a version gets now (a split).",
+                shares, ["model", "version"])
+    rolled = [([split.model, key], 1.0 if key in split.decisions and split.decisions[key].action == "rolled_back"
+               else 0.0) for split in splits.models.values() for key in split.shares]
+    yield gauge("dsnode_canary_rolled_back", "1 while a canary of a split is rolled back.", rolled,
+                ["model", "version"])
+    counts = {(split.model, key): 0 for split in splits.models.values() for key in split.shares}
+    counts.update(splits.rollbacks)
+    rollbacks = CounterMetricFamily("dsnode_canary_rollbacks", "Canaries rolled back automatically.",
+                                    labels=["model", "version"])
+    for (model, key), n in sorted(counts.items()):
+        rollbacks.add_metric([model, key], n)
+    yield rollbacks
 
 
 # --- upstreams --------------------------------------------------------------------------------------

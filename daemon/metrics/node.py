@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from ..node import Node
 
 UNKNOWN_MODEL = "unknown"  # requests naming a model this node can't reach (keeps the label bounded)
+UNKNOWN_VERSION = "unknown"  # a version header no node known here advertises
+NO_VERSION = "none"  # no version answered (the request failed before one was chosen)
 
 
 class NodeMetrics:
@@ -46,7 +48,7 @@ class NodeMetrics:
 
     def observe(self, record: RequestRecord) -> None:
         """A finished request (a `node.observers` callback)."""
-        self.requests.observe(record, self._model_label(record))
+        self.requests.observe(record, self._model_label(record), self._version_label(record))
 
     def fold(self) -> None:
         self.requests.fold()
@@ -62,6 +64,16 @@ class NodeMetrics:
         if (record.route == "forwarded" and record.status < 400) or model == self.node.config.model.name:
             return model
         return model if model in self._reachable_models() else UNKNOWN_MODEL
+
+    def _version_label(self, record: RequestRecord) -> str:
+        """The version that answered, if this node knows it (served here since start, or advertised by
+        an upstream): an upstream's header can't grow the label set at will."""
+        version = record.version
+        if not version:
+            return NO_VERSION
+        if version in self.node.versions_served or version in self.node.upstreams.balancer.known_version_ids():
+            return version
+        return UNKNOWN_VERSION
 
     def _reachable_models(self) -> set[str]:
         names = {self.node.config.model.name}

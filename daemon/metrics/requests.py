@@ -35,27 +35,29 @@ QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 # attribute, name, help, labels, histogram buckets (None: a counter)
 _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...], tuple[float, ...] | None], ...] = (
     ("requests", "dsnode_requests", "Completion requests answered, by route and HTTP status.",
-     ("model", "endpoint", "route", "status"), None),
+     ("model", "endpoint", "route", "status", "version"), None),
     ("success", "dsnode_request_success", "Requests that finished normally, by finish reason.",
-     ("model", "finished_reason"), None),
+     ("model", "finished_reason", "version"), None),
     ("ttft", "dsnode_time_to_first_token_seconds", "Time from request arrival to first token.",
-     ("model", "route"), TTFT_BUCKETS),
+     ("model", "route", "version"), TTFT_BUCKETS),
     ("itl", "dsnode_inter_token_latency_seconds", "Time between consecutive streamed tokens.",
-     ("model", "route"), ITL_BUCKETS),
+     ("model", "route", "version"), ITL_BUCKETS),
     ("e2e", "dsnode_e2e_request_latency_seconds", "Time from request arrival to its last byte.",
-     ("model", "route"), E2E_BUCKETS),
+     ("model", "route", "version"), E2E_BUCKETS),
     ("queue_time", "dsnode_request_queue_time_seconds", "Time a local request waited for a batch slot.",
-     ("model",), QUEUE_BUCKETS),
-    ("prompt_tokens", "dsnode_prompt_tokens", "Prompt tokens of answered requests.", ("model", "route"), None),
+     ("model", "version"), QUEUE_BUCKETS),
+    ("prompt_tokens", "dsnode_prompt_tokens", "Prompt tokens of answered requests.", ("model", "route", "version"),
+     None),
     ("generation_tokens", "dsnode_generation_tokens", "Tokens generated for answered requests.",
-     ("model", "route"), None),
+     ("model", "route", "version"), None),
     ("forwarded", "dsnode_forwarded_requests", "Requests forwarded to an upstream, by status.",
      ("model", "upstream", "status"), None),
     ("forward_failures", "dsnode_forward_failures",
      "Forwarded requests that failed at or on the way to the upstream (5xx).", ("model", "upstream"), None),
 )
 
-SeriesKey = tuple[str, str, str, int, "str | None", "str | None"]  # model, endpoint, route, status, upstream, reason
+# model, endpoint, route, status, upstream, finish reason, version
+SeriesKey = tuple[str, str, str, int, "str | None", "str | None", str]
 
 
 class RequestMetrics:
@@ -73,11 +75,12 @@ class RequestMetrics:
         # costs more than the `inc()`/`observe()` it leads to, and it ran ~8 times per request.
         self._series: dict[SeriesKey, _Series] = {}
 
-    def observe(self, record: RequestRecord, model: str) -> None:
+    def observe(self, record: RequestRecord, model: str, version: str) -> None:
         """Queue a finished request's record (counted at the next fold). Its labelled children are
-        made now, so each series' `_created` is its first request's time."""
+        made now, so each series' `_created` is its first request's time. `model` and `version`: the
+        label values (bounded by the caller)."""
         upstream = record.upstream if record.route == "forwarded" else None
-        key = (model, record.endpoint, record.route, record.status, upstream, record.finish_reason)
+        key = (model, record.endpoint, record.route, record.status, upstream, record.finish_reason, version)
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = _Series(self, *key)
@@ -103,26 +106,26 @@ class RequestMetrics:
 
 
 class _Series:
-    """The children of one (model, endpoint, route, status, upstream, finish reason): what one kind of
-    request counts into. A child is made exactly when the uncached code would first have asked for it
-    (`labels()` makes a series appear in /metrics, at zero): TTFT and queue time on their first value."""
+    """The children of one (model, endpoint, route, status, upstream, finish reason, version): what one
+    kind of request counts into. A child is made exactly when the uncached code would first have asked
+    for it (`labels()` makes a series appear in /metrics, at zero): TTFT and queue time on their first value."""
 
-    __slots__ = ("model", "route", "requests", "prompt_tokens", "generation_tokens", "forwarded",
+    __slots__ = ("model", "route", "version", "requests", "prompt_tokens", "generation_tokens", "forwarded",
                  "forward_failures", "success", "ttft", "itl", "e2e", "queue_time")
 
     def __init__(self, m: Any, model: str, endpoint: str, route: str, status: int,
-                 upstream: str | None, finish_reason: str | None) -> None:
+                 upstream: str | None, finish_reason: str | None, version: str) -> None:
         code = str(status)
-        self.model, self.route = model, route
-        self.requests = m.requests.labels(model, endpoint, route, code)
-        self.prompt_tokens = m.prompt_tokens.labels(model, route)
-        self.generation_tokens = m.generation_tokens.labels(model, route)
+        self.model, self.route, self.version = model, route, version
+        self.requests = m.requests.labels(model, endpoint, route, code, version)
+        self.prompt_tokens = m.prompt_tokens.labels(model, route, version)
+        self.generation_tokens = m.generation_tokens.labels(model, route, version)
         self.forwarded = m.forwarded.labels(model, upstream, code) if upstream else None
         self.forward_failures = m.forward_failures.labels(model, upstream) if upstream and status >= 500 else None
         ok = status < 400  # the rest counts answered requests only
-        self.success = m.success.labels(model, finish_reason) if ok and finish_reason else None
-        self.itl = m.itl.labels(model, route) if ok else None
-        self.e2e = m.e2e.labels(model, route) if ok else None
+        self.success = m.success.labels(model, finish_reason, version) if ok and finish_reason else None
+        self.itl = m.itl.labels(model, route, version) if ok else None
+        self.e2e = m.e2e.labels(model, route, version) if ok else None
         self.ttft: Any = None
         self.queue_time: Any = None
 
@@ -152,11 +155,11 @@ class _Series:
             (self.queue_time or self.first_queue_time(m)).observe(record.queued_s)
 
     def first_ttft(self, m: Any) -> Any:
-        self.ttft = m.ttft.labels(self.model, self.route)
+        self.ttft = m.ttft.labels(self.model, self.route, self.version)
         return self.ttft
 
     def first_queue_time(self, m: Any) -> Any:
-        self.queue_time = m.queue_time.labels(self.model)
+        self.queue_time = m.queue_time.labels(self.model, self.version)
         return self.queue_time
 
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .splits_view import format_splits
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
@@ -42,6 +44,7 @@ class NodeRow:
     last_seen_s: float | None  # seconds ago (0 for the node asked)
     error: str | None = None
     weights_per_rank: tuple[int, ...] = ()  # bytes of model weights each rank holds (central engines)
+    versions: tuple[str, ...] = ()  # the version of each model it serves: "id" or "id (label)"
 
 
 class Unreachable(Exception):
@@ -74,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"url": url, "nodes": [asdict(r) for r in rows], "cluster": cluster}, indent=2))
     else:
         print(format_table(rows))
+        splits = cluster.get("splits")
+        if isinstance(splits, list) and splits:
+            print("\n" + format_splits(splits))
     return EXIT_OK
 
 
@@ -263,7 +269,13 @@ def _advert_facts(advert: dict[str, Any]) -> dict[str, Any]:
         "running": load.get("running"),
         "tokens_per_second": load.get("tokens_per_second"),
         "weights_per_rank": _weights_per_rank(models),
+        "versions": tuple(_version_of(m) for m in models if isinstance(m.get("version"), str)),
     }
+
+
+def _version_of(model: dict[str, Any]) -> str:
+    version, label = str(model["version"]), model.get("version_label")
+    return version if not isinstance(label, str) or label == version else f"{version} ({label})"
 
 
 def _weights_per_rank(models: list[dict[str, Any]]) -> tuple[int, ...]:
@@ -293,6 +305,7 @@ COLUMNS = (
     "WEIGHT",
     "GPUS",
     "MODELS",
+    "VERSION",
     "CONTEXT",
     "WEIGHTS/RANK",
     "QUEUE",
@@ -327,6 +340,7 @@ def _cells(r: NodeRow) -> tuple[str, ...]:
         weight,
         _gpus(r.gpus),
         ",".join(r.models) or "-",
+        ",".join(r.versions) or "-",
         _num(r.context),
         _weights(r.weights_per_rank),
         queue,

@@ -20,6 +20,7 @@ from dsnode.metrics import METRICS, NodeMetrics
 from dsnode.nccl_result import RESULT_KIND, write_result
 from dsnode.node import Node
 from dsnode.record import RequestRecord
+from dsnode.versions import CanarySection
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -160,7 +161,7 @@ async def test_requests_move_counters_and_histograms(client):
     assert (await client.post("/v1/completions", data=b"{not json")).status == 400
 
     after = await scrape(client)
-    ok = dict(model=MODEL, route="local")
+    ok = dict(model=MODEL, route="local", version="unversioned")  # the stub folder is no store version
     assert value(after, "dsnode_requests_total", endpoint="chat", status="200", **ok) == 2
     assert (
         value(
@@ -170,6 +171,7 @@ async def test_requests_move_counters_and_histograms(client):
             endpoint="completion",
             route="local",
             status="404",
+            version="none",
         )
         == 1
     )
@@ -181,6 +183,7 @@ async def test_requests_move_counters_and_histograms(client):
             endpoint="completion",
             route="local",
             status="400",
+            version="none",
         )
         == 1
     )
@@ -194,15 +197,16 @@ async def test_requests_move_counters_and_histograms(client):
     # one token per engine step: a request with n tokens has n - 1 gaps between them
     gaps = sum(u["completion_tokens"] - 1 for u in usages)
     assert value(after, "dsnode_inter_token_latency_seconds_count", **ok) == gaps
-    assert value(after, "dsnode_request_queue_time_seconds_count", model=MODEL) == 2
-    assert value(after, "dsnode_request_queue_time_seconds_sum", model=MODEL) >= 0
+    assert value(after, "dsnode_request_queue_time_seconds_count", model=MODEL, version="unversioned") == 2
+    assert value(after, "dsnode_request_queue_time_seconds_sum", model=MODEL, version="unversioned") >= 0
     reasons = {whole["choices"][0]["finish_reason"]}
     assert sum(
-        value(after, "dsnode_request_success_total", model=MODEL, finished_reason=r) or 0
+        value(after, "dsnode_request_success_total", model=MODEL, finished_reason=r, version="unversioned") or 0
         for r in ("stop", "length")
     ) == 2 and reasons <= {"stop", "length"}
     # a failed request adds to no latency histogram
-    assert value(after, "dsnode_e2e_request_latency_seconds_count", model="unknown", route="local") is None
+    assert value(after, "dsnode_e2e_request_latency_seconds_count", model="unknown", route="local",
+                 version="none") is None
 
 
 async def test_engine_figures_are_read_at_scrape_time(client, node):
@@ -280,7 +284,8 @@ async def test_upstream_state_and_forwarding(client, node):
         value(samples, "dsnode_forwarded_requests_total", model="unknown", upstream=CENTRAL, status="404")
         == 1
     )
-    assert value(samples, "dsnode_generation_tokens_total", model="deepseek-r1-moe", route="forwarded") == 9
+    assert value(samples, "dsnode_generation_tokens_total", model="deepseek-r1-moe", route="forwarded",
+                 version="none") == 9
     # without upstreams, no upstream series at all
     assert not {n for n in names(await scrape(client)) if n.startswith("dsnode_upstream_")}
 
@@ -352,6 +357,7 @@ async def test_two_apps_on_one_node_have_their_own_registries(aiohttp_client, no
             endpoint="chat",
             route="local",
             status="200",
+            version="unversioned",
         )
         == 1
     )
@@ -363,6 +369,7 @@ async def test_two_apps_on_one_node_have_their_own_registries(aiohttp_client, no
             endpoint="chat",
             route="local",
             status="200",
+            version="unversioned",
         )
         == 1
     )  # every app observes the node's requests
@@ -379,8 +386,9 @@ async def test_openmetrics_when_asked(client):
 
 @pytest_asyncio.fixture
 async def full_scrape(client, node, tmp_path) -> str:
-    """A scrape with every family present: requests, upstreams, forwarding, GPUs, NCCL."""
+    """A scrape with every family present: requests, upstreams, forwarding, splits, GPUs, NCCL."""
     metrics = client.app[METRICS]
+    node.splits.configure({MODEL: {"v1": 90, "v2": 10}}, CanarySection())
     path = tmp_path / "nccl.json"
     write_result(path, nccl_result())
     assert (await chat(client)).status == 200
@@ -440,6 +448,8 @@ async def test_dashboard_uses_only_metrics_that_exist(full_scrape):
         "dsnode_generation_tokens_total",
         "dsnode_forwarded_requests_total",
         "dsnode_upstream_healthy",
+        "dsnode_version_share_percent",
+        "dsnode_canary_rollbacks_total",
     ):
         assert wanted in used
 
@@ -475,3 +485,17 @@ def test_dashboard_queries_and_scrape_example_pass_promtool(tmp_path):
     for check in checks:
         result = subprocess.run([promtool, *check], capture_output=True, timeout=60, check=False)
         assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+async def test_the_version_label_takes_only_versions_known_here(client, node):
+    """An upstream's X-DSNode-Version header can't grow the label set: an id no node known here
+    serves is `unknown`; a request no version answered is `none`."""
+    metrics = client.app[METRICS]
+    for version in (node.served.id, "made-up-by-a-header", None):
+        record = RequestRecord(f"r-{version}", "completion", "central-1", route="forwarded", model=MODEL,
+                               upstream=CENTRAL, version=version)
+        record.done(200)
+        metrics.observe(record)
+    samples = await scrape(client)
+    labels = {dict(labels)["version"] for name, labels in samples if name == "dsnode_requests_total"}
+    assert labels == {"unversioned", "unknown", "none"}

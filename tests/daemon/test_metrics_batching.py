@@ -8,9 +8,11 @@ import types
 from typing import Any
 
 from aiohttp import web
+from dsnode.cluster.splits import Splits
 from dsnode.inference.engine import EngineLoad, Health
 from dsnode.metrics import FOLD_EVERY, NodeMetrics
 from dsnode.record import RequestRecord
+from dsnode.versions import CanarySection
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,6 +26,8 @@ def fake_node() -> Any:
     return types.SimpleNamespace(
         config=config, engine=engine, name="edge-1", role="edge", version="0", in_flight=0,
         readiness=lambda: Health(True), upstream_states=list, background_tasks=list,
+        splits=Splits({}, CanarySection()), versions_served=set(),
+        upstreams=types.SimpleNamespace(balancer=types.SimpleNamespace(known_version_ids=frozenset)),
     )
 
 
@@ -43,7 +47,8 @@ def forwarded(status: int = 200, tokens: int = 3) -> RequestRecord:
 
 def requests_total(m: NodeMetrics, status: str = "200") -> float | None:
     return m.registry.get_sample_value(
-        "dsnode_requests_total", {"model": MODEL, "endpoint": "completion", "route": "forwarded", "status": status}
+        "dsnode_requests_total", {"model": MODEL, "endpoint": "completion", "route": "forwarded", "status": status,
+                                  "version": "none"}
     )
 
 
@@ -57,11 +62,11 @@ def test_every_collection_sees_every_queued_record():
     text = generate_latest(m.registry).decode()  # so does a plain collection
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
-    assert samples[("dsnode_generation_tokens_total", (("model", MODEL), ("route", "forwarded")))] == 5 * 3 + 3 + 7
+    assert samples[("dsnode_generation_tokens_total", (("model", MODEL), ("route", "forwarded"), ("version", "none")))] == 5 * 3 + 3 + 7
     assert samples[("dsnode_forward_failures_total", (("model", MODEL), ("upstream", UPSTREAM)))] == 1
     # two tokens per answered request: one inter-token gap each
-    assert samples[("dsnode_inter_token_latency_seconds_count", (("model", MODEL), ("route", "forwarded")))] == 6
-    assert samples[("dsnode_e2e_request_latency_seconds_count", (("model", MODEL), ("route", "forwarded")))] == 6
+    assert samples[("dsnode_inter_token_latency_seconds_count", (("model", MODEL), ("route", "forwarded"), ("version", "none")))] == 6
+    assert samples[("dsnode_e2e_request_latency_seconds_count", (("model", MODEL), ("route", "forwarded"), ("version", "none")))] == 6
 
 
 def test_the_queue_is_folded_every_FOLD_EVERY_records():
@@ -84,7 +89,7 @@ def test_series_are_created_at_their_first_request_not_at_the_fold():
     after = time.time()
     time.sleep(0.05)
     created = m.registry.get_sample_value(
-        "dsnode_time_to_first_token_seconds_created", {"model": MODEL, "route": "forwarded"}
+        "dsnode_time_to_first_token_seconds_created", {"model": MODEL, "route": "forwarded", "version": "none"}
     )
     assert created is not None and before <= created <= after
     assert before <= requests_created(m) <= after
@@ -92,7 +97,8 @@ def test_series_are_created_at_their_first_request_not_at_the_fold():
 
 def requests_created(m: NodeMetrics) -> float:
     value = m.registry.get_sample_value(
-        "dsnode_requests_created", {"model": MODEL, "endpoint": "completion", "route": "forwarded", "status": "200"}
+        "dsnode_requests_created", {"model": MODEL, "endpoint": "completion", "route": "forwarded", "status": "200",
+                                    "version": "none"}
     )
     assert value is not None
     return value

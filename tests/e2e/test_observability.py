@@ -137,13 +137,13 @@ def test_bench_load_agrees_with_both_nodes_metrics(cluster):
         "dsnode_forwarded_requests_total",
         frozenset({"model": CENTRAL_MODEL, "upstream": cluster.central.url, "status": "200"}.items()),
     )
-    central_prompt_key = (
+    central_prompt_key = (  # the central serves a folder outside the model store: `unversioned`
         "dsnode_prompt_tokens_total",
-        frozenset({"model": CENTRAL_MODEL, "route": "local"}.items()),
+        frozenset({"model": CENTRAL_MODEL, "route": "local", "version": "unversioned"}.items()),
     )
     central_gen_key = (
         "dsnode_generation_tokens_total",
-        frozenset({"model": CENTRAL_MODEL, "route": "local"}.items()),
+        frozenset({"model": CENTRAL_MODEL, "route": "local", "version": "unversioned"}.items()),
     )
     edge_before, central_before = samples(scrape(cluster.edge.url)), samples(scrape(cluster.central.url))
 
@@ -230,8 +230,9 @@ def test_edge_scrape_has_its_upstream_and_the_dashboard_only_charts_what_exists(
     exposed = {name for name, _ in found}
     dashboard = DASHBOARD.read_text()
     used = set(re.findall(r"\bdsnode_[a-z0-9_]+", dashboard))
-    # GPU and NCCL figures need NVML / a published result, and a failure counter a failure:
-    # tests/daemon/test_metrics.py shows those on a scrape where they exist
-    elsewhere = ("dsnode_gpu_", "dsnode_nccl_", "dsnode_forward_failures_total")
+    # GPU and NCCL figures need NVML / a published result, a failure counter a failure, and the split
+    # figures a [routing.split]: tests/daemon/test_metrics.py shows those on a scrape where they exist
+    elsewhere = ("dsnode_gpu_", "dsnode_nccl_", "dsnode_forward_failures_total", "dsnode_version_share_",
+                 "dsnode_canary_")
     missing = {n for n in used - exposed if not n.startswith(elsewhere)}
     assert missing == set()

@@ -29,7 +29,11 @@ class Received:
 @dataclass
 class FakeUpstream:
     name: str
-    script: list[str] = field(default_factory=list)  # behaviours for successive POSTs; then "ok"
+    script: list[str] = field(default_factory=list)  # behaviours for successive POSTs; then `otherwise`
+    otherwise: str = "ok"
+    model: str = MODEL  # the model it advertises
+    version: str | None = None  # the model version it advertises and answers with (X-DSNode-Version)
+    version_label: str | None = None
     ready: bool = True
     max_context: int = 4096
     close_after_answer: bool = False  # close each connection after answering (stale keep-alive)
@@ -78,7 +82,7 @@ class FakeUpstream:
                     await self._advert(writer)
                     continue
                 self.received.append(Received(head, body))
-                behaviour = self.script.pop(0) if self.script else "ok"
+                behaviour = self.script.pop(0) if self.script else self.otherwise
                 keep = await getattr(self, "_" + behaviour.replace("-", "_"))(writer, reader)
                 if not keep or self.close_after_answer:
                     writer.close()
@@ -107,9 +111,18 @@ class FakeUpstream:
     async def _advert(self, writer: asyncio.StreamWriter) -> None:
         advert = {"node": {"name": self.name, "role": "central", "ready": self.ready,
                            "reason": "" if self.ready else "model is loading",
-                           "models": [{"name": MODEL, "max_context": self.max_context, "ready": self.ready}]},
+                           "models": [{"name": self.model, "max_context": self.max_context, "ready": self.ready,
+                                       **self._version_fields()}]},
                   "peers": []}
         await self._send(writer, 200, json.dumps(advert).encode())
+
+    def _version_fields(self) -> dict[str, str]:
+        if self.version is None:
+            return {}
+        return {"version": self.version, **({"version_label": self.version_label} if self.version_label else {})}
+
+    def _version_header(self) -> bytes:
+        return b"" if self.version is None else b"X-DSNode-Version: " + self.version.encode() + b"\r\n"
 
     async def _ok(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
         body = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": MODEL,
@@ -122,7 +135,7 @@ class FakeUpstream:
         self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, cut: bool = False, unterminated: bool = False
     ) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-                     b"X-DSNode-Node: " + self.name.encode() + b"\r\n\r\n")
+                     b"X-DSNode-Node: " + self.name.encode() + b"\r\n" + self._version_header() + b"\r\n")
         for i in range(3):
             event = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": MODEL,
                                 "choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]})
@@ -172,7 +185,8 @@ class FakeUpstream:
         reason = {200: b"OK", 401: b"Unauthorized", 429: b"Too Many Requests", 500: b"Internal Server Error",
                   502: b"Bad Gateway", 503: b"Service Unavailable"}[status]
         writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                     b"X-DSNode-Node: %s\r\n%s\r\n" % (status, reason, len(body), self.name.encode(), extra) + body)
+                     b"X-DSNode-Node: %s\r\n%s%s\r\n" % (status, reason, len(body), self.name.encode(), extra,
+                                                          self._version_header()) + body)
         await writer.drain()
 
 

@@ -240,7 +240,7 @@ async def test_models_and_cluster_show_what_peers_serve(fakes, edge):
     by_id = {m["id"]: m for m in models["data"]}
     assert set(by_id) == {"tiny-dense", MODEL}
     assert by_id[MODEL]["max_model_len"] == 8192
-    assert by_id[MODEL]["dsnode"] == {"nodes": ["central-a"], "local": False, "ready": True}
+    assert by_id[MODEL]["dsnode"] == {"nodes": ["central-a"], "local": False, "ready": True, "versions": []}
     cluster = await (await client.get("/cluster")).json()
     assert cluster["node"]["name"] == "edge-under-test"
     peers = {p["name"]: p for p in cluster["peers"]}
