@@ -11,8 +11,12 @@ it in place. Nothing of the cache crosses into numpy on a step, and no step copi
   where the previous one stopped (GroupQueryAttention reads the slot's earlier positions).
 - Decode runs the prefix in one call: row r's `seqlens_k` is its own length, so rows of any length
   decode together with no padding; a free slot inside the prefix computes one throw-away position.
-- The buffer grows (slots or length doubled, at most to the context limit) by one copy when a
-  sequence needs more: a copy per growth, not per token. Sequences joining and leaving never move data.
+- The buffer grows by one copy when a sequence needs more: slots doubled; length to what is needed
+  plus a quarter (at least 1.5x, in steps of 64, at most the context limit), so a prompt's prefill
+  leaves room for its answer and decoding a typical answer copies nothing. A copy per growth, not per
+  token. Sequences joining and leaving never move data.
+- A decode step writes its inputs into arrays bound once per batch size, and its logits into one
+  bound output: the per-token work outside the session call is filling those and picking the rows.
 
 Only numpy and onnxruntime here: this is the edge host's run-time path.
 """
@@ -30,6 +34,13 @@ from .onnx_runner import CUDA, RunnerError
 _TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 INITIAL_SLOTS = 4
 INITIAL_LENGTH = 256
+LENGTH_STEP = 64
+
+
+def grown_length(needed: int, current: int, limit: int) -> int:
+    """The cache length to grow to when `needed` positions do not fit in `current` (pure)."""
+    wanted = max(needed + needed // 4, current + current // 2)
+    return min(limit, -(-wanted // LENGTH_STEP) * LENGTH_STEP)
 
 
 @dataclass(frozen=True)
@@ -61,11 +72,14 @@ class CacheBuffers:
     def __init__(self, spec: CacheSpec, device: str, slots: int, length: int) -> None:
         self.spec, self.device = spec, device
         self.slots, self.length = slots, length
-        self.values = [self._allocate(slots, length) for _ in range(2 * spec.layers)]
+        self.values = [self._allocate(np.zeros(self._shape(slots, length), spec.dtype)) for _ in range(2 * spec.layers)]
 
-    def _allocate(self, slots: int, length: int) -> ort.OrtValue:
-        shape = [slots, self.spec.kv_heads, length, self.spec.head_dim]
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.spec.dtype), self.device, 0)
+    def _shape(self, slots: int, length: int) -> tuple[int, int, int, int]:
+        return slots, self.spec.kv_heads, length, self.spec.head_dim
+
+    def _allocate(self, array: np.ndarray) -> ort.OrtValue:
+        """On the CPU the OrtValue wraps `array` (no copy; it keeps the array alive), on a GPU it is a copy."""
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
 
     @property
     def slot_bytes(self) -> int:
@@ -79,10 +93,24 @@ class CacheBuffers:
         grown = []
         for value in self.values:
             old = value.numpy()  # (slots, h, length, d)
-            new = np.zeros((slots, self.spec.kv_heads, length, self.spec.head_dim), self.spec.dtype)
+            new = np.zeros(self._shape(slots, length), self.spec.dtype)
             new[: old.shape[0], :, : old.shape[2]] = old
-            grown.append(ort.OrtValue.ortvalue_from_numpy(new, self.device, 0))
+            grown.append(self._allocate(new))
         self.values, self.slots, self.length = grown, slots, length
+
+
+@dataclass
+class DecodeStep:
+    """A decode binding for one batch size over one set of cache buffers, with the host arrays its
+    inputs and logits are bound to (the session reads and writes them in place)."""
+
+    binding: ort.IOBinding
+    batch: int
+    buffers: int  # id() of the cache buffers it points into
+    ids: np.ndarray  # (B, 1) int64
+    seqlens: np.ndarray  # (B,) int32: tokens cached before this step
+    total: np.ndarray  # () int32: the longest row's length after this step
+    logits: np.ndarray  # (B, V) float32
 
 
 class SlotRunner:
@@ -97,7 +125,7 @@ class SlotRunner:
         self.cache = CacheBuffers(self.spec, self.device, INITIAL_SLOTS, min(INITIAL_LENGTH, max_length))
         self.slot_of: dict[str, int] = {}
         self.length_of: dict[str, int] = {}  # tokens in the cache, per sequence
-        self._decode_binding: tuple[ort.IOBinding, int, int] | None = None  # (binding, batch, buffer id)
+        self._decode_binding: DecodeStep | None = None
 
     @property
     def provider(self) -> str:
@@ -123,14 +151,17 @@ class SlotRunner:
         rows = [self.slot_of[s] for s in seq_ids]
         self._ensure_length(max(self.length_of[s] for s in seq_ids) + 1)
         batch = max(self.slot_of.values()) + 1  # the running prefix of slots
-        ids = np.zeros((batch, 1), np.int64)  # (B, 1); free slots read token 0
-        seqlens = np.zeros(batch, np.int32)  # (B,) tokens cached before this step = new length - 1
-        ids[rows, 0] = token_ids
-        seqlens[rows] = [self.length_of[s] for s in seq_ids]
-        logits = self._run(self._decode_bound(batch), ids, seqlens)
+        step = self._decode_step(batch)
+        step.ids.fill(0)  # free slots read token 0 ...
+        step.seqlens.fill(0)  # ... at position 0
+        step.ids[rows, 0] = token_ids
+        step.seqlens[rows] = [self.length_of[s] for s in seq_ids]
+        step.total[...] = int(step.seqlens.max()) + 1
+        self.session.run_with_iobinding(step.binding)
+        logits = step.logits
         for seq_id in seq_ids:
             self.length_of[seq_id] += 1
-        ordered: np.ndarray = logits[rows]  # (n, V) in the order asked
+        ordered: np.ndarray = logits[rows]  # (n, V) in the order asked: a copy, the buffer is reused
         return ordered
 
     def release(self, seq_id: str) -> None:
@@ -154,7 +185,7 @@ class SlotRunner:
         if needed > self.max_length:
             raise RunnerError(f"{needed} tokens exceed the model's context limit of {self.max_length}")
         if needed > self.cache.length:
-            self._grow(self.cache.slots, min(self.max_length, max(needed, 2 * self.cache.length)))
+            self._grow(self.cache.slots, grown_length(needed, self.cache.length, self.max_length))
 
     def _grow(self, slots: int, length: int) -> None:
         self.cache.grow(slots, length)
@@ -169,14 +200,22 @@ class SlotRunner:
                 binding.bind_input(f"past_key_values.{layer}.{kv}", self.device, 0, self.spec.dtype, shape, pointer)
                 binding.bind_output(f"present.{layer}.{kv}", self.device, 0, self.spec.dtype, shape, pointer)
 
-    def _decode_bound(self, batch: int) -> ort.IOBinding:
-        """The decode binding, rebound only when the batch prefix or the buffers change."""
+    def _decode_step(self, batch: int) -> DecodeStep:
+        """The decode binding and its input and output arrays, made again only when the batch prefix
+        or the cache buffers change."""
         key = id(self.cache.values[0])
-        if self._decode_binding is None or self._decode_binding[1:] != (batch, key):
+        step = self._decode_binding
+        if step is None or (step.batch, step.buffers) != (batch, key):
             binding = self.session.io_binding()
             self._bind_cache(binding, 0, batch)
-            self._decode_binding = (binding, batch, key)
-        return self._decode_binding[0]
+            step = DecodeStep(binding, batch, key, np.zeros((batch, 1), np.int64), np.zeros(batch, np.int32),
+                              np.zeros((), np.int32), np.empty((batch, self.vocab), np.float32))
+            for name, array in (("input_ids", step.ids), ("seqlens_k", step.seqlens),
+                                ("total_sequence_length", step.total)):
+                binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            binding.bind_output("logits", "cpu", 0, np.float32, list(step.logits.shape), step.logits.ctypes.data)
+            self._decode_binding = step
+        return step
 
     def _run(self, binding: ort.IOBinding, ids: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
         """One session call; returns logits (B, V) float32 on the host."""

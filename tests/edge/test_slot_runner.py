@@ -76,14 +76,26 @@ def test_chunked_prefill_continues_where_the_previous_chunk_stopped(runner, torc
 def test_the_cache_grows_in_slots_and_length_and_keeps_what_it_holds(fp32_dir, torch_model, monkeypatch):
     monkeypatch.setattr(slot_module, "INITIAL_SLOTS", 1)
     monkeypatch.setattr(slot_module, "INITIAL_LENGTH", 4)
+    monkeypatch.setattr(slot_module, "LENGTH_STEP", 1)
     runner = SlotRunner(open_session(fp32_dir / "model.onnx", "cpu", threads=1), max_length=512)
     got = {seq: [runner.prefill(seq, prompt, 0)] for seq, prompt in PROMPTS.items()}
+    assert (runner.cache.slots, runner.cache.length) == (4, 8)  # "a": 7 tokens and a quarter
     for token in THEN:
         for seq, row in zip(PROMPTS, runner.decode(list(PROMPTS), [token] * 3)):
             got[seq].append(row)
-    assert (runner.cache.slots, runner.cache.length) == (4, 16)
+    assert (runner.cache.slots, runner.cache.length) == (4, 12)  # grown again while decoding, at 9
     for seq, prompt in PROMPTS.items():
         np.testing.assert_allclose(np.stack(got[seq]), expected_logits(torch_model, prompt, THEN), atol=1e-4)
+
+
+@pytest.mark.parametrize(("needed", "current", "limit", "grown"), [
+    (512, 256, 4096, 640),  # a 512-token prompt leaves room for a 128-token answer
+    (641, 640, 4096, 960),  # at least 1.5x: a long answer grows a few times, not every 64 tokens
+    (300, 256, 320, 320),  # never past the context limit
+    (3, 2, 4096, 64),  # in steps of 64
+])
+def test_the_cache_grows_to_what_is_needed_and_a_quarter_in_steps(needed, current, limit, grown):
+    assert slot_module.grown_length(needed, current, limit) == grown
 
 
 def test_the_context_limit_is_enforced(fp32_dir):
