@@ -19,7 +19,7 @@ import pytest
 
 from tests.store.conftest import dsnode
 from tests.support.models import cache_dir
-from tests.support.nodes import free_port
+from tests.support.nodes import free_port_pair
 
 
 def closed_port() -> int:
@@ -47,7 +47,7 @@ def test_bench_load_says_plainly_that_nothing_answers():
 
 @pytest.mark.slow
 def test_demo_banner_command_works_and_ctrl_c_removes_the_temp_folder(bundled):
-    port = free_port()
+    port = free_port_pair()
     demo = subprocess.Popen(
         [sys.executable, "-m", "dsnode.cli", "demo", "--port", str(port), "--cache-dir", str(cache_dir())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support.nodes import ServeProcess, free_port, node_toml
+from tests.support.nodes import ServeProcess, free_port, free_port_pair, node_toml
 
 pytestmark = pytest.mark.slow
 
@@ -258,7 +258,7 @@ def test_demo_once_prints_who_served_each_request(tmp_path, bundled):
 
     from tests.support.models import cache_dir
 
-    port = free_port()
+    port = free_port_pair()
     run = subprocess.run(
         [sys.executable, "-m", "dsnode.cli", "demo", "--once", "--port", str(port), "--cache-dir", str(cache_dir())],
         check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
