@@ -318,8 +318,14 @@ class NodeServer:
     async def _switch_model(self, target: Config) -> None:
         """Another `[model]` (version): in service once loaded (`dsnode.model_switch`), nothing dropped."""
         self.notifier.status(f"reloading: switching model {target.model.name} to {target.model.path}")
-        await switch_model(self.node, target, self.build, self._swapped.set)
+        await switch_model(self.node, target, self.build, self._engine_swapped)
         self.config = self.node.config
+
+    def _engine_swapped(self) -> None:
+        """A switch put another engine (and its `[model]`) in service: from now on this is the config a
+        reload compares with, not only once the old engine's last request is done."""
+        self.config = self.node.config
+        self._swapped.set()
 
     def _reload_splits(self, old: Config, new: Config) -> None:
         """A reloader: `[routing.split]` / `[routing.canary]` (a split that changed starts afresh)."""

@@ -62,6 +62,7 @@ async def test_beside_the_new_version_takes_new_requests_and_the_old_finishes_it
         await stream.content.readline()  # its first token came from the old engine, now held
         gate.set()
         await until(lambda: node.server.node.served.id == "v2")
+        assert node.server.config.model.label == "v2"  # what a reload compares with, while v1 still serves
         status, version, body = await complete(session, node.url)
         assert (status, version, body["choices"][0]["text"]) == (200, "v2", "new version"[:len(body["choices"][0]["text"])])
         assert not old.runner.closed  # a request still holds it
