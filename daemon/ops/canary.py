@@ -18,11 +18,10 @@ import ssl
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from .splits_view import format_splits
-from .status import DEFAULT_URL, Unreachable, api_key_headers
+from .status import Unreachable, add_node_options, api_key_headers, peer_signer
 
 EXIT_OK, EXIT_FAILED = 0, 1
 ACTIONS = {
@@ -42,13 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             q.add_argument("model", metavar="MODEL")
         if action in ("promote", "rollback"):
             q.add_argument("version", metavar="VERSION", nargs="?", help="a version id or label (default: the canary)")
-        q.add_argument("--url", default=DEFAULT_URL, help=f"the node that splits the traffic (default {DEFAULT_URL})")
-        q.add_argument("--json", action="store_true", help="print the node's JSON answer")
-        q.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the node (default 10)")
-        q.add_argument("--secret-file", type=Path, metavar="PATH",
-                       help="the cluster secret ([auth] cluster_secret_file): needed when the node has one")
-        q.add_argument("--api-key-file", type=Path, metavar="PATH", help="a file holding an API key")
-        q.add_argument("--ca-file", type=Path, metavar="PATH", help="CA certificates for an https:// --url")
+        add_node_options(q, url_help="the node that splits the traffic", json_help="print the node's JSON answer",
+                         timeout=10.0, secret_help="needed when the node has one")
         q.set_defaults(func=run)
 
 
@@ -77,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 def call(url: str, path: str, body: dict[str, Any] | None, args: argparse.Namespace) -> dict[str, Any]:
     """The node's JSON answer; raises Unreachable with the reason (its error message, on a refusal)."""
     method = "GET" if body is None else "POST"
-    signer = _signer(getattr(args, "secret_file", None), method, path)
+    signer = peer_signer(getattr(args, "secret_file", None), method, path, "dsnode-canary")
     headers = {} if signer else api_key_headers(getattr(args, "api_key_file", None))
     ca_file = getattr(args, "ca_file", None)
     context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
@@ -111,20 +105,6 @@ def _send(url: str, path: str, method: str, body: dict[str, Any] | None, headers
     if not isinstance(answer, dict):
         raise Unreachable(f"{url}{path} did not answer like a dsnode node")
     return answer
-
-
-def _signer(secret_file: Path | None, method: str, path: str) -> Any:
-    if secret_file is None:
-        return None
-    from ..cluster.peer_auth import PeerAuth
-    from ..secrets import SecretFileError, read_cluster_secrets
-
-    try:
-        secrets = read_cluster_secrets(secret_file)
-    except SecretFileError as exc:
-        raise Unreachable(f"--secret-file {secret_file}: {'; '.join(exc.problems)}") from None
-    peer = PeerAuth(secrets, "dsnode-canary", 0.0)
-    return lambda to: peer.headers(method, path, to)
 
 
 def _challenge(exc: urllib.error.HTTPError) -> Any:

@@ -53,14 +53,21 @@ class Unreachable(Exception):
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser("status", help="the cluster as one node sees it: nodes, health, load")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"the node to ask (default {DEFAULT_URL})")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node (default 5)")
+    add_node_options(p, url_help="the node to ask", json_help="print JSON instead of a table", timeout=5.0,
+                     secret_help="ask as a peer node would")
+    p.set_defaults(func=run)
+
+
+def add_node_options(p: argparse.ArgumentParser, *, url_help: str, json_help: str, timeout: float,
+                     secret_help: str) -> None:
+    """The options of a command that asks a node: where, how long, with which credential."""
+    p.add_argument("--url", default=DEFAULT_URL, help=f"{url_help} (default {DEFAULT_URL})")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait for the node (default {timeout:g})")
     p.add_argument("--secret-file", type=Path, metavar="PATH",
-                   help="the cluster secret ([auth] cluster_secret_file): ask as a peer node would")
+                   help=f"the cluster secret ([auth] cluster_secret_file): {secret_help}")
     p.add_argument("--api-key-file", type=Path, metavar="PATH", help="a file holding an API key")
     p.add_argument("--ca-file", type=Path, metavar="PATH", help="CA certificates for an https:// --url")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 Signer = Callable[["tuple[str, str] | None"], dict[str, str]]  # the node's (boot, name) -> headers
 
 
-def peer_signer(secret_file: Path | None) -> Signer | None:
+def peer_signer(secret_file: Path | None, method: str = "GET", path: str = "/cluster",
+                client: str = "dsnode-status") -> Signer | None:
     """Ask as a peer: a fresh credential for each try, made for the node asked once it has said
     which node (and boot) it is. Raises Unreachable when the file cannot be used."""
     if secret_file is None:
@@ -98,8 +106,8 @@ def peer_signer(secret_file: Path | None) -> Signer | None:
         secrets = read_cluster_secrets(secret_file)
     except SecretFileError as exc:
         raise Unreachable(f"--secret-file {secret_file}: {'; '.join(exc.problems)}") from None
-    peer = PeerAuth(secrets, "dsnode-status", 0.0)
-    return lambda to: peer.headers("GET", "/cluster", to)
+    peer = PeerAuth(secrets, client, 0.0)
+    return lambda to: peer.headers(method, path, to)
 
 
 def api_key_headers(api_key_file: Path | None) -> dict[str, str]:

@@ -85,3 +85,36 @@ async def test_check_config_asks_the_cluster_what_it_serves(url, tmp_path, stub_
     ]
     path.write_text(config_text(stub_model_dir, extra=f'[routing.split."{MODEL}"]\n"{VERSION}" = 100\n'))
     assert await cli("check-config", str(path), "--cluster", url) == 0
+
+
+KEY, SECRET = "sk-canary-test-key", "a-cluster-secret-of-enough-length-0123456789"
+
+
+@pytest_asyncio.fixture
+async def guarded_url(tmp_path, stub_model_dir, fake_engines, aiohttp_server):  # noqa: F811
+    """The node of `url`, with API keys and a cluster secret."""
+    (tmp_path / "keys").write_text(f"operator: {KEY}\n")
+    (tmp_path / "cluster.secret").write_text(SECRET + "\n")
+    model_dir = store_version(tmp_path / "tiny-dense" / VERSION, stub_model_dir)
+    auth = f'[auth]\napi_keys_file = "{tmp_path / "keys"}"\ncluster_secret_file = "{tmp_path / "cluster.secret"}"\n'
+    node = await make_node(tmp_path, model_dir, fake_engines, extra=SPLIT + auth)
+    server = await aiohttp_server(create_app(node))
+    yield str(server.make_url("")).rstrip("/")
+    await node.engine.close()
+
+
+async def test_canary_decisions_are_signed_with_the_cluster_secret(guarded_url, tmp_path, capsys):
+    assert await cli("canary", "promote", MODEL, "--url", guarded_url) == 1
+    assert "HTTP 401" in capsys.readouterr().err
+    secret = ("--secret-file", str(tmp_path / "cluster.secret"))
+    assert await cli("canary", "promote", MODEL, "--url", guarded_url, *secret) == 0  # a signed POST
+    assert f"{MODEL} v2: promoted" in capsys.readouterr().out.splitlines()
+    key = ("--api-key-file", str(tmp_path / "key"))
+    (tmp_path / "key").write_text(KEY + "\n")
+    assert await cli("canary", "status", "--url", guarded_url, *key) == 0  # an API key may look
+    assert await cli("canary", "reset", MODEL, "--url", guarded_url, *key) == 1  # not decide
+    assert "HTTP 403" in capsys.readouterr().err
+    assert await cli("canary", "reset", MODEL, "--url", guarded_url, *secret) == 0
+    (tmp_path / "wrong.secret").write_text("another-secret-of-enough-length-0123456789\n")
+    assert await cli("canary", "status", "--url", guarded_url, "--secret-file", str(tmp_path / "wrong.secret")) == 1
+    assert "HTTP 401" in capsys.readouterr().err
