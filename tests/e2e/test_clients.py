@@ -10,6 +10,7 @@ import json
 import jsonschema
 import openai
 import pytest
+from dsnode.central.bundled.formats import TIME_TOOL, WEATHER_TOOL  # what the bundled models learned to call
 from pydantic import BaseModel
 
 from tests.e2e.clients_support import THINK_PROMPT, post
@@ -17,12 +18,6 @@ from tests.e2e.clients_support import THINK_PROMPT, post
 pytestmark = pytest.mark.slow
 
 ROUTES = ["central", "edge", "edge→central"]
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-TIME_TOOL = {"type": "function", "function": {
-    "name": "get_time", "description": "The local time in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
 class Book(BaseModel):

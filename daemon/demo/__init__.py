@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import headers
-from .demo_formats import curl_examples, show_formats
+from .. import headers
+from .formats import curl_examples, show_formats
 
 MODEL_NAME = "deepseek-r1-tiny"  # both nodes serve this name: the edge a distilled int8 variant
 DEMO_LONG_PROMPT_TOKENS = 48

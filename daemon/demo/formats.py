@@ -8,12 +8,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-TIME_TOOL = {"type": "function", "function": {
-    "name": "get_time", "description": "The local time in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+from dsnode.central.bundled.formats import TOOLS  # the tools the bundled models were trained to call
+
 PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "book": {"type": "string"},
                                                   "year": {"type": "integer"}},
                  "required": ["name", "book", "year"], "additionalProperties": False}
@@ -27,7 +23,7 @@ EXAMPLES: tuple[tuple[str, dict[str, Any], Check], ...] = (
     ("tool call", {"messages": [{"role": "user", "content": "What is the weather in Paris?"}],
                    # the tool list makes the prompt long: the central answers, and its model calls tools
                    # only when made to (docs/clients.md), so the call is required (constrained decoding)
-                   "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": "required", "max_tokens": 40,
+                   "tools": TOOLS, "tool_choice": "required", "max_tokens": 40,
                    "temperature": 0},
      lambda message: bool(message.get("tool_calls"))),
     ("JSON answer", {"messages": [{"role": "user", "content": "Describe Ishmael in JSON."}], "max_tokens": 60,
