@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,24 @@ def dense_dir(bundled) -> Path:
 @pytest.fixture(scope="session")
 def moe_dir(bundled) -> Path:
     return bundled.moe
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(megabytes)` → a fresh tmpfs of that size, unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(megabytes: float) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        size = f"size={int(megabytes * 1024)}k"
+        run = subprocess.run(["mount", "-t", "tmpfs", "-o", size, "tmpfs", str(where)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({run.stderr.strip() or 'not root'})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)

@@ -98,8 +98,7 @@ def test_a_model_that_cannot_fit_is_refused_at_start_with_exit_78(tmp_path, moe_
     finally:
         node.kill()
         node.stop()
-    failed = next(json.loads(line) for line in node.log_text().splitlines()
-                  if line.startswith("{") and '"model_load_failed"' in line)
+    failed = node.log_events("model_load_failed")[0]
     assert "model deepseek-r1 (fp32) on 2 rank(s)" in failed["error"] and "does not fit" in failed["error"]
     assert "routed experts 1307.8 GB" in failed["error"] and "Traceback" not in node.log_text()
     assert "rank_started" not in node.log_text()

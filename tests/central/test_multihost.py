@@ -180,8 +180,7 @@ def _a_killed_follower_rank_ends_the_stream_and_both_daemons(leader: ServeProces
     assert leader.process.wait(timeout=60) == 1 and follower.process.wait(timeout=60) == 1
     # the leader logs why its group ended, naming a rank: the follower's report of the kill, or (a race:
     # the killed rank's peers see the connection reset first) its own rank whose collective failed
-    events = [json.loads(line) for line in leader.log_text().splitlines() if line.startswith("{")]
-    ended = [e for e in events if e.get("event") in ("group_lost", "group_ended")]
+    ended = leader.log_events("group_lost", "group_ended")
     assert ended, leader.log_text()[-3000:]
     why = ended[0].get("reason") or ended[0].get("why") or ""
     assert ("was killed by SIGKILL" in why) if ended[0]["event"] == "group_lost" else re.search(r"rank \d", why), ended
@@ -240,7 +239,7 @@ def test_a_follower_for_another_model_or_rank_count_is_refused_on_both_hosts(tmp
     for follower, why in zip(followers, (model_why, ranks_why)):
         assert why in _event(follower, "model_load_failed")["error"]
         assert "rank_started" not in follower.log_text()
-    refusals = [e["why"] for e in _events(leader, "rendezvous_refused")]
+    refusals = [e["why"] for e in leader.log_events("rendezvous_refused")]
     assert [model_why in refusals[0], ranks_why in refusals[1]] == [True, True]
     failed = _event(leader, "model_load_failed")["error"]
     assert "hosts 1 did not join the group" in failed and ranks_why in failed
@@ -259,15 +258,10 @@ def test_a_leader_that_never_answers_ends_the_follower_after_join_timeout(tmp_pa
     rendezvous = f"127.0.0.1:{ports['rendezvous']}"
     assert f"the leader's rendezvous at {rendezvous} did not answer within join_timeout = 3s" in error
     assert "Connection refused" in error
-    assert _events(follower, "rendezvous_waiting") and "rank_started" not in follower.log_text()
-
-
-def _events(node: ServeProcess, name: str) -> list[dict]:
-    return [json.loads(line) for line in node.log_text().splitlines()
-            if line.startswith("{") and f'"event": "{name}"' in line]
+    assert follower.log_events("rendezvous_waiting") and "rank_started" not in follower.log_text()
 
 
 def _event(node: ServeProcess, name: str) -> dict:
-    found = _events(node, name)
+    found = node.log_events(name)
     assert found, f"no {name} in {node.name}'s log:\n{node.log_tail()}"
     return found[0]

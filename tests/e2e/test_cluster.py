@@ -19,12 +19,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support.nodes import ServeProcess, free_port, free_port_pair, node_toml
+from tests.support.nodes import ServeProcess, free_port, free_port_pair, node_toml, wait_until
 
 pytestmark = pytest.mark.slow
 
 MODEL = "deepseek-r1-tiny"
 LONG_PROMPT_TOKENS = 32
+WAIT_S = 60.0  # a safety net against hangs, never a measurement
 SHORT = "It was the best of times"
 LONG = (
     "We hold these truths to be self-evident, that all men are created equal, that they are endowed by "
@@ -65,7 +66,8 @@ def cluster(tmp_path_factory, dense_dir, moe_dir):
     try:
         for node in nodes:
             node.wait_ready(timeout=180)
-        _wait(lambda: all(p["healthy"] for p in _get(edge, "/cluster")["peers"]), "the edge to see both centrals")
+        wait_until(lambda: all(p["healthy"] for p in edge.get_json("/cluster")["peers"]), "the edge to see both centrals",
+                   WAIT_S)
         yield {"edge": edge, "central-1": centrals[0], "central-2": centrals[1], "dense": dense_dir, "work": work}
     finally:
         code = edge.stop()
@@ -80,21 +82,6 @@ def client(cluster):
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-def _get(node: ServeProcess, path: str) -> dict:
-    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
-    connection.request("GET", path)
-    return json.loads(connection.getresponse().read())
-
-
-def _wait(check, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class Keepalive:
     """Sequential completions over one keep-alive connection: (status, node header, route header)."""
 
@@ -118,7 +105,7 @@ class Keepalive:
 
 
 def _weights(edge: ServeProcess) -> list[int]:
-    return [p["weight"] for p in _get(edge, "/cluster")["peers"]]
+    return [p["weight"] for p in edge.get_json("/cluster")["peers"]]
 
 
 # --- the tests, in order -----------------------------------------------------------------------------------
@@ -161,7 +148,7 @@ def test_an_invalid_file_on_sighup_changes_nothing(cluster):
     try:
         edge.config_path.write_text(good.replace("weight = 1\n", "weight = 0\n"))
         edge.signal(signal.SIGHUP)
-        _wait(lambda: "config_reload_failed" in edge.log_text(), "the refused reload in the log")
+        wait_until(lambda: "config_reload_failed" in edge.log_text(), "the refused reload in the log", WAIT_S)
     finally:
         edge.config_path.write_text(good)
     refused = [json.loads(line) for line in edge.log_text().splitlines() if "config_reload_failed" in line][-1]
@@ -182,7 +169,7 @@ def test_a_reload_to_1_and_1_splits_evenly_while_an_earlier_stream_completes(clu
             edge_toml(edge.port, cluster["dense"], [(cluster["central-1"], 1), (cluster["central-2"], 1)])
         )
         edge.signal(signal.SIGHUP)
-        _wait(lambda: _weights(edge) == [1, 1], "the reload to apply")
+        wait_until(lambda: _weights(edge) == [1, 1], "the reload to apply", WAIT_S)
         assert Keepalive(edge).split(20) == {"central-1": 10, "central-2": 10}
         rest = list(events)
     text_chunks = [c for c in [first, *rest] if c.choices]
@@ -230,7 +217,7 @@ def test_killing_a_central_under_load_fails_only_streams_it_had_started(cluster,
         assert "stopped in the middle of the stream" in error
     after = [o for o in outcomes if o[0] > killed_at]  # central-1 was dead before these began
     assert after and all(node == "central-2" and error is None for _, node, _, error in after)
-    state = {p["name"]: p for p in _get(edge, "/cluster")["peers"]}
+    state = {p["name"]: p for p in edge.get_json("/cluster")["peers"]}
     assert not state["central-1"]["healthy"] and state["central-2"]["healthy"]
 
 

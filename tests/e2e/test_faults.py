@@ -29,6 +29,7 @@ import pytest
 import pytest_asyncio
 
 from tests.support.nodes import ServeProcess, free_port, node_toml
+from tests.support.raw_http import read_request
 
 pytestmark = pytest.mark.slow
 
@@ -103,10 +104,7 @@ class BadPeer:
         behaviour = "?"
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                body = await reader.readexactly(length)
+                head, body = await read_request(reader)
                 if head.startswith(b"GET /cluster"):
                     await self._send_json(writer, self._advert())
                     continue

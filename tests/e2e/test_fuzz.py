@@ -162,7 +162,7 @@ def test_the_node_still_serves_after_the_fuzzing(node):
     assert response.status_code == 200, response.text
     assert response.headers["X-DSNode-Node"] == "fuzz-node"
     assert time.monotonic() - started < REQUEST_TIMEOUT_S
-    events = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
+    events = node.log_events()
     assert not [e for e in events if e.get("event") == "unhandled_error"]
     assert not [e for e in events if e.get("level") in ("error", "critical") and e.get("event") != "request"]
     assert not [e for e in events if e.get("event") == "request" and e.get("status", 0) >= 500]

@@ -26,6 +26,7 @@ import pytest
 import pytest_asyncio
 
 from tests.support.nodes import ServeProcess, free_port, node_toml
+from tests.support.raw_http import read_request
 
 pytestmark = pytest.mark.slow
 
@@ -107,10 +108,7 @@ class HostilePeer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                body = await reader.readexactly(length)
+                head, body = await read_request(reader)
                 if head.startswith(b"GET /cluster"):
                     await _send(writer, b"[" * 100_000 + b"]" * 100_000 if self.deep_advert else self._advert())
                     continue

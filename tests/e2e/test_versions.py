@@ -22,7 +22,7 @@ import pytest
 from dsnode.cli import main
 from dsnode.cluster.split import sticky_pick
 
-from tests.support.nodes import ServeProcess, free_port, node_toml
+from tests.support.nodes import ServeProcess, free_port, node_toml, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,8 @@ def cluster(tmp_path_factory, dense_dir, moe_dir):
     try:
         for node in nodes:
             node.wait_ready(timeout=180)
-        _wait(lambda: all(p["healthy"] for p in _get(edge, "/cluster")["peers"]), "the edge to see both centrals")
+        wait_until(lambda: all(p["healthy"] for p in edge.get_json("/cluster")["peers"]), "the edge to see both centrals",
+                   HANG_GUARD_S)
         yield {"edge": edge, "central-1": centrals[0], "central-2": centrals[1], "ids": ids, "store": store}
     finally:
         codes = [node.stop() for node in nodes]
@@ -98,31 +99,11 @@ def cluster(tmp_path_factory, dense_dir, moe_dir):
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-def _get(node: ServeProcess, path: str) -> dict:
-    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
-    connection.request("GET", path)
-    return json.loads(connection.getresponse().read())
-
-
-def _wait(check, what: str, timeout: float = HANG_GUARD_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _events(node: ServeProcess, event: str) -> list[dict]:
-    return [json.loads(line) for line in node.log_text().splitlines()
-            if line.startswith("{") and f'"event": "{event}"' in line]
-
-
 def _reload(node: ServeProcess, text: str, done_event: str) -> None:
-    before = len(_events(node, done_event))
+    before = len(node.log_events(done_event))
     node.config_path.write_text(text)
     node.signal(signal.SIGHUP)
-    _wait(lambda: len(_events(node, done_event)) > before, f"{node.name}: {done_event}")
+    wait_until(lambda: len(node.log_events(done_event)) > before, f"{node.name}: {done_event}", HANG_GUARD_S)
 
 
 class Client:
@@ -163,7 +144,7 @@ def test_every_node_says_which_version_it_serves(cluster, capsys):
     edge, ids = cluster["edge"], cluster["ids"]
     status, version, _ = Client(cluster["central-1"]).complete()
     assert (status, version) == (200, ids[BASE])
-    models = {m["id"]: m for m in _get(edge, "/v1/models")["data"]}
+    models = {m["id"]: m for m in edge.get_json("/v1/models")["data"]}
     assert sorted((v["version"], v["label"], tuple(v["nodes"])) for v in models[MODEL]["dsnode"]["versions"]) == \
         sorted([(ids[BASE], BASE, ("central-1",)), (ids[CANARY], CANARY, ("central-2",))])
     assert main(["status", "--url", edge.url]) == 0
@@ -171,8 +152,8 @@ def test_every_node_says_which_version_it_serves(cluster, capsys):
     assert f"{ids[BASE]} ({BASE})" in table and f"{ids[CANARY]} ({CANARY})" in table and "baseline" in table
     status, version, _ = Client(edge).complete()
     assert status == 200 and version in (ids[BASE], ids[CANARY])
-    _wait(lambda: any(r.get("version") == version and r.get("split") == "shares"
-                      for r in edge.request_records().values()), "the edge's request record")
+    wait_until(lambda: any(r.get("version") == version and r.get("split") == "shares"
+                           for r in edge.request_records().values()), "the edge's request record", HANG_GUARD_S)
     metrics = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=30)
     metrics.request("GET", "/metrics")
     text = metrics.getresponse().read().decode()
@@ -224,7 +205,7 @@ def test_a_failing_canary_is_rolled_back_and_no_client_request_fails(cluster, ca
         status, version, body = client.complete()
         assert status == 200, body  # the canary's failures were answered by the baseline
         versions[version] += 1
-    [event] = _events(edge, "canary_rolled_back")
+    [event] = edge.log_events("canary_rolled_back")
     assert (event["model"], event["version"], event["baseline"], event["by"]) == (MODEL, CANARY, BASE, "automatic")
     assert (event["canary"]["requests"], event["canary"]["errors"]) == (20, 6)  # within the window of 40
     assert event["baseline_figures"]["errors"] == 0 and event["baseline_figures"]["requests"] >= 20
@@ -266,10 +247,10 @@ def test_a_reload_onto_another_version_under_20_streaming_clients_drops_nothing(
     runner = threading.Thread(target=lambda: _in_threads(20, stream))
     runner.start()
     try:
-        _wait(lambda: count(old) >= 40, "the clients under way")
+        wait_until(lambda: count(old) >= 40, "the clients under way", HANG_GUARD_S)
         text = central.config_path.read_text().replace(f"tiny-moe@{BASE}", f"tiny-moe@{CANARY}")
         _reload(central, text, "model_switched")
-        _wait(lambda: count(new) >= 40, "answers from the new version")
+        wait_until(lambda: count(new) >= 40, "answers from the new version", HANG_GUARD_S)
     finally:
         stop.set()
         runner.join(HANG_GUARD_S)
@@ -281,5 +262,5 @@ def test_a_reload_onto_another_version_under_20_streaming_clients_drops_nothing(
     # one point in time: no request sent after the first new answer arrived got the old version
     first_new = min(received for _, _, received, v in answers if v == new)
     assert all(v == new for _, sent, _, v in answers if sent > first_new)
-    [started] = _events(central, "model_switch_started")
+    [started] = central.log_events("model_switch_started")
     assert started["mode"] == "beside" and started["version"] == f"{new} ({CANARY})"

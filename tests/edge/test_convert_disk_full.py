@@ -24,27 +24,6 @@ from tests.edge.conftest import convert_cli
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """`small_disk(megabytes)` → a fresh tmpfs of that size, unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(megabytes: float) -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
-        where.mkdir()
-        size = f"size={int(megabytes * 1024)}k"
-        run = subprocess.run(["mount", "-t", "tmpfs", "-o", size, "tmpfs", str(where)],
-                             capture_output=True, text=True)
-        if run.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({run.stderr.strip() or 'not root'})")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", str(where)], check=True)
-
-
 def leftovers(disk: Path) -> list[str]:
     return sorted(p.name for p in disk.iterdir())
 

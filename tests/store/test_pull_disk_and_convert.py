@@ -3,35 +3,12 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
 from dsnode.config import load_config
 from dsnode.store import ModelStore
 from dsnode.store import pull as pull_module
 
 from tests.store.conftest import commit_of, files_under, models
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """`small_disk(megabytes)` → a fresh tmpfs of that size, unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(megabytes: int) -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
-        where.mkdir()
-        run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-        if run.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({run.stderr.strip() or 'not root'})")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", str(where)], check=True)
 
 
 def test_a_disk_too_small_is_refused_before_anything_is_fetched(small_disk, online):

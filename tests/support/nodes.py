@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,18 +103,34 @@ class ServeProcess:
         except OSError:
             return ""
 
+    def log_events(self, *names: str) -> list[dict]:
+        """The node's JSON log lines, parsed: those whose event is one of `names`, or all of them."""
+        events = [json.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
+        return [e for e in events if not names or e.get("event") in names]
+
     def request_records(self) -> dict[str, dict]:
-        """The node's `request` log events (JSON lines), by request id. A node logs a request once its
-        answer is sent, so a test reading them right after a response waits for the one it wants."""
-        out = {}
-        for line in self.log_text().splitlines():
-            if line.startswith("{") and '"event": "request"' in line:
-                record = json.loads(line)
-                out[record["request_id"]] = record
-        return out
+        """The node's `request` log events, by request id. A node logs a request once its answer is
+        sent, so a test reading them right after a response waits for the one it wants."""
+        return {record["request_id"]: record for record in self.log_events("request")}
+
+    def get_json(self, path: str) -> dict:
+        """GET `path` of this node (plain HTTP, no credentials); its JSON answer."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        connection.request("GET", path)
+        return json.loads(connection.getresponse().read())
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def wait_until(check: Callable[[], object], what: str, timeout: float) -> None:
+    """Poll `check` until it is true; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_config(path: Path, text: str) -> Path:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from dsnode.cluster.peer_auth import PeerAuth, PeerRefused
 
+from tests.support.raw_http import content_length
+
 MODEL = "remote-model"
 
 
@@ -71,11 +73,7 @@ class FakeUpstream:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     self.closed_by_peer += 1
                     return
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = await reader.readexactly(length)
+                body = await reader.readexactly(content_length(head))
                 if not await self._credential_holds(writer, Received(head, body)):
                     continue
                 if head.startswith(b"GET /cluster"):
