@@ -148,10 +148,10 @@ def test_an_invalid_file_on_sighup_changes_nothing(cluster):
     try:
         edge.config_path.write_text(good.replace("weight = 1\n", "weight = 0\n"))
         edge.signal(signal.SIGHUP)
-        wait_until(lambda: "config_reload_failed" in edge.log_text(), "the refused reload in the log", WAIT_S)
+        wait_until(lambda: edge.log_events("config_reload_failed"), "the refused reload in the log", WAIT_S)
     finally:
         edge.config_path.write_text(good)
-    refused = [json.loads(line) for line in edge.log_text().splitlines() if "config_reload_failed" in line][-1]
+    refused = edge.log_events("config_reload_failed")[-1]
     assert any("routing.upstream[1].weight: must be > 0" in p for p in refused["problems"])
     assert _weights(edge) == [3, 1]
     assert Keepalive(edge).split(8) == {"central-1": 6, "central-2": 2}

@@ -194,7 +194,7 @@ async def test_many_clients_for_a_while_every_request_accounted_for_nothing_leak
 
     await asyncio.sleep(0.5)  # the last records reach the log file
     logged: dict[str, int] = {}
-    for line in node.log_text().splitlines():
+    for line in node.complete_log_lines():
         if not line.startswith("{"):
             continue
         event = json.loads(line)

@@ -103,9 +103,14 @@ class ServeProcess:
         except OSError:
             return ""
 
+    def complete_log_lines(self) -> list[str]:
+        """The log's lines the node has finished writing: a line still being written (no newline yet)
+        is left for the next read, so a test polling the log never parses half an event."""
+        return self.log_text().split("\n")[:-1]
+
     def log_events(self, *names: str) -> list[dict]:
         """The node's JSON log lines, parsed: those whose event is one of `names`, or all of them."""
-        events = [json.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
+        events = [json.loads(line) for line in self.complete_log_lines() if line.startswith("{")]
         return [e for e in events if not names or e.get("event") in names]
 
     def request_records(self) -> dict[str, dict]:
