@@ -129,7 +129,7 @@ def test_short_prompts_stay_on_the_edge_and_long_ones_go_to_a_central(cluster, c
         model=MODEL, messages=[{"role": "user", "content": LONG}], max_tokens=4
     )
     assert chat.headers["x-dsnode-route"] == "forwarded" and chat.parse().usage.completion_tokens == 4
-    record = edge.request_records()[long_id]  # the edge's log record explains the decision
+    record = edge.request_records(long_id)[long_id]  # the edge's log record explains the decision
     assert record["route"] == "forwarded" and record["upstream"] in (cluster["central-1"].url, cluster["central-2"].url)
     assert record["route_reason"].endswith(f"tokens > long_prompt_tokens ({LONG_PROMPT_TOKENS})")
     models = {m.id: m for m in client.models.list().data}

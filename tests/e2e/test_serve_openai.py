@@ -112,6 +112,7 @@ def test_malformed_json_is_400(central):
 def test_one_request_log_event_per_request(client, central):
     raw = client.completions.with_raw_response.create(model=MODEL, prompt="Call me", max_tokens=3)
     request_id = raw.headers["x-request-id"]
+    central.request_records(request_id)  # written once the answer is sent: it may trail the client
     events = central.log_events()
     mine = [e for e in events if e.get("event") == "request" and e.get("request_id") == request_id]
     assert len(mine) == 1

@@ -113,10 +113,19 @@ class ServeProcess:
         events = [json.loads(line) for line in self.complete_log_lines() if line.startswith("{")]
         return [e for e in events if not names or e.get("event") in names]
 
-    def request_records(self) -> dict[str, dict]:
+    def request_records(self, *waiting_for: str, timeout: float = 30) -> dict[str, dict]:
         """The node's `request` log events, by request id. A node logs a request once its answer is
-        sent, so a test reading them right after a response waits for the one it wants."""
-        return {record["request_id"]: record for record in self.log_events("request")}
+        sent, so a client can read its answer before the record is written: the records of the
+        request ids in `waiting_for` are waited for (AssertionError naming them after `timeout`)."""
+        records: dict[str, dict] = {}
+
+        def complete() -> bool:
+            records.clear()
+            records.update((record["request_id"], record) for record in self.log_events("request"))
+            return all(request_id in records for request_id in waiting_for)
+
+        wait_until(complete, f"{self.name}: request records {list(waiting_for)}", timeout)
+        return records
 
     def get_json(self, path: str) -> dict:
         """GET `path` of this node (plain HTTP, no credentials); its JSON answer."""
