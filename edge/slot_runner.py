@@ -149,19 +149,26 @@ class SlotRunner:
 
     def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
         rows = [self.slot_of[s] for s in seq_ids]
-        self._ensure_length(max(self.length_of[s] for s in seq_ids) + 1)
+        lengths = [self.length_of[s] for s in seq_ids]
+        longest = max(lengths)
+        self._ensure_length(longest + 1)
         batch = max(self.slot_of.values()) + 1  # the running prefix of slots
         step = self._decode_step(batch)
-        step.ids.fill(0)  # free slots read token 0 ...
-        step.seqlens.fill(0)  # ... at position 0
-        step.ids[rows, 0] = token_ids
-        step.seqlens[rows] = [self.length_of[s] for s in seq_ids]
-        step.total[...] = int(step.seqlens.max()) + 1
+        in_order = len(rows) == batch and rows == list(range(batch))  # the common case: no gaps, no reordering
+        if in_order:
+            step.ids[:, 0] = token_ids
+            step.seqlens[:] = lengths
+        else:
+            step.ids.fill(0)  # free slots read token 0 ...
+            step.seqlens.fill(0)  # ... at position 0
+            step.ids[rows, 0] = token_ids
+            step.seqlens[rows] = lengths
+        step.total[...] = longest + 1
         self.session.run_with_iobinding(step.binding)
-        logits = step.logits
         for seq_id in seq_ids:
             self.length_of[seq_id] += 1
-        ordered: np.ndarray = logits[rows]  # (n, V) in the order asked: a copy, the buffer is reused
+        # (n, V) in the order asked: a copy, the bound buffer is written again by the next step
+        ordered: np.ndarray = step.logits.copy() if in_order else step.logits[rows]
         return ordered
 
     def release(self, seq_id: str) -> None:

@@ -47,6 +47,18 @@ def test_a_batch_of_different_lengths_gives_each_row_the_source_models_logits(ru
         np.testing.assert_allclose(np.stack(got[seq]), expected_logits(torch_model, prompt, THEN), atol=1e-4)
 
 
+def test_rows_in_slot_order_are_the_same_rows_and_outlive_the_next_step(runner, torch_model):
+    for seq, prompt in PROMPTS.items():
+        runner.prefill(seq, prompt, 0)
+    order = ["a", "b", "c"]  # slots 0, 1, 2: the step binds the inputs whole and copies the logits whole
+    first = runner.decode(order, [3, 3, 3])
+    second = runner.decode(order, [150, 150, 150])
+    for row, seq in enumerate(order):  # the first step's rows were not overwritten by the second step
+        want = expected_logits(torch_model, PROMPTS[seq], [3, 150])
+        np.testing.assert_allclose(first[row], want[1], atol=1e-4)
+        np.testing.assert_allclose(second[row], want[2], atol=1e-4)
+
+
 def test_a_leaving_sequence_frees_its_slot_without_disturbing_the_others(runner, torch_model):
     for seq, prompt in PROMPTS.items():
         runner.prefill(seq, prompt, 0)
