@@ -6,8 +6,9 @@
 
 The model is the issue's: a random-weight Qwen2 of 246M parameters with Qwen2-7B's proportions (hidden
 1024, 16 layers, 16 heads / 4 KV heads, intermediate 2816, vocab 32000, untied LM head). It is
-converted by the product (`dsnode convert`: int8, int4, int8-dynamic) and by onnxruntime-genai's
-builder (int8 and int4, block 128, accuracy level 4: the same quantization as dsnode's default).
+converted by the product (`dsnode convert`: int8, int8 with 64-weight blocks, int4, int8-dynamic) and
+by onnxruntime-genai's builder (int8 and int4, block 128, accuracy level 4: the same quantization as
+dsnode's default).
 
 Every measurement is a fresh process (`edge_contenders.py`) pinned to one core (`taskset -c CPU`) with
 one intra-op thread: B prompts of `--prompt` random tokens, greedy, `--new` tokens each. dsnode runs
@@ -37,6 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CHILD = Path(__file__).with_name("edge_contenders.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 BASELINE = "genai int8"
+# name, --quant, --block-size (None: the default, 128)
+DSNODE_CONTENDERS = (("dsnode int8", "int8", None), ("dsnode int8 b64", "int8", 64), ("dsnode int4", "int4", None),
+                     ("dsnode int8-dynamic", "int8-dynamic", None))
 METRICS = ("decode_tok_s", "decode_tok_cpu_s", "prefill_tok_s", "prefill_tok_cpu_s", "ttft_s")
 
 
@@ -59,16 +63,20 @@ def build_source(folder: Path) -> Path:
     return folder
 
 
-def convert_dsnode(source: Path, work: Path, quant: str, reuse: bool) -> tuple[Path, dict]:
+def convert_dsnode(source: Path, work: Path, quant: str, block_size: int | None, reuse: bool) -> tuple[Path, dict]:
     from dsnode.edge.convert import STAGES, convert_model
+    from dsnode.edge.convert_options import ConvertOptions
+    from dsnode.edge.nbits import DEFAULT_BLOCK_SIZE
     from dsnode.edge.progress import Progress
 
-    target = work / f"dsnode-{quant}"
+    block = block_size or DEFAULT_BLOCK_SIZE
+    target = work / (f"dsnode-{quant}" + (f"-b{block}" if block != DEFAULT_BLOCK_SIZE else ""))
     if reuse and (target / "manifest.json").exists():
         return target, json.loads((target / "validation.json").read_text())
     shutil.rmtree(target, ignore_errors=True)
-    print(f"== dsnode convert --quant {quant}", flush=True)
-    result = convert_model(source, target, quant=quant, min_agreement=0.0, progress=Progress(STAGES))
+    print(f"== dsnode convert --quant {quant} --block-size {block}", flush=True)
+    options = ConvertOptions(quant=quant, block_size=block)
+    result = convert_model(source, target, min_agreement=0.0, progress=Progress(STAGES), options=options)
     return target, result.report.summary()
 
 
@@ -160,10 +168,10 @@ def main() -> int:
         if not (source / "config.json").exists():
             build_source(source)
         agreement, contenders = {}, {}
-        for quant in ("int8", "int4", "int8-dynamic"):
-            folder, summary = convert_dsnode(source, work, quant, args.reuse)
-            contenders[f"dsnode {quant}"] = ("dsnode", folder)
-            agreement[f"dsnode {quant}"] = summary["agreement"]
+        for name, quant, block in DSNODE_CONTENDERS:
+            folder, summary = convert_dsnode(source, work, quant, block, args.reuse)
+            contenders[name] = ("dsnode", folder)
+            agreement[name] = summary["agreement"]
         for precision in ("int8", "int4"):
             contenders[f"genai {precision}"] = ("genai", convert_genai(source, work, precision, args.threads,
                                                                        args.reuse))
