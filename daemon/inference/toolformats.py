@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,8 +72,15 @@ def _arguments(text: str) -> str | None:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
 
 
-def _calls_rule(parallel: bool) -> str:
-    return 'calls: call ("\\n" call)*' if parallel else "calls: call"
+def _calls_rules(tools: list[ToolSpec], parallel: bool, before: Callable[[ToolSpec], str], after: str) -> list[str]:
+    """The Lark rules of one or more calls: `calls` (joined by newlines when `parallel`), `call` as one
+    of the tools, and per tool `before(tool)`, its arguments by the tool's JSON schema, then `after`."""
+    lines = ['calls: call ("\\n" call)*' if parallel else "calls: call",
+             "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+    for i, tool in enumerate(tools):
+        lines.append(f"call_{i}: {before(tool)} args_{i} {after}")
+        lines.append(f"args_{i}: {json_schema_lark(tool.parameters)}")
+    return lines
 
 
 class HermesFormat(ToolFormat):
@@ -98,12 +106,10 @@ class HermesFormat(ToolFormat):
 
     def lark(self, tools: list[ToolSpec], tokenizer: TextTokenizer, parallel: bool) -> str:
         start, end = _marker(self.start, tokenizer), _marker(self.end, tokenizer)
-        lines = ["start: calls", _calls_rule(parallel), "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
-        for i, tool in enumerate(tools):
-            head = _literal(f'\n{{"name": "{tool.name}", "arguments": ')
-            lines.append(f'call_{i}: {start} {head} args_{i} "}}\\n" {end}')
-            lines.append(f"args_{i}: {json_schema_lark(tool.parameters)}")
-        return "\n".join(lines)
+        def head(tool: ToolSpec) -> str:
+            return start + " " + _literal(f'\n{{"name": "{tool.name}", "arguments": ')
+
+        return "\n".join(["start: calls", *_calls_rules(tools, parallel, head, f'"}}\\n" {end}')])
 
     def describe(self, tools: list[ToolSpec]) -> str:
         listed = "\n".join(json.dumps(_openai_tool(t), ensure_ascii=False) for t in tools)
@@ -151,13 +157,11 @@ class DeepSeekFormat(ToolFormat):
         m = {name: _marker(text, tokenizer) for name, text in (
             ("start", self.start), ("end", self.end), ("begin", self.call_begin), ("stop", self.call_end),
             ("sep", self.sep))}
-        lines = [f"start: {m['start']} calls {m['end']}", _calls_rule(parallel),
-                 "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
-        for i, tool in enumerate(tools):
-            head = _literal(f"{tool.name}\n```json\n")
-            lines.append(f'call_{i}: {m["begin"]} "function" {m["sep"]} {head} args_{i} "\\n```" {m["stop"]}')
-            lines.append(f"args_{i}: {json_schema_lark(tool.parameters)}")
-        return "\n".join(lines)
+        def head(tool: ToolSpec) -> str:
+            return f'{m["begin"]} "function" {m["sep"]} ' + _literal(f"{tool.name}\n```json\n")
+
+        return "\n".join([f"start: {m['start']} calls {m['end']}",
+                           *_calls_rules(tools, parallel, head, f'"\\n```" {m["stop"]}')])
 
     def describe(self, tools: list[ToolSpec]) -> str:
         parts = ["## Tools\nYou have access to the following tools:"]
