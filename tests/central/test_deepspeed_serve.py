@@ -23,6 +23,7 @@ from .test_bad_checkpoints import DEEPSEEK_V3_CONFIG
 pytestmark = pytest.mark.slow
 
 MODEL = "deepseek-r1-tiny"
+TWO_CPU_RANKS = 'tensor_parallel = 2\ndevice = "cpu"\n'
 
 
 def post(url: str, body: dict, timeout: float = 60.0):
@@ -33,9 +34,7 @@ def post(url: str, body: dict, timeout: float = 60.0):
 def test_killed_rank_ends_the_stream_with_an_error_and_the_daemon_exits_1(tmp_path, moe_dir):
     port = free_port()
     config = tmp_path / "dsnode.toml"
-    extra = "tensor_parallel = 2\ndevice = \"cpu\"\n"
-    text = node_toml("central-ds", "central", port, MODEL, moe_dir, "deepspeed").replace("threads = 1\n", "threads = 1\n" + extra)
-    config.write_text(text)
+    config.write_text(node_toml("central-ds", "central", port, MODEL, moe_dir, "deepspeed", model_extra=TWO_CPU_RANKS))
     node = ServeProcess("central-ds", config, port, tmp_path / "serve.log").start()
     try:
         node.wait_ready(timeout=180)
@@ -90,8 +89,8 @@ def test_a_model_that_cannot_fit_is_refused_at_start_with_exit_78(tmp_path, moe_
         shutil.copy(moe_dir / name, folder / name)
     port = free_port()
     config = tmp_path / "dsnode.toml"
-    text = node_toml("central-big", "central", port, "deepseek-r1", folder, "deepspeed")
-    config.write_text(text.replace("threads = 1\n", 'threads = 1\ntensor_parallel = 2\ndevice = "cpu"\n'))
+    config.write_text(node_toml("central-big", "central", port, "deepseek-r1", folder, "deepspeed",
+                                model_extra=TWO_CPU_RANKS))
     node = ServeProcess("central-big", config, port, tmp_path / "serve.log").start()
     try:
         assert node.process.wait(timeout=120) == EXIT_DOES_NOT_FIT == 78

@@ -211,8 +211,8 @@ def test_scales_that_do_not_fit_their_weight_end_dsnode_serve_with_exit_1(tmp_pa
     save_file(tensors, str(file), metadata={"format": "pt"})
     port = free_port()
     config = tmp_path / "dsnode.toml"
-    text = node_toml("central-fp8", "central", port, "tiny-fp8", folder, "deepspeed")
-    config.write_text(text.replace("threads = 1\n", 'threads = 1\ntensor_parallel = 2\ndevice = "cpu"\n'))
+    config.write_text(node_toml("central-fp8", "central", port, "tiny-fp8", folder, "deepspeed",
+                                model_extra='tensor_parallel = 2\ndevice = "cpu"\n'))
     node = ServeProcess("central-fp8", config, port, tmp_path / "serve.log").start()
     try:
         assert node.process.wait(timeout=120) == 1

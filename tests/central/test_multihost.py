@@ -39,7 +39,7 @@ READY_S = 240  # four ranks importing torch, DeepSpeed and transformers on two s
 def host_config(tmp_path: Path, index: int, ports: dict[str, int], folder: Path, model: str = MODEL,
                 ranks: int = 2, join_timeout: float = 120.0, rendezvous: int | None = None) -> Path:
     text = node_toml(f"central-{index}", "central", ports[f"http{index}"], model, folder, "deepspeed",
-                     extra=f"""
+                     model_extra='device = "cpu"\n', extra=f"""
 [distributed]
 hosts = 2
 host_index = {index}
@@ -48,7 +48,7 @@ ranks_per_host = {ranks}
 join_timeout = {join_timeout}
 """)
     path = tmp_path / f"host{index}-{model}-{ranks}.toml"
-    path.write_text(text.replace("threads = 1\n", 'threads = 1\ndevice = "cpu"\n'))
+    path.write_text(text)
     return path
 
 

@@ -8,7 +8,6 @@ at the edge (forwarded: only the central serves it), `EDGE_MODEL` at the edge (i
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,19 +42,8 @@ def start_pair(work: Path, moe_dir: Path, onnx_dir: Path) -> tuple[ServeProcess,
     edge = ServeProcess("edge-c", edge_config, edge_port, work / "edge.log").start()
     central.wait_ready(timeout=180)
     edge.wait_ready(timeout=180)
-    _wait_for_upstream(edge)
+    edge.wait_peers_healthy(60.0)
     return central, edge
-
-
-def _wait_for_upstream(edge: ServeProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(edge.url + "/cluster", timeout=5) as resp:
-            peers = json.loads(resp.read())["peers"]
-        if peers and all(p["healthy"] for p in peers):
-            return
-        time.sleep(0.3)
-    raise TimeoutError("the edge never saw the central")
 
 
 def post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support.nodes import ServeProcess, free_port, free_port_pair, node_toml, wait_until
+from tests.support.nodes import ServeProcess, free_port, free_port_pair, node_toml, running_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -60,20 +60,9 @@ def cluster(tmp_path_factory, dense_dir, moe_dir):
     edge_config = work / "edge.toml"
     edge_config.write_text(edge_toml(ports[2], dense_dir, [(centrals[0], 3), (centrals[1], 1)]))
     edge = ServeProcess("edge-1", edge_config, ports[2], work / "edge.log")
-    nodes = [*centrals, edge]
-    for node in nodes:
-        node.start()
-    try:
-        for node in nodes:
-            node.wait_ready(timeout=180)
-        wait_until(lambda: all(p["healthy"] for p in edge.get_json("/cluster")["peers"]), "the edge to see both centrals",
-                   WAIT_S)
+    with running_cluster(centrals, edge, WAIT_S) as codes:
         yield {"edge": edge, "central-1": centrals[0], "central-2": centrals[1], "dense": dense_dir, "work": work}
-    finally:
-        code = edge.stop()
-        for central in centrals:
-            central.stop()
-    assert code == 0, edge.log_tail()
+    assert codes[-1] == 0, edge.log_tail()
 
 
 @pytest.fixture(scope="module")

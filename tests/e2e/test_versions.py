@@ -22,7 +22,7 @@ import pytest
 from dsnode.cli import main
 from dsnode.cluster.split import sticky_pick
 
-from tests.support.nodes import ServeProcess, free_port, node_toml, wait_until
+from tests.support.nodes import ServeProcess, free_port, node_toml, running_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -84,18 +84,9 @@ def cluster(tmp_path_factory, dense_dir, moe_dir):
     edge_config = work / "edge.toml"
     edge_config.write_text(edge_toml(ports[2], dense_dir, centrals))
     edge = ServeProcess("edge-1", edge_config, ports[2], work / "edge.log")
-    nodes = [*centrals, edge]
-    for node in nodes:
-        node.start()
-    try:
-        for node in nodes:
-            node.wait_ready(timeout=180)
-        wait_until(lambda: all(p["healthy"] for p in edge.get_json("/cluster")["peers"]), "the edge to see both centrals",
-                   HANG_GUARD_S)
+    with running_cluster(centrals, edge, HANG_GUARD_S) as codes:
         yield {"edge": edge, "central-1": centrals[0], "central-2": centrals[1], "ids": ids, "store": store}
-    finally:
-        codes = [node.stop() for node in nodes]
-    assert codes == [0, 0, 0], "\n".join(node.log_tail() for node in nodes)
+    assert codes == [0, 0, 0], "\n".join(node.log_tail() for node in [*centrals, edge])
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,8 +134,35 @@ class ServeProcess:
         connection.request("GET", path)
         return json.loads(connection.getresponse().read())
 
+    def wait_peers_healthy(self, timeout: float) -> None:
+        """Until this node's /cluster lists its peers and every one is healthy."""
+        def healthy() -> bool:
+            peers = self.get_json("/cluster")["peers"]
+            return bool(peers) and all(p["healthy"] for p in peers)
+
+        wait_until(healthy, f"{self.name} to see its peers healthy", timeout)
+
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+@contextmanager
+def running_cluster(centrals: list[ServeProcess], edge: ServeProcess, wait_s: float) -> Iterator[list[int]]:
+    """Starts the nodes, waits until each is ready and the edge sees every peer healthy, and yields a
+    list that holds, after the block, each node's exit code (centrals first, in order). The edge is
+    stopped first, so no central's exit is an upstream failure to it."""
+    nodes = [*centrals, edge]
+    codes: list[int] = []
+    for node in nodes:
+        node.start()
+    try:
+        for node in nodes:
+            node.wait_ready(timeout=180)
+        edge.wait_peers_healthy(wait_s)
+        yield codes
+    finally:
+        edge_code = edge.stop()
+        codes.extend([central.stop() for central in centrals] + [edge_code])
 
 
 def wait_until(check: Callable[[], object], what: str, timeout: float) -> None:
@@ -160,7 +188,10 @@ def node_toml(
     model_path: Path,
     backend: str,
     extra: str = "",
+    model_extra: str = "",
 ) -> str:
+    """A node's config: `model_extra` (lines ending in a newline) goes into [model], `extra` after the
+    sections."""
     return f"""[node]
 name = "{name}"
 role = "{role}"
@@ -172,7 +203,7 @@ name = "{model_name}"
 path = "{model_path}"
 backend = "{backend}"
 threads = 1
-
+{model_extra}
 [logging]
 format = "json"
 level = "info"
