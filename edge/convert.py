@@ -255,7 +255,7 @@ def _build(src: Path, out: Path, shape: ModelShape, options: ConvertOptions,
     from .graph_builder import OPSET, BuildOptions, build_decoder
 
     build = BuildOptions(options.quant if options.quant != "int8-dynamic" else "none", options.target,
-                         options.block_size, options.accuracy_level)
+                         options.block_size, options.accuracy_level, options.symmetric)
     with progress.stage("export", total=shape.layers) as stage:
         report = build_decoder(src, shape, build, out / ONNX_FILE, on_layer=lambda layer: stage.advance())
         stage.note = f"GQA graph, {_mb(_bytes(out))}"
@@ -294,7 +294,7 @@ def _quantize(exported: Path, target: Path, options: ConvertOptions, progress: P
             quantize_int8(exported, target)
         else:
             float_layers = quantize_nbits(exported, target, BITS[options.quant], options.block_size,
-                                          options.accuracy_level)
+                                          options.accuracy_level, options.symmetric)
         stage.note = f"{_mb(_bytes(exported.parent))} -> {_mb(_bytes(target.parent, exclude=exported.parent))}"
     return float_layers
 

@@ -25,6 +25,7 @@ class ConvertOptions:
     target: str = "cpu"  # "cuda": float16 activations and cache, for onnxruntime's CUDA provider
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    symmetric: bool = False  # int8/int4: no zero points (the kernel's default); asymmetric is more exact
 
     def check(self) -> None:
         if self.quant not in QUANTIZATIONS:
@@ -44,5 +45,5 @@ class ConvertOptions:
         if self.quant == "none":
             return {"method": "float", "activations": activations}
         return {"method": "MatMulNBits", "bits": BITS[self.quant], "block_size": self.block_size,
-                "accuracy_level": self.accuracy_level, "symmetric": True, "activations": activations,
+                "accuracy_level": self.accuracy_level, "symmetric": self.symmetric, "activations": activations,
                 "float_layers": dict(float_layers)}

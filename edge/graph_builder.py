@@ -42,6 +42,7 @@ class BuildOptions:
     target: str  # "cpu" (float32 activations) | "cuda" (float16)
     block_size: int
     accuracy_level: int
+    symmetric: bool = False
 
     @property
     def dtype(self) -> np.dtype:
@@ -110,7 +111,8 @@ class DecoderBuilder:
         k, n = weight.shape
         bits = BITS.get(self.options.quant)
         if bits and fits_blocks(k, self.options.block_size):
-            (y,) = self._nbits(x, quantize_weight(weight, bits, self.options.block_size), name)
+            q = quantize_weight(weight, bits, self.options.block_size, self.options.symmetric)
+            (y,) = self._nbits(x, q, name)
         else:
             if bits:
                 self.report.float_layers[name] = f"K={k} is not a multiple of the block size {self.options.block_size}"
@@ -123,7 +125,10 @@ class DecoderBuilder:
         self.report.quantized.append(name)
         packed = self.stored(f"{name}.weight_q{q.bits}", q.packed)
         scales = self.stored(f"{name}.weight_scales", q.scales.astype(self.options.dtype))
-        return self.node("MatMulNBits", [x, packed, scales], name, domain="com.microsoft", K=q.k, N=q.n,
+        inputs = [x, packed, scales]
+        if q.zero_points is not None:
+            inputs.append(self.stored(f"{name}.weight_zero_points", q.zero_points))
+        return self.node("MatMulNBits", inputs, name, domain="com.microsoft", K=q.k, N=q.n,
                          bits=q.bits, block_size=q.block_size, accuracy_level=self.options.accuracy_level)
 
     def rms_norm(self, x: str, hf_name: str, name: str) -> str:

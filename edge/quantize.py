@@ -194,9 +194,10 @@ def place_float(source: Path, target: Path) -> None:
     _save(model, target, large=True)
 
 
-def quantize_nbits(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int) -> dict[str, str]:
-    """The traced graph's MatMul weights as MatMulNBits (weight-only, symmetric, `bits` per weight);
-    returns the MatMuls left float, with why. A weight whose input size is not a multiple of the block
+def quantize_nbits(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int,
+                   symmetric: bool) -> dict[str, str]:
+    """The traced graph's MatMul weights as MatMulNBits (weight-only, `bits` per weight, a zero point
+    per block unless `symmetric`); returns the MatMuls left float, with why. A weight whose input size is not a multiple of the block
     stays float (the same rule as the GQA builder's)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -211,7 +212,7 @@ def quantize_nbits(source: Path, target: Path, bits: int, block_size: int, accur
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # one INFO line per MatMul otherwise
     try:
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                          accuracy_level=accuracy_level, nodes_to_exclude=list(excluded))
         quantizer.process()
     finally:

@@ -70,10 +70,23 @@ def test_int8_graph_is_weight_only_matmulnbits_with_gqa(int8_dir, fp32_dir):
     assert len(nbits) == 4 * 4 + 1  # per layer: qkv, o, gate+up, down; and the LM head
     attrs = {(a.name, a.i) for a in nbits[0].attribute}
     assert {("bits", 8), ("block_size", 128), ("accuracy_level", 4)} <= attrs
+    assert all(len(n.input) == 4 and n.input[3].endswith("zero_points") for n in nbits)  # asymmetric blocks
     manifest = read_manifest(int8_dir)
     assert (manifest.graph, manifest.target) == ("gqa", "cpu")
     assert manifest.weights == {"method": "MatMulNBits", "bits": 8, "block_size": 128, "accuracy_level": 4,
-                                "symmetric": True, "activations": "float32", "float_layers": {}}
+                                "symmetric": False, "activations": "float32", "float_layers": {}}
+
+
+def test_cli_quantization_options_reach_the_graph_and_the_manifest(tmp_path, dense_dir):
+    dst = tmp_path / "int4-b32-sym"
+    run = convert_cli(str(dense_dir), str(dst), "--quant", "int4", "--block-size", "32", "--accuracy-level", "0",
+                      "--symmetric", "--quiet")
+    assert run.code == 0, run.stderr
+    nbits = [n for n in onnx.load(str(dst / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) == 3 for n in nbits)  # symmetric: no zero points
+    assert {("bits", 4), ("block_size", 32), ("accuracy_level", 0)} <= {(a.name, a.i) for a in nbits[0].attribute}
+    weights = read_manifest(dst).weights
+    assert (weights["bits"], weights["block_size"], weights["accuracy_level"], weights["symmetric"]) == (4, 32, 0, True)
 
 
 def test_int8_dynamic_keeps_the_matmulinteger_format_with_per_row_activations(int8_dynamic_dir):
