@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from dsnode.processes import stop_process
 
 from tests.support.models import bundled_models
 from tests.support.nodes import free_port, node_toml
@@ -58,13 +59,7 @@ class Proc:
     log: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace_s=20)
 
 
 def pinned(cpus: str | None, argv: list[str]) -> list[str]:

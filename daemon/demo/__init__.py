@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import headers
+from ..processes import stop_process
 from .formats import curl_examples, show_formats
 
 MODEL_NAME = "deepseek-r1-tiny"  # both nodes serve this name: the edge a distilled int8 variant
@@ -144,14 +145,8 @@ def wait_for_upstreams(edge: DemoNode, deadline: float) -> None:
 
 
 def stop(node: DemoNode) -> None:
-    if node.process is None or node.process.poll() is not None:
-        return
-    node.process.send_signal(signal.SIGTERM)
-    try:
-        node.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        node.process.kill()
-        node.process.wait()
+    if node.process is not None:
+        stop_process(node.process, grace_s=30)
 
 
 def post(url: str, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
