@@ -2,18 +2,21 @@
 
     .venv/bin/python benchmarks/agreement_probe.py /tmp/benchwork/source /tmp/benchwork/dsnode-int8 \
         /tmp/benchwork/dsnode-int8-b64 [--prompts 48 --steps 16 --seed 7]
+    .venv/bin/python benchmarks/agreement_probe.py ~/.cache/dsnode/bundled-v3/dense FOLDERS --texts --steps 32
 
 The validation report of `dsnode convert` has 96 steps (6 prompts x 16 tokens): on a model whose logits
 are near-ties (the random-weight benchmark model) one or two flips move it by a point or two. This
 probe teacher-forces each folder with the source's greedy tokens over `--prompts` random prompts (8–63
 tokens) through the engine's `SlotRunner`, and prints the agreement and the RMS logit error (a
 continuous measure that does not depend on where near-ties fall), plus how many source steps had a
-top-1/top-2 margin under 0.01 and 0.02.
+top-1/top-2 margin under 0.01 and 0.02. `--texts`: English prompts instead (the validation prompts and
+six openings of public-domain books), for a trained model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,6 +24,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+OPENINGS = ("Call me Ishmael. Some years ago, never mind how long precisely", "We hold these truths to be self-evident",
+            "In the beginning God created the heaven and the earth.", "It is a truth universally acknowledged",
+            "The sky above the port was the color of", "Happy families are all alike; every unhappy family")
+
+
+def text_prompts(source: Path) -> list[list[int]]:
+    from dsnode.edge.validate import prompt_set
+    from dsnode.inference.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.from_folder(source)
+    return [ids for _, ids in prompt_set(tokenizer)] + [tokenizer.encode(text) for text in OPENINGS]
 
 
 def source_references(source: Path, prompts: list[list[int]], steps: int) -> list[tuple[list[int], np.ndarray]]:
@@ -63,9 +77,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--texts", action="store_true", help="English prompts instead of random token ids")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    prompts = [rng.integers(4, 32000, int(rng.integers(8, 64))).tolist() for _ in range(args.prompts)]
+    vocab = json.loads((args.source / "config.json").read_text())["vocab_size"]
+    prompts = [rng.integers(4, vocab, int(rng.integers(8, 64))).tolist() for _ in range(args.prompts)]
+    if args.texts:
+        prompts = text_prompts(args.source)
     refs = source_references(args.source, prompts, args.steps)
     margins = np.concatenate([np.diff(np.sort(logits, axis=-1)[:, -2:], axis=-1)[:, 0] for _, logits in refs])
     print(f"{len(margins)} steps; source top-1/top-2 margin < 0.01: {(margins < 0.01).sum()}, "

@@ -8,7 +8,7 @@ The model is the issue's: a random-weight Qwen2 of 246M parameters with Qwen2-7B
 1024, 16 layers, 16 heads / 4 KV heads, intermediate 2816, vocab 32000, untied LM head). It is
 converted by the product (`dsnode convert`: int8, int8 with 64-weight blocks, int4, int8-dynamic) and
 by onnxruntime-genai's builder (int8 and int4, block 128, accuracy level 4, as dsnode's default; its
-blocks are symmetric, dsnode's carry a zero point each).
+blocks are symmetric, as dsnode's int8; dsnode's int4 blocks carry zero points).
 
 Every measurement is a fresh process (`edge_contenders.py`) pinned to one core (`taskset -c CPU`) with
 one intra-op thread: B prompts of `--prompt` random tokens, greedy, `--new` tokens each. dsnode runs

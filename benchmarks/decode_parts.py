@@ -3,8 +3,8 @@
     taskset -c 1 .venv/bin/python benchmarks/decode_parts.py matmul [--copies 40] [--rows 1]
     taskset -c 1 .venv/bin/python benchmarks/decode_parts.py attention [--batch 1] [--kind gqa|plain]
 
-`matmul`: one int8 MatMulNBits of the benchmark model's gate/up shape (K 1024, N 5632, block 128, zero
-points, accuracy level 4), run alone (weights hot in the cache) and as `--copies` distinct weights in
+`matmul`: one int8 MatMulNBits of the benchmark model's gate/up shape (K 1024, N 5632, block 128,
+symmetric, accuracy level 4), run alone (weights hot in the cache) and as `--copies` distinct weights in
 one graph (as a decode step reads ~212 MB of them): microseconds per matmul and GB/s of int8 weights.
 `attention`: 16 layers of batch-`--batch` decode attention over distinct, written caches (16 heads / 4
 KV heads, head 64, 513 of 640 positions valid): GroupQueryAttention, or the same attention as plain
@@ -55,10 +55,9 @@ def matmul(copies: int, rows: int) -> None:
     for count in (1, copies):
         nodes, inits = [], []
         for c in range(count):
-            q = quantize_weight(rng.standard_normal((k, n)).astype(np.float32) * 0.02, 8, 128)
-            inits += [numpy_helper.from_array(a, f"{name}{c}")
-                      for a, name in ((q.packed, "B"), (q.scales, "S"), (q.zero_points, "Z"))]
-            nodes.append(helper.make_node("MatMulNBits", ["A", f"B{c}", f"S{c}", f"Z{c}"], [f"Y{c}"],
+            q = quantize_weight(rng.standard_normal((k, n)).astype(np.float32) * 0.02, 8, 128, symmetric=True)
+            inits += [numpy_helper.from_array(q.packed, f"B{c}"), numpy_helper.from_array(q.scales, f"S{c}")]
+            nodes.append(helper.make_node("MatMulNBits", ["A", f"B{c}", f"S{c}"], [f"Y{c}"],
                                           domain="com.microsoft", K=k, N=n, bits=8, block_size=128, accuracy_level=4))
         s = session(nodes, [helper.make_tensor_value_info("A", FLOAT, [rows, k])],
                     [helper.make_tensor_value_info(f"Y{c}", FLOAT, [rows, n]) for c in range(count)], inits)

@@ -31,9 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--accuracy-level", type=int, default=4, choices=range(5), metavar="L",
                    help="int8/int4: MatMulNBits compute type on the CPU (4 = int8, fastest; 0 = as the "
                    "activations; default 4)")
-    p.add_argument("--symmetric", action="store_true",
-                   help="int8/int4: no zero points (blocks centred on 0); the default stores one zero point "
-                   "per block, which rounds ~8%% closer for 1 byte per block")
+    p.add_argument("--zero-points", choices=("auto", "yes", "no"), default="auto",
+                   help="int8/int4: one zero point per block (asymmetric; 1 byte per block) or none (blocks "
+                   "centred on 0); auto (default): yes for int4, no for int8")
     p.add_argument("--min-agreement", type=_fraction, default=None, metavar="F",
                    help="top-1 token agreement with the source the validation requires "
                    "(0..1; default 0.80 for int8, 0.95 for none)")
@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     from .convert import STAGES, ConvertError, ConvertOptions, convert_model
     from .progress import Progress
 
-    options = ConvertOptions(args.quant, args.target, args.block_size, args.accuracy_level, args.symmetric)
+    options = ConvertOptions(args.quant, args.target, args.block_size, args.accuracy_level, args.zero_points)
     try:
         result = convert_model(args.src, args.dst, min_agreement=args.min_agreement,
                                progress=Progress(STAGES, enabled=not args.quiet), options=options)

@@ -42,7 +42,7 @@ class BuildOptions:
     target: str  # "cpu" (float32 activations) | "cuda" (float16)
     block_size: int
     accuracy_level: int
-    symmetric: bool = False
+    symmetric: bool
 
     @property
     def dtype(self) -> np.dtype:

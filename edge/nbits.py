@@ -1,11 +1,12 @@
 """Weight-only block quantization for ONNX Runtime's `com.microsoft.MatMulNBits` (convert time).
 
 A weight W (K, N) (ONNX MatMul layout: input features first) is cut, column by column, into blocks of
-`block_size` consecutive input features; each block stores `bits`-bit integers, one scale and (by
-default) one zero point: asymmetric blocks map [min, max] of the block onto all 2^bits levels, where
+`block_size` consecutive input features; each block stores `bits`-bit integers, one scale and, when
+asymmetric, one zero point: asymmetric blocks map [min, max] of the block onto all 2^bits levels,
 symmetric ones (zero point = the kernel's default, 2^(bits-1)) spend levels on the side the block does
-not reach. For int8 that costs one byte per block (0.8% of the weights) and no measurable speed, and
-cuts the weight error ~8% (the logit error 5%; docs/performance.md). The packing is onnxruntime's own
+not reach. Zero points cut the weight error ~8% at 8 bits, but the logits follow only at 4 bits (at 8
+the kernel's int8 rounding of the activations dominates; docs/performance.md, run F), so
+`ConvertOptions.symmetric` chooses them for int4 only unless asked. The packing is onnxruntime's own
 (`quantize_matmul_{4,8}bits`, the C++ routines its `MatMulNBitsQuantizer` calls), so the blobs are what
 the CPU and CUDA kernels expect. Activations stay float (fp32 on CPU targets, fp16 on CUDA targets):
 `accuracy_level` 4 lets the CPU kernel multiply in int8 after quantizing activations per block, which
@@ -45,7 +46,7 @@ def fits_blocks(k: int, block_size: int) -> bool:
     return k % block_size == 0
 
 
-def quantize_weight(weight: np.ndarray, bits: int, block_size: int, symmetric: bool = False) -> NBitsWeight:
+def quantize_weight(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> NBitsWeight:
     """weight (K, N) float32 → blockwise `bits`-bit integers with one float32 scale (and, unless
     `symmetric`, one zero point) per block."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits

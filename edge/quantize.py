@@ -197,8 +197,8 @@ def place_float(source: Path, target: Path) -> None:
 def quantize_nbits(source: Path, target: Path, bits: int, block_size: int, accuracy_level: int,
                    symmetric: bool) -> dict[str, str]:
     """The traced graph's MatMul weights as MatMulNBits (weight-only, `bits` per weight, a zero point
-    per block unless `symmetric`); returns the MatMuls left float, with why. A weight whose input size is not a multiple of the block
-    stays float (the same rule as the GQA builder's)."""
+    per block unless `symmetric`); returns the MatMuls left float, with why. A weight whose input size
+    is not a multiple of the block stays float (the same rule as the GQA builder's)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     large = folder_bytes(source.parent) > EXTERNAL_DATA_BYTES

@@ -70,23 +70,36 @@ def test_int8_graph_is_weight_only_matmulnbits_with_gqa(int8_dir, fp32_dir):
     assert len(nbits) == 4 * 4 + 1  # per layer: qkv, o, gate+up, down; and the LM head
     attrs = {(a.name, a.i) for a in nbits[0].attribute}
     assert {("bits", 8), ("block_size", 128), ("accuracy_level", 4)} <= attrs
-    assert all(len(n.input) == 4 and n.input[3].endswith("zero_points") for n in nbits)  # asymmetric blocks
+    assert all(len(n.input) == 3 for n in nbits)  # int8: symmetric blocks by default, no zero points
     manifest = read_manifest(int8_dir)
     assert (manifest.graph, manifest.target) == ("gqa", "cpu")
     assert manifest.weights == {"method": "MatMulNBits", "bits": 8, "block_size": 128, "accuracy_level": 4,
-                                "symmetric": False, "activations": "float32", "float_layers": {}}
+                                "symmetric": True, "activations": "float32", "float_layers": {}}
 
 
-def test_cli_quantization_options_reach_the_graph_and_the_manifest(tmp_path, dense_dir):
-    dst = tmp_path / "int4-b32-sym"
-    run = convert_cli(str(dense_dir), str(dst), "--quant", "int4", "--block-size", "32", "--accuracy-level", "0",
-                      "--symmetric", "--quiet")
+def nbits_nodes(folder: Path) -> list:
+    return [n for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_int4_blocks_carry_zero_points_by_default(cuda_conversions):
+    nbits = nbits_nodes(cuda_conversions["int4"])
+    assert nbits and all(len(n.input) == 4 and n.input[3].endswith("zero_points") for n in nbits)
+    assert read_manifest(cuda_conversions["int4"]).weights["symmetric"] is False
+
+
+@pytest.mark.parametrize(("quant", "zero_points", "inputs"), [("int4", "no", 3), ("int8", "yes", 4)])
+def test_cli_quantization_options_reach_the_graph_and_the_manifest(tmp_path, dense_dir, quant, zero_points, inputs):
+    dst = tmp_path / f"{quant}-b32"
+    run = convert_cli(str(dense_dir), str(dst), "--quant", quant, "--block-size", "32", "--accuracy-level", "0",
+                      "--zero-points", zero_points, "--quiet")
     assert run.code == 0, run.stderr
-    nbits = [n for n in onnx.load(str(dst / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
-    assert nbits and all(len(n.input) == 3 for n in nbits)  # symmetric: no zero points
-    assert {("bits", 4), ("block_size", 32), ("accuracy_level", 0)} <= {(a.name, a.i) for a in nbits[0].attribute}
+    nbits = nbits_nodes(dst)
+    assert nbits and all(len(n.input) == inputs for n in nbits)
+    bits = int(quant[-1])
+    assert {("bits", bits), ("block_size", 32), ("accuracy_level", 0)} <= {(a.name, a.i) for a in nbits[0].attribute}
     weights = read_manifest(dst).weights
-    assert (weights["bits"], weights["block_size"], weights["accuracy_level"], weights["symmetric"]) == (4, 32, 0, True)
+    assert (weights["bits"], weights["block_size"], weights["accuracy_level"], weights["symmetric"]) == \
+        (bits, 32, 0, zero_points == "no")
 
 
 def test_int8_dynamic_keeps_the_matmulinteger_format_with_per_row_activations(int8_dynamic_dir):
@@ -184,7 +197,7 @@ def test_sliding_window_models_are_refused(tmp_path, dense_dir):
 
 
 def test_bad_quant_and_agreement_values_are_usage_errors(tmp_path, dense_dir):
-    for args in (["--quant", "int3"], ["--min-agreement", "2"], ["--target", "tpu"]):
+    for args in (["--quant", "int3"], ["--min-agreement", "2"], ["--target", "tpu"], ["--zero-points", "maybe"]):
         with pytest.raises(SystemExit) as exit_:
             convert_cli(str(dense_dir), str(tmp_path / "out"), *args)
         assert exit_.value.code == 2

@@ -54,4 +54,4 @@ def test_zero_points_round_closer_than_symmetric_blocks(bits):
 def test_shapes_the_blocks_do_not_divide_are_refused():
     assert fits_blocks(256, 128) and not fits_blocks(320, 128)
     with pytest.raises(ValueError, match="K=320 is not a multiple of the block size 128"):
-        quantize_weight(np.zeros((320, 8), np.float32), 8, 128)
+        quantize_weight(np.zeros((320, 8), np.float32), 8, 128, symmetric=True)
