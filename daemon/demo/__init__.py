@@ -224,7 +224,8 @@ def run_demo(cache_dir: Path, once: bool, port: int) -> int:
         wait_for_upstreams(edge, deadline)
         if once:
             routed = ask_twice(edge)
-            return 0 if show_formats(edge.url, MODEL_NAME) and routed else 1
+            code = 0 if show_formats(edge.url, MODEL_NAME) and routed else 1
+            return code
         banner(central, edge, work)
         _wait_for_interrupt()
         code = 0

@@ -237,9 +237,11 @@ def test_demo_once_prints_who_served_each_request(tmp_path, bundled):
     port = free_port_pair()
     run = subprocess.run(
         [sys.executable, "-m", "dsnode.cli", "demo", "--once", "--port", str(port), "--cache-dir", str(cache_dir())],
-        check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=False, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert not list(tmp_path.glob("dsnode-demo-*")), run.stderr  # a run that went well leaves no configs or logs
     assert "→ served by edge-1 (X-DSNode-Route: local)" in run.stdout
     assert "→ served by central-1 (X-DSNode-Route: forwarded)" in run.stdout
     lines = run.stdout.splitlines()
