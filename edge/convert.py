@@ -252,19 +252,19 @@ def _cache_layout(model: Any) -> KVLayout:
 def _build(src: Path, out: Path, shape: ModelShape, options: ConvertOptions,
            progress: Progress) -> tuple[int, dict[str, str]]:
     """The GQA graph, quantized weight by weight while it is built (no float copy of the model on disk)."""
-    from .graph_builder import OPSET, BuildOptions, build_decoder
+    from .graph_builder import BuildOptions, build_decoder
 
     build = BuildOptions(options.quant if options.quant != "int8-dynamic" else "none", options.target,
                          options.block_size, options.accuracy_level, options.symmetric)
     with progress.stage("export", total=shape.layers) as stage:
         report = build_decoder(src, shape, build, out / ONNX_FILE, on_layer=lambda layer: stage.advance())
-        stage.note = f"GQA graph, {_mb(_bytes(out))}"
+        stage.note = f"GQA graph{', decode attention by MatMul' if build.decode_by_matmul else ''}, {_mb(_bytes(out))}"
     if options.quant == "none":
         progress.skip("quantize", "--quant none")
     else:
         progress.skip("quantize", f"done in export, weight by weight: {options.quant} MatMulNBits, "
                                   f"block {options.block_size}, {len(report.quantized)} weights")
-    return OPSET, report.float_layers
+    return build.opset, report.float_layers
 
 
 def _export_and_quantize(model: Any, out: Path, layout: KVLayout, options: ConvertOptions,

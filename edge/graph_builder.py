@@ -6,10 +6,23 @@ The graph (what `edge/slot_runner.py` drives):
        past_key_values.{i}.key/value (B, kv_heads, max_len, head_dim): the cache buffer, shared with
   out  present.{i}.key/value (the same buffer: GroupQueryAttention writes the new positions in place)
        logits (B, V) float32 of each row's last position only (prefill never pays S x V for the LM head).
-Per layer: RMSNorm → one MatMulNBits for q, k and v together → GroupQueryAttention (rotary positions
-from seqlens_k, grouped KV heads read without repeating them) → MatMulNBits → residual + RMSNorm →
-SiLU-gated MLP (gate and up in one MatMulNBits, then down). These are the operators onnxruntime-genai's builder emits; every
-one has a CUDA kernel at compute capability 7.5 for fp16 (see `edge/op_coverage.py`).
+Per layer: RMSNorm → one MatMulNBits for q, k and v together → attention → MatMulNBits → residual +
+RMSNorm → SiLU-gated MLP (gate and up in one MatMulNBits, then down).
+
+Attention, by target:
+- cuda: GroupQueryAttention (rotary positions from seqlens_k, grouped KV heads read without repeating
+  them, the cache written in place) for every step. These are the operators onnxruntime-genai's builder
+  emits; every one has a CUDA kernel at compute capability 7.5 for fp16 (see `edge/op_coverage.py`).
+- cpu: the same GroupQueryAttention for prefill (S > 1) and for a decode step of one row, and for a
+  decode step of several rows (S = 1, B > 1) an `If` branch of plain operators: RotaryEmbedding,
+  TensorScatter (the new position written into the same in-place buffer), scores as keys (L x d) @
+  q^T (d x G) — one product per KV head for its whole group of query heads, each key read once and
+  not repacked — a mask of the positions past each row's length, Softmax over L, then one 1 x L by
+  L x d product per query head. The CPU GroupQueryAttention kernel multiplies each query head alone
+  against a transposed, repacked copy of its keys: at batch 8 and ~520 cached tokens it is half the
+  step (15 of 31.5 ms), and the branch makes the batch-8 step ~11% faster; at batch 1 the branch's
+  extra nodes cost what its products save, so one row keeps GroupQueryAttention (docs/performance.md,
+  run G; `benchmarks/decode_parts.py attention`).
 
 Weights are read from the checkpoint, quantized and appended to `model.onnx.data` as they come, so the
 builder holds one weight at a time: a 7B model converts in a few GB of memory.
@@ -30,7 +43,8 @@ from .checkpoint import Checkpoint
 from .model_shape import ModelShape
 from .nbits import BITS, NBitsWeight, fits_blocks, quantize_weight
 
-OPSET = 21
+OPSET = 21  # the cuda target's graph (GroupQueryAttention only)
+OPSET_SPLIT_ATTENTION = 24  # the cpu target's graph: TensorScatter is opset 24
 DATA_SUFFIX = ".data"
 _ALIGN = 4096  # external tensors start on a page: onnxruntime can map them instead of copying
 _ONNX_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
@@ -48,11 +62,37 @@ class BuildOptions:
     def dtype(self) -> np.dtype:
         return np.dtype(np.float16 if self.target == "cuda" else np.float32)
 
+    @property
+    def decode_by_matmul(self) -> bool:
+        """Decode steps attend with plain operators (cpu); GroupQueryAttention does all steps (cuda)."""
+        return self.target == "cpu"
+
+    @property
+    def opset(self) -> int:
+        return OPSET_SPLIT_ATTENTION if self.decode_by_matmul else OPSET
+
 
 @dataclass
 class BuildReport:
     quantized: list[str] = field(default_factory=list)  # MatMulNBits weights
     float_layers: dict[str, str] = field(default_factory=dict)  # weight → why it stayed float
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """Names of the per-step values and shape constants the decode branches read (outer scope)."""
+
+    is_decode: str  # () bool: S == 1 and B > 1 (a batched decode step)
+    write_at: str  # (B,) int64: each row's length before this step
+    positions: str  # (B, 1) int64: the rotary position of the new token
+    mask: str  # (B, 1, L, 1): 0 up to the new token's position, the dtype's lowest after it
+    scale: str  # () 1/sqrt(d)
+    qkv_widths: str
+    query_groups: str
+    kv_heads: str
+    merged_heads: str
+    axis2: str
+    axis3: str
 
 
 class WeightFile:
@@ -156,7 +196,7 @@ class DecoderBuilder:
             (x,) = self.node("Cast", [x], "embed/cast", to=_ONNX_TYPE[self.options.dtype])
         return x
 
-    def attention(self, x: str, layer: int, cos: str, sin: str) -> str:
+    def attention(self, x: str, layer: int, cos: str, sin: str, step: DecodeStep | None) -> str:
         s, prefix = self.shape, f"model.layers.{layer}.self_attn"
         parts = [self.float_weight(f"{prefix}.{p}_proj.weight") for p in ("q", "k", "v")]  # (out, in) each
         bias = None
@@ -164,14 +204,115 @@ class DecoderBuilder:
             bias = np.concatenate([self.float_weight(f"{prefix}.{p}_proj.bias") for p in ("q", "k", "v")])
         qkv = self.linear(x, np.concatenate(parts).T, f"layers.{layer}.qkv_proj", bias)  # (B, S, (H + 2 Hkv) d)
         del parts
-        (attn, _, _) = self.node(
+        if step is None:
+            attn, _, _ = self.grouped_query_attention(qkv, layer, cos, sin)
+            self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]
+        else:
+            grouped = self.subgraph(f"layers.{layer}.gqa_branch",
+                                    lambda: self.grouped_query_attention(qkv, layer, cos, sin))
+            batched = self.subgraph(f"layers.{layer}.batched_decode",
+                                    lambda: self.matmul_decode_attention(qkv, layer, cos, sin, step))
+            (attn, _, _) = self.node("If", [step.is_decode], f"layers.{layer}.attn", outputs=3,
+                                     then_branch=batched, else_branch=grouped)
+            self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]
+        return self.linear(attn, self.float_weight(f"{prefix}.o_proj.weight").T, f"layers.{layer}.o_proj")
+
+    def subgraph(self, name: str, build: Callable[[], tuple[str, ...]]) -> onnx.GraphProto:
+        """A branch of an `If`: the nodes `build` adds, with the names it returns as the outputs (it reads
+        the outer graph's values by name)."""
+        outer, self.nodes = self.nodes, []
+        try:
+            outputs = build()
+            elem = _ONNX_TYPE[self.options.dtype]
+            values = [helper.make_tensor_value_info(o, elem, None) for o in outputs]
+            return helper.make_graph(self.nodes, name, [], values)
+        finally:
+            self.nodes = outer
+
+    def grouped_query_attention(self, qkv: str, layer: int, cos: str, sin: str) -> tuple[str, str, str]:
+        """Any S: rotary, the new positions written into the cache buffer in place, causal attention.
+        Returns (attention (B, S, H d), present key, present value)."""
+        s = self.shape
+        attn, keys, values = self.node(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", "seqlens_k",
              "total_sequence_length", cos, sin],
-            f"layers.{layer}.attn", outputs=3, domain="com.microsoft", num_heads=s.heads, kv_num_heads=s.kv_heads,
+            f"layers.{layer}.gqa", outputs=3, domain="com.microsoft", num_heads=s.heads, kv_num_heads=s.kv_heads,
             scale=1.0 / math.sqrt(s.head_dim), do_rotary=1, rotary_interleaved=0, local_window_size=-1)
-        self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]
-        return self.linear(attn, self.float_weight(f"{prefix}.o_proj.weight").T, f"layers.{layer}.o_proj")
+        return attn, keys, values
+
+    def matmul_decode_attention(self, qkv: str, layer: int, cos: str, sin: str,
+                                step: DecodeStep) -> tuple[str, str, str]:
+        """S = 1, B > 1: scores as keys (L x d) @ q^T (d x G), one product per KV head for its whole group of
+        query heads, each key read once and not repacked (onnxruntime's kernels pack the second operand:
+        here it is q, G x d); positions past a row's length masked; then per query head one 1 x L by
+        L x d product (a batch-1 product reads the values as they lie). k and v are written at each
+        row's length (TensorScatter over the bound buffer: in place). Returns (attention (B, 1, H d),
+        present key, present value)."""
+        s, name = self.shape, f"layers.{layer}.decode"
+        q, k, v = self.node("Split", [qkv, step.qkv_widths], f"{name}/split", outputs=3, axis=-1)
+        (q,) = self.node("RotaryEmbedding", [q, step.positions, cos, sin], f"{name}/rotary_q",
+                         domain="com.microsoft", num_heads=s.heads, interleaved=0)
+        (k,) = self.node("RotaryEmbedding", [k, step.positions, cos, sin], f"{name}/rotary_k",
+                         domain="com.microsoft", num_heads=s.kv_heads, interleaved=0)
+        (q,) = self.node("Reshape", [q, step.query_groups], f"{name}/q_groups")  # (B, Hkv, G, d): h = kv * G + g
+        (k,) = self.node("Reshape", [k, step.kv_heads], f"{name}/k_heads")  # (B, Hkv, 1, d)
+        (v,) = self.node("Reshape", [v, step.kv_heads], f"{name}/v_heads")
+        (keys,) = self.node("TensorScatter", [f"past_key_values.{layer}.key", k, step.write_at], f"{name}/write_key",
+                            axis=2)
+        (values,) = self.node("TensorScatter", [f"past_key_values.{layer}.value", v, step.write_at],
+                              f"{name}/write_value", axis=2)
+        (q,) = self.node("Mul", [q, step.scale], f"{name}/scale")
+        (q,) = self.node("Transpose", [q], f"{name}/q_columns", perm=[0, 1, 3, 2])  # (B, Hkv, d, G)
+        (scores,) = self.node("MatMul", [keys, q], f"{name}/scores")  # (B, Hkv, L, G)
+        (scores,) = self.node("Add", [scores, step.mask], f"{name}/masked")
+        (probs,) = self.node("Softmax", [scores], f"{name}/softmax", axis=2)
+        (probs,) = self.node("Transpose", [probs], f"{name}/probs_rows", perm=[0, 1, 3, 2])  # (B, Hkv, G, L)
+        (probs,) = self.node("Unsqueeze", [probs, step.axis3], f"{name}/probs_1xL")  # (B, Hkv, G, 1, L)
+        (vals,) = self.node("Unsqueeze", [values, step.axis2], f"{name}/values_shared")  # (B, Hkv, 1, L, d)
+        (context,) = self.node("MatMul", [probs, vals], f"{name}/context")  # (B, Hkv, G, 1, d)
+        (out,) = self.node("Reshape", [context, step.merged_heads], f"{name}/merge")  # (B, 1, H d)
+        return out, keys, values
+
+    def decode_step(self) -> DecodeStep:
+        """What every layer's decode branch shares, computed once per step from the graph's inputs:
+        whether this is a batched decode step (S = 1, B > 1; batch 1 stays with GroupQueryAttention,
+        where the branch's extra nodes cost what its products save), each row's write position (its
+        length before the step: seqlens_k + 1 - S), its rotary position (B, 1), and the mask (B, 1, L, 1)
+        of the buffer positions after it. Cheap for prefill too (B x L), where only `is_decode` is used."""
+        s, c = self.shape, self.constant
+        group = s.heads // s.kv_heads
+        one, zero = c("step.one", np.array(1, np.int64)), c("step.zero", np.array(0, np.int64))
+        (ids_shape,) = self.node("Shape", ["input_ids"], "step/ids_shape")
+        (tokens,) = self.node("Gather", [ids_shape, one], "step/tokens", axis=0)  # S
+        (rows,) = self.node("Gather", [ids_shape, zero], "step/rows", axis=0)  # B
+        (single,) = self.node("Equal", [tokens, one], "step/one_token")
+        (several,) = self.node("Greater", [rows, one], "step/several_rows")
+        (is_decode,) = self.node("And", [single, several], "step/is_decode")
+        (after,) = self.node("Cast", ["seqlens_k"], "step/after", to=TensorProto.INT64)  # valid after the step - 1
+        (after,) = self.node("Add", [after, one], "step/lengths_after")
+        (write_at,) = self.node("Sub", [after, tokens], "step/write_at")  # (B,)
+        axis1 = c("step.axis1", np.array([1], np.int64))
+        (positions,) = self.node("Unsqueeze", [write_at, axis1], "step/positions")  # (B, 1)
+        (cache_shape,) = self.node("Shape", ["past_key_values.0.key"], "step/cache_shape")
+        (length,) = self.node("Gather", [cache_shape, c("step.two", np.array(2, np.int64))], "step/length", axis=0)
+        (buffer_positions,) = self.node("Range", [zero, length, one], "step/buffer_positions")  # (L,)
+        (buffer_positions,) = self.node("Unsqueeze", [buffer_positions, axis1], "step/buffer_column")  # (L, 1)
+        (last,) = self.node("Unsqueeze", [write_at, c("step.axes123", np.array([1, 2, 3], np.int64))],
+                            "step/last_position")  # (B, 1, 1, 1)
+        (visible,) = self.node("LessOrEqual", [buffer_positions, last], "step/visible")  # (B, 1, L, 1)
+        lowest = np.array(np.finfo(self.options.dtype).min, self.options.dtype)
+        (mask,) = self.node("Where", [visible, c("step.visible", np.array(0, self.options.dtype)),
+                                      c("step.hidden", lowest)], "step/mask")
+        return DecodeStep(
+            is_decode=is_decode, write_at=write_at, positions=positions, mask=mask,
+            scale=c("step.scale", np.array(1.0 / math.sqrt(s.head_dim), self.options.dtype)),
+            qkv_widths=c("step.qkv_widths", np.array([s.heads * s.head_dim, s.kv_heads * s.head_dim,
+                                                       s.kv_heads * s.head_dim], np.int64)),
+            query_groups=c("step.query_groups", np.array([0, s.kv_heads, group, s.head_dim], np.int64)),
+            kv_heads=c("step.kv_heads", np.array([0, s.kv_heads, 1, s.head_dim], np.int64)),
+            merged_heads=c("step.merged_heads", np.array([0, 1, s.heads * s.head_dim], np.int64)),
+            axis2=c("step.axis2", np.array([2], np.int64)), axis3=c("step.axis3", np.array([3], np.int64)))
 
     def mlp(self, x: str, layer: int) -> str:
         """down(silu(gate(x)) * up(x)), with gate and up as one matmul: one pass over x (and, on the CPU,
@@ -203,10 +344,11 @@ class DecoderBuilder:
     def decoder(self, on_layer: Callable[[int], None]) -> None:
         cos, sin = (self.stored(n, c.astype(self.options.dtype)) for n, c in zip(("cos_cache", "sin_cache"),
                                                                                  self.shape.rotary_caches()))
+        step = self.decode_step() if self.options.decode_by_matmul else None
         x = self.embedding("input_ids")
         normed = self.rms_norm(x, "model.layers.0.input_layernorm.weight", "layers.0.input_norm")
         for layer in range(self.shape.layers):
-            attn = self.attention(normed, layer, cos, sin)
+            attn = self.attention(normed, layer, cos, sin, step)
             normed, x = self.skip_rms_norm(x, attn, f"model.layers.{layer}.post_attention_layernorm.weight",
                                            f"layers.{layer}.post_attention_norm")
             mlp = self.mlp(normed, layer)
@@ -230,8 +372,9 @@ class DecoderBuilder:
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", elem, cache))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", elem, cache))
         graph = helper.make_graph(self.nodes, "dsnode-decoder", inputs, outputs, self.initializers)
-        return helper.make_model(graph, producer_name="dsnode", ir_version=10,
-                                 opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+        return helper.make_model(graph, producer_name="dsnode", ir_version=10 if self.options.opset <= 21 else 12,
+                                 opset_imports=[helper.make_opsetid("", self.options.opset),
+                                                helper.make_opsetid("com.microsoft", 1)])
 
 
 def weight_names(shape: ModelShape) -> list[str]:

@@ -39,16 +39,32 @@ def _type_name(elem_type: int) -> str:
     return _NAMES.get(elem_type, str(elem_type))
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds: the branches of `If`, the bodies of `Loop` and `Scan`."""
+    return [sub for attribute in node.attribute
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs))]
+
+
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """`graph` and every subgraph in it, outermost first."""
+    return [graph] + [inner for node in graph.node for sub in _subgraphs(node) for inner in _graphs(sub)]
+
+
+def _nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Every node, a subgraph's right after the node that holds it (the order values are defined in)."""
+    return [found for node in graph.node for found in [node, *(n for sub in _subgraphs(node) for n in _nodes(sub))]]
+
+
 def _known_types(model: onnx.ModelProto) -> dict[str, str]:
     """Value name → element type, from onnx's inference (complete for standard operators)."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     types: dict[str, str] = {}
-    graph = inferred.graph
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        if value.type.tensor_type.elem_type:
-            types[value.name] = _type_name(value.type.tensor_type.elem_type)
-    for init in graph.initializer:
-        types[init.name] = _type_name(init.data_type)
+    for graph in _graphs(inferred.graph):
+        for value in [*graph.input, *graph.value_info, *graph.output]:
+            if value.type.tensor_type.elem_type:
+                types[value.name] = _type_name(value.type.tensor_type.elem_type)
+        for init in graph.initializer:
+            types[init.name] = _type_name(init.data_type)
     return types
 
 
@@ -111,13 +127,14 @@ def _output_types(node: onnx.NodeProto, row: dict[str, Any] | None, bound: dict[
 
 
 def uncovered_nodes(model: onnx.ModelProto, table: dict[str, Any] | None = None) -> list[Uncovered]:
-    """Every node the CUDA provider has no kernel for (empty: the whole graph runs on the GPU)."""
+    """Every node the CUDA provider has no kernel for (empty: the whole graph runs on the GPU), the
+    nodes of subgraphs included."""
     table = table or kernel_table()
     kernels, sets = table["kernels"], table["type_sets"]
     opsets = {o.domain: o.version for o in model.opset_import}
     types = _known_types(model)
     found: list[Uncovered] = []
-    for node in model.graph.node:
+    for node in _nodes(model.graph):
         if node.op_type in FOLDED_AT_LOAD:
             continue
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"

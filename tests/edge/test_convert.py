@@ -39,7 +39,7 @@ def test_manifest_describes_the_folder(int8_conversion, dense_dir):
     manifest = read_manifest(int8_conversion.path)
     assert (manifest.format, manifest.format_version) == (FORMAT, FORMAT_VERSION)
     assert (manifest.architecture, manifest.model_type, manifest.quantization) == ("Qwen2ForCausalLM", "qwen2", "int8")
-    assert manifest.opset == 21 and manifest.context_limit == 512
+    assert manifest.opset == 24 and manifest.context_limit == 512  # TensorScatter (the cpu target's decode attention)
     assert (manifest.kv.layers, manifest.kv.key, manifest.kv.value) == (4, (2, 32), (2, 32))
     assert manifest.source == {"path": str(dense_dir), "sha256": folder_checksum(dense_dir)}
     assert manifest.tokenizer_sha256 == TextTokenizer.from_folder(dense_dir).digest
@@ -64,8 +64,17 @@ def test_int8_graph_is_weight_only_matmulnbits_with_gqa(int8_dir, fp32_dir):
     assert graph_bytes(int8_dir) < 0.45 * graph_bytes(fp32_dir)
     graph = onnx.load(str(int8_dir / "model.onnx")).graph
     ops = {node.op_type for node in graph.node}
-    assert {"MatMulNBits", "GroupQueryAttention"} <= ops
-    assert not ops & {"MatMulInteger", "DynamicQuantizeLinear", "MatMul", "Expand", "Concat"}
+    assert "MatMulNBits" in ops and not ops & {"MatMulInteger", "DynamicQuantizeLinear", "MatMul", "Expand", "Concat"}
+    # attention: per layer an If, GroupQueryAttention for prefill and batch 1, plain operators for a batched decode step
+    branches = [node for node in graph.node if node.op_type == "If"]
+    assert len(branches) == read_manifest(int8_dir).kv.layers
+    for node in branches:
+        branch = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        then, otherwise = branch["then_branch"], branch["else_branch"]
+        assert [n.op_type for n in otherwise.node] == ["GroupQueryAttention"]
+        decode_ops = [n.op_type for n in then.node]
+        assert decode_ops.count("TensorScatter") == 2 and decode_ops.count("MatMul") == 2 and "Softmax" in decode_ops
+        assert "GroupQueryAttention" not in decode_ops and not set(decode_ops) & {"Expand", "Concat", "Tile"}
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 4 * 4 + 1  # per layer: qkv, o, gate+up, down; and the LM head
     attrs = {(a.name, a.i) for a in nbits[0].attribute}
