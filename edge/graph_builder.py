@@ -64,7 +64,8 @@ class BuildOptions:
 
     @property
     def decode_by_matmul(self) -> bool:
-        """Decode steps attend with plain operators (cpu); GroupQueryAttention does all steps (cuda)."""
+        """Batched decode steps attend with plain operators (cpu); GroupQueryAttention does the rest, and
+        every step on cuda."""
         return self.target == "cpu"
 
     @property
@@ -82,7 +83,7 @@ class BuildReport:
 class DecodeStep:
     """Names of the per-step values and shape constants the decode branches read (outer scope)."""
 
-    is_decode: str  # () bool: S == 1 and B > 1 (a batched decode step)
+    batched_decode: str  # () bool: S == 1 and B > 1
     write_at: str  # (B,) int64: each row's length before this step
     positions: str  # (B, 1) int64: the rotary position of the new token
     mask: str  # (B, 1, L, 1): 0 up to the new token's position, the dtype's lowest after it
@@ -212,7 +213,7 @@ class DecoderBuilder:
                                     lambda: self.grouped_query_attention(qkv, layer, cos, sin))
             batched = self.subgraph(f"layers.{layer}.batched_decode",
                                     lambda: self.matmul_decode_attention(qkv, layer, cos, sin, step))
-            (attn, _, _) = self.node("If", [step.is_decode], f"layers.{layer}.attn", outputs=3,
+            (attn, _, _) = self.node("If", [step.batched_decode], f"layers.{layer}.attn", outputs=3,
                                      then_branch=batched, else_branch=grouped)
             self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]
         return self.linear(attn, self.float_weight(f"{prefix}.o_proj.weight").T, f"layers.{layer}.o_proj")
@@ -279,7 +280,7 @@ class DecoderBuilder:
         whether this is a batched decode step (S = 1, B > 1; batch 1 stays with GroupQueryAttention,
         where the branch's extra nodes cost what its products save), each row's write position (its
         length before the step: seqlens_k + 1 - S), its rotary position (B, 1), and the mask (B, 1, L, 1)
-        of the buffer positions after it. Cheap for prefill too (B x L), where only `is_decode` is used."""
+        of the buffer positions after it. Cheap for prefill too (B x L), where only the first is used."""
         s, c = self.shape, self.constant
         group = s.heads // s.kv_heads
         one, zero = c("step.one", np.array(1, np.int64)), c("step.zero", np.array(0, np.int64))
@@ -288,7 +289,7 @@ class DecoderBuilder:
         (rows,) = self.node("Gather", [ids_shape, zero], "step/rows", axis=0)  # B
         (single,) = self.node("Equal", [tokens, one], "step/one_token")
         (several,) = self.node("Greater", [rows, one], "step/several_rows")
-        (is_decode,) = self.node("And", [single, several], "step/is_decode")
+        (batched,) = self.node("And", [single, several], "step/batched_decode")
         (after,) = self.node("Cast", ["seqlens_k"], "step/after", to=TensorProto.INT64)  # valid after the step - 1
         (after,) = self.node("Add", [after, one], "step/lengths_after")
         (write_at,) = self.node("Sub", [after, tokens], "step/write_at")  # (B,)
@@ -305,7 +306,7 @@ class DecoderBuilder:
         (mask,) = self.node("Where", [visible, c("step.visible", np.array(0, self.options.dtype)),
                                       c("step.hidden", lowest)], "step/mask")
         return DecodeStep(
-            is_decode=is_decode, write_at=write_at, positions=positions, mask=mask,
+            batched_decode=batched, write_at=write_at, positions=positions, mask=mask,
             scale=c("step.scale", np.array(1.0 / math.sqrt(s.head_dim), self.options.dtype)),
             qkv_widths=c("step.qkv_widths", np.array([s.heads * s.head_dim, s.kv_heads * s.head_dim,
                                                        s.kv_heads * s.head_dim], np.int64)),
