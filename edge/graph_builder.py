@@ -207,7 +207,6 @@ class DecoderBuilder:
         del parts
         if step is None:
             attn, _, _ = self.grouped_query_attention(qkv, layer, cos, sin)
-            self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]
         else:
             grouped = self.subgraph(f"layers.{layer}.gqa_branch",
                                     lambda: self.grouped_query_attention(qkv, layer, cos, sin))
@@ -215,7 +214,7 @@ class DecoderBuilder:
                                     lambda: self.matmul_decode_attention(qkv, layer, cos, sin, step))
             (attn, _, _) = self.node("If", [step.batched_decode], f"layers.{layer}.attn", outputs=3,
                                      then_branch=batched, else_branch=grouped)
-            self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]
+        self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]  # the graph's outputs
         return self.linear(attn, self.float_weight(f"{prefix}.o_proj.weight").T, f"layers.{layer}.o_proj")
 
     def subgraph(self, name: str, build: Callable[[], tuple[str, ...]]) -> onnx.GraphProto:
