@@ -10,7 +10,9 @@ it in place. Nothing of the cache crosses into numpy on a step, and no step copi
 - Prefill runs one sequence (batch 1) against a view of its slot alone; a later chunk continues
   where the previous one stopped (GroupQueryAttention reads the slot's earlier positions).
 - Decode runs the prefix in one call: row r's `seqlens_k` is its own length, so rows of any length
-  decode together with no padding; a free slot inside the prefix computes one throw-away position.
+  decode together with no padding; a row of the prefix with no token in the step (a free slot, or a
+  sequence between prefill chunks or joining while the others decode) computes one throw-away position
+  where it overwrites nothing cached: 0 for a free slot, a live sequence's own length otherwise.
 - The buffer grows by one copy when a sequence needs more: slots doubled; length to what is needed
   plus a quarter (at least 1.5x, in steps of 64, at most the context limit), so a prompt's prefill
   leaves room for its answer and decoding a typical answer copies nothing. A copy per growth, not per
@@ -149,21 +151,18 @@ class SlotRunner:
 
     def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
         rows = [self.slot_of[s] for s in seq_ids]
-        lengths = [self.length_of[s] for s in seq_ids]
-        longest = max(lengths)
-        self._ensure_length(longest + 1)
         batch = max(self.slot_of.values()) + 1  # the running prefix of slots
-        step = self._decode_step(batch)
         in_order = len(rows) == batch and rows == list(range(batch))  # the common case: no gaps, no reordering
+        positions = self._step_positions(batch, seq_ids)
+        self._ensure_length(int(positions.max()) + 1)
+        step = self._decode_step(batch)
         if in_order:
             step.ids[:, 0] = token_ids
-            step.seqlens[:] = lengths
         else:
-            step.ids.fill(0)  # free slots read token 0 ...
-            step.seqlens.fill(0)  # ... at position 0
+            step.ids.fill(0)  # rows not in this step read token 0 (and are thrown away)
             step.ids[rows, 0] = token_ids
-            step.seqlens[rows] = lengths
-        step.total[...] = longest + 1
+        step.seqlens[:] = positions
+        step.total[...] = int(positions.max()) + 1
         self.session.run_with_iobinding(step.binding)
         for seq_id in seq_ids:
             self.length_of[seq_id] += 1
@@ -181,6 +180,19 @@ class SlotRunner:
         self._decode_binding = None
 
     # --- internals -------------------------------------------------------------------------------
+    def _step_positions(self, batch: int, seq_ids: Sequence[str]) -> np.ndarray:
+        """Where each row of the prefix writes this step: a decoding sequence at its length; a row with no
+        token in the step computes a throw-away position that must not land on anything cached — a free
+        slot at 0, a live sequence left out of the step (between prefill chunks, or prefilled in the step
+        the others decode in) at its own length, which its next step overwrites."""
+        positions = np.zeros(batch, np.int32)
+        for seq_id, slot in self.slot_of.items():
+            positions[slot] = self.length_of[seq_id]
+        if len(seq_ids) < len(self.slot_of):  # a left-out row cannot write past the context limit
+            left_out = [self.slot_of[s] for s in self.slot_of.keys() - set(seq_ids)]
+            positions[left_out] = np.minimum(positions[left_out], self.max_length - 1)
+        return positions
+
     def _free_slot(self) -> int:
         used = set(self.slot_of.values())
         slot = next(i for i in range(len(used) + 1) if i not in used)

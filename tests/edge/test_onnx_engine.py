@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from dsnode.config import BatchingSection
-from dsnode.inference.engine import ContextLengthExceeded, EngineNotReady
+from dsnode.inference.engine import ContextLengthExceeded, EngineNotReady, GenerationRequest, SamplingParams
 
 from tests.edge.conftest import loaded, onnx_engine, run, run_all, text_of, tokens_of
 
@@ -113,6 +113,30 @@ async def test_concurrent_requests_get_their_alone_answers(int8_engine):
         for i, (p, n) in enumerate(zip(prompts, lengths))
     ))
     assert [tokens_of(d) for d in together] == alone
+
+
+async def test_a_request_joining_a_running_batch_gets_its_alone_answer(int8_engine):
+    """The joiner is prefilled in a step where the running request decodes: its slot is inside the
+    decoded prefix without a token of its own, and what it cached must survive that step."""
+    late_prompt = "The quick brown fox"
+    alone = tokens_of(await run(int8_engine, late_prompt, max_tokens=10, ignore_eos=True))
+    started = asyncio.Event()
+
+    async def running() -> list[int]:
+        tokens = []
+        request = GenerationRequest("long", tuple(int8_engine.tokenizer.encode(CORPUS_PROMPTS[0])),
+                                    SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+        async for delta in int8_engine.generate(request):
+            tokens += delta.token_ids
+            if len(tokens) >= 3:
+                started.set()
+        return tokens
+
+    first = asyncio.create_task(running())
+    await asyncio.wait_for(started.wait(), timeout=60)
+    joined = tokens_of(await run(int8_engine, late_prompt, "late", max_tokens=10, ignore_eos=True))
+    await first
+    assert joined == alone
 
 
 async def test_chunked_prefill_gives_the_same_tokens(int8_dir, int8_engine):

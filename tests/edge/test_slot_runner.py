@@ -121,3 +121,19 @@ def test_the_cache_layout_is_read_from_the_graph(runner, dense_dir):
     vocab = json.loads((dense_dir / "config.json").read_text())["vocab_size"]  # 512 + the format markers
     assert (runner.spec.layers, runner.spec.kv_heads, runner.spec.head_dim) == (4, 2, 32)
     assert runner.spec.dtype is np.float32 and runner.device == "cpu" and runner.vocab == vocab
+
+
+def test_a_live_sequence_left_out_of_a_step_keeps_its_cache(runner, torch_model):
+    """A sequence between prefill chunks, or prefilled in the step others decode in, has a slot inside
+    the decoded prefix but no token in the step: its row is computed and thrown away without writing
+    over anything it has cached."""
+    runner.prefill("x", PROMPTS["b"], 0)
+    runner.prefill("b", PROMPTS["b"], 0)  # slots 0 and 1
+    runner.release("x")
+    runner.prefill("a", PROMPTS["a"][:4], 0)  # joins slot 0, first chunk only
+    runner.decode(["b"], [3])  # a is live, inside the prefix, not in the step
+    runner.prefill("a", PROMPTS["a"][4:], 4)
+    runner.decode(["b"], [150])
+    rows = runner.decode(["a", "b"], [3, 9])
+    np.testing.assert_allclose(rows[0], expected_logits(torch_model, PROMPTS["a"], [3])[-1], atol=1e-4)
+    np.testing.assert_allclose(rows[1], expected_logits(torch_model, PROMPTS["b"], [3, 150, 9])[-1], atol=1e-4)
