@@ -6,7 +6,8 @@
 
 The model is the issue's: a random-weight Qwen2 of 246M parameters with Qwen2-7B's proportions (hidden
 1024, 16 layers, 16 heads / 4 KV heads, intermediate 2816, vocab 32000, untied LM head). It is
-converted by the product (`dsnode convert`: int8, int8 with 64-weight blocks, int4, int8-dynamic) and
+converted by the product (`dsnode convert`: int8, int8 with 64-weight blocks, int8 with an int8 KV cache,
+int4, int8-dynamic) and
 by onnxruntime-genai's builder (int8 and int4, block 128, accuracy level 4, as dsnode's default; its
 blocks are symmetric, as dsnode's int8; dsnode's int4 blocks carry zero points).
 
@@ -38,9 +39,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CHILD = Path(__file__).with_name("edge_contenders.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 BASELINE = "genai int8"
-# name, --quant, --block-size (None: the default, 128)
-DSNODE_CONTENDERS = (("dsnode int8", "int8", None), ("dsnode int8 b64", "int8", 64), ("dsnode int4", "int4", None),
-                     ("dsnode int8-dynamic", "int8-dynamic", None))
+# name, --quant, --block-size (None: the default, 128), --kv-cache
+DSNODE_CONTENDERS = (("dsnode int8", "int8", None, "float"), ("dsnode int8 b64", "int8", 64, "float"),
+                     ("dsnode int8 kv8", "int8", None, "int8"), ("dsnode int4", "int4", None, "float"),
+                     ("dsnode int8-dynamic", "int8-dynamic", None, "float"))
 METRICS = ("decode_tok_s", "decode_tok_cpu_s", "prefill_tok_s", "prefill_tok_cpu_s", "ttft_s")
 
 
@@ -63,19 +65,21 @@ def build_source(folder: Path) -> Path:
     return folder
 
 
-def convert_dsnode(source: Path, work: Path, quant: str, block_size: int | None, reuse: bool) -> tuple[Path, dict]:
+def convert_dsnode(source: Path, work: Path, quant: str, block_size: int | None, kv_cache: str,
+                   reuse: bool) -> tuple[Path, dict]:
     from dsnode.edge.convert import STAGES, convert_model
     from dsnode.edge.convert_options import ConvertOptions
     from dsnode.edge.nbits import DEFAULT_BLOCK_SIZE
     from dsnode.edge.progress import Progress
 
     block = block_size or DEFAULT_BLOCK_SIZE
-    target = work / (f"dsnode-{quant}" + (f"-b{block}" if block != DEFAULT_BLOCK_SIZE else ""))
+    target = work / (f"dsnode-{quant}" + (f"-b{block}" if block != DEFAULT_BLOCK_SIZE else "")
+                     + ("-kv8" if kv_cache == "int8" else ""))
     if reuse and (target / "manifest.json").exists():
         return target, json.loads((target / "validation.json").read_text())
     shutil.rmtree(target, ignore_errors=True)
-    print(f"== dsnode convert --quant {quant} --block-size {block}", flush=True)
-    options = ConvertOptions(quant=quant, block_size=block)
+    print(f"== dsnode convert --quant {quant} --block-size {block} --kv-cache {kv_cache}", flush=True)
+    options = ConvertOptions(quant=quant, block_size=block, kv_cache=kv_cache)
     result = convert_model(source, target, min_agreement=0.0, progress=Progress(STAGES), options=options)
     return target, result.report.summary()
 
@@ -168,8 +172,8 @@ def main() -> int:
         if not (source / "config.json").exists():
             build_source(source)
         agreement, contenders = {}, {}
-        for name, quant, block in DSNODE_CONTENDERS:
-            folder, summary = convert_dsnode(source, work, quant, block, args.reuse)
+        for name, quant, block, kv_cache in DSNODE_CONTENDERS:
+            folder, summary = convert_dsnode(source, work, quant, block, kv_cache, args.reuse)
             contenders[name] = ("dsnode", folder)
             agreement[name] = summary["agreement"]
         for precision in ("int8", "int4"):

@@ -1,7 +1,7 @@
 """What bounds a CPU decode step: int8 MatMulNBits bandwidth, and GroupQueryAttention vs plain operators.
 
     taskset -c 1 .venv/bin/python benchmarks/decode_parts.py matmul [--copies 40] [--rows 1]
-    taskset -c 1 .venv/bin/python benchmarks/decode_parts.py attention [--batch 1] [--kind gqa|plain]
+    taskset -c 1 .venv/bin/python benchmarks/decode_parts.py attention [--batch 1] [--kind gqa|gqa-int8|plain]
 
 `matmul`: one int8 MatMulNBits of the benchmark model's gate/up shape (K 1024, N 5632, block 128,
 symmetric, accuracy level 4), run alone (weights hot in the cache) and as `--copies` distinct weights in
@@ -9,8 +9,9 @@ one graph (as a decode step reads ~212 MB of them): microseconds per matmul and 
 `attention`: 16 layers of batch-`--batch` decode attention over distinct, written caches (16 heads / 4
 KV heads, head 64, 513 of 640 positions valid): GroupQueryAttention, or the same attention as plain
 operators over the same cache layout (scores = K x Q^T, one product per KV head; softmax over the valid
-positions; P x V as batch-1 products). Neither writes the new position or applies rotary embeddings:
-the comparison is of the attention arithmetic alone. Median over 55 runs, one intra-op thread.
+positions; P x V as batch-1 products), or GroupQueryAttention over an int8 cache with per-channel
+scales (`gqa-int8`, as `dsnode convert --kv-cache int8` builds). Only the GroupQueryAttention kinds
+write the new position; none applies rotary embeddings: the comparison is of the attention arithmetic. Median over 55 runs, one intra-op thread.
 """
 
 from __future__ import annotations
@@ -71,18 +72,28 @@ def attention_graph(kind: str, batch: int) -> tuple[ort.InferenceSession, dict[s
     rng, vi, group = np.random.default_rng(0), helper.make_tensor_value_info, HEADS // KV_HEADS
     cache = [batch, KV_HEADS, CAPACITY, HEAD_DIM]
     nodes, inputs, outputs, inits, feeds = [], [], [], [], {}
-    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM if kind == "gqa" else HEADS * HEAD_DIM
+    gqa = kind.startswith("gqa")
+    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM if gqa else HEADS * HEAD_DIM
+    cached = TensorProto.INT8 if kind == "gqa-int8" else FLOAT
+    quantized: dict[str, object] = {}
+    extra: list[str] = []
+    if kind == "gqa-int8":  # scales for standard-normal values: |x| <= 4 onto +-127
+        quantized = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+        extra = ["", "", "", "", "", "kv_scale", "kv_scale"]  # cos, sin, position_ids, bias, sink, k, v scales
+        inits.append(numpy_helper.from_array(np.full(KV_HEADS * HEAD_DIM, 4 / 127, np.float32), "kv_scale"))
     for layer in range(LAYERS):
         q, k, v = f"q{layer}", f"k{layer}", f"v{layer}"
-        inputs += [vi(q, FLOAT, [batch, 1, width]), vi(k, FLOAT, cache), vi(v, FLOAT, cache)]
+        inputs += [vi(q, FLOAT, [batch, 1, width]), vi(k, cached, cache), vi(v, cached, cache)]
         outputs.append(vi(f"out{layer}", FLOAT, [batch, 1, HEADS * HEAD_DIM]))
         feeds[q] = rng.standard_normal((batch, 1, width)).astype(np.float32)
         feeds[k], feeds[v] = (rng.standard_normal(cache).astype(np.float32) for _ in range(2))
-        if kind == "gqa":
-            outputs += [vi(f"k_out{layer}", FLOAT, cache), vi(f"v_out{layer}", FLOAT, cache)]
-            nodes.append(helper.make_node("GroupQueryAttention", [q, "", "", k, v, "seqlens", "total"],
+        if kind == "gqa-int8":
+            feeds[k], feeds[v] = (np.clip(np.rint(feeds[n] * 127 / 4), -127, 127).astype(np.int8) for n in (k, v))
+        if gqa:
+            outputs += [vi(f"k_out{layer}", cached, cache), vi(f"v_out{layer}", cached, cache)]
+            nodes.append(helper.make_node("GroupQueryAttention", [q, "", "", k, v, "seqlens", "total", *extra],
                                           [f"out{layer}", f"k_out{layer}", f"v_out{layer}"], domain="com.microsoft",
-                                          num_heads=HEADS, kv_num_heads=KV_HEADS))
+                                          num_heads=HEADS, kv_num_heads=KV_HEADS, **quantized))
             continue
         n = f"l{layer}"
         nodes += [helper.make_node("Mul", [q, "scale"], [f"{n}.q_scaled"]),  # 1/sqrt(D), as GQA's default
@@ -96,7 +107,7 @@ def attention_graph(kind: str, batch: int) -> tuple[ort.InferenceSession, dict[s
                   helper.make_node("Unsqueeze", [v, "axis2"], [f"{n}.v5"]),  # (B, KVH, 1, T, D)
                   helper.make_node("MatMul", [f"{n}.p5", f"{n}.v5"], [f"{n}.a"]),  # batch-1 products
                   helper.make_node("Reshape", [f"{n}.a", "out_shape"], [f"out{layer}"])]
-    if kind == "gqa":
+    if gqa:
         inputs += [vi("seqlens", TensorProto.INT32, [batch]), vi("total", TensorProto.INT32, [])]
         feeds["seqlens"], feeds["total"] = np.full(batch, VALID - 1, np.int32), np.array(VALID, np.int32)
     else:
@@ -130,12 +141,13 @@ def main() -> int:
     parser.add_argument("--copies", type=int, default=40)
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--kind", choices=("gqa", "plain"), default=None, help="attention: one kind (default both)")
+    parser.add_argument("--kind", choices=("gqa", "gqa-int8", "plain"), default=None,
+                        help="attention: one kind (default all three)")
     args = parser.parse_args()
     if args.part == "matmul":
         matmul(args.copies, args.rows)
     else:
-        for kind in [args.kind] if args.kind else ["gqa", "plain"]:
+        for kind in [args.kind] if args.kind else ["gqa", "gqa-int8", "plain"]:
             attention(kind, args.batch)
     return 0
 

@@ -47,9 +47,11 @@ def bind_cache(s: ort.InferenceSession, binding: ort.IOBinding, batch: int, leng
             # values, not np.zeros: pages nothing has written all map to one zero page, and reading
             # them costs almost nothing; a served cache has been written by its prefill
             buffer = rng.standard_normal(shape, np.float32)
+            if first.type == "tensor(int8)":  # `dsnode convert --kv-cache int8`
+                buffer = np.clip(buffer * 40, -127, 127).astype(np.int8)
             buffers.append(buffer)
-            binding.bind_input(f"past_key_values.{layer}.{kv}", "cpu", 0, np.float32, shape, buffer.ctypes.data)
-            binding.bind_output(f"present.{layer}.{kv}", "cpu", 0, np.float32, shape, buffer.ctypes.data)
+            binding.bind_input(f"past_key_values.{layer}.{kv}", "cpu", 0, buffer.dtype, shape, buffer.ctypes.data)
+            binding.bind_output(f"present.{layer}.{kv}", "cpu", 0, buffer.dtype, shape, buffer.ctypes.data)
     return buffers
 
 

@@ -35,6 +35,7 @@ from dsnode.inference.tokenizer import TextTokenizer, TokenizerError
 
 from .architectures import UnsupportedModel, check_supported
 from .convert_options import MIN_AGREEMENT, QUANTIZATIONS, TARGETS, ConvertError, ConvertOptions
+from .kv_calibration import KVScales
 from .manifest import (
     GRAPH_EXPORT,
     GRAPH_GQA,
@@ -50,7 +51,7 @@ from .model_shape import ModelShape, NotBuildable, model_shape
 from .nbits import BITS
 from .progress import Progress
 
-__all__ = ["QUANTIZATIONS", "TARGETS", "STAGES", "ConvertError", "ConvertOptions", "ConvertResult", "convert_model"]
+__all__ = ["QUANTIZATIONS", "STAGES", "TARGETS", "ConvertError", "ConvertOptions", "ConvertResult", "convert_model"]
 
 STAGES = ("load", "export", "quantize", "validate", "write")
 # Files an edge needs besides the graph: the tokenizer, its chat template, end-of-sequence ids, config.
@@ -131,6 +132,9 @@ def buildable_shape(hf_config: dict[str, Any], options: ConvertOptions) -> Model
     try:
         return model_shape(hf_config)
     except NotBuildable as exc:
+        if options.kv_cache != "float":
+            raise ConvertError(f"--kv-cache {options.kv_cache}: this model takes the traced-export path ({exc}), "
+                               "which keeps a float cache") from None
         if options.target != "cpu":
             raise ConvertError(f"--target {options.target}: this model takes the traced-export path ({exc}), "
                                "which is built for the CPU only") from None
@@ -185,6 +189,7 @@ def _convert(
     min_agreement: float | None, progress: Progress, validate: bool = True,
 ) -> tuple[Manifest, Any]:
     model = None
+    kv_scales: KVScales | None = None
     with progress.stage("load") as stage:
         source_sha256 = folder_checksum(src)
         if shape is None:
@@ -193,11 +198,14 @@ def _convert(
         else:
             _check_weights(src, shape)
             layout = KVLayout(shape.layers, (shape.kv_heads, shape.head_dim), (shape.kv_heads, shape.head_dim))
-        stage.note = f"{hf_config['architectures'][0]}, {parameter_count(src) / 1e6:.1f}M params"
+            if options.kv_cache == "int8":
+                kv_scales = _calibrate_kv_cache(src, hf_config)
+        stage.note = f"{hf_config['architectures'][0]}, {parameter_count(src) / 1e6:.1f}M params" + (
+            ", int8 KV cache calibrated" if kv_scales is not None else "")
     if shape is None:
         opset, float_layers = _export_and_quantize(model, out, layout, options, progress)
     else:
-        opset, float_layers = _build(src, out, shape, options, progress)
+        opset, float_layers = _build(src, out, shape, options, progress, kv_scales)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
@@ -228,6 +236,7 @@ def _convert(
             graph=graph,
             target=options.target,
             weights=options.weights(float_layers),
+            kv_cache=options.kv_cache_description(),
         )
         (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest, report
@@ -249,15 +258,28 @@ def _cache_layout(model: Any) -> KVLayout:
     return cache_layout(model)
 
 
-def _build(src: Path, out: Path, shape: ModelShape, options: ConvertOptions,
-           progress: Progress) -> tuple[int, dict[str, str]]:
+def _calibrate_kv_cache(src: Path, hf_config: dict[str, Any]) -> KVScales:
+    """Per-channel int8 cache scales from the source model (loaded for this alone, then freed)."""
+    from .kv_calibration import calibrate, calibration_prompts
+
+    model = _load(src, hf_config, source_dtype=True)
+    try:
+        return calibrate(model, calibration_prompts(_tokenizer(src), int(hf_config["vocab_size"])))
+    finally:
+        del model
+        gc.collect()
+
+
+def _build(src: Path, out: Path, shape: ModelShape, options: ConvertOptions, progress: Progress,
+           kv_scales: KVScales | None = None) -> tuple[int, dict[str, str]]:
     """The GQA graph, quantized weight by weight while it is built (no float copy of the model on disk)."""
     from .graph_builder import BuildOptions, build_decoder
 
     build = BuildOptions(options.quant if options.quant != "int8-dynamic" else "none", options.target,
-                         options.block_size, options.accuracy_level, options.symmetric)
+                         options.block_size, options.accuracy_level, options.symmetric, options.kv_cache)
     with progress.stage("export", total=shape.layers) as stage:
-        report = build_decoder(src, shape, build, out / ONNX_FILE, on_layer=lambda layer: stage.advance())
+        report = build_decoder(src, shape, build, out / ONNX_FILE, on_layer=lambda layer: stage.advance(),
+                               kv_scales=kv_scales)
         stage.note = f"GQA graph{', decode attention by MatMul' if build.decode_by_matmul else ''}, {_mb(_bytes(out))}"
     if options.quant == "none":
         progress.skip("quantize", "--quant none")

@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--zero-points", choices=("auto", "yes", "no"), default="auto",
                    help="int8/int4: one zero point per block (asymmetric; 1 byte per block) or none (blocks "
                    "centred on 0); auto (default): yes for int4, no for int8")
+    p.add_argument("--kv-cache", choices=("float", "int8"), default="float",
+                   help="float (default): the KV cache in the activations' type; int8 (--target cpu): a "
+                   "quarter of float32's memory, per-channel scales calibrated on sample text at convert "
+                   "time; decodes faster, agrees slightly less (docs/edge.md)")
     p.add_argument("--min-agreement", type=_fraction, default=None, metavar="F",
                    help="top-1 token agreement with the source the validation requires "
                    "(0..1; default 0.80 for int8, 0.95 for none)")
@@ -52,7 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     from .convert import STAGES, ConvertError, ConvertOptions, convert_model
     from .progress import Progress
 
-    options = ConvertOptions(args.quant, args.target, args.block_size, args.accuracy_level, args.zero_points)
+    options = ConvertOptions(args.quant, args.target, args.block_size, args.accuracy_level, args.zero_points,
+                             args.kv_cache)
     try:
         result = convert_model(args.src, args.dst, min_agreement=args.min_agreement,
                                progress=Progress(STAGES, enabled=not args.quiet), options=options)

@@ -10,6 +10,7 @@ from .nbits import BITS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
 QUANTIZATIONS = ("int8", "int4", "int8-dynamic", "none")
 TARGETS = ("cpu", "cuda")
 ZERO_POINTS = ("auto", "yes", "no")
+KV_CACHES = ("float", "int8")
 # Top-1 agreement the validation must reach. float32 differs from torch only in summation order, so
 # only near-ties may flip; int8 rounds every weight, so a few close calls flip on a real model; int4
 # rounds sixteen times coarser.
@@ -27,6 +28,7 @@ class ConvertOptions:
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     zero_points: str = "auto"  # int8/int4: "yes" | "no" | "auto" (int4 yes, int8 no: measured, docs/edge.md)
+    kv_cache: str = "float"  # "int8": the KV cache in int8, per-channel scales calibrated at convert time (cpu)
 
     def check(self) -> None:
         if self.quant not in QUANTIZATIONS:
@@ -39,6 +41,11 @@ class ConvertOptions:
             raise ConvertError(f"--accuracy-level {self.accuracy_level}: 0..4")
         if self.zero_points not in ZERO_POINTS:
             raise ConvertError(f"--zero-points {self.zero_points!r}: choose one of {', '.join(ZERO_POINTS)}")
+        if self.kv_cache not in KV_CACHES:
+            raise ConvertError(f"--kv-cache {self.kv_cache!r}: choose one of {', '.join(KV_CACHES)}")
+        if self.kv_cache == "int8" and (self.target != "cpu" or self.quant == "int8-dynamic"):
+            raise ConvertError(f"--kv-cache int8 is built for --target cpu with --quant int8, int4 or none "
+                               f"(got --target {self.target} --quant {self.quant})")
 
     @property
     def symmetric(self) -> bool:
@@ -47,6 +54,15 @@ class ConvertOptions:
         if self.zero_points == "auto":
             return self.quant != "int4"
         return self.zero_points == "no"
+
+    def kv_cache_description(self) -> dict[str, Any]:
+        """The manifest's description of the KV cache (empty: the activations' float type)."""
+        if self.kv_cache == "float":
+            return {}
+        from .kv_calibration import MARGIN  # numpy only
+
+        return {"dtype": self.kv_cache, "scales": "per channel (kv head x head dim), calibrated at convert time",
+                "margin": MARGIN}
 
     def weights(self, float_layers: dict[str, str]) -> dict[str, Any]:
         """The manifest's description of how the weights are stored."""

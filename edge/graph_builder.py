@@ -23,6 +23,9 @@ Attention, by target:
   step (15 of 31.5 ms), and the branch makes the batch-8 step ~11% faster; at batch 1 the branch's
   extra nodes cost what its products save, so one row keeps GroupQueryAttention (docs/performance.md,
   run G; `benchmarks/decode_parts.py attention`).
+- cpu with an int8 cache (`--kv-cache int8`): an `If` per layer: a prompt's first chunk attends in
+  float32 over its own keys and values and writes them into the cache rounded per channel; every other
+  step is GroupQueryAttention over the int8 cache (docs/edge.md, "An int8 KV cache").
 
 Weights are read from the checkpoint, quantized and appended to `model.onnx.data` as they come, so the
 builder holds one weight at a time: a 7B model converts in a few GB of memory.
@@ -40,6 +43,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .checkpoint import Checkpoint
+from .kv_calibration import KVScales
 from .model_shape import ModelShape
 from .nbits import BITS, NBitsWeight, fits_blocks, quantize_weight
 
@@ -57,6 +61,7 @@ class BuildOptions:
     block_size: int
     accuracy_level: int
     symmetric: bool
+    kv_cache: str = "float"  # "int8": int8 cache with per-channel scales (cpu)
 
     @property
     def dtype(self) -> np.dtype:
@@ -65,12 +70,13 @@ class BuildOptions:
     @property
     def decode_by_matmul(self) -> bool:
         """Batched decode steps attend with plain operators (cpu); GroupQueryAttention does the rest, and
-        every step on cuda."""
-        return self.target == "cpu"
+        every step on cuda, and every step over an int8 cache (its kernel reads int8 faster than these
+        operators read float32)."""
+        return self.target == "cpu" and self.kv_cache == "float"
 
     @property
     def opset(self) -> int:
-        return OPSET_SPLIT_ATTENTION if self.decode_by_matmul else OPSET
+        return OPSET_SPLIT_ATTENTION if self.target == "cpu" else OPSET
 
 
 @dataclass
@@ -123,8 +129,12 @@ class WeightFile:
 
 
 class DecoderBuilder:
-    def __init__(self, checkpoint: Checkpoint, shape: ModelShape, options: BuildOptions, weights: WeightFile) -> None:
+    def __init__(self, checkpoint: Checkpoint, shape: ModelShape, options: BuildOptions, weights: WeightFile,
+                 kv_scales: KVScales | None = None) -> None:
         self.ckpt, self.shape, self.options, self.weights = checkpoint, shape, options, weights
+        if (kv_scales is None) != (options.kv_cache == "float"):
+            raise ValueError(f"kv_cache {options.kv_cache!r} needs scales exactly when it is int8")
+        self.kv_scales = kv_scales
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.report = BuildReport()
@@ -138,6 +148,10 @@ class DecoderBuilder:
     def constant(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
+
+    @property
+    def cache_type(self) -> int:
+        return TensorProto.INT8 if self.kv_scales is not None else _ONNX_TYPE[self.options.dtype]
 
     def stored(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.weights.tensor(name, array))
@@ -205,7 +219,9 @@ class DecoderBuilder:
             bias = np.concatenate([self.float_weight(f"{prefix}.{p}_proj.bias") for p in ("q", "k", "v")])
         qkv = self.linear(x, np.concatenate(parts).T, f"layers.{layer}.qkv_proj", bias)  # (B, S, (H + 2 Hkv) d)
         del parts
-        if step is None:
+        if self.kv_scales is not None:
+            attn = self.int8_cache_attention(qkv, layer, cos, sin)
+        elif step is None:
             attn, _, _ = self.grouped_query_attention(qkv, layer, cos, sin)
         else:
             grouped = self.subgraph(f"layers.{layer}.gqa_branch",
@@ -219,27 +235,73 @@ class DecoderBuilder:
 
     def subgraph(self, name: str, build: Callable[[], tuple[str, ...]]) -> onnx.GraphProto:
         """A branch of an `If`: the nodes `build` adds, with the names it returns as the outputs (it reads
-        the outer graph's values by name)."""
+        the outer graph's values by name): (attention, present key, present value)."""
         outer, self.nodes = self.nodes, []
         try:
             outputs = build()
             elem = _ONNX_TYPE[self.options.dtype]
-            values = [helper.make_tensor_value_info(o, elem, None) for o in outputs]
+            types = (elem, *[self.cache_type] * (len(outputs) - 1))
+            values = [helper.make_tensor_value_info(o, t, None) for o, t in zip(outputs, types)]
             return helper.make_graph(self.nodes, name, [], values)
         finally:
             self.nodes = outer
 
-    def grouped_query_attention(self, qkv: str, layer: int, cos: str, sin: str) -> tuple[str, str, str]:
+    def grouped_query_attention(self, qkv: str, layer: int, cos: str, sin: str,
+                                int8_scales: tuple[str, str] | None = None) -> tuple[str, str, str]:
         """Any S: rotary, the new positions written into the cache buffer in place, causal attention.
-        Returns (attention (B, S, H d), present key, present value)."""
+        `int8_scales` (key, value): the cache is int8 with these per-channel scales. Returns (attention
+        (B, S, H d), present key, present value)."""
         s = self.shape
+        inputs = [qkv, "", "", f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", "seqlens_k",
+                  "total_sequence_length", cos, sin]
+        quantized: dict[str, object] = {}
+        if int8_scales is not None:
+            inputs += ["", "", "", *int8_scales]  # position_ids, attention_bias, head_sink, k_scale, v_scale
+            quantized = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
         attn, keys, values = self.node(
-            "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", "seqlens_k",
-             "total_sequence_length", cos, sin],
+            "GroupQueryAttention", inputs,
             f"layers.{layer}.gqa", outputs=3, domain="com.microsoft", num_heads=s.heads, kv_num_heads=s.kv_heads,
-            scale=1.0 / math.sqrt(s.head_dim), do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+            scale=1.0 / math.sqrt(s.head_dim), do_rotary=1, rotary_interleaved=0, local_window_size=-1, **quantized)
         return attn, keys, values
+
+    def int8_cache_attention(self, qkv: str, layer: int, cos: str, sin: str) -> str:
+        """Over an int8 cache: a prompt's first chunk attends in float32 over its own keys and values
+        and then writes them into the cache quantized (the kernel's prefill over an int8 cache took 3.5x
+        as long); every other step (decode, a later chunk) is GroupQueryAttention over the int8 cache,
+        which quantizes the new positions itself."""
+        s, name = self.shape, f"layers.{layer}.attn"
+        assert self.kv_scales is not None
+        # (1, Hkv, 1, d): broadcasts over the cache for the rounding; GroupQueryAttention reads it flat
+        per_channel = (1, s.kv_heads, 1, s.head_dim)
+        kv_scale, v_scale = (self.stored(f"layers.{layer}.{kind}_cache_scale",
+                                         scales[layer].astype(np.float32).reshape(per_channel))
+                             for kind, scales in (("key", self.kv_scales.key), ("value", self.kv_scales.value)))
+        first = self.subgraph(f"{name}.first_chunk", lambda: self.first_chunk_attention(qkv, layer, cos, sin,
+                                                                                        kv_scale, v_scale))
+        cached = self.subgraph(f"{name}.int8_cache", lambda: self.grouped_query_attention(
+            qkv, layer, cos, sin, int8_scales=(kv_scale, v_scale)))
+        (attn, _, _) = self.node("If", ["step/first_chunk"], name, outputs=3, then_branch=first, else_branch=cached)
+        return attn
+
+    def first_chunk_attention(self, qkv: str, layer: int, cos: str, sin: str, k_scale: str,
+                              v_scale: str) -> tuple[str, str, str]:
+        """S > 1 at position 0, one row: causal attention over the chunk's own float32 keys and values
+        (GroupQueryAttention without a past), which are then rounded to int8 per channel and written at
+        position 0 of the bound cache buffer (TensorScatter: in place)."""
+        s, name = self.shape, f"layers.{layer}.first_chunk"
+        attn, keys, values = self.node(
+            "GroupQueryAttention", [qkv, "", "", "", "", "seqlens_k", "total_sequence_length", cos, sin],
+            f"{name}/gqa", outputs=3, domain="com.microsoft", num_heads=s.heads, kv_num_heads=s.kv_heads,
+            scale=1.0 / math.sqrt(s.head_dim), do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+        written = []
+        for kind, fresh, scale in (("key", keys, k_scale), ("value", values, v_scale)):
+            (scaled,) = self.node("Div", [fresh, scale], f"{name}/{kind}_scaled")
+            (rounded,) = self.node("QuantizeLinear", [scaled, "step.unit_scale", "step.int8_zero"],
+                                   f"{name}/{kind}_int8")  # round half to even, saturate at -128..127
+            (cache,) = self.node("TensorScatter", [f"past_key_values.{layer}.{kind}", rounded],
+                                 f"{name}/write_{kind}", axis=2)
+            written.append(cache)
+        return attn, written[0], written[1]
 
     def matmul_decode_attention(self, qkv: str, layer: int, cos: str, sin: str,
                                 step: DecodeStep) -> tuple[str, str, str]:
@@ -314,6 +376,27 @@ class DecoderBuilder:
             merged_heads=c("step.merged_heads", np.array([0, 1, s.heads * s.head_dim], np.int64)),
             axis2=c("step.axis2", np.array([2], np.int64)), axis3=c("step.axis3", np.array([3], np.int64)))
 
+    def first_chunk_condition(self) -> None:
+        """`step/first_chunk`: one row, several tokens, nothing cached before them (a prompt's first
+        chunk); and the constants the int8 rounding uses."""
+        c = self.constant
+        one, zero = c("step.one", np.array(1, np.int64)), c("step.zero", np.array(0, np.int64))
+        c("step.unit_scale", np.array(1.0, np.float32))
+        c("step.int8_zero", np.array(0, np.int8))
+        (ids_shape,) = self.node("Shape", ["input_ids"], "step/ids_shape")
+        (tokens,) = self.node("Gather", [ids_shape, one], "step/tokens", axis=0)  # S
+        (rows,) = self.node("Gather", [ids_shape, zero], "step/rows", axis=0)  # B
+        (first_length,) = self.node("Gather", ["seqlens_k", zero],
+                                    "step/first_row_seqlen", axis=0)
+        (after,) = self.node("Cast", [first_length], "step/first_row_after", to=TensorProto.INT64)
+        (after,) = self.node("Add", [after, one], "step/first_row_length")  # valid after this step
+        (from_start,) = self.node("Equal", [after, tokens], "step/from_start")
+        (several,) = self.node("Greater", [tokens, one], "step/several_tokens")
+        (alone,) = self.node("Equal", [rows, one], "step/one_row")
+        (both,) = self.node("And", [from_start, several], "step/chunk_from_start")
+        self.node("And", [both, alone], "step/first_chunk_cond")
+        self.nodes[-1].output[0] = "step/first_chunk"
+
     def mlp(self, x: str, layer: int) -> str:
         """down(silu(gate(x)) * up(x)), with gate and up as one matmul: one pass over x (and, on the CPU,
         one int8 quantization of it) instead of two; its (B, S, 2I) output is split in halves."""
@@ -345,6 +428,8 @@ class DecoderBuilder:
         cos, sin = (self.stored(n, c.astype(self.options.dtype)) for n, c in zip(("cos_cache", "sin_cache"),
                                                                                  self.shape.rotary_caches()))
         step = self.decode_step() if self.options.decode_by_matmul else None
+        if self.kv_scales is not None:
+            self.first_chunk_condition()
         x = self.embedding("input_ids")
         normed = self.rms_norm(x, "model.layers.0.input_layernorm.weight", "layers.0.input_norm")
         for layer in range(self.shape.layers):
@@ -361,7 +446,7 @@ class DecoderBuilder:
         self.lm_head(x)
 
     def model(self) -> onnx.ModelProto:
-        s, elem = self.shape, _ONNX_TYPE[self.options.dtype]
+        s = self.shape
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                   helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
                   helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
@@ -369,8 +454,8 @@ class DecoderBuilder:
         cache = ["batch", s.kv_heads, "max_length", s.head_dim]
         for i in range(s.layers):
             for kv in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", elem, cache))
-                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", elem, cache))
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", self.cache_type, cache))
+                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", self.cache_type, cache))
         graph = helper.make_graph(self.nodes, "dsnode-decoder", inputs, outputs, self.initializers)
         return helper.make_model(graph, producer_name="dsnode", ir_version=10 if self.options.opset <= 21 else 12,
                                  opset_imports=[helper.make_opsetid("", self.options.opset),
@@ -393,12 +478,13 @@ def weight_names(shape: ModelShape) -> list[str]:
 
 
 def build_decoder(src: Path, shape: ModelShape, options: BuildOptions, target: Path,
-                  on_layer: Callable[[int], None] = lambda layer: None) -> BuildReport:
-    """Write `target` (the graph) and `target.data` (its weights) from the checkpoint in `src`."""
+                  on_layer: Callable[[int], None] = lambda layer: None, kv_scales: KVScales | None = None) -> BuildReport:
+    """Write `target` (the graph) and `target.data` (its weights) from the checkpoint in `src`; an int8
+    cache (`options.kv_cache`) with the per-channel `kv_scales`."""
     checkpoint = Checkpoint(src)
     weights = WeightFile(target.with_name(target.name + DATA_SUFFIX))
     try:
-        builder = DecoderBuilder(checkpoint, shape, options, weights)
+        builder = DecoderBuilder(checkpoint, shape, options, weights, kv_scales)
         builder.decoder(on_layer)
         model = builder.model()
     finally:

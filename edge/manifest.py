@@ -64,6 +64,8 @@ class Manifest:
     # How the weights are stored: {"method": "MatMulNBits", "bits", "block_size", "accuracy_level",
     # "activations", "float_layers": {layer: why it is not quantized}} or {"method": "MatMulInteger"}.
     weights: dict[str, Any] = field(default_factory=dict)
+    # The KV cache when it is not the activations' float type: {"dtype": "int8", "scales", "margin"}.
+    kv_cache: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -89,6 +91,7 @@ class Manifest:
             graph=str(data.get("graph", GRAPH_EXPORT)),
             target=str(data.get("target", "cpu")),
             weights=dict(data.get("weights") or {}),
+            kv_cache=dict(data.get("kv_cache") or {}),
             format=str(data["format"]),
             format_version=int(data["format_version"]),
         )

@@ -73,6 +73,7 @@ class OnnxEngine(BatchingEngine):
                 "graph": manifest.graph,
                 "target": manifest.target,
                 "weights": manifest.weights,
+                "kv_cache": manifest.kv_cache.get("dtype", "float"),
             },
         )
         log.info("model_loaded", model=info.name, backend=info.backend, provider=info.device,

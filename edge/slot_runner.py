@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from .onnx_runner import CUDA, RunnerError
 
-_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # int8: --kv-cache int8
 INITIAL_SLOTS = 4
 INITIAL_LENGTH = 256
 LENGTH_STEP = 64

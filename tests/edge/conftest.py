@@ -140,3 +140,16 @@ def text_of(deltas: list[Delta]) -> str:
 
 async def run_all(engine: Engine, prompts: list[str], **params: Any) -> list[list[Delta]]:
     return list(await asyncio.gather(*(run(engine, p, f"c{i}", **params) for i, p in enumerate(prompts))))
+
+
+@pytest.fixture(scope="session")
+def int8_cache_dirs(tmp_path_factory, dense_dir) -> dict[str, Path]:
+    """`--kv-cache int8` over float32 weights ("none": the cache's rounding alone) and over int8 weights,
+    converted by the command line."""
+    root = tmp_path_factory.mktemp("kv8")
+    folders = {}
+    for quant in ("none", "int8"):
+        run = convert_cli(str(dense_dir), str(root / quant), "--quant", quant, "--kv-cache", "int8", "--quiet")
+        assert run.code == 0, run.stderr
+        folders[quant] = root / quant
+    return folders

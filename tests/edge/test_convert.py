@@ -206,10 +206,18 @@ def test_sliding_window_models_are_refused(tmp_path, dense_dir):
 
 
 def test_bad_quant_and_agreement_values_are_usage_errors(tmp_path, dense_dir):
-    for args in (["--quant", "int3"], ["--min-agreement", "2"], ["--target", "tpu"], ["--zero-points", "maybe"]):
+    for args in (["--quant", "int3"], ["--min-agreement", "2"], ["--target", "tpu"], ["--zero-points", "maybe"],
+                 ["--kv-cache", "fp8"]):
         with pytest.raises(SystemExit) as exit_:
             convert_cli(str(dense_dir), str(tmp_path / "out"), *args)
         assert exit_.value.code == 2
+    assert no_trace_of(tmp_path / "out")
+
+
+def test_an_int8_kv_cache_for_a_gpu_is_refused_before_anything_is_written(tmp_path, dense_dir):
+    run = convert_cli(str(dense_dir), str(tmp_path / "out"), "--kv-cache", "int8", "--target", "cuda")
+    assert run.code == 1
+    assert "--kv-cache int8 is built for --target cpu" in run.stderr
     assert no_trace_of(tmp_path / "out")
 
 
@@ -230,3 +238,10 @@ def test_onnxruntime_graph_fusions_keep_the_per_row_numbers(int8_dynamic_dir):
         outputs.append(session.run(None, feeds))
     for plain, fused in zip(*outputs):
         np.testing.assert_allclose(fused, plain, atol=1e-4)
+
+
+def test_an_int8_kv_cache_is_refused_for_a_model_on_the_traced_export_path(tmp_path, moe_dir):
+    run = convert_cli(str(moe_dir), str(tmp_path / "out"), "--kv-cache", "int8")
+    assert run.code == 1
+    assert "--kv-cache int8: this model takes the traced-export path" in run.stderr
+    assert no_trace_of(tmp_path / "out")

@@ -20,3 +20,19 @@ def test_zero_points_resolve_per_quantization(quant, zero_points, symmetric):
 def test_an_unknown_zero_points_choice_is_refused_naming_the_choices():
     with pytest.raises(ConvertError, match=r"--zero-points 'maybe': choose one of auto, yes, no"):
         ConvertOptions(zero_points="maybe").check()
+
+
+def test_the_kv_cache_is_float_unless_int8_is_asked_for():
+    assert ConvertOptions().kv_cache_description() == {}
+    described = ConvertOptions(kv_cache="int8").kv_cache_description()
+    assert described["dtype"] == "int8" and described["margin"] > 1.0
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (ConvertOptions(kv_cache="fp8"), r"--kv-cache 'fp8': choose one of float, int8"),
+    (ConvertOptions(kv_cache="int8", target="cuda"), r"--kv-cache int8 is built for --target cpu .*--target cuda"),
+    (ConvertOptions(kv_cache="int8", quant="int8-dynamic"), r"--kv-cache int8 .*--quant int8-dynamic"),
+])
+def test_an_int8_kv_cache_is_refused_where_it_is_not_built(options, message):
+    with pytest.raises(ConvertError, match=message):
+        options.check()

@@ -53,6 +53,7 @@ async def test_model_info_names_the_provider_that_runs(int8_engine):
     assert (info.backend, info.device, info.quantization) == ("onnx", "CPUExecutionProvider", "int8")
     assert info.architecture == "Qwen2ForCausalLM" and info.max_context == 512
     assert info.extra["providers"] == ["CPUExecutionProvider"]
+    assert info.extra["kv_cache"] == "float"
 
 
 async def test_streaming_and_stop_sequences_match_the_central_engine(fp32_engine, torch_engine):
