@@ -273,13 +273,13 @@ class DecoderBuilder:
         assert self.kv_scales is not None
         # (1, Hkv, 1, d): broadcasts over the cache for the rounding; GroupQueryAttention reads it flat
         per_channel = (1, s.kv_heads, 1, s.head_dim)
-        kv_scale, v_scale = (self.stored(f"layers.{layer}.{kind}_cache_scale",
-                                         scales[layer].astype(np.float32).reshape(per_channel))
-                             for kind, scales in (("key", self.kv_scales.key), ("value", self.kv_scales.value)))
+        k_scale, v_scale = (self.stored(f"layers.{layer}.{kind}_cache_scale",
+                                        scales[layer].astype(np.float32).reshape(per_channel))
+                            for kind, scales in (("key", self.kv_scales.key), ("value", self.kv_scales.value)))
         first = self.subgraph(f"{name}.first_chunk", lambda: self.first_chunk_attention(qkv, layer, cos, sin,
-                                                                                        kv_scale, v_scale))
+                                                                                        k_scale, v_scale))
         cached = self.subgraph(f"{name}.int8_cache", lambda: self.grouped_query_attention(
-            qkv, layer, cos, sin, int8_scales=(kv_scale, v_scale)))
+            qkv, layer, cos, sin, int8_scales=(k_scale, v_scale)))
         (attn, _, _) = self.node("If", ["step/first_chunk"], name, outputs=3, then_branch=first, else_branch=cached)
         return attn
 
@@ -344,10 +344,7 @@ class DecoderBuilder:
         of the buffer positions after it. Cheap for prefill too (B x L), where only the first is used."""
         s, c = self.shape, self.constant
         group = s.heads // s.kv_heads
-        one, zero = c("step.one", np.array(1, np.int64)), c("step.zero", np.array(0, np.int64))
-        (ids_shape,) = self.node("Shape", ["input_ids"], "step/ids_shape")
-        (tokens,) = self.node("Gather", [ids_shape, one], "step/tokens", axis=0)  # S
-        (rows,) = self.node("Gather", [ids_shape, zero], "step/rows", axis=0)  # B
+        one, zero, tokens, rows = self.step_sizes()
         (single,) = self.node("Equal", [tokens, one], "step/one_token")
         (several,) = self.node("Greater", [rows, one], "step/several_rows")
         (batched,) = self.node("And", [single, several], "step/batched_decode")
@@ -376,18 +373,22 @@ class DecoderBuilder:
             merged_heads=c("step.merged_heads", np.array([0, 1, s.heads * s.head_dim], np.int64)),
             axis2=c("step.axis2", np.array([2], np.int64)), axis3=c("step.axis3", np.array([3], np.int64)))
 
-    def first_chunk_condition(self) -> None:
-        """`step/first_chunk`: one row, several tokens, nothing cached before them (a prompt's first
-        chunk); and the constants the int8 rounding uses."""
-        c = self.constant
-        one, zero = c("step.one", np.array(1, np.int64)), c("step.zero", np.array(0, np.int64))
-        c("step.unit_scale", np.array(1.0, np.float32))
-        c("step.int8_zero", np.array(0, np.int8))
+    def step_sizes(self) -> tuple[str, str, str, str]:
+        """The int64 constants 1 and 0, and this step's S and B (from input_ids' shape)."""
+        one = self.constant("step.one", np.array(1, np.int64))
+        zero = self.constant("step.zero", np.array(0, np.int64))
         (ids_shape,) = self.node("Shape", ["input_ids"], "step/ids_shape")
         (tokens,) = self.node("Gather", [ids_shape, one], "step/tokens", axis=0)  # S
         (rows,) = self.node("Gather", [ids_shape, zero], "step/rows", axis=0)  # B
-        (first_length,) = self.node("Gather", ["seqlens_k", zero],
-                                    "step/first_row_seqlen", axis=0)
+        return one, zero, tokens, rows
+
+    def first_chunk_condition(self) -> None:
+        """`step/first_chunk`: one row, several tokens, nothing cached before them (a prompt's first
+        chunk); and the constants the int8 rounding uses."""
+        self.constant("step.unit_scale", np.array(1.0, np.float32))
+        self.constant("step.int8_zero", np.array(0, np.int8))
+        one, zero, tokens, rows = self.step_sizes()
+        (first_length,) = self.node("Gather", ["seqlens_k", zero], "step/first_row_seqlen", axis=0)
         (after,) = self.node("Cast", [first_length], "step/first_row_after", to=TensorProto.INT64)
         (after,) = self.node("Add", [after, one], "step/first_row_length")  # valid after this step
         (from_start,) = self.node("Equal", [after, tokens], "step/from_start")
