@@ -116,18 +116,18 @@ async def test_concurrent_requests_get_their_alone_answers(int8_engine):
     assert [tokens_of(d) for d in together] == alone
 
 
-async def test_a_request_joining_a_running_batch_gets_its_alone_answer(int8_engine):
-    """The joiner is prefilled in a step where the running request decodes: its slot is inside the
-    decoded prefix without a token of its own, and what it cached must survive that step."""
+async def joined_and_alone(engine) -> tuple[list[int], list[int]]:
+    """A request sent while another decodes (it is prefilled in a step where the running one decodes),
+    and the same request sent alone: (joined tokens, alone tokens)."""
     late_prompt = "The quick brown fox"
-    alone = tokens_of(await run(int8_engine, late_prompt, max_tokens=10, ignore_eos=True))
+    alone = tokens_of(await run(engine, late_prompt, max_tokens=10, ignore_eos=True))
     started = asyncio.Event()
 
     async def running() -> list[int]:
         tokens = []
-        request = GenerationRequest("long", tuple(int8_engine.tokenizer.encode(CORPUS_PROMPTS[0])),
+        request = GenerationRequest("long", tuple(engine.tokenizer.encode(CORPUS_PROMPTS[0])),
                                     SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
-        async for delta in int8_engine.generate(request):
+        async for delta in engine.generate(request):
             tokens += delta.token_ids
             if len(tokens) >= 3:
                 started.set()
@@ -135,8 +135,28 @@ async def test_a_request_joining_a_running_batch_gets_its_alone_answer(int8_engi
 
     first = asyncio.create_task(running())
     await asyncio.wait_for(started.wait(), timeout=60)
-    joined = tokens_of(await run(int8_engine, late_prompt, "late", max_tokens=10, ignore_eos=True))
+    joined = tokens_of(await run(engine, late_prompt, "late", max_tokens=10, ignore_eos=True))
     await first
+    return joined, alone
+
+
+async def test_a_request_joining_a_running_batch_gets_its_alone_answer(int8_engine):
+    """The joiner's slot is inside the decoded prefix without a token of its own in that step: what it
+    cached must survive it (`SlotRunner`)."""
+    joined, alone = await joined_and_alone(int8_engine)
+    assert joined == alone
+
+
+async def test_a_joining_request_on_the_export_graph_and_the_central_engine(int8_dynamic_dir, torch_engine):
+    """The same join through the other two runners: the export graph's batched cache (`OnnxRunner`)
+    and the central transformers engine."""
+    engine = await loaded(onnx_engine(int8_dynamic_dir))
+    try:
+        joined, alone = await joined_and_alone(engine)
+        assert joined == alone
+    finally:
+        await engine.close()
+    joined, alone = await joined_and_alone(torch_engine)
     assert joined == alone
 
 
