@@ -160,6 +160,35 @@ async def test_a_joining_request_on_the_export_graph_and_the_central_engine(int8
     assert joined == alone
 
 
+async def test_staggered_requests_under_a_tight_budget_get_their_alone_answers(int8_dir, int8_engine):
+    """The real runner through everything the scheduler does at once: requests arriving while others
+    decode, prompts prefilled in chunks between other rows' decode steps, sequences preempted when the
+    token budget runs out and recomputed from their tokens. Each answer is its answer alone."""
+    prompts = [f"{p} and then" for p in CORPUS_PROMPTS]
+    alone = [tokens_of(await run(int8_engine, p, max_tokens=20, ignore_eos=True)) for p in prompts]
+    batching = BatchingSection(max_batch_tokens=40, prefill_chunk_tokens=4, max_running=8)
+    engine = await loaded(onnx_engine(int8_dir, batching))
+    decoding = [asyncio.Event() for _ in prompts]  # set once request i has two tokens
+
+    async def staggered(i: int, prompt: str) -> list[int]:
+        if i:
+            await asyncio.wait_for(decoding[i - 1].wait(), timeout=60)  # joins while i - 1 decodes
+        request = GenerationRequest(f"s{i}", tuple(engine.tokenizer.encode(prompt)),
+                                    SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+        tokens: list[int] = []
+        async for delta in engine.generate(request):
+            tokens += delta.token_ids
+            if len(tokens) >= 2:
+                decoding[i].set()
+        return tokens
+
+    try:
+        together = await asyncio.gather(*(staggered(i, p) for i, p in enumerate(prompts)))
+        assert together == alone
+    finally:
+        await engine.close()
+
+
 async def test_chunked_prefill_gives_the_same_tokens(int8_dir, int8_engine):
     prompt = "We hold these truths to be self-evident, that all men are created equal"
     expected = tokens_of(await run(int8_engine, prompt, max_tokens=12, ignore_eos=True))
