@@ -59,7 +59,7 @@ class ConvertOptions:
         """The manifest's description of the KV cache (empty: the activations' float type)."""
         if self.kv_cache == "float":
             return {}
-        from .kv_calibration import MARGIN  # numpy only
+        from .kv_calibration import MARGIN  # numpy and the tokenizer module: no torch
 
         return {"dtype": self.kv_cache, "scales": "per channel (kv head x head dim), calibrated at convert time",
                 "margin": MARGIN}
