@@ -149,6 +149,7 @@ class DeepSpeedEngine(BatchingEngine):
             if self._ranks is not None:
                 self._ranks.kill()
             raise
+        self._weights = facts.get("weights", self._weights)  # a rank holds FP8 as int8 where its kernel fails
         extra = {**facts, "weights": self._weights}
         if self._group is not None and self._link is not None:
             extra["distributed"] = self._group.describe(self._link)

@@ -11,11 +11,12 @@ value), and docs/central.md has the measured token agreement. Scales cost 4 byte
 (< 0.2% of a 2048-wide row).
 
 **FP8 (e4m3, one float32 `weight_scale_inv` per 128 × 128 block, DeepSeek's layout)** — kept on
-GPUs that compute in FP8 (compute capability 8.9+): activations are quantized per 1 × 128 group on
-the fly and `torch.nn.functional.scaled_mm` takes both block scales. Weights are padded to whole
-blocks (zero rows/columns: exact, the block's scale covers them) and held as uint8 bits, so a dtype
-cast of the module (DeepSpeed's `init_inference`) cannot widen them. Elsewhere the same module
-dequantizes per forward (the reference the GPU path is checked against: scripts/gpu_check.py).
+GPUs that compute in FP8 (compute capability 8.9+, and `fp8_kernel_problem` finding none):
+activations are quantized per 1 × 128 group on the fly and `torch.nn.functional.scaled_mm` takes
+both block scales. Weights are padded to whole blocks (zero rows/columns: exact, the block's scale
+covers them) and held as uint8 bits, so a dtype cast of the module (DeepSpeed's `init_inference`)
+cannot widen them. Elsewhere the same module dequantizes per forward (the reference the GPU path is
+checked against: scripts/gpu_check.py), and the ranks load an FP8 checkpoint as int8 there.
 
 Shapes: Linear weight (N, K) = (out, in); fused experts gate_up (E, 2I, H), down (E, H, I).
 """
@@ -31,6 +32,7 @@ from torch.nn import functional as F
 BLOCK = 128  # DeepSeek's FP8 block (both dimensions)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_CAPABILITY = (8, 9)
+ROW_ALIGN = 16  # the FP8 block kernel's activation rows are padded to this (`_scaled_mm_blocks`)
 
 
 # --- int8 ---------------------------------------------------------------------------------------------
@@ -142,7 +144,52 @@ def dequantize_fp8(bits: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_compute_available(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+    """The device computes in FP8 with DeepSeek's block scales: compute capability 8.9+ and the kernel
+    passing `fp8_kernel_problem`'s check (cuBLAS offers this recipe on Hopper only)."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+            and fp8_kernel_problem(device) is None)
+
+
+_KERNEL_CHECKED: dict[str, str | None] = {}
+
+
+def fp8_kernel_problem(device: torch.device) -> str | None:
+    """Why the FP8 block kernel cannot serve on `device`, or None where it can. It is run once per
+    device on three small products (1, 5 and 37 tokens; K and N not whole blocks) against the
+    dequantized reference, because compute capability 8.9+ is not enough: on an H200 (torch 2.11,
+    CUDA 13; scripts/gpu_check.py, 2026-11-30) cuBLAS refused the product of one token
+    (CUBLAS_STATUS_NOT_SUPPORTED), and per NVIDIA it has the 1x128 × 128x128 recipe on Hopper only.
+    Where this fails, the ranks hold the weights as int8 instead of failing at the first request."""
+    if device.type != "cuda":
+        return f"FP8 compute needs a CUDA GPU (this is {device.type})"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = f"cuda:{index}"
+    if key not in _KERNEL_CHECKED:
+        _KERNEL_CHECKED[key] = _check_kernel(torch.device(key))
+    return _KERNEL_CHECKED[key]
+
+
+def _check_kernel(device: torch.device) -> str | None:
+    if torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
+        return f"compute capability {torch.cuda.get_device_capability(device)} < {FP8_MIN_CAPABILITY}"
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    weight = torch.randn(320, 300, generator=generator) * 0.02  # (N, K): neither whole blocks
+    quantized, scale_inv = quantize_fp8_blocks(weight)
+    bits = torch.zeros((blocks(320) * BLOCK, blocks(300) * BLOCK), dtype=torch.uint8)
+    bits[:320, :300] = quantized.view(torch.uint8)  # padded to whole blocks, as the loader holds them
+    reference = dequantize_fp8(quantized, scale_inv).to(device)
+    bits, scale_inv = bits.to(device), scale_inv.to(device)
+    try:
+        for tokens in (1, 5, 37):
+            x = torch.randn(tokens, 300, generator=generator).to(device, torch.bfloat16)
+            want = F.linear(x.float(), reference)
+            got = _scaled_mm_blocks(x, bits, scale_inv)[:, :320].float()
+            error = ((got - want).norm() / want.norm()).item()
+            if not error < 0.1:  # FP8 activations round to ~3%; NaN fails too
+                return f"the FP8 block kernel is off by {error:.3f} (relative) on {tokens} tokens"
+    except (RuntimeError, ValueError) as exc:  # cuBLAS "not supported", torch's layout checks
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    return None
 
 
 def fp8_matmul(x: torch.Tensor, bits: torch.Tensor, scale_inv: torch.Tensor,
@@ -161,9 +208,14 @@ def _scaled_mm_blocks(x: torch.Tensor, bits: torch.Tensor, scale_inv: torch.Tens
     128 × 128 block (torch's BlockWise1x128 × BlockWise128x128 recipe, sm90)."""
     from torch.nn.functional import ScalingType
 
-    padded_k = bits.shape[1]
-    x = F.pad(x, (0, padded_k - x.shape[1])) if x.shape[1] < padded_k else x
-    groups = x.float().reshape(x.shape[0], padded_k // BLOCK, BLOCK)  # (T, Kp/128, 128)
+    tokens, padded_k = x.shape[0], bits.shape[1]
+    # K to whole blocks; T (the rows) to a multiple of 16, so the outer-dim-major activation scales are
+    # 16-byte aligned like the weights' (K padded to 4). Unpadded, cuBLAS refused one token's product on
+    # an H200 (CUBLAS_STATUS_NOT_SUPPORTED); padded is not yet run on a GPU: `fp8_kernel_problem` checks.
+    rows = math.ceil(tokens / ROW_ALIGN) * ROW_ALIGN
+    if x.shape[1] < padded_k or rows != tokens:
+        x = F.pad(x, (0, padded_k - x.shape[1], 0, rows - tokens))
+    groups = x.float().reshape(rows, padded_k // BLOCK, BLOCK)  # (T', Kp/128, 128)
     x_scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX  # (T, Kp/128)
     x_fp8 = (groups / x_scale[..., None]).reshape(x.shape).to(torch.float8_e4m3fn)
     k_blocks = padded_k // BLOCK
@@ -172,10 +224,18 @@ def _scaled_mm_blocks(x: torch.Tensor, bits: torch.Tensor, scale_inv: torch.Tens
     w_scale[:, :k_blocks] = scale_inv
     return F.scaled_mm(
         x_fp8, bits.view(torch.float8_e4m3fn).t(),  # (T, Kp) @ (Kp, Np), the weight column-major
-        x_scale.t().contiguous().t(), ScalingType.BlockWise1x128,  # (T, Kp/128), stride (1, T)
+        outer_dim_major(x_scale), ScalingType.BlockWise1x128,  # (T, Kp/128), stride (1, T)
         w_scale.t(), ScalingType.BlockWise128x128,  # (L4, Np/128), stride (1, L4)
         output_dtype=x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16,
-    ).to(x.dtype)
+    )[:tokens].to(x.dtype)
+
+
+def outer_dim_major(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` (R, C) copied into strides (1, R), as scaled_mm's 1x128 recipe checks them literally.
+    `.t().contiguous().t()` does not do it where R == 1: torch counts a size-1 dimension's stride as
+    contiguous whatever it is, so it leaves (C, 1), which the kernel refuses (torch 2.11, one token)."""
+    out = torch.empty_strided(scale.shape, (1, scale.shape[0]), dtype=scale.dtype, device=scale.device)
+    return out.copy_(scale)
 
 
 class Fp8Linear(nn.Module):

@@ -18,7 +18,7 @@ import importlib
 import os
 import re
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ def load_rank(model: ModelSection, device_kind: str, place: RankPlace) -> tuple[
     else:
         device = torch.device("cpu")
         torch.set_num_threads(model.threads or max(1, (os.cpu_count() or 1) // place.world))
+    place = replace(place, weights=held_weights(place.weights, device))
     group = _init_distributed(device_kind, place.group_timeout_s)
     dtype = pick_dtype(model.dtype, device)
     if model.quantization == "nf4":
@@ -69,9 +70,24 @@ def load_rank(model: ModelSection, device_kind: str, place: RankPlace) -> tuple[
     else:
         module, facts = _load_expert_parallel(model, dtype, place, group, device)
     facts["dtype"] = str(dtype).removeprefix("torch.")
+    facts["weights"] = place.weights
     facts["weights_bytes_per_rank"] = module.get_memory_footprint()
     facts["sharded_linears"] = sum(type(m).__name__ in _TP_LAYERS for m in module.modules())
     return TorchRunner(module, device), facts, group
+
+
+def held_weights(planned: str, device: Any) -> str:
+    """The format this rank holds its linears in: the plan's, except "fp8" where the FP8 block kernel
+    fails its check on this GPU (`fp8_kernel_problem`): int8 then, as on GPUs without FP8 compute."""
+    if planned != "fp8":
+        return planned
+    from .eight_bit import fp8_kernel_problem
+
+    problem = fp8_kernel_problem(device)
+    if problem is None:
+        return planned
+    log.warning("fp8_kernel_unavailable", device=str(device), reason=problem, weights="int8")
+    return "int8"
 
 
 def _load_quantized(model: ModelSection, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:

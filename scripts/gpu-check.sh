@@ -7,6 +7,11 @@
 # On the GPU host, wheels found in .whl/ are installed into /tmp/dsnode-site first, and dsnode itself
 # from this tree into /tmp/dsnode-pkg, unless `import dsnode.central` already works. The summary goes
 # to stdout and to $OUT/gpu-check.json ($OUT, else /tmp). See docs/central.md ("GPU check").
+#
+# onnxruntime-gpu (for the edge section) is a 255 MB wheel: --fetch-wheels also saves it cut into
+# 60 MB parts under .whl-ort/ (ORT_GPU_VERSION, default 1.31.1: built for CUDA 13) for hosts that take
+# files in pieces; on the GPU host, the parts found in $ORT_GPU_PARTS (default .whl-ort/) are joined
+# and installed with the other wheels.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,15 +26,37 @@ fetch_wheels() {
     grep -qxF '/.whl/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.whl/' >>"$ROOT/.git/info/exclude"
     local names=()
     for name in transformers pydantic pydantic-core annotated-types typing-inspection typing-extensions \
-        structlog hjson; do
+        structlog hjson llguidance; do
         names+=("$name==$(version "$name")")
     done
     "$venv_py" -m pip download --no-deps --only-binary=:all: --python-version "$target_py" --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 \
         -d "$WHEELS" "${names[@]}"
     # DeepSpeed ships as a source archive; built here without its C++ ops it is a pure-Python wheel
     DS_BUILD_OPS=0 "$venv_py" -m pip wheel --no-deps --no-build-isolation -w "$WHEELS" "deepspeed==$(version deepspeed)"
     du -sh "$WHEELS"
+    local ort="$ROOT/.whl-ort" download
+    download="$(mktemp -d)"
+    grep -qxF '/.whl-ort/' "$ROOT/.git/info/exclude" || echo '/.whl-ort/' >>"$ROOT/.git/info/exclude"
+    "$venv_py" -m pip download --no-deps --only-binary=:all: --python-version "$target_py" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$download" \
+        "onnxruntime-gpu==${ORT_GPU_VERSION:-1.31.1}"
+    rm -rf "$ort" && mkdir -p "$ort"
+    for wheel in "$download"/*.whl; do
+        split -b 60000000 -d -a 1 "$wheel" "$ort/$(basename "$wheel").part-"
+    done
+    rm -rf "$download"
+    ls -l "$ort"
+}
+
+join_ort_parts() {
+    # the parts of one wheel, joined under its own name (pip reads the version from it)
+    local parts="${ORT_GPU_PARTS:-$ROOT/.whl-ort}" first
+    first="$(compgen -G "$parts/*.whl.part-0" | head -1)" || return 0
+    [[ -n "$first" ]] || return 0
+    cat "${first%.part-0}".part-* >"/tmp/$(basename "${first%.part-0}")"
+    echo "/tmp/$(basename "${first%.part-0}")"
 }
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
@@ -37,9 +64,11 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     exit 0
 fi
 
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+ORT_WHEEL="$(join_ort_parts)"
+if compgen -G "$WHEELS/*.whl" >/dev/null || [[ -n "$ORT_WHEEL" ]]; then
+    # shellcheck disable=SC2086  # ORT_WHEEL: empty or one path
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dsnode-site \
-        "$WHEELS"/*.whl
+        $(compgen -G "$WHEELS/*.whl") $ORT_WHEEL
     export PYTHONPATH="/tmp/dsnode-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if ! "$PY" -c "import dsnode.central" 2>/dev/null; then

@@ -10,8 +10,8 @@
    the scheduler, sampling, detokenizing): the same figures through the whole engine, so the gap to (1)
    is what the engine's process boundary and bookkeeping cost.
 3. `edge_onnx`: a random Qwen2 of DeepSeek-R1-Distill-Qwen-7B's shape (hidden 3584, 28 heads / 4 KV heads,
-   intermediate 18944, vocab 152064; `--edge-layers` of them, 28 = the whole 7B) converted by `dsnode
-   convert --quant int8 --target cuda` (MatMulNBits + GroupQueryAttention, float16; validation skipped:
+   intermediate 18944, vocab 152064; `--edge-layers` of them, default 8, 28 = the whole 7B) converted by
+   `dsnode convert --quant int8 --target cuda` (MatMulNBits + GroupQueryAttention, float16; validation skipped:
    random weights), then (a) an ONNX Runtime session on the CUDA provider with
    `session.disable_cpu_ep_fallback = 1`: it starts only if every node has a CUDA kernel, and (b)
    `OnnxEngine` on it: decode tokens/s at batch 1, 8 and 32. Skipped, saying why, where dsnode.edge or
@@ -113,7 +113,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--edge-layers", type=int, default=None,
-                   help="decoder layers of the 7B-shaped edge model (default: 28 with --size full, 2 tiny)")
+                   help="decoder layers of the 7B-shaped edge model (default: 8 with --size full, 2 tiny; 28: 7B)")
     p.add_argument("--out", help="also write the JSON summary here")
     p.add_argument("--skip", nargs="*", default=(),
                    choices=("moe_model", "moe_engine", "edge_onnx", "nccl", "moe_expert_parallel", "moe_fp8"))

@@ -15,6 +15,10 @@ from typing import Any, Callable
 
 TOKENIZER_VOCAB = 512  # the bundled byte-level BPE
 EDGE_BATCHES = (1, 8, 32)
+# 8 of the 7B's 28 layers (with its whole embedding and head): on the H200 host (16 cores) building,
+# saving and converting all 28 did not finish in the 350 s the section had (2026-11-30); --edge-layers 28
+# for the whole model where a run has ~10 minutes for this section alone
+EDGE_LAYERS_FULL = 8
 DENSE_SIZES: dict[str, dict[str, Any]] = {
     # R1-Distill-Qwen-7B's layer shapes and vocabulary (the layer count comes from --edge-layers)
     "full": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
@@ -60,7 +64,7 @@ def convert_edge_model(args: argparse.Namespace, work: Path,
     from dsnode.edge.convert import ConvertOptions, convert_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    layers = args.edge_layers or (28 if args.size == "full" else 2)
+    layers = args.edge_layers or (EDGE_LAYERS_FULL if args.size == "full" else 2)
     src, dst = work / "edge-src", work / "edge-int8"
     torch.manual_seed(0)
     config = Qwen2Config(num_hidden_layers=layers, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
@@ -83,6 +87,8 @@ def strict_cuda_session(path: Path, device: str) -> dict[str, Any]:
 
     if device != "cuda":
         return {"ok": None, "skipped": "a CPU run: the check is about the CUDA provider"}
+    if hasattr(onnxruntime, "preload_dlls"):  # the CUDA/cuDNN libraries of the nvidia-* wheels, if any
+        onnxruntime.preload_dlls()
     options = onnxruntime.SessionOptions()
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     providers = ["CUDAExecutionProvider"]
