@@ -190,6 +190,7 @@ def _convert(
 ) -> tuple[Manifest, Any]:
     model = None
     kv_scales: KVScales | None = None
+    refs: list[Any] | None = None  # the validation references, where the source was loaded for calibration
     with progress.stage("load") as stage:
         source_sha256 = folder_checksum(src)
         if shape is None:
@@ -199,9 +200,11 @@ def _convert(
             _check_weights(src, shape)
             layout = KVLayout(shape.layers, (shape.kv_heads, shape.head_dim), (shape.kv_heads, shape.head_dim))
             if options.kv_cache == "int8":
-                kv_scales = _calibrate_kv_cache(src, hf_config)
+                kv_scales, refs = _calibrate_kv_cache(src, hf_config, options.calibration_text,
+                                                      with_references=validate)
         stage.note = f"{hf_config['architectures'][0]}, {parameter_count(src) / 1e6:.1f}M params" + (
-            ", int8 KV cache calibrated" if kv_scales is not None else "")
+            ", int8 KV cache calibrated" if kv_scales is not None else "") + (
+            ", validation references computed" if refs is not None else "")
     if shape is None:
         opset, float_layers = _export_and_quantize(model, out, layout, options, progress)
     else:
@@ -216,7 +219,7 @@ def _convert(
     report = None
     if validate:
         report = _validate(src, hf_config, model, out, tokenizer, graph, context, options, float_layers, threshold,
-                           progress)
+                           progress, refs)
     else:
         progress.skip("validate", "not asked for")
     with progress.stage("write"):
@@ -258,13 +261,20 @@ def _cache_layout(model: Any) -> KVLayout:
     return cache_layout(model)
 
 
-def _calibrate_kv_cache(src: Path, hf_config: dict[str, Any]) -> KVScales:
-    """Per-channel int8 cache scales from the source model (loaded for this alone, then freed)."""
-    from .kv_calibration import calibrate, calibration_prompts
+def _calibrate_kv_cache(src: Path, hf_config: dict[str, Any], text: Path | None, with_references: bool
+                        ) -> tuple[KVScales, list[Any] | None]:
+    """Per-channel int8 cache scales from the source model (on `text`'s passages, else the built-in
+    ones), and (`with_references`) the validation's references from the same load, so a 7B source is
+    read once; then the model is freed, before the graph is built."""
+    from .kv_calibration import CALIBRATION_TEXTS, calibrate, calibration_prompts, read_passages
+    from .validate import references
 
+    passages = read_passages(text) if text is not None else CALIBRATION_TEXTS
     model = _load(src, hf_config, source_dtype=True)
     try:
-        return calibrate(model, calibration_prompts(_tokenizer(src), int(hf_config["vocab_size"])))
+        tokenizer = _tokenizer(src)
+        scales = calibrate(model, calibration_prompts(tokenizer, int(hf_config["vocab_size"]), passages=passages))
+        return scales, references(model, tokenizer) if with_references else None
     finally:
         del model
         gc.collect()
@@ -323,14 +333,16 @@ def _quantize(exported: Path, target: Path, options: ConvertOptions, progress: P
 
 def _validate(src: Path, hf_config: dict[str, Any], model: Any, out: Path, tokenizer: TextTokenizer, graph: str,
               context: int, options: ConvertOptions, float_layers: dict[str, str], threshold: float,
-              progress: Progress) -> Any:
-    """The report, printed and saved; ConvertError when the agreement is below `threshold`."""
+              progress: Progress, refs: list[Any] | None = None) -> Any:
+    """The report, printed and saved; ConvertError when the agreement is below `threshold`. `refs`: the
+    references computed at load, if they were."""
     from .validate import compare, prompt_set, references
 
-    with progress.stage("validate", total=len(prompt_set(tokenizer))) as stage:
-        if model is None:  # the GQA path: the source in its own dtype, only for as long as it is needed
-            model = _load(src, hf_config, source_dtype=True)
-        refs = references(model, tokenizer, on_prompt=stage.advance)
+    with progress.stage("validate", total=None if refs is not None else len(prompt_set(tokenizer))) as stage:
+        if refs is None:
+            if model is None:  # the GQA path: the source in its own dtype, only for as long as it is needed
+                model = _load(src, hf_config, source_dtype=True)
+            refs = references(model, tokenizer, on_prompt=stage.advance)
         del model
         gc.collect()
         runner = _runner(out, graph, context)

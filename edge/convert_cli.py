@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="float (default): the KV cache in the activations' type; int8 (--target cpu): a "
                    "quarter of float32's memory, per-channel scales calibrated on sample text at convert "
                    "time; decodes faster, agrees slightly less (docs/edge.md)")
+    p.add_argument("--calibration-text", type=Path, default=None, metavar="FILE",
+                   help="--kv-cache int8: calibrate the cache on this UTF-8 text (passages separated by "
+                   "blank lines; the first 32, up to 512 tokens each) instead of the built-in samples")
     p.add_argument("--min-agreement", type=_fraction, default=None, metavar="F",
                    help="top-1 token agreement with the source the validation requires "
                    "(0..1; default 0.80 for int8, 0.95 for none)")
@@ -57,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     options = ConvertOptions(args.quant, args.target, args.block_size, args.accuracy_level, args.zero_points,
-                             args.kv_cache)
+                             args.kv_cache, args.calibration_text)
     try:
         result = convert_model(args.src, args.dst, min_agreement=args.min_agreement,
                                progress=Progress(STAGES, enabled=not args.quiet), options=options)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .nbits import BITS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
@@ -29,6 +31,7 @@ class ConvertOptions:
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     zero_points: str = "auto"  # int8/int4: "yes" | "no" | "auto" (int4 yes, int8 no: measured, docs/edge.md)
     kv_cache: str = "float"  # "int8": the KV cache in int8, per-channel scales calibrated at convert time (cpu)
+    calibration_text: Path | None = None  # --kv-cache int8: the operator's text to calibrate on
 
     def check(self) -> None:
         if self.quant not in QUANTIZATIONS:
@@ -46,6 +49,19 @@ class ConvertOptions:
         if self.kv_cache == "int8" and (self.target != "cpu" or self.quant == "int8-dynamic"):
             raise ConvertError(f"--kv-cache int8 is built for --target cpu with --quant int8, int4 or none "
                                f"(got --target {self.target} --quant {self.quant})")
+        if self.calibration_text is not None:
+            self._check_calibration_text(self.calibration_text)
+
+    def _check_calibration_text(self, path: Path) -> None:
+        if self.kv_cache != "int8":
+            raise ConvertError(f"--calibration-text {path}: only --kv-cache int8 is calibrated "
+                               f"(got --kv-cache {self.kv_cache})")
+        from .kv_calibration import read_passages  # numpy and the tokenizer module: no torch
+
+        try:
+            read_passages(path)
+        except ValueError as exc:
+            raise ConvertError(f"--calibration-text {path}: {exc}") from None
 
     @property
     def symmetric(self) -> bool:
@@ -62,7 +78,18 @@ class ConvertOptions:
         from .kv_calibration import MARGIN  # numpy and the tokenizer module: no torch
 
         return {"dtype": self.kv_cache, "scales": "per channel (kv head x head dim), calibrated at convert time",
-                "margin": MARGIN}
+                "margin": MARGIN, "calibration": self.calibration_source()}
+
+    def calibration_source(self) -> dict[str, Any]:
+        """What the cache was calibrated on, for the manifest."""
+        from .kv_calibration import PASSAGE_TOKENS, RANDOM_PROMPTS, read_passages
+
+        randoms = f"{RANDOM_PROMPTS} prompts of random token ids"
+        if self.calibration_text is None:
+            return {"text": "built-in sample texts", "also": randoms}
+        path = self.calibration_text.expanduser().absolute()
+        return {"text": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "passages": len(read_passages(path)), "passage_tokens_max": PASSAGE_TOKENS, "also": randoms}
 
     def weights(self, float_layers: dict[str, str]) -> dict[str, Any]:
         """The manifest's description of how the weights are stored."""

@@ -7,12 +7,17 @@ is its largest |value| seen, times MARGIN, over 127. Keys are taken as the cache
 the rotary embedding. A value beyond the calibrated range saturates at +-127 rather than wrapping.
 
 Calibration prompts are not the validation prompts (`edge/validate.py`), so the validation report
-measures the cache's rounding on text the scales were not fitted to.
+measures the cache's rounding on text the scales were not fitted to. `--calibration-text FILE` replaces
+the built-in sample texts with the operator's (text like what the model will serve); the random
+prompts stay.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +29,10 @@ MARGIN = 1.2
 INT8_MAX = 127
 RANDOM_PROMPTS = 4
 RANDOM_PROMPT_TOKENS = 256
+# --calibration-text: at most this many passages of at most this many tokens (each is one forward of the
+# source model at convert time: 32 x 512 tokens is minutes for a 7B on a CPU, not hours)
+MAX_PASSAGES = 32
+PASSAGE_TOKENS = 512
 CALIBRATION_TEXTS = (
     ("Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse, "
      "and nothing particular to interest me on shore, I thought I would sail about a little and see the watery "
@@ -53,9 +62,27 @@ class KVScales:
                 raise ValueError(f"{name} scales must be finite and positive, shaped (layers, channels)")
 
 
-def calibration_prompts(tokenizer: TextTokenizer, vocab: int, seed: int = 0) -> list[list[int]]:
+def read_passages(path: Path) -> list[str]:
+    """The operator's calibration text (`--calibration-text FILE`): passages separated by blank lines,
+    the first MAX_PASSAGES of them. ValueError says what is wrong with the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    passages = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if not passages:
+        raise ValueError("no text in it")
+    return passages[:MAX_PASSAGES]
+
+
+def calibration_prompts(tokenizer: TextTokenizer, vocab: int, seed: int = 0,
+                        passages: Sequence[str] = CALIBRATION_TEXTS) -> list[list[int]]:
+    """`passages` (the built-in sample texts, or the operator's), each cut at PASSAGE_TOKENS, then
+    RANDOM_PROMPTS prompts of random token ids."""
     rng = np.random.default_rng(seed)
-    texts = [tokenizer.encode(text) for text in CALIBRATION_TEXTS]
+    texts = [tokenizer.encode(text)[:PASSAGE_TOKENS] for text in passages]
     randoms = [rng.integers(0, vocab, RANDOM_PROMPT_TOKENS).tolist() for _ in range(RANDOM_PROMPTS)]
     return [ids for ids in texts + randoms if ids]
 

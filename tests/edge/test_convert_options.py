@@ -36,3 +36,32 @@ def test_the_kv_cache_is_float_unless_int8_is_asked_for():
 def test_an_int8_kv_cache_is_refused_where_it_is_not_built(options, message):
     with pytest.raises(ConvertError, match=message):
         options.check()
+
+
+def test_calibration_text_is_for_the_int8_cache_alone(tmp_path):
+    text = tmp_path / "domain.txt"
+    text.write_text("SELECT name FROM users WHERE id = 7;\n")
+    with pytest.raises(ConvertError, match=r"--calibration-text .*domain.txt: only --kv-cache int8 is calibrated"):
+        ConvertOptions(calibration_text=text).check()
+    ConvertOptions(kv_cache="int8", calibration_text=text).check()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, r"No such file or directory"),
+    (b"\n \n\t\n", r"no text in it"),
+    (b"caf\xe9 au lait", r"not UTF-8 text \(byte 3\)"),
+])
+def test_a_calibration_text_that_cannot_be_used_is_refused_naming_the_file(tmp_path, content, message):
+    text = tmp_path / "calibration.txt"
+    if content is not None:
+        text.write_bytes(content)
+    with pytest.raises(ConvertError, match=rf"--calibration-text {text}: {message}"):
+        ConvertOptions(kv_cache="int8", calibration_text=text).check()
+
+
+def test_the_manifest_says_what_the_cache_was_calibrated_on(tmp_path):
+    assert ConvertOptions(kv_cache="int8").kv_cache_description()["calibration"]["text"] == "built-in sample texts"
+    text = tmp_path / "domain.txt"
+    text.write_text("first passage\n\nsecond passage\nstill the second\n\n\nthird\n")
+    described = ConvertOptions(kv_cache="int8", calibration_text=text).kv_cache_description()["calibration"]
+    assert described["text"] == str(text) and described["passages"] == 3 and len(described["sha256"]) == 64

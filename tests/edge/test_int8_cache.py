@@ -14,7 +14,7 @@ import torch
 from dsnode.edge.onnx_runner import open_session
 from dsnode.edge.slot_runner import SlotRunner
 
-from .conftest import onnx_engine, run, tokens_of
+from .conftest import convert_cli, onnx_engine, run, tokens_of
 
 PROMPTS = {"a": [5, 17, 99, 200, 31, 8, 77, 4, 300, 12], "b": [40, 41, 42], "c": [300, 12, 12, 64, 7, 7]}
 THEN = [3, 150, 9, 77]
@@ -135,3 +135,50 @@ async def test_the_engine_serves_an_int8_cache_folder_alone_and_batched(int8_cac
         assert engine.info.extra["kv_cache"] == "int8"
     finally:
         await engine.close()
+
+
+def test_a_convert_reads_the_source_once_for_calibration_and_validation(int8_cache_dirs, dense_dir, tmp_path,
+                                                                         monkeypatch):
+    """The validation's references come from the load that calibrates the cache (a 7B source is ~15 GB
+    to read); the report is the one the command line wrote for the same conversion."""
+    from dsnode.edge import convert
+    from dsnode.edge.convert_options import ConvertOptions
+
+    loads = []
+    real_load = convert._load
+    monkeypatch.setattr(convert, "_load", lambda *args, **kwargs: loads.append(args[0]) or real_load(*args, **kwargs))
+    result = convert.convert_model(dense_dir, tmp_path / "kv8", options=ConvertOptions(quant="int8", kv_cache="int8"))
+    assert loads == [dense_dir]
+    want = json.loads((int8_cache_dirs["int8"] / "validation.json").read_text())
+    assert json.loads(result.report.to_json()) == want
+
+
+def cache_scales(folder):
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("_cache_scale")}
+
+
+def test_the_operator_s_calibration_text_sets_the_scales_and_is_recorded(int8_cache_dirs, dense_dir, tmp_path):
+    text = tmp_path / "shop.txt"
+    text.write_text("Order 1182: two blue mugs, one teapot. Shipped on Monday.\n\n"
+                    "Refund requested for order 1175: the lid was cracked.\n\n" + "Customer asks about delivery. " * 40)
+    folder = tmp_path / "kv8-shop"
+    run = convert_cli(str(dense_dir), str(folder), "--quant", "int8", "--kv-cache", "int8", "--calibration-text",
+                      str(text), "--quiet")
+    assert run.code == 0, run.stderr
+    calibration = json.loads((folder / "manifest.json").read_text())["kv_cache"]["calibration"]
+    assert calibration["text"] == str(text) and calibration["passages"] == 3
+    built_in = cache_scales(int8_cache_dirs["int8"])
+    mine = cache_scales(folder)
+    assert mine.keys() == built_in.keys()
+    assert any(not np.array_equal(mine[name], built_in[name]) for name in mine)
+
+
+def test_a_missing_calibration_text_stops_the_convert_before_it_starts(dense_dir, tmp_path):
+    run = convert_cli(str(dense_dir), str(tmp_path / "out"), "--kv-cache", "int8", "--calibration-text",
+                      str(tmp_path / "nowhere.txt"), "--quiet")
+    assert run.code == 1
+    assert f"--calibration-text {tmp_path / 'nowhere.txt'}: No such file or directory" in run.stderr
+    assert not (tmp_path / "out").exists()

@@ -49,3 +49,17 @@ def test_calibration_text_is_not_the_validation_text(dense_dir):
     tokenizer = TextTokenizer.from_folder(dense_dir)
     calibration = {tuple(ids) for ids in calibration_prompts(tokenizer, 1000)}
     assert not calibration & {tuple(tokenizer.encode(text)) for text in TEXT_PROMPTS}
+
+
+def test_an_operator_s_text_is_split_into_passages_and_capped(tmp_path, dense_dir):
+    from dsnode.edge.kv_calibration import MAX_PASSAGES, PASSAGE_TOKENS, RANDOM_PROMPTS, read_passages
+
+    text = tmp_path / "domain.txt"
+    text.write_text("\n\n".join(f"passage {i}\nline two of {i}" for i in range(MAX_PASSAGES + 5)) + "\n\n"
+                    + "word " * 3000)
+    passages = read_passages(text)
+    assert len(passages) == MAX_PASSAGES and passages[0] == "passage 0\nline two of 0"
+    tokenizer = TextTokenizer.from_folder(dense_dir)
+    prompts = calibration_prompts(tokenizer, 1000, passages=["word " * 3000, "short"])
+    assert [len(p) for p in prompts[:2]] == [PASSAGE_TOKENS, len(tokenizer.encode("short"))]
+    assert len(prompts) == 2 + RANDOM_PROMPTS
