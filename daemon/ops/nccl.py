@@ -31,7 +31,9 @@ from ..nccl_result import RESULT_KIND, RESULT_VERSION
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # a rank crashed, timed out, or the all-reduce summed wrong
-EXIT_NOTHING_TO_MEASURE = 3  # no torch, no CUDA GPUs, no NCCL, or fewer GPUs than --world-size
+EXIT_NOTHING_TO_MEASURE = 3  # no torch, no CUDA GPUs, no NCCL, one rank, or fewer GPUs than --world-size
+# An H200 host (2026-11-30) "measured" 64 MiB in 14 us at world size 1: a one-rank all-reduce returns at once
+ONE_RANK = "an all-reduce over one rank moves no data, so there is nothing to measure"
 
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMG]?)(i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
@@ -100,6 +102,8 @@ def check_host(backend: str, world_size: int | None) -> tuple[int, list[str]]:
         ) from None
     if not dist.is_available():
         raise CannotMeasure("this PyTorch build has no torch.distributed")
+    if world_size == 1:
+        raise CannotMeasure(ONE_RANK + " (--world-size 1); ask for 2 or more")
     if backend == "gloo":
         if not dist.is_gloo_available():
             raise CannotMeasure("this PyTorch build has no gloo backend")
@@ -113,6 +117,11 @@ def check_host(backend: str, world_size: int | None) -> tuple[int, list[str]]:
         )
     if not dist.is_nccl_available():
         raise CannotMeasure("this PyTorch build has no NCCL backend")
+    if gpus == 1 and world_size is None:
+        raise CannotMeasure(
+            f"one CUDA GPU here ({torch.cuda.get_device_name(0)}): {ONE_RANK}. NCCL takes one rank per GPU, "
+            "so this host's all-reduce needs 2 or more; the CPU variant: dsnode bench nccl --backend gloo"
+        )
     n = world_size or gpus
     if n > gpus:
         raise CannotMeasure(f"--world-size {n} needs {n} GPUs; this host has {gpus}")

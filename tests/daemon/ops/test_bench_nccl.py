@@ -41,6 +41,22 @@ def test_without_gpus_it_says_so_and_exits_3(capsys):
     assert "no CUDA GPUs" in err and "--backend gloo --world-size 2" in err
 
 
+@pytest.mark.model
+def test_one_rank_is_refused_as_nothing_to_measure(monkeypatch, capsys):
+    """A one-rank all-reduce returns at once: the H200 host "measured" 4.7 TB/s at world size 1."""
+    torch = pytest.importorskip("torch")
+
+    assert main(["bench", "nccl", "--backend", "gloo", "--world-size", "1"]) == 3
+    assert "over one rank moves no data" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a host with one GPU, NCCL or not
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    assert main(["bench", "nccl"]) == 3
+    err = capsys.readouterr().err
+    assert "one CUDA GPU here (NVIDIA H200)" in err and "--backend gloo" in err
+
+
 def test_without_torch_it_says_so(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)  # as on an edge host: import torch fails
     monkeypatch.setitem(sys.modules, "torch.distributed", None)
