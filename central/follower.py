@@ -106,8 +106,8 @@ class FollowerEngine(Engine):
             if self._ranks is not None:
                 self._ranks.kill()
             raise
-        extra = {**facts, "weights": facts.get("weights", weights),  # a rank holds FP8 as int8 where its kernel fails
-                 "distributed": self._group.describe(self._link)}
+        held = facts.get("weights", weights)  # a rank holds FP8 as int8 where its kernel fails
+        extra = {**facts, "weights": held, "distributed": self._group.describe(self._link)}
         self._info = describe_model(self._model, hf_config, self.backend, self._batching,
                                     device=placement.device, tensor_parallel=settings.world_size, extra=extra)
         last = settings.first_rank + placement.ranks - 1

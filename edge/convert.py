@@ -273,7 +273,8 @@ def _calibrate_kv_cache(src: Path, hf_config: dict[str, Any], text: Path | None,
     model = _load(src, hf_config, source_dtype=True)
     try:
         tokenizer = _tokenizer(src)
-        scales = calibrate(model, calibration_prompts(tokenizer, int(hf_config["vocab_size"]), passages=passages))
+        prompts = calibration_prompts(tokenizer, int(hf_config["vocab_size"]), passages=passages)
+        scales = calibrate(model, prompts)
         return scales, references(model, tokenizer) if with_references else None
     finally:
         del model
