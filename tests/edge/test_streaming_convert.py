@@ -59,3 +59,13 @@ def test_layers_the_blocks_do_not_divide_stay_float_and_are_reported(tmp_path, b
     kinds = {n.name: n.op_type for n in graph.node if n.name.endswith("_proj")}
     assert kinds["layers.0.down_proj"] == "MatMul" and kinds["layers.0.gate_up_proj"] == "MatMulNBits"
     assert result.report.agreement >= 0.9
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (256, 256), (513, 257), (1000, 64)])
+def test_the_tiled_transpose_is_the_transpose(shape):
+    from dsnode.edge.graph_builder import transpose_into
+
+    source = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    out = np.full(shape[::-1], np.nan, np.float32)
+    transpose_into(source, out)
+    assert np.array_equal(out, source.T)
