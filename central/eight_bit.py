@@ -137,6 +137,16 @@ def quantize_fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return quantized.contiguous(), scale
 
 
+def padded_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float (N, K) → what an `Fp8Linear` holds (uint8 bits padded to whole blocks, block scales) and
+    the float32 (N, K) it stands for: a known FP8 weight to check the kernel with."""
+    quantized, scale_inv = quantize_fp8_blocks(weight)
+    rows, cols = weight.shape
+    bits = torch.zeros((blocks(rows) * BLOCK, blocks(cols) * BLOCK), dtype=torch.uint8, device=weight.device)
+    bits[:rows, :cols] = quantized.view(torch.uint8)
+    return bits, scale_inv, dequantize_fp8(quantized, scale_inv)
+
+
 def dequantize_fp8(bits: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """FP8 (e4m3; as uint8 bits or float8) (n, K) with its block scales → float32 (n, K)."""
     values = bits.view(torch.float8_e4m3fn).float()
@@ -174,11 +184,7 @@ def _check_kernel(device: torch.device) -> str | None:
         return f"compute capability {torch.cuda.get_device_capability(device)} < {FP8_MIN_CAPABILITY}"
     generator = torch.Generator(device="cpu").manual_seed(0)
     weight = torch.randn(320, 300, generator=generator) * 0.02  # (N, K): neither whole blocks
-    quantized, scale_inv = quantize_fp8_blocks(weight)
-    bits = torch.zeros((blocks(320) * BLOCK, blocks(300) * BLOCK), dtype=torch.uint8)
-    bits[:320, :300] = quantized.view(torch.uint8)  # padded to whole blocks, as the loader holds them
-    reference = dequantize_fp8(quantized, scale_inv).to(device)
-    bits, scale_inv = bits.to(device), scale_inv.to(device)
+    bits, scale_inv, reference = (t.to(device) for t in padded_fp8(weight))
     try:
         for tokens in (1, 5, 37):
             x = torch.randn(tokens, 300, generator=generator).to(device, torch.bfloat16)

@@ -13,15 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dsnode.central import eight_bit, rank_load
-from dsnode.central.eight_bit import (
-    BLOCK,
-    ROW_ALIGN,
-    _check_kernel,
-    _scaled_mm_blocks,
-    blocks,
-    dequantize_fp8,
-    quantize_fp8_blocks,
-)
+from dsnode.central.eight_bit import BLOCK, ROW_ALIGN, _check_kernel, _scaled_mm_blocks, padded_fp8
 from torch.nn import functional as F
 
 
@@ -47,19 +39,10 @@ def emulated(monkeypatch):
     monkeypatch.setattr(F, "scaled_mm", emulated_scaled_mm)
 
 
-def padded_weight(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An FP8 weight as the loader holds it (uint8 bits padded to whole blocks), its block scales and
-    its dequantized values (the reference)."""
-    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(1)) * 0.02
-    quantized, scale_inv = quantize_fp8_blocks(weight)
-    bits = torch.zeros((blocks(out_features) * BLOCK, blocks(in_features) * BLOCK), dtype=torch.uint8)
-    bits[:out_features, :in_features] = quantized.view(torch.uint8)
-    return bits, scale_inv, dequantize_fp8(quantized, scale_inv)
-
-
 @pytest.mark.parametrize("tokens", [1, 5, 16, 37])
 def test_the_kernel_gets_torch_s_layout_and_returns_one_row_per_token(emulated, tokens):
-    bits, scale_inv, reference = padded_weight(320, 700)
+    bits, scale_inv, reference = padded_fp8(torch.randn(320, 700, generator=torch.Generator().manual_seed(1)) * 0.02)
+    assert bits.shape == (384, 768) and not bits[320:].any() and not bits[:, 700:].any()
     x = torch.randn(tokens, 700, dtype=torch.bfloat16)
     got = _scaled_mm_blocks(x, bits, scale_inv)
     assert got.shape == (tokens, bits.shape[0]) and got.dtype == torch.bfloat16
