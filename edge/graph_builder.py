@@ -262,17 +262,21 @@ class DecoderBuilder:
         """Any S: rotary, the new positions written into the cache buffer in place, causal attention.
         `int8_scales` (key, value): the cache is int8 with these per-channel scales. Returns (attention
         (B, S, H d), present key, present value)."""
-        s = self.shape
         inputs = [qkv, "", "", f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", "seqlens_k",
                   "total_sequence_length", cos, sin]
         quantized: dict[str, object] = {}
         if int8_scales is not None:
             inputs += ["", "", "", *int8_scales]  # position_ids, attention_bias, head_sink, k_scale, v_scale
             quantized = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+        return self.gqa_node(inputs, f"layers.{layer}.gqa", **quantized)
+
+    def gqa_node(self, inputs: list[str], name: str, **quantized: object) -> tuple[str, str, str]:
+        """GroupQueryAttention with this model's heads, rotary inside, causal: (attention, keys, values)."""
+        s = self.shape
         attn, keys, values = self.node(
-            "GroupQueryAttention", inputs,
-            f"layers.{layer}.gqa", outputs=3, domain="com.microsoft", num_heads=s.heads, kv_num_heads=s.kv_heads,
-            scale=1.0 / math.sqrt(s.head_dim), do_rotary=1, rotary_interleaved=0, local_window_size=-1, **quantized)
+            "GroupQueryAttention", inputs, name, outputs=3, domain="com.microsoft", num_heads=s.heads,
+            kv_num_heads=s.kv_heads, scale=1.0 / math.sqrt(s.head_dim), do_rotary=1, rotary_interleaved=0,
+            local_window_size=-1, **quantized)
         return attn, keys, values
 
     def int8_cache_attention(self, qkv: str, layer: int, cos: str, sin: str) -> str:
@@ -299,11 +303,9 @@ class DecoderBuilder:
         """S > 1 at position 0, one row: causal attention over the chunk's own float32 keys and values
         (GroupQueryAttention without a past), which are then rounded to int8 per channel and written at
         position 0 of the bound cache buffer (TensorScatter: in place)."""
-        s, name = self.shape, f"layers.{layer}.first_chunk"
-        attn, keys, values = self.node(
-            "GroupQueryAttention", [qkv, "", "", "", "", "seqlens_k", "total_sequence_length", cos, sin],
-            f"{name}/gqa", outputs=3, domain="com.microsoft", num_heads=s.heads, kv_num_heads=s.kv_heads,
-            scale=1.0 / math.sqrt(s.head_dim), do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+        name = f"layers.{layer}.first_chunk"
+        attn, keys, values = self.gqa_node([qkv, "", "", "", "", "seqlens_k", "total_sequence_length", cos, sin],
+                                           f"{name}/gqa")
         written = []
         for kind, fresh, scale in (("key", keys, k_scale), ("value", values, v_scale)):
             (scaled,) = self.node("Div", [fresh, scale], f"{name}/{kind}_scaled")
