@@ -14,7 +14,7 @@ import statistics
 import time
 
 import numpy as np
-from dsnode.edge.graph_builder import transpose_into
+from dsnode.edge.checkpoint import transpose_into
 
 SHAPES = {"gate_up (37888, 3584)": (37888, 3584), "down_proj (3584, 18944)": (3584, 18944),
           "lm_head (152064, 3584)": (152064, 3584)}

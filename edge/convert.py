@@ -285,9 +285,11 @@ def _build(src: Path, out: Path, shape: ModelShape, options: ConvertOptions, pro
            kv_scales: KVScales | None = None) -> tuple[int, dict[str, str]]:
     """The GQA graph, quantized weight by weight while it is built (no float copy of the model on disk)."""
     from .graph_builder import BuildOptions, build_decoder
+    from .weight_pipeline import auto_threads
 
     build = BuildOptions(options.quant if options.quant != "int8-dynamic" else "none", options.target,
-                         options.block_size, options.accuracy_level, options.symmetric, options.kv_cache)
+                         options.block_size, options.accuracy_level, options.symmetric, options.kv_cache,
+                         options.threads or auto_threads())
     with progress.stage("export", total=shape.layers) as stage:
         report = build_decoder(src, shape, build, out / ONNX_FILE, on_layer=lambda layer: stage.advance(),
                                kv_scales=kv_scales)

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--calibration-text", type=Path, default=None, metavar="FILE",
                    help="--kv-cache int8: calibrate the cache on this UTF-8 text (passages separated by "
                    "blank lines; the first 32, up to 512 tokens each) instead of the built-in samples")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="weights read, transposed and quantized at once (default: one per core, up to 4); "
+                   "each thread holds about one more weight in memory. The output is the same for any N")
     p.add_argument("--min-agreement", type=_fraction, default=None, metavar="F",
                    help="top-1 token agreement with the source the validation requires "
                    "(0..1; default 0.80 for int8, 0.95 for none)")
@@ -60,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     options = ConvertOptions(args.quant, args.target, args.block_size, args.accuracy_level, args.zero_points,
-                             args.kv_cache, args.calibration_text)
+                             args.kv_cache, args.calibration_text, args.threads)
     try:
         result = convert_model(args.src, args.dst, min_agreement=args.min_agreement,
                                progress=Progress(STAGES, enabled=not args.quiet), options=options)

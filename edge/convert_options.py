@@ -32,6 +32,7 @@ class ConvertOptions:
     zero_points: str = "auto"  # int8/int4: "yes" | "no" | "auto" (int4 yes, int8 no: measured, docs/edge.md)
     kv_cache: str = "float"  # "int8": the KV cache in int8, per-channel scales calibrated at convert time (cpu)
     calibration_text: Path | None = None  # --kv-cache int8: the operator's text to calibrate on
+    threads: int | None = None  # weights prepared at once (None: one per core, up to 4); not in the output
 
     def check(self) -> None:
         if self.quant not in QUANTIZATIONS:
@@ -49,6 +50,8 @@ class ConvertOptions:
         if self.kv_cache == "int8" and (self.target != "cpu" or self.quant == "int8-dynamic"):
             raise ConvertError(f"--kv-cache int8 is built for --target cpu with --quant int8, int4 or none "
                                f"(got --target {self.target} --quant {self.quant})")
+        if self.threads is not None and self.threads < 1:
+            raise ConvertError(f"--threads {self.threads}: at least 1")
         if self.calibration_text is not None:
             self._check_calibration_text(self.calibration_text)
 

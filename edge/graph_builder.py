@@ -46,6 +46,7 @@ from .checkpoint import Checkpoint
 from .kv_calibration import KVScales
 from .model_shape import ModelShape
 from .nbits import BITS, NBitsWeight, fits_blocks, quantize_weight
+from .weight_pipeline import WeightPipeline
 
 OPSET = 21  # the cuda target's graph (GroupQueryAttention only)
 OPSET_SPLIT_ATTENTION = 24  # the cpu target's graph: TensorScatter is opset 24
@@ -62,6 +63,7 @@ class BuildOptions:
     accuracy_level: int
     symmetric: bool
     kv_cache: str = "float"  # "int8": int8 cache with per-channel scales (cpu)
+    threads: int = 1  # linear weights prepared at once (edge/weight_pipeline.py); the output is the same
 
     @property
     def dtype(self) -> np.dtype:
@@ -83,6 +85,16 @@ class BuildOptions:
 class BuildReport:
     quantized: list[str] = field(default_factory=list)  # MatMulNBits weights
     float_layers: dict[str, str] = field(default_factory=dict)  # weight → why it stayed float
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """One linear layer's weight as the graph stores it: MatMulNBits blocks, or a float (K, N) matrix
+    (and, when quantizing, why it stayed float)."""
+
+    blocks: NBitsWeight | None = None
+    matrix: np.ndarray | None = None
+    why_float: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,14 +126,14 @@ class WeightFile:
         pad = -self.offset % _ALIGN
         self._file.write(b"\0" * pad)
         self.offset += pad
-        data = np.ascontiguousarray(array).tobytes()
-        self._file.write(data)
+        data = np.ascontiguousarray(array).reshape(-1)
+        self._file.write(data.data.cast("B"))  # the array's own bytes: no copy of a large weight
         proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
         proto.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(data.nbytes))):
             entry = proto.external_data.add()
             entry.key, entry.value = key, value
-        self.offset += len(data)
+        self.offset += data.nbytes
         return proto
 
     def close(self) -> None:
@@ -130,8 +142,10 @@ class WeightFile:
 
 class DecoderBuilder:
     def __init__(self, checkpoint: Checkpoint, shape: ModelShape, options: BuildOptions, weights: WeightFile,
+                 linear_weights: WeightPipeline[tuple[str, ...], LinearWeight],
                  kv_scales: KVScales | None = None) -> None:
         self.ckpt, self.shape, self.options, self.weights = checkpoint, shape, options, weights
+        self.linear_weights = linear_weights
         if (kv_scales is None) != (options.kv_cache == "float"):
             raise ValueError(f"kv_cache {options.kv_cache!r} needs scales exactly when it is int8")
         self.kv_scales = kv_scales
@@ -160,29 +174,18 @@ class DecoderBuilder:
     def float_weight(self, hf_name: str) -> np.ndarray:
         return self.ckpt.float32(hf_name)
 
-    def matmul_weight(self, *hf_names: str) -> np.ndarray:
-        """Linear weights (out, in) of one input, read one at a time and written transposed side by side:
-        the (in, sum of outs) float32 operand of a MatMul, C-contiguous, as the quantizer reads it."""
-        shapes = [self.ckpt.shape(name) for name in hf_names]
-        out = np.empty((shapes[0][1], sum(rows for rows, _ in shapes)), np.float32)
-        start = 0
-        for name, (rows, _) in zip(hf_names, shapes):
-            transpose_into(self.float_weight(name), out[:, start:start + rows])
-            start += rows
-        return out
-
     # --- layers ----------------------------------------------------------------------------------
-    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
-        """x (..., K) @ weight (K, N) [+ bias (N)]: MatMulNBits when quantizing and K fits the blocks."""
-        k, n = weight.shape
-        bits = BITS.get(self.options.quant)
-        if bits and fits_blocks(k, self.options.block_size):
-            q = quantize_weight(weight, bits, self.options.block_size, self.options.symmetric)
-            (y,) = self._nbits(x, q, name)
+    def linear(self, x: str, hf_names: tuple[str, ...], name: str, bias: np.ndarray | None = None) -> str:
+        """x (..., K) @ the weights `hf_names` side by side (K, N) [+ bias (N)]: MatMulNBits when quantizing
+        and K fits the blocks, else MatMul."""
+        weight = self.linear_weights.take(hf_names)
+        if weight.blocks is not None:
+            (y,) = self._nbits(x, weight.blocks, name)
         else:
-            if bits:
-                self.report.float_layers[name] = f"K={k} is not a multiple of the block size {self.options.block_size}"
-            (y,) = self.node("MatMul", [x, self.stored(f"{name}.weight", weight.astype(self.options.dtype))], name)
+            assert weight.matrix is not None
+            if weight.why_float:
+                self.report.float_layers[name] = weight.why_float
+            (y,) = self.node("MatMul", [x, self.stored(f"{name}.weight", weight.matrix)], name)
         if bias is not None:
             (y,) = self.node("Add", [y, self.stored(f"{name}.bias", bias.astype(self.options.dtype))], f"{name}/bias")
         return y
@@ -215,9 +218,10 @@ class DecoderBuilder:
         MatMulNBits blobs has no kernel on every provider, and int8 rows (a scale each) cost ~10%
         top-1 agreement on a random-weight model where float16 costs nothing measurable; float16
         keeps an int8 7B model at ~27% of its float32 bytes."""
-        table = self.float_weight("model.embed_tokens.weight")  # (V, H)
-        stored = np.float16 if self.options.quant != "none" else self.options.dtype
-        (x,) = self.node("Gather", [self.stored("embed.weight", table.astype(stored)), ids], "embed")
+        stored = np.dtype(np.float16 if self.options.quant != "none" else self.options.dtype)
+        table = self.ckpt.read_as("model.embed_tokens.weight", stored)  # (V, H)
+        (x,) = self.node("Gather", [self.stored("embed.weight", table), ids], "embed")
+        del table
         if np.dtype(stored) != self.options.dtype:
             (x,) = self.node("Cast", [x], "embed/cast", to=_ONNX_TYPE[self.options.dtype])
         return x
@@ -227,9 +231,7 @@ class DecoderBuilder:
         bias = None
         if s.qkv_bias:
             bias = np.concatenate([self.float_weight(f"{prefix}.{p}_proj.bias") for p in ("q", "k", "v")])
-        weight = self.matmul_weight(*(f"{prefix}.{p}_proj.weight" for p in ("q", "k", "v")))
-        qkv = self.linear(x, weight, f"layers.{layer}.qkv_proj", bias)  # (B, S, (H + 2 Hkv) d)
-        del weight
+        qkv = self.linear(x, qkv_names(layer), f"layers.{layer}.qkv_proj", bias)  # (B, S, (H + 2 Hkv) d)
         if self.kv_scales is not None:
             attn = self.int8_cache_attention(qkv, layer, cos, sin)
         elif step is None:
@@ -242,7 +244,7 @@ class DecoderBuilder:
             (attn, _, _) = self.node("If", [step.batched_decode], f"layers.{layer}.attn", outputs=3,
                                      then_branch=batched, else_branch=grouped)
         self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]  # the graph's outputs
-        return self.linear(attn, self.matmul_weight(f"{prefix}.o_proj.weight"), f"layers.{layer}.o_proj")
+        return self.linear(attn, (f"{prefix}.o_proj.weight",), f"layers.{layer}.o_proj")
 
     def subgraph(self, name: str, build: Callable[[], tuple[str, ...]]) -> onnx.GraphProto:
         """A branch of an `If`: the nodes `build` adds, with the names it returns as the outputs (it reads
@@ -415,23 +417,20 @@ class DecoderBuilder:
         """down(silu(gate(x)) * up(x)), with gate and up as one matmul: one pass over x (and, on the CPU,
         one int8 quantization of it) instead of two; its (B, S, 2I) output is split in halves."""
         prefix, width = f"model.layers.{layer}.mlp", self.shape.intermediate
-        gate_up = self.matmul_weight(f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight")
-        both = self.linear(x, gate_up, f"layers.{layer}.gate_up_proj")  # (B, S, 2I)
-        del gate_up
+        both = self.linear(x, gate_up_names(layer), f"layers.{layer}.gate_up_proj")  # (B, S, 2I)
         halves = self.constant(f"layers.{layer}.gate_up_split", np.array([width, width], dtype=np.int64))
         gate, up = self.node("Split", [both, halves], f"layers.{layer}.gate_up_split", outputs=2, axis=-1)
         (sig,) = self.node("Sigmoid", [gate], f"layers.{layer}.silu/sigmoid")
         (silu,) = self.node("Mul", [gate, sig], f"layers.{layer}.silu")
         (gated,) = self.node("Mul", [silu, up], f"layers.{layer}.gated")
-        return self.linear(gated, self.matmul_weight(f"{prefix}.down_proj.weight"), f"layers.{layer}.down_proj")
+        return self.linear(gated, (f"{prefix}.down_proj.weight",), f"layers.{layer}.down_proj")
 
     def lm_head(self, residual: str) -> str:
         """The last position of each row → final norm → logits (B, V) float32."""
         index = self.constant("last_position", np.array(-1, dtype=np.int64))
         (last,) = self.node("Gather", [residual, index], "last_position_hidden", axis=1)  # (B, H)
         normed = self.rms_norm(last, "model.norm.weight", "final_norm")
-        name = "model.embed_tokens.weight" if self.shape.tied_embeddings else "lm_head.weight"
-        logits = self.linear(normed, self.matmul_weight(name), "lm_head")  # (B, V)
+        logits = self.linear(normed, head_names(self.shape), "lm_head")  # (B, V)
         if self.options.dtype != np.float32:
             (logits,) = self.node("Cast", [logits], "logits/float32", to=TensorProto.FLOAT)
         (out,) = self.node("Identity", [logits], "logits")
@@ -476,17 +475,52 @@ class DecoderBuilder:
                                                 helper.make_opsetid("com.microsoft", 1)])
 
 
-TILE = 256  # transpose_into's square: a float32 tile pair (2 x 256 KiB) stays in a core's L2
+def qkv_names(layer: int) -> tuple[str, ...]:
+    return tuple(f"model.layers.{layer}.self_attn.{p}_proj.weight" for p in ("q", "k", "v"))
 
 
-def transpose_into(source: np.ndarray, out: np.ndarray) -> None:
-    """out[:] = source.T, tile by tile: numpy's copy of a transposed view walks one side with a stride
-    of a whole row; square tiles keep both sides in cache (2.2-4.4x faster on a 7B's weights, e.g. its
-    gate_up in 0.20 instead of 0.81 s: benchmarks/bench_transpose.py)."""
-    rows, cols = source.shape
-    for i in range(0, rows, TILE):
-        for j in range(0, cols, TILE):
-            out[j:j + TILE, i:i + TILE] = source[i:i + TILE, j:j + TILE].T
+def gate_up_names(layer: int) -> tuple[str, ...]:
+    return tuple(f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("gate", "up"))
+
+
+def head_names(shape: ModelShape) -> tuple[str, ...]:
+    return ("model.embed_tokens.weight" if shape.tied_embeddings else "lm_head.weight",)
+
+
+def linear_order(shape: ModelShape) -> list[tuple[str, ...]]:
+    """The linear weights in the order the builder writes them: per layer q/k/v, o, gate/up, down; the
+    LM head last."""
+    order: list[tuple[str, ...]] = []
+    for layer in range(shape.layers):
+        prefix = f"model.layers.{layer}"
+        order += [qkv_names(layer), (f"{prefix}.self_attn.o_proj.weight",), gate_up_names(layer),
+                  (f"{prefix}.mlp.down_proj.weight",)]
+    return order + [head_names(shape)]
+
+
+def prepare_linear(checkpoint: Checkpoint, hf_names: tuple[str, ...], options: BuildOptions) -> LinearWeight:
+    """Linear weights (out, in) of one input, transposed side by side into the (in, sum of outs) float32
+    operand of a MatMul, then quantized when the blocks divide its input size (thread-safe: each read
+    opens its file)."""
+    weight = matmul_weight(checkpoint, hf_names)
+    k = weight.shape[0]
+    bits = BITS.get(options.quant)
+    if bits and fits_blocks(k, options.block_size):
+        return LinearWeight(blocks=quantize_weight(weight, bits, options.block_size, options.symmetric))
+    why = f"K={k} is not a multiple of the block size {options.block_size}" if bits else ""
+    return LinearWeight(matrix=weight.astype(options.dtype, copy=False), why_float=why)
+
+
+def matmul_weight(checkpoint: Checkpoint, hf_names: tuple[str, ...]) -> np.ndarray:
+    """The weights read one at a time and written transposed side by side: C-contiguous (K, N) float32,
+    as the quantizer reads it."""
+    shapes = [checkpoint.shape(name) for name in hf_names]
+    out = np.empty((shapes[0][1], sum(rows for rows, _ in shapes)), np.float32)
+    start = 0
+    for name, (rows, _) in zip(hf_names, shapes):
+        checkpoint.read_transposed(name, out[:, start:start + rows])
+        start += rows
+    return out
 
 
 def weight_names(shape: ModelShape) -> list[str]:
@@ -511,9 +545,14 @@ def build_decoder(src: Path, shape: ModelShape, options: BuildOptions, target: P
     checkpoint = Checkpoint(src)
     weights = WeightFile(target.with_name(target.name + DATA_SUFFIX))
     try:
-        builder = DecoderBuilder(checkpoint, shape, options, weights, kv_scales)
-        builder.decoder(on_layer)
-        model = builder.model()
+        linear_weights = WeightPipeline(linear_order(shape), lambda names: prepare_linear(checkpoint, names, options),
+                                        options.threads)
+        try:
+            builder = DecoderBuilder(checkpoint, shape, options, weights, linear_weights, kv_scales)
+            builder.decoder(on_layer)
+            model = builder.model()
+        finally:
+            linear_weights.close()
     finally:
         weights.close()
         checkpoint.close()

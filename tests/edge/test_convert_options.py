@@ -65,3 +65,9 @@ def test_the_manifest_says_what_the_cache_was_calibrated_on(tmp_path):
     text.write_text("first passage\n\nsecond passage\nstill the second\n\n\nthird\n")
     described = ConvertOptions(kv_cache="int8", calibration_text=text).kv_cache_description()["calibration"]
     assert described["text"] == str(text) and described["passages"] == 3 and len(described["sha256"]) == 64
+
+
+@pytest.mark.parametrize("threads", [0, -2])
+def test_fewer_than_one_thread_is_refused(threads):
+    with pytest.raises(ConvertError, match=rf"--threads {threads}: at least 1"):
+        ConvertOptions(threads=threads).check()

@@ -62,10 +62,36 @@ def test_layers_the_blocks_do_not_divide_stay_float_and_are_reported(tmp_path, b
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 300), (256, 256), (513, 257), (1000, 64)])
-def test_the_tiled_transpose_is_the_transpose(shape):
-    from dsnode.edge.graph_builder import transpose_into
+@pytest.mark.parametrize("stored", ["F32", "BF16"])
+def test_the_tiled_transpose_is_the_transpose(shape, stored):
+    from dsnode.edge.checkpoint import transpose_into
 
     source = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    out = np.full(shape[::-1], np.nan, np.float32)
-    transpose_into(source, out)
+    if stored == "BF16":  # the top halves: bf16 bits, widened tile by tile
+        bits = (source.view(np.uint32) >> 16).astype(np.uint16)
+        source = (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = np.full((shape[1] + 3, shape[0]), np.nan, np.float32)
+    out = wide[1:shape[1] + 1]  # into a slice of a larger array, as the builder does
+    transpose_into(bits if stored == "BF16" else source, out, bf16=stored == "BF16")
     assert np.array_equal(out, source.T)
+    assert np.isnan(wide[0]).all() and np.isnan(wide[shape[1] + 1:]).all()
+
+
+def test_tensors_read_in_another_float_type_equal_the_float32_ones(bf16_shards):
+    checkpoint = Checkpoint(bf16_shards)
+    name = "model.embed_tokens.weight"
+    widened = checkpoint.float32(name)
+    for dtype in (np.float16, np.float32):
+        np.testing.assert_array_equal(checkpoint.read_as(name, np.dtype(dtype)), widened.astype(dtype))
+    out = np.empty(widened.shape[::-1], np.float32)
+    checkpoint.read_transposed(name, out)
+    np.testing.assert_array_equal(out, widened.T)
+
+
+def test_the_output_does_not_depend_on_the_thread_count(tmp_path, bf16_shards):
+    from dsnode.edge.convert import ConvertOptions, convert_model
+
+    folders = [convert_model(bf16_shards, tmp_path / f"threads-{n}", options=ConvertOptions(threads=n),
+                             validate=False).path for n in (1, 3)]
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes()
