@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -29,70 +28,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
-    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
-    "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 3, "torch_dtype": "bfloat16",
-    "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28, "attention_dropout": 0.0,
-    "initializer_range": 0.02, "use_cache": True,
-}
-SHARD_BYTES = 4 * 10**9
+sys.path.insert(0, str(ROOT / "benchmarks"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
-def tensor_shapes() -> list[tuple[str, tuple[int, ...]]]:
-    h, i, v, layers = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"], CONFIG["num_hidden_layers"]
-    d = h // CONFIG["num_attention_heads"]
-    kv = CONFIG["num_key_value_heads"] * d
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
-    for n in range(layers):
-        p = f"model.layers.{n}"
-        shapes += [(f"{p}.input_layernorm.weight", (h,)), (f"{p}.post_attention_layernorm.weight", (h,)),
-                   (f"{p}.self_attn.q_proj.weight", (h, h)), (f"{p}.self_attn.q_proj.bias", (h,)),
-                   (f"{p}.self_attn.k_proj.weight", (kv, h)), (f"{p}.self_attn.k_proj.bias", (kv,)),
-                   (f"{p}.self_attn.v_proj.weight", (kv, h)), (f"{p}.self_attn.v_proj.bias", (kv,)),
-                   (f"{p}.self_attn.o_proj.weight", (h, h)), (f"{p}.mlp.gate_proj.weight", (i, h)),
-                   (f"{p}.mlp.up_proj.weight", (i, h)), (f"{p}.mlp.down_proj.weight", (h, i))]
-    return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-
-
 def write_checkpoint(folder: Path) -> None:
-    """Random bf16 weights (norms 1, the rest N(0, 0.02)), one ~4 GB shard in memory at a time."""
-    import torch
-    from safetensors.torch import save_file
+    """The 7B-shaped random checkpoint (benchmarks/random_qwen2.py) with the bundled tokenizer."""
+    from random_qwen2 import QWEN2_7B
+    from random_qwen2 import write_checkpoint as write_weights
 
     from tests.support.models import bundled_models
 
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size, index = 0, {}
-    names = tensor_shapes()
-    for name, shape in names:
-        tensor = torch.ones(shape, dtype=torch.bfloat16) if "norm" in name else \
-            (torch.randn(shape, dtype=torch.float32) * 0.02).to(torch.bfloat16)
-        if size + tensor.numel() * 2 > SHARD_BYTES and shards[-1]:
-            _save(folder, shards, len(shards), index, save_file)
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += tensor.numel() * 2
-    _save(folder, shards, len(shards), index, save_file)
-    total = sum(2 * math.prod(shape) for _, shape in names)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": index}, indent=1))
-    (folder / "config.json").write_text(json.dumps(CONFIG, indent=1))
+    write_weights(folder, QWEN2_7B)
     for name in TOKENIZER_FILES:  # the bundled tokenizer: its ids are a subset of the model's vocabulary
         shutil.copy(bundled_models().dense / name, folder / name)
-
-
-def _save(folder: Path, shards: list, count: int, index: dict, save_file) -> None:
-    name = f"model-{count:05d}.safetensors"
-    save_file(shards[-1], str(folder / name), metadata={"format": "pt"})
-    index.update({tensor: name for tensor in shards[-1]})
-    print(f"wrote {name} ({sum(t.numel() * 2 for t in shards[-1].values()) / 1e9:.2f} GB)", flush=True)
-    shards[-1] = {}
 
 
 def convert(src: Path, dst: Path, quant: str, min_agreement: float) -> dict:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
 TOKENIZER_VOCAB = 512  # the bundled byte-level BPE
 EDGE_BATCHES = (1, 8, 32)
-# 8 of the 7B's 28 layers (with its whole embedding and head): on the H200 host (16 cores) building,
-# saving and converting all 28 did not finish in the 350 s the section had (2026-11-30); --edge-layers 28
-# for the whole model where a run has ~10 minutes for this section alone
+# 8 of the 7B's 28 layers (with its whole embedding and head): on the H200 host (16 cores) building the
+# model with transformers, saving and converting all 28 did not finish in the 350 s the section had
+# (2026-11-30; the checkpoint is now written without transformers, and the conversion is faster: not yet
+# timed there); --edge-layers 28 for the whole model
 EDGE_LAYERS_FULL = 8
 DENSE_SIZES: dict[str, dict[str, Any]] = {
     # R1-Distill-Qwen-7B's layer shapes and vocabulary (the layer count comes from --edge-layers)
@@ -41,8 +45,8 @@ async def section(args: argparse.Namespace, work: Path, helpers: Any) -> dict[st
     from dsnode.config import BatchingSection, ModelSection
     from dsnode.edge.onnx_engine import OnnxEngine
 
-    dst, convert_s, layers = convert_edge_model(args, work, helpers.save_tokenizer)
-    result: dict[str, Any] = {"layers": layers, "convert_s": round(convert_s, 1),
+    dst, write_s, convert_s, layers = convert_edge_model(args, work, helpers.save_tokenizer)
+    result: dict[str, Any] = {"layers": layers, "write_checkpoint_s": round(write_s, 1), "convert_s": round(convert_s, 1),
                               "strict_session": strict_cuda_session(dst / "model.onnx", args.device)}
     engine = OnnxEngine(ModelSection(name="gpu-check-edge", path=dst, backend="onnx", device=args.device),
                         BatchingSection(max_running=max(EDGE_BATCHES)))
@@ -58,26 +62,24 @@ async def section(args: argparse.Namespace, work: Path, helpers: Any) -> dict[st
 
 
 def convert_edge_model(args: argparse.Namespace, work: Path,
-                       save_tokenizer_files: Callable[[Path, int], None]) -> tuple[Path, float, int]:
-    """A random 7B-shaped Qwen2 (bf16 shards, like the published checkpoint) → int8 for the target."""
-    import torch
+                       save_tokenizer_files: Callable[[Path, int], None]) -> tuple[Path, float, float, int]:
+    """A random 7B-shaped Qwen2 (bf16 shards, like the published checkpoint) → int8 for the target:
+    (folder, seconds to write the checkpoint, seconds to convert it, layers)."""
     from dsnode.edge.convert import ConvertOptions, convert_model
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from random_qwen2 import QWEN2_7B, write_checkpoint
 
     layers = args.edge_layers or (EDGE_LAYERS_FULL if args.size == "full" else 2)
     src, dst = work / "edge-src", work / "edge-int8"
-    torch.manual_seed(0)
-    config = Qwen2Config(num_hidden_layers=layers, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
-                         pad_token_id=3, **DENSE_SIZES[args.size])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(str(src), max_shard_size="4GB")
-    del model
-    save_tokenizer_files(src, config.max_position_embeddings)
+    config = {**QWEN2_7B, **DENSE_SIZES[args.size], "num_hidden_layers": layers, "max_window_layers": layers}
+    started = time.monotonic()
+    write_checkpoint(src, config, device=args.device)  # drawn on the GPU there: seconds, not minutes
+    save_tokenizer_files(src, config["max_position_embeddings"])
+    written = time.monotonic() - started
     target = "cuda" if args.device == "cuda" else "cpu"
     started = time.monotonic()
     # random weights: validation would only measure near-ties, and costs minutes of CPU torch at 7B
     convert_model(src, dst, options=ConvertOptions(quant="int8", target=target), validate=False)
-    return dst, time.monotonic() - started, layers
+    return dst, written, time.monotonic() - started, layers
 
 
 def strict_cuda_session(path: Path, device: str) -> dict[str, Any]:
