@@ -71,3 +71,15 @@ def test_the_manifest_says_what_the_cache_was_calibrated_on(tmp_path):
 def test_fewer_than_one_thread_is_refused(threads):
     with pytest.raises(ConvertError, match=rf"--threads {threads}: at least 1"):
         ConvertOptions(threads=threads).check()
+
+
+def test_the_command_line_takes_threads_and_refuses_zero_before_reading(dense_dir, tmp_path):
+    from tests.edge.conftest import convert_cli
+
+    refused = convert_cli(str(dense_dir), str(tmp_path / "zero"), "--threads", "0", "--quiet")
+    assert refused.code == 1
+    assert "dsnode convert: error: --threads 0: at least 1" in refused.stderr
+    assert not (tmp_path / "zero").exists()
+    done = convert_cli(str(dense_dir), str(tmp_path / "two"), "--threads", "2", "--quiet")
+    assert done.code == 0, done.stderr
+    assert (tmp_path / "two" / "model.onnx").is_file()
