@@ -95,3 +95,26 @@ def test_the_output_does_not_depend_on_the_thread_count(tmp_path, bf16_shards):
                              validate=False).path for n in (1, 3)]
     for name in ("model.onnx", "model.onnx.data"):
         assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes()
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_a_weight_in_a_type_the_builder_cannot_read_stops_the_convert_naming_it(tmp_path, bf16_shards, threads):
+    """Read on a preparing thread or not, the error reaches the command line and no DST is left."""
+    import threading
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.edge.conftest import convert_cli
+
+    src = tmp_path / "src"
+    shutil.copytree(bf16_shards, src)
+    name = "model.layers.1.mlp.gate_proj.weight"
+    shard = next(p for p in src.glob("*.safetensors") if name in load_file(p))
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    run = convert_cli(str(src), str(tmp_path / "out"), "--threads", threads, "--quiet")
+    assert run.code == 1
+    assert f"{name} is I8; only F32, F16 and BF16 weights are read" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, no staging folder
+    assert not [t for t in threading.enumerate() if t.name.startswith("dsnode-convert")]
