@@ -217,7 +217,8 @@ def _scaled_mm_blocks(x: torch.Tensor, bits: torch.Tensor, scale_inv: torch.Tens
     tokens, padded_k = x.shape[0], bits.shape[1]
     # K to whole blocks; T (the rows) to a multiple of 16, so the outer-dim-major activation scales are
     # 16-byte aligned like the weights' (K padded to 4). Unpadded, cuBLAS refused one token's product on
-    # an H200 (CUBLAS_STATUS_NOT_SUPPORTED); padded is not yet run on a GPU: `fp8_kernel_problem` checks.
+    # an H200 (CUBLAS_STATUS_NOT_SUPPORTED); vLLM pads M to 4 for this recipe (vllm-project/vllm#49932),
+    # an older cuBLASLt FP8 check wanted 16. Padded is not yet run on a GPU: `fp8_kernel_problem` checks.
     rows = math.ceil(tokens / ROW_ALIGN) * ROW_ALIGN
     if x.shape[1] < padded_k or rows != tokens:
         x = F.pad(x, (0, padded_k - x.shape[1], 0, rows - tokens))
