@@ -1,0 +1,76 @@
+"""ModelShape: what the GQA builder reads from config.json; its rotary tables against transformers'."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from dsnode.edge.manifest import read_manifest
+from dsnode.edge.model_shape import NotBuildable, model_shape
+
+from tests.edge.conftest import convert_cli
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}  # head_dim 16: kept, interpolated and divided frequencies
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def tiny_llama(rope_scaling: dict | None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       rope_scaling=rope_scaling, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2,
+                       pad_token_id=3)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3],
+                         ids=["default", "linear", "llama3"])
+def test_the_rotary_tables_are_transformers_own(rope_scaling):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = tiny_llama(rope_scaling)
+    shape = model_shape(config.to_dict())
+    cos, sin = shape.rotary_caches()  # (512, 8)
+    positions = torch.arange(512)[None]
+    want_cos, want_sin = LlamaRotaryEmbedding(config)(torch.zeros(1, 512, 16), positions)  # (1, 512, 16)
+    np.testing.assert_allclose(cos, want_cos[0, :, :8].numpy(), atol=2e-5)
+    np.testing.assert_allclose(sin, want_sin[0, :, :8].numpy(), atol=2e-5)
+    if rope_scaling:  # the scaling changed something: not the unscaled tables
+        default_cos, _ = model_shape(tiny_llama(None).to_dict()).rotary_caches()
+        assert not np.allclose(cos, default_cos, atol=1e-3)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"'llama3' without low_freq_factor, "
+                                                                 r"high_freq_factor, original_max_position_embeddings"),
+    ({"partial_rotary_factor": 0.5}, r"partial rotary"),
+])
+def test_ropes_the_builder_does_not_compute_take_the_export_path_saying_why(change, message):
+    config = {**tiny_llama(None).to_dict(), **change}
+    config.pop("rope_parameters", None)
+    with pytest.raises(NotBuildable, match=message):
+        model_shape(config)
+
+
+def test_a_llama3_rope_model_is_built_for_cuda_and_cpu_and_matches_its_source(tmp_path, dense_dir):
+    """R1-Distill-Llama's rope: built by the GQA builder (so --target cuda converts), validated on the CPU."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    LlamaForCausalLM(tiny_llama(LLAMA3)).save_pretrained(src)
+    for name in TOKENIZER_FILES:
+        shutil.copy(dense_dir / name, src / name)
+    run = convert_cli(str(src), str(tmp_path / "float"), "--quant", "none", "--quiet")
+    assert run.code == 0, run.stderr
+    assert read_manifest(tmp_path / "float").graph == "gqa"
+    report = json.loads((tmp_path / "float" / "validation.json").read_text())
+    assert report["agreement"] == 1.0 and report["max_abs_logit_error"] < 1e-3
+    run = convert_cli(str(src), str(tmp_path / "cuda"), "--target", "cuda", "--min-agreement", "0", "--quiet")
+    assert run.code == 0, run.stderr
+    assert read_manifest(tmp_path / "cuda").target == "cuda"
