@@ -2,8 +2,8 @@
 
 Most of a conversion is work on one weight that does not depend on the graph: reading it from the
 checkpoint, widening bf16 to float32, transposing it into the (in, out) layout and quantizing it into
-blocks. numpy's copies and onnxruntime's quantizer release the GIL, so a few threads do that work side
-by side while the builder writes the weights it already has. The builder takes the weights in the
+blocks. numpy's copies release the GIL (and onnxruntime's quantizer already runs on every core), so a
+few threads do that work side by side while the builder writes the weights it already has. The builder takes the weights in the
 order it writes them (`take` checks it); at most `threads` of them are being prepared or waiting, so
 memory grows by about one prepared weight per thread (docs/edge.md, "A 7B conversion"). With one
 thread each weight is prepared when the builder takes it, in the builder's thread.
