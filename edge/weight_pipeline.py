@@ -22,8 +22,9 @@ from typing import Generic, TypeVar
 
 Key = TypeVar("Key", bound=Hashable)
 Prepared = TypeVar("Prepared")
-# More threads than this gain little: onnxruntime's quantizer already uses every core for its part, and
-# each thread holds one more weight in memory (a 7B's LM head takes ~5 GB while it is prepared).
+# A cap, not a measured optimum (this project's machines have 2 cores): onnxruntime's quantizer already
+# uses every core for its part, and each thread holds one more weight in memory (a 7B's LM head takes
+# ~3 GB while it is prepared: its bf16 bits, its float32 transpose and its blocks).
 MAX_AUTO_THREADS = 4
 
 
