@@ -15,6 +15,8 @@ from tests.edge.conftest import convert_cli
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}  # head_dim 16: kept, interpolated and divided frequencies
+# Qwen2.5's long-context form (factor 4 over the original context), scaled down: original 64 of 512
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
@@ -27,8 +29,12 @@ def tiny_llama(rope_scaling: dict | None):
                        pad_token_id=3)
 
 
-@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3],
-                         ids=["default", "linear", "llama3"])
+@pytest.mark.parametrize("rope_scaling", [
+    None, {"rope_type": "linear", "factor": 4.0}, LLAMA3, YARN,
+    {**YARN, "beta_fast": 16, "beta_slow": 2, "attention_factor": 1.3},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+     "mscale_all_dim": 1.0},  # DeepSeek-V3's form: the attention factor from mscale / mscale_all_dim
+], ids=["default", "linear", "llama3", "yarn", "yarn-explicit", "yarn-mscale"])
 def test_the_rotary_tables_are_transformers_own(rope_scaling):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -45,9 +51,8 @@ def test_the_rotary_tables_are_transformers_own(rope_scaling):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type 'yarn'"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"'llama3' without low_freq_factor, "
-                                                                 r"high_freq_factor, original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, r"rope_type 'dynamic'"),  # depends on the length
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"'llama3' without low_freq_factor, high_freq_factor"),
     ({"partial_rotary_factor": 0.5}, r"partial rotary"),
 ])
 def test_ropes_the_builder_does_not_compute_take_the_export_path_saying_why(change, message):
@@ -57,13 +62,15 @@ def test_ropes_the_builder_does_not_compute_take_the_export_path_saying_why(chan
         model_shape(config)
 
 
-def test_a_llama3_rope_model_is_built_for_cuda_and_cpu_and_matches_its_source(tmp_path, dense_dir):
-    """R1-Distill-Llama's rope: built by the GQA builder (so --target cuda converts), validated on the CPU."""
+@pytest.mark.parametrize("rope_scaling", [LLAMA3, YARN], ids=["llama3", "yarn"])
+def test_a_scaled_rope_model_is_built_for_cuda_and_cpu_and_matches_its_source(tmp_path, dense_dir, rope_scaling):
+    """R1-Distill-Llama's rope (llama3) and Qwen2.5's long-context one (yarn): built by the GQA builder
+    (so --target cuda converts), validated on the CPU against torch."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     src = tmp_path / "src"
-    LlamaForCausalLM(tiny_llama(LLAMA3)).save_pretrained(src)
+    LlamaForCausalLM(tiny_llama(rope_scaling)).save_pretrained(src)
     for name in TOKENIZER_FILES:
         shutil.copy(dense_dir / name, src / name)
     run = convert_cli(str(src), str(tmp_path / "float"), "--quant", "none", "--quiet")
