@@ -232,6 +232,8 @@ class DecoderBuilder:
         if s.qkv_bias:
             bias = np.concatenate([self.float_weight(f"{prefix}.{p}_proj.bias") for p in ("q", "k", "v")])
         qkv = self.linear(x, qkv_names(layer), f"layers.{layer}.qkv_proj", bias)  # (B, S, (H + 2 Hkv) d)
+        if s.qk_norm:
+            qkv = self.qk_normed(qkv, layer)
         if self.kv_scales is not None:
             attn = self.int8_cache_attention(qkv, layer, cos, sin)
         elif step is None:
@@ -245,6 +247,26 @@ class DecoderBuilder:
                                      then_branch=batched, else_branch=grouped)
         self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]  # the graph's outputs
         return self.linear(attn, (f"{prefix}.o_proj.weight",), f"layers.{layer}.o_proj")
+
+    def qk_normed(self, qkv: str, layer: int) -> str:
+        """Qwen3: each query and key head RMS-normalised over its head_dim (its own weights) before the
+        rotary embedding, which every attention path applies to the packed q/k/v: so the heads are
+        normalised here and packed again."""
+        s, c, name = self.shape, self.constant, f"layers.{layer}.qk_norm"
+        widths = c(f"{name}.widths", np.array([s.heads * s.head_dim, s.kv_heads * s.head_dim,
+                                               s.kv_heads * s.head_dim], np.int64))
+        q, k, v = self.node("Split", [qkv, widths], f"{name}/split", outputs=3, axis=-1)
+        normed = []
+        for part, heads in (("q", s.heads), ("k", s.kv_heads)):
+            x = q if part == "q" else k
+            (x,) = self.node("Reshape", [x, c(f"{name}.{part}_heads", np.array([0, 0, heads, s.head_dim], np.int64))],
+                             f"{name}/{part}_heads")
+            x = self.rms_norm(x, f"model.layers.{layer}.self_attn.{part}_norm.weight", f"{name}/{part}")
+            (x,) = self.node("Reshape", [x, c(f"{name}.{part}_flat", np.array([0, 0, heads * s.head_dim], np.int64))],
+                             f"{name}/{part}_flat")
+            normed.append(x)
+        (packed,) = self.node("Concat", [*normed, v], f"{name}/packed", axis=-1)
+        return packed
 
     def subgraph(self, name: str, build: Callable[[], tuple[str, ...]]) -> onnx.GraphProto:
         """A branch of an `If`: the nodes `build` adds, with the names it returns as the outputs (it reads
@@ -535,6 +557,8 @@ def weight_names(shape: ModelShape) -> list[str]:
                   *(f"{prefix}.mlp.{p}_proj.weight" for p in ("gate", "up", "down"))]
         if shape.qkv_bias:
             names += [f"{prefix}.self_attn.{p}_proj.bias" for p in ("q", "k", "v")]
+        if shape.qk_norm:
+            names += [f"{prefix}.self_attn.{p}_norm.weight" for p in ("q", "k")]
     return names
 
 

@@ -1,8 +1,9 @@
 """The decoder shape the GQA graph builder needs, read from config.json (no torch).
 
-Only the dense Llama family is built directly (llama, qwen2, mistral: RMSNorm, rotary positions,
-grouped-query attention, SiLU-gated MLP). Anything else (MoE, MLA, per-head q/k norms, rope scalings the
-builder does not compute) raises `NotBuildable`, and `dsnode convert` takes the traced-export path.
+Only the dense Llama family is built directly (llama, qwen2, mistral, qwen3: RMSNorm, rotary
+positions, grouped-query attention, SiLU-gated MLP; qwen3's per-head q/k norms). Anything else (MoE,
+MLA, sliding windows, rope scalings the builder does not compute) raises `NotBuildable`, and `dsnode
+convert` takes the traced-export path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-BUILDABLE = ("llama", "qwen2", "mistral")
+BUILDABLE = ("llama", "qwen2", "mistral", "qwen3")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 
@@ -92,6 +93,7 @@ class ModelShape:
     max_positions: int
     tied_embeddings: bool
     qkv_bias: bool
+    qk_norm: bool = False  # qwen3: each q and k head RMS-normalised before the rotary embedding
 
     @property
     def qkv_width(self) -> int:
@@ -114,6 +116,8 @@ def model_shape(hf_config: dict[str, Any]) -> ModelShape:
         raise NotBuildable(f"hidden_act {hf_config.get('hidden_act')!r} (the GQA builder builds SiLU MLPs)")
     if model_type == "mistral" and hf_config.get("sliding_window"):
         raise NotBuildable("sliding-window attention")
+    if hf_config.get("use_sliding_window") or "sliding_attention" in (hf_config.get("layer_types") or ()):
+        raise NotBuildable("sliding-window attention (use_sliding_window)")
     heads = int(hf_config["num_attention_heads"])
     hidden = int(hf_config["hidden_size"])
     return ModelShape(
@@ -130,6 +134,7 @@ def model_shape(hf_config: dict[str, Any]) -> ModelShape:
         max_positions=int(hf_config.get("max_position_embeddings") or 2048),
         tied_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(hf_config.get("attention_bias", False)),
+        qk_norm=model_type == "qwen3",
     )
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from dsnode.edge.manifest import read_manifest
 from dsnode.edge.model_shape import NotBuildable, model_shape
+from dsnode.edge.op_coverage import check_file
 
 from tests.edge.conftest import convert_cli
 
@@ -81,3 +82,47 @@ def test_a_scaled_rope_model_is_built_for_cuda_and_cpu_and_matches_its_source(tm
     run = convert_cli(str(src), str(tmp_path / "cuda"), "--target", "cuda", "--min-agreement", "0", "--quiet")
     assert run.code == 0, run.stderr
     assert read_manifest(tmp_path / "cuda").target == "cuda"
+
+
+def tiny_qwen3(**changes):
+    from transformers import Qwen3Config
+
+    # head_dim 32 with hidden 64 / 4 heads: q/k/v wider than the hidden size, as in Qwen3-0.6B
+    return Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=3, **changes)
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_a_qwen3_model_with_per_head_qk_norms_is_built_and_matches_its_source(tmp_path, dense_dir, target):
+    """DeepSeek-R1-0528-Qwen3-8B's architecture: q and k heads RMS-normalised before the rotary embedding.
+    Float on the CPU matches torch to rounding; int8 converts for either target and validates."""
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3())
+    with torch.no_grad():  # trained norms are not all ones: make the q/k norms matter
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    for name in TOKENIZER_FILES:
+        shutil.copy(dense_dir / name, src / name)
+    assert model_shape(json.loads((src / "config.json").read_text())).qk_norm
+    if target == "cpu":
+        run = convert_cli(str(src), str(tmp_path / "float"), "--quant", "none", "--quiet")
+        assert run.code == 0, run.stderr
+        assert read_manifest(tmp_path / "float").graph == "gqa"
+        report = json.loads((tmp_path / "float" / "validation.json").read_text())
+        assert report["agreement"] == 1.0 and report["max_abs_logit_error"] < 1e-3
+    run = convert_cli(str(src), str(tmp_path / "int8"), "--target", target, "--quiet")
+    assert run.code == 0, run.stderr
+    assert read_manifest(tmp_path / "int8").target == target
+    if target == "cuda":  # the norms' Reshape/Split/Concat have CUDA kernels: nothing falls back to the CPU
+        assert check_file(tmp_path / "int8" / "model.onnx") == []
+
+
+def test_qwen_sliding_windows_take_the_export_path():
+    with pytest.raises(NotBuildable, match="sliding-window"):
+        model_shape(tiny_qwen3(use_sliding_window=True, sliding_window=128).to_dict())
