@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,13 @@ from dsnode.config import BatchingSection, ModelSection
 from dsnode.inference.engine import Delta, Engine, GenerationRequest, SamplingParams
 
 BATCHING = BatchingSection(max_batch_tokens=4096)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer(dense_dir: Path, folder: Path) -> None:
+    """The bundled model's tokenizer files into a test checkpoint (its 512 ids fit any vocabulary >= 512)."""
+    for name in TOKENIZER_FILES:
+        shutil.copy(dense_dir / name, folder / name)
 
 
 def convert_quietly(src: Path, dst: Path, quant: str) -> Any:

@@ -12,12 +12,11 @@ from dsnode.edge import convert as convert_module
 from dsnode.edge.manifest import FORMAT, FORMAT_VERSION, folder_checksum, read_manifest, verify_files
 from dsnode.inference.tokenizer import TextTokenizer
 
-from tests.edge.conftest import convert_cli
+from tests.edge.conftest import TOKENIZER_FILES, convert_cli, copy_tokenizer
 
 onnx = pytest.importorskip("onnx")  # the `convert` extra: the fast tier's venv has none of it
 ort = pytest.importorskip("onnxruntime")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def no_trace_of(dst: Path) -> bool:
@@ -28,8 +27,7 @@ def no_trace_of(dst: Path) -> bool:
 def hf_folder(path: Path, config: dict, dense_dir: Path, weights: bytes | None = None) -> Path:
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config))
-    for name in TOKENIZER_FILES:
-        shutil.copy(dense_dir / name, path / name)
+    copy_tokenizer(dense_dir, path)
     if weights is not None:
         (path / "model.safetensors").write_bytes(weights)
     return path
@@ -198,8 +196,7 @@ def test_sliding_window_models_are_refused(tmp_path, dense_dir):
                            num_attention_heads=2, num_key_value_heads=1, sliding_window=64)
     src = tmp_path / "mistral"
     MistralForCausalLM(config).save_pretrained(src)
-    for name in TOKENIZER_FILES:
-        shutil.copy(dense_dir / name, src / name)
+    copy_tokenizer(dense_dir, src)
     run = convert_cli(str(src), str(tmp_path / "out"), "--quiet")
     assert run.code == 1 and "sliding-window attention" in run.stderr
     assert no_trace_of(tmp_path / "out")

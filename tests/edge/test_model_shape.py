@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,13 +11,12 @@ from dsnode.edge.manifest import read_manifest
 from dsnode.edge.model_shape import NotBuildable, model_shape
 from dsnode.edge.op_coverage import check_file
 
-from tests.edge.conftest import convert_cli
+from tests.edge.conftest import convert_cli, copy_tokenizer
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}  # head_dim 16: kept, interpolated and divided frequencies
 # Qwen2.5's long-context form (factor 4 over the original context), scaled down: original 64 of 512
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 def tiny_llama(rope_scaling: dict | None):
@@ -72,8 +70,7 @@ def test_a_scaled_rope_model_is_built_for_cuda_and_cpu_and_matches_its_source(tm
     torch.manual_seed(0)
     src = tmp_path / "src"
     LlamaForCausalLM(tiny_llama(rope_scaling)).save_pretrained(src)
-    for name in TOKENIZER_FILES:
-        shutil.copy(dense_dir / name, src / name)
+    copy_tokenizer(dense_dir, src)
     run = convert_cli(str(src), str(tmp_path / "float"), "--quant", "none", "--quiet")
     assert run.code == 0, run.stderr
     assert read_manifest(tmp_path / "float").graph == "gqa"
@@ -107,8 +104,7 @@ def test_a_qwen3_model_with_per_head_qk_norms_is_built_and_matches_its_source(tm
             layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     src = tmp_path / "src"
     model.save_pretrained(src)
-    for name in TOKENIZER_FILES:
-        shutil.copy(dense_dir / name, src / name)
+    copy_tokenizer(dense_dir, src)
     assert model_shape(json.loads((src / "config.json").read_text())).qk_norm
     if target == "cpu":
         run = convert_cli(str(src), str(tmp_path / "float"), "--quant", "none", "--quiet")

@@ -14,9 +14,7 @@ import torch
 from dsnode.edge.checkpoint import Checkpoint
 from dsnode.edge.manifest import read_manifest
 
-from tests.edge.conftest import convert_quietly
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+from tests.edge.conftest import convert_quietly, copy_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +28,7 @@ def bf16_shards(tmp_path_factory, dense_dir) -> Path:
                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=3)
     folder = tmp_path_factory.mktemp("bf16") / "src"
     Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="300KB")
-    for name in TOKENIZER_FILES:
-        shutil.copy(dense_dir / name, folder / name)
+    copy_tokenizer(dense_dir, folder)
     return folder
 
 
