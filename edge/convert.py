@@ -293,7 +293,8 @@ def _build(src: Path, out: Path, shape: ModelShape, options: ConvertOptions, pro
     with progress.stage("export", total=shape.layers) as stage:
         report = build_decoder(src, shape, build, out / ONNX_FILE, on_layer=lambda layer: stage.advance(),
                                kv_scales=kv_scales)
-        stage.note = f"GQA graph{', decode attention by MatMul' if build.decode_by_matmul else ''}, {_mb(_bytes(out))}"
+        stage.note = (f"GQA graph{', decode attention by MatMul' if build.decode_by_matmul else ''}, "
+                      f"{_mb(_bytes(out))}, weights prepared on {build.threads} thread{'s' if build.threads > 1 else ''}")
     if options.quant == "none":
         progress.skip("quantize", "--quant none")
     else:

@@ -80,6 +80,7 @@ def test_the_command_line_takes_threads_and_refuses_zero_before_reading(dense_di
     assert refused.code == 1
     assert "dsnode convert: error: --threads 0: at least 1" in refused.stderr
     assert not (tmp_path / "zero").exists()
-    done = convert_cli(str(dense_dir), str(tmp_path / "two"), "--threads", "2", "--quiet")
+    done = convert_cli(str(dense_dir), str(tmp_path / "two"), "--threads", "2")
     assert done.code == 0, done.stderr
+    assert "weights prepared on 2 threads" in done.stderr  # the export stage's progress line says so
     assert (tmp_path / "two" / "model.onnx").is_file()
