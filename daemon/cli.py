@@ -139,7 +139,11 @@ def _register_store_commands(models: argparse._SubParsersAction) -> None:  # typ
     p.add_argument("--revision", help="branch, tag or commit (hub sources; default: main, or master on ModelScope)")
     p.add_argument("--name", help="the store name (default: the repo's or folder's name, lower case)")
     p.add_argument("--label", help="a name of your own for this version (NAME@LABEL resolves to it)")
-    p.add_argument("--convert", choices=("int8",), help="then run dsnode convert into NAME-int8 (edge hosts)")
+    p.add_argument("--convert", choices=("int8", "int4"),
+                   help="then run dsnode convert into NAME-int8 (NAME-int8-cuda for --target cuda; edge hosts)")
+    p.add_argument("--target", choices=("auto", "cpu", "cuda"), default=None,
+                   help="--convert: the ONNX Runtime provider it is for (default auto: cuda where onnxruntime "
+                   "has its CUDA provider and an NVIDIA GPU is present, else cpu)")
     p.add_argument("--keep-current", action="store_true", help="don't make the new version the current one")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     common(p)
@@ -175,7 +179,7 @@ def _models_pull(args: argparse.Namespace) -> int:
                 modelscope_token=os.environ.get("MODELSCOPE_API_TOKEN") or None)
     store, _ = _store_and_node(args)
     pull_args = PullArgs(args.source, args.name, args.revision, args.label, args.convert, args.keep_current,
-                         args.quiet)
+                         args.quiet, args.target)
     return pull(store, pull_args, hubs, Path.cwd())
 
 

@@ -62,6 +62,7 @@ class PullArgs:
     convert: str | None
     keep_current: bool
     quiet: bool
+    target: str | None = None  # --convert's target: auto (None) | cpu | cuda
 
 
 def pull(store: ModelStore, args: PullArgs, hubs: Hubs, cwd: Path) -> int:
@@ -83,14 +84,17 @@ def pull(store: ModelStore, args: PullArgs, hubs: Hubs, cwd: Path) -> int:
 
 
 def _pull(store: ModelStore, args: PullArgs, hubs: Hubs, cwd: Path, say: Any) -> StoredVersion:
-    from .models_convert import check_converter_installed, convert_into_store
+    from .models_convert import check_converter_installed, convert_into_store, convert_target
 
     source = parse_source(args.source, cwd)
     name = args.name or source.default_name
     if parse_ref(name) is None or "@" in name:
         raise StoreError(f"--name {name!r}: letters, digits and . _ - only (at most 128)")
+    if args.target and not args.convert:
+        raise StoreError(f"--target {args.target} applies to --convert (the checkpoint itself is pulled as it is)")
     if args.convert:
         check_converter_installed()
+        target = convert_target(args.target or "auto", say)
     options = PullOptions(name, args.label, not args.keep_current, not args.quiet)
     if source.kind in ("folder", "archive"):
         from ..store.local import pull_local
@@ -102,7 +106,7 @@ def _pull(store: ModelStore, args: PullArgs, hubs: Hubs, cwd: Path, say: Any) ->
         stored = pull_remote(store, _listing(source.kind, source.location, args.revision, hubs), options, say)
     if args.convert:
         say(f"pulled {stored.ref}")
-        stored = convert_into_store(store, stored, args.convert, options, say)
+        stored = convert_into_store(store, stored, args.convert, target, options, say)
     return stored
 
 
