@@ -140,7 +140,8 @@ def _register_store_commands(models: argparse._SubParsersAction) -> None:  # typ
     p.add_argument("--name", help="the store name (default: the repo's or folder's name, lower case)")
     p.add_argument("--label", help="a name of your own for this version (NAME@LABEL resolves to it)")
     p.add_argument("--convert", choices=("int8", "int4"),
-                   help="then run dsnode convert into NAME-int8 (NAME-int8-cuda for --target cuda; edge hosts)")
+                   help="then run dsnode convert into NAME-int8 or NAME-int4 (with -cuda after it for --target "
+                   "cuda; edge hosts)")
     p.add_argument("--target", choices=("auto", "cpu", "cuda"), default=None,
                    help="--convert: the ONNX Runtime provider it is for (default auto: cuda where onnxruntime "
                    "has its CUDA provider and an NVIDIA GPU is present, else cpu)")
