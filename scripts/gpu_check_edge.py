@@ -45,8 +45,8 @@ async def section(args: argparse.Namespace, work: Path, helpers: Any) -> dict[st
     from dsnode.config import BatchingSection, ModelSection
     from dsnode.edge.onnx_engine import OnnxEngine
 
-    dst, write_s, convert_s, layers = convert_edge_model(args, work, helpers.save_tokenizer)
-    result: dict[str, Any] = {"layers": layers, "write_checkpoint_s": round(write_s, 1), "convert_s": round(convert_s, 1),
+    dst, facts = convert_edge_model(args, work, helpers.save_tokenizer)
+    result: dict[str, Any] = {**facts,
                               "strict_session": strict_cuda_session(dst / "model.onnx", args.device)}
     engine = OnnxEngine(ModelSection(name="gpu-check-edge", path=dst, backend="onnx", device=args.device),
                         BatchingSection(max_running=max(EDGE_BATCHES)))
@@ -62,10 +62,15 @@ async def section(args: argparse.Namespace, work: Path, helpers: Any) -> dict[st
 
 
 def convert_edge_model(args: argparse.Namespace, work: Path,
-                       save_tokenizer_files: Callable[[Path, int], None]) -> tuple[Path, float, float, int]:
-    """A random 7B-shaped Qwen2 (bf16 shards, like the published checkpoint) → int8 for the target:
-    (folder, seconds to write the checkpoint, seconds to convert it, layers)."""
+                       save_tokenizer_files: Callable[[Path, int], None]) -> tuple[Path, dict[str, Any]]:
+    """A random 7B-shaped Qwen2 (bf16 shards, like the published checkpoint) → int8 for the target, and
+    what it took. Converted twice where the host has the cores: with one thread and with the default
+    (`--threads`: one per core, up to 4), which must write the same bytes."""
+    import shutil
+
     from dsnode.edge.convert import ConvertOptions, convert_model
+    from dsnode.edge.manifest import sha256_file
+    from dsnode.edge.weight_pipeline import auto_threads
     from random_qwen2 import QWEN2_7B, write_checkpoint
 
     layers = args.edge_layers or (EDGE_LAYERS_FULL if args.size == "full" else 2)
@@ -74,12 +79,26 @@ def convert_edge_model(args: argparse.Namespace, work: Path,
     started = time.monotonic()
     write_checkpoint(src, config, device=args.device)  # drawn on the GPU there: seconds, not minutes
     save_tokenizer_files(src, config["max_position_embeddings"])
-    written = time.monotonic() - started
+    facts: dict[str, Any] = {"layers": layers, "write_checkpoint_s": round(time.monotonic() - started, 1)}
     target = "cuda" if args.device == "cuda" else "cpu"
-    started = time.monotonic()
-    # random weights: validation would only measure near-ties, and costs minutes of CPU torch at 7B
-    convert_model(src, dst, options=ConvertOptions(quant="int8", target=target), validate=False)
-    return dst, written, time.monotonic() - started, layers
+
+    def convert(folder: Path, threads: int) -> float:
+        started = time.monotonic()
+        # random weights: validation would only measure near-ties, and costs minutes of CPU torch at 7B
+        convert_model(src, folder, options=ConvertOptions(quant="int8", target=target, threads=threads),
+                      validate=False)
+        return round(time.monotonic() - started, 1)
+
+    threads = auto_threads()
+    if threads > 1:
+        one = work / "edge-int8-1-thread"
+        facts["convert_1_thread_s"] = convert(one, 1)
+    facts.update(convert_s=convert(dst, threads), convert_threads=threads)
+    if threads > 1:
+        facts["same_bytes_as_1_thread"] = all(sha256_file(one / name) == sha256_file(dst / name)
+                                              for name in ("model.onnx", "model.onnx.data"))
+        shutil.rmtree(one)
+    return dst, facts
 
 
 def strict_cuda_session(path: Path, device: str) -> dict[str, Any]:
