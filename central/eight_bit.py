@@ -154,10 +154,10 @@ def dequantize_fp8(bits: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_compute_available(device: torch.device) -> bool:
-    """The device computes in FP8 with DeepSeek's block scales: compute capability 8.9+ and the kernel
-    passing `fp8_kernel_problem`'s check (cuBLAS offers this recipe on Hopper only)."""
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
-            and fp8_kernel_problem(device) is None)
+    """The device computes in FP8 with DeepSeek's block scales: `fp8_kernel_problem` (a CUDA GPU of
+    compute capability 8.9+ whose kernel passes its check, run once per device) finds nothing. Called
+    on every FP8 linear's forward: after the first call it is a dictionary lookup."""
+    return fp8_kernel_problem(device) is None
 
 
 _KERNEL_CHECKED: dict[str, str | None] = {}
