@@ -222,7 +222,7 @@ class DecoderBuilder:
         table = self.ckpt.read_as("model.embed_tokens.weight", stored)  # (V, H)
         (x,) = self.node("Gather", [self.stored("embed.weight", table), ids], "embed")
         del table
-        if np.dtype(stored) != self.options.dtype:
+        if stored != self.options.dtype:
             (x,) = self.node("Cast", [x], "embed/cast", to=_ONNX_TYPE[self.options.dtype])
         return x
 
@@ -246,7 +246,7 @@ class DecoderBuilder:
             (attn, _, _) = self.node("If", [step.batched_decode], f"layers.{layer}.attn", outputs=3,
                                      then_branch=batched, else_branch=grouped)
         self.nodes[-1].output[1:] = [f"present.{layer}.key", f"present.{layer}.value"]  # the graph's outputs
-        return self.linear(attn, (f"{prefix}.o_proj.weight",), f"layers.{layer}.o_proj")
+        return self.linear(attn, o_names(layer), f"layers.{layer}.o_proj")
 
     def qk_normed(self, qkv: str, layer: int) -> str:
         """Qwen3: each query and key head RMS-normalised over its head_dim (its own weights) before the
@@ -257,8 +257,7 @@ class DecoderBuilder:
                                                s.kv_heads * s.head_dim], np.int64))
         q, k, v = self.node("Split", [qkv, widths], f"{name}/split", outputs=3, axis=-1)
         normed = []
-        for part, heads in (("q", s.heads), ("k", s.kv_heads)):
-            x = q if part == "q" else k
+        for part, x, heads in (("q", q, s.heads), ("k", k, s.kv_heads)):
             (x,) = self.node("Reshape", [x, c(f"{name}.{part}_heads", np.array([0, 0, heads, s.head_dim], np.int64))],
                              f"{name}/{part}_heads")
             x = self.rms_norm(x, f"model.layers.{layer}.self_attn.{part}_norm.weight", f"{name}/{part}")
@@ -438,14 +437,14 @@ class DecoderBuilder:
     def mlp(self, x: str, layer: int) -> str:
         """down(silu(gate(x)) * up(x)), with gate and up as one matmul: one pass over x (and, on the CPU,
         one int8 quantization of it) instead of two; its (B, S, 2I) output is split in halves."""
-        prefix, width = f"model.layers.{layer}.mlp", self.shape.intermediate
+        width = self.shape.intermediate
         both = self.linear(x, gate_up_names(layer), f"layers.{layer}.gate_up_proj")  # (B, S, 2I)
         halves = self.constant(f"layers.{layer}.gate_up_split", np.array([width, width], dtype=np.int64))
         gate, up = self.node("Split", [both, halves], f"layers.{layer}.gate_up_split", outputs=2, axis=-1)
         (sig,) = self.node("Sigmoid", [gate], f"layers.{layer}.silu/sigmoid")
         (silu,) = self.node("Mul", [gate, sig], f"layers.{layer}.silu")
         (gated,) = self.node("Mul", [silu, up], f"layers.{layer}.gated")
-        return self.linear(gated, (f"{prefix}.down_proj.weight",), f"layers.{layer}.down_proj")
+        return self.linear(gated, down_names(layer), f"layers.{layer}.down_proj")
 
     def lm_head(self, residual: str) -> str:
         """The last position of each row → final norm → logits (B, V) float32."""
@@ -501,8 +500,16 @@ def qkv_names(layer: int) -> tuple[str, ...]:
     return tuple(f"model.layers.{layer}.self_attn.{p}_proj.weight" for p in ("q", "k", "v"))
 
 
+def o_names(layer: int) -> tuple[str, ...]:
+    return (f"model.layers.{layer}.self_attn.o_proj.weight",)
+
+
 def gate_up_names(layer: int) -> tuple[str, ...]:
     return tuple(f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("gate", "up"))
+
+
+def down_names(layer: int) -> tuple[str, ...]:
+    return (f"model.layers.{layer}.mlp.down_proj.weight",)
 
 
 def head_names(shape: ModelShape) -> tuple[str, ...]:
@@ -512,12 +519,8 @@ def head_names(shape: ModelShape) -> tuple[str, ...]:
 def linear_order(shape: ModelShape) -> list[tuple[str, ...]]:
     """The linear weights in the order the builder writes them: per layer q/k/v, o, gate/up, down; the
     LM head last."""
-    order: list[tuple[str, ...]] = []
-    for layer in range(shape.layers):
-        prefix = f"model.layers.{layer}"
-        order += [qkv_names(layer), (f"{prefix}.self_attn.o_proj.weight",), gate_up_names(layer),
-                  (f"{prefix}.mlp.down_proj.weight",)]
-    return order + [head_names(shape)]
+    per_layer = (qkv_names, o_names, gate_up_names, down_names)
+    return [names(layer) for layer in range(shape.layers) for names in per_layer] + [head_names(shape)]
 
 
 def prepare_linear(checkpoint: Checkpoint, hf_names: tuple[str, ...], options: BuildOptions) -> LinearWeight:
