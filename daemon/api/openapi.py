@@ -1,7 +1,7 @@
 """`GET /openapi.json`: the HTTP API as an OpenAPI 3.1 document.
 
 The request bodies are the pydantic models of `dsnode.api.schemas` (`model_json_schema`), plus the
-rules their validators add (at most 16 non-empty stop strings, an empty `logit_bias`, one prompt...),
+rules their validators add (at most 16 non-empty stop strings, `logit_bias` keyed by token ids, one prompt...),
 so that what the document allows is what the server accepts; `tests/e2e/test_fuzz.py` holds the
 server to it. Every error is OpenAI's shape; the bearer scheme is listed when the node has API keys.
 """
@@ -13,7 +13,14 @@ import json
 from typing import Any
 
 from .. import __version__, headers
-from .schemas import MAX_STOP_SEQUENCES, ChatCompletionRequest, CompletionRequest, null_means_default
+from .schemas import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_STOP_SEQUENCES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    null_means_default,
+)
 
 OPENAPI_VERSION = "3.1.0"
 _REF = "#/components/schemas/{model}"
@@ -60,6 +67,7 @@ def request_schemas() -> dict[str, Any]:
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
     _add_chat_rules(components)
+    _add_completion_rules(components)
     for model in (ChatCompletionRequest, CompletionRequest):
         props = components[model.__name__]["properties"]
         _add_validator_rules(props)
@@ -82,14 +90,25 @@ def _or_null(prop: dict[str, Any]) -> dict[str, Any]:
 
 
 def _add_chat_rules(components: dict[str, Any]) -> None:
-    """The chat validators that look at more than one field: `json_schema` needs its schema, and
-    `tool_choice` (other than "none") needs tools."""
+    """The chat validators that look at more than one field: `json_schema` needs its schema,
+    `tool_choice` (other than "none") needs tools, and `top_logprobs` over 0 needs `logprobs: true`."""
     components["ResponseFormat"]["if"] = {"properties": {"type": {"const": "json_schema"}}}
     components["ResponseFormat"]["then"] = {"required": ["json_schema"], "properties": {"json_schema": {
         "type": "object", "required": ["schema"], "properties": {"schema": {"type": "object"}}}}}
     chat = components["ChatCompletionRequest"]
-    chat["if"] = {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}}
-    chat["then"] = {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}
+    chat["allOf"] = [
+        {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
+         "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}},
+        {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+         "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
+    ]
+
+
+def _add_completion_rules(components: dict[str, Any]) -> None:
+    """A text completion's `logprobs` cannot go with `echo` (no log-probabilities for the prompt)."""
+    components["CompletionRequest"]["not"] = {
+        "required": ["echo", "logprobs"],
+        "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}}
 
 
 def _add_validator_rules(props: dict[str, Any]) -> None:
@@ -97,10 +116,10 @@ def _add_validator_rules(props: dict[str, Any]) -> None:
     text = {"type": "string", "minLength": 1}
     props["stop"]["anyOf"] = [text, {"type": "array", "items": text, "maxItems": MAX_STOP_SEQUENCES},
                               {"type": "null"}]
-    props["logit_bias"]["anyOf"] = [{"type": "object", "maxProperties": 0}, {"type": "null"}]
-    for name in ("presence_penalty", "frequency_penalty"):  # Literal[0, 0.0]: one value in JSON
-        props[name].pop("enum", None)
-        props[name]["const"] = 0
+    props["logit_bias"]["anyOf"] = [
+        {"type": "object", "maxProperties": MAX_LOGIT_BIAS, "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+         "additionalProperties": {"type": "number", "minimum": -LOGIT_BIAS_RANGE, "maximum": LOGIT_BIAS_RANGE}},
+        {"type": "null"}]
     if "prompt" in props:
         prompt = props["prompt"]
         prompt.pop("minLength", None)
@@ -115,6 +134,20 @@ _TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "propert
     "id": {"type": "string"}, "type": {"const": "function"},
     "function": {"type": "object", "required": ["name", "arguments"],
                  "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+
+
+_NUMBER = {"type": "number"}
+_TOKEN_LOGPROB = {"type": "object", "required": ["token", "logprob", "bytes"], "properties": {
+    "token": {"type": "string"}, "logprob": _NUMBER, "bytes": {"type": "array", "items": {"type": "integer"}}}}
+_CHAT_LOGPROBS = {"type": "object", "required": ["content"], "properties": {"content": {"type": "array", "items": {
+    **_TOKEN_LOGPROB, "required": ["token", "logprob", "bytes", "top_logprobs"],
+    "properties": {**_TOKEN_LOGPROB["properties"], "top_logprobs": {"type": "array", "items": _TOKEN_LOGPROB}}}}}}
+_COMPLETION_LOGPROBS = {"type": "object", "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+                        "properties": {"tokens": {"type": "array", "items": {"type": "string"}},
+                                       "token_logprobs": {"type": "array", "items": _NUMBER},
+                                       "top_logprobs": {"type": "array", "items": {
+                                           "type": "object", "additionalProperties": _NUMBER}},
+                                       "text_offset": {"type": "array", "items": {"type": "integer"}}}}
 
 
 def _response_schemas() -> dict[str, Any]:
@@ -143,6 +176,7 @@ def _response_schemas() -> dict[str, Any]:
                 "choices": {"type": "array", "items": {
                     "type": "object", "required": ["index", "message", "finish_reason"],
                     "properties": {"index": {"type": "integer"}, "finish_reason": finish,
+                                   "logprobs": {"anyOf": [_CHAT_LOGPROBS, {"type": "null"}]},
                                    "message": {"type": "object", "required": ["role", "content"],
                                                "properties": {"role": {"const": "assistant"},
                                                               "content": {"type": ["string", "null"]},
@@ -159,7 +193,8 @@ def _response_schemas() -> dict[str, Any]:
                 "model": _STRING, "usage": {"$ref": "#/components/schemas/Usage"},
                 "choices": {"type": "array", "items": {
                     "type": "object", "required": ["index", "text", "finish_reason"],
-                    "properties": {"index": {"type": "integer"}, "text": _STRING, "finish_reason": finish},
+                    "properties": {"index": {"type": "integer"}, "text": _STRING, "finish_reason": finish,
+                                   "logprobs": {"anyOf": [_COMPLETION_LOGPROBS, {"type": "null"}]}},
                 }},
             },
         },

@@ -38,18 +38,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def full_response(shape: Shape, text: str, finish_reason: str | None, use: dict[str, int],
-                  message: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`message`: a chat answer's message when it is more than its text (reasoning, tool calls)."""
+                  message: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`message`: a chat answer's message when it is more than its text (reasoning, tool calls);
+    `logprobs`: in the endpoint's shape (`dsnode.api.logprobs`), when the request asked for them."""
     if shape.chat:
         choice: dict[str, Any] = {
             "index": 0,
             "message": message or {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
         }
         kind = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         kind = "text_completion"
     return {
         "id": shape.response_id,

@@ -1,7 +1,7 @@
 """OpenAI request bodies, validated with pydantic. A bad value is refused with 400 naming the parameter.
 
 Fields dsnode does not implement are accepted only at their neutral value (e.g. `n = 1`,
-`presence_penalty = 0`); anything else is refused rather than silently ignored. Unknown fields are
+`best_of = 1`); anything else is refused rather than silently ignored. Unknown fields are
 ignored, as vLLM and Ollama do, so newer SDKs keep working. An explicit `null` for a field with a
 default means the default (OpenAI's parameters are nullable: `"temperature": null` is temperature 1).
 """
@@ -25,6 +25,10 @@ from pydantic import (
 from .errors import APIError, bad_request
 
 MAX_STOP_SEQUENCES = 16
+MAX_LOGPROBS = 20  # alternatives per token: OpenAI's top_logprobs limit, vLLM's default max_logprobs
+MAX_LOGIT_BIAS = 300  # token ids in one logit_bias
+LOGIT_BIAS_RANGE = 100.0
+PENALTY_RANGE = 2.0
 
 
 class _Body(BaseModel):
@@ -159,8 +163,9 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    presence_penalty: Literal[0, 0.0] = 0
-    frequency_penalty: Literal[0, 0.0] = 0
+    presence_penalty: Annotated[float, Field(ge=-PENALTY_RANGE, le=PENALTY_RANGE)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-PENALTY_RANGE, le=PENALTY_RANGE)] = 0.0
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10)] = 1.0  # vLLM's extension
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
@@ -173,7 +178,7 @@ class _Sampling(_Body):
             return {k: v for k, v in data.items() if v is not None or k not in defaulted}
         return data
 
-    @field_validator("n", "presence_penalty", "frequency_penalty", mode="before")
+    @field_validator("n", "presence_penalty", "frequency_penalty", "repetition_penalty", mode="before")
     @classmethod
     def _number_not_bool(cls, value: Any) -> Any:
         return _no_bool(value)
@@ -190,10 +195,20 @@ class _Sampling(_Body):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> None:
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return None
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if not value:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} token ids")
+        for token, bias in value.items():
+            if not (token.isascii() and token.isdigit() and len(token) <= 9):
+                raise ValueError(f"its keys are token ids (digits), not {token!r}")
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"the bias of token {token} is {bias}, outside -100..100")
+        return value
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(token), float(bias)) for token, bias in (self.logit_bias or {}).items()))
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -208,8 +223,8 @@ class _Sampling(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Literal[False] = False
-    top_logprobs: Literal[0] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[ToolSpecIn] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -239,21 +254,42 @@ class ChatCompletionRequest(_Sampling):
     def _top_logprobs_not_bool(cls, value: Any) -> Any:
         return _no_bool(value)
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token, when log-probabilities were asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] = Field(min_length=1)
     echo: bool = False
-    logprobs: None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: Literal[1] | None = None
     suffix: None = None
 
-    @field_validator("best_of", mode="before")
+    @field_validator("best_of", "logprobs", mode="before")
     @classmethod
     def _best_of_not_bool(cls, value: Any) -> Any:
         return _no_bool(value)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_prompt_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError("logprobs with echo (the prompt's log-probabilities) are not supported")
+        return value
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -324,10 +360,6 @@ _UNION_TAGS = {"str", "int", "list[str]", "list[int]", "list[TextPart]", "none",
 _UNSUPPORTED_HINT = {
     "n": "only n=1 is supported",
     "best_of": "only best_of=1 is supported",
-    "presence_penalty": "presence_penalty is not supported (use 0)",
-    "frequency_penalty": "frequency_penalty is not supported (use 0)",
-    "logprobs": "logprobs are not supported",
-    "top_logprobs": "logprobs are not supported",
     "suffix": "suffix (insertion) is not supported",
 }
 

@@ -33,12 +33,13 @@ from .engine import (
     Health,
     ModelInfo,
     QueueFull,
+    TokenLogprob,
 )
 from .grammar import GrammarError, GuideError, start_guide
 from .runner import Loaded, ModelRunner, RunnerDied
-from .sampling import new_generator, sample_token
+from .sampling import TokenCounts, new_generator, process_logits, sample_token, token_logprob
 from .scheduler import RequestTooLarge, Scheduler, StepPlan, WaitingQueueFull
-from .sequences import LiveSequence, Throughput, send_all
+from .sequences import LiveSequence, Sampled, Throughput, send_all
 from .tokenizer import TextTokenizer
 
 log = structlog.get_logger("dsnode.inference.engine")
@@ -235,11 +236,11 @@ class BatchingEngine(Engine):
                 self._fail_sequences(runner, (seq_id,), _model_failed(exc))
             self._finish_step(runner, plan, sampled)
 
-    def _execute(self, runner: ModelRunner, plan: StepPlan) -> tuple[dict[str, int], dict[str, Exception]]:
+    def _execute(self, runner: ModelRunner, plan: StepPlan) -> tuple[dict[str, Sampled], dict[str, Exception]]:
         """Run one step: the sampled token of each sequence that got one, and the prefills that
         raised. Prefills run one sequence at a time, so one that raises (a prompt the model cannot
         take) fails only its own request; the batched decode raises for the whole step."""
-        sampled: dict[str, int] = {}
+        sampled: dict[str, Sampled] = {}
         failed: dict[str, Exception] = {}
         for feed in plan.prefill:
             live = self._live.get(feed.seq_id)
@@ -265,12 +266,16 @@ class BatchingEngine(Engine):
                 self._sample(live, logits[row], sampled, failed)
         return sampled, failed
 
-    def _sample(self, live: LiveSequence, logits: np.ndarray, sampled: dict[str, int],
+    def _sample(self, live: LiveSequence, logits: np.ndarray, sampled: dict[str, Sampled],
                 failed: dict[str, Exception]) -> None:
-        """One token for `live` from its logits (V,), masked by its constraint if it has one. A
-        constraint that fails is its own request's failure."""
-        params = live.request.params
+        """One token for `live` from its logits (V,): the request's processors, then its constraint's
+        mask if it has one. A constraint that fails is its own request's failure."""
+        params, raw = live.request.params, logits
         try:
+            if params.processes_logits:
+                if live.counts is None:
+                    live.counts = TokenCounts(logits.shape[0], live.request.prompt_ids)
+                logits = process_logits(logits, params, live.counts)
             if live.request.constraint is not None:
                 if live.guide is None:
                     live.guide = start_guide(self._require_loaded().tokenizer, live.request.constraint,
@@ -280,18 +285,20 @@ class BatchingEngine(Engine):
             log.warning("engine_constraint_failed", seq_id=live.seq_id, error=str(exc))
             failed[live.seq_id] = exc
             return
-        sampled[live.seq_id] = sample_token(logits, params, live.rng)
+        token = sample_token(logits, params, live.rng)
+        logprob = None if params.logprobs is None else token_logprob(raw, token, params.logprobs)
+        sampled[live.seq_id] = Sampled(token, logprob)
 
-    def _finish_step(self, runner: ModelRunner, plan: StepPlan, sampled: dict[str, int]) -> None:
+    def _finish_step(self, runner: ModelRunner, plan: StepPlan, sampled: dict[str, Sampled]) -> None:
         outgoing: list[tuple[LiveSequence, Delta]] = []
         ended: set[str] = set()
         broken: dict[str, Exception] = {}
-        for seq_id, token in sampled.items():
+        for seq_id, (token, logprob) in sampled.items():
             live = self._live.get(seq_id)
             if live is None:
                 continue
             try:
-                delta = self._advance(live, token)
+                delta = self._advance(live, token, logprob)
             except GuideError as exc:  # the mask should make this impossible: fail the request, not the node
                 log.error("engine_constraint_broken", seq_id=seq_id, error=str(exc))
                 broken[seq_id] = exc
@@ -310,10 +317,12 @@ class BatchingEngine(Engine):
         for seq_id, exc in broken.items():
             self._fail_sequences(runner, (seq_id,), _model_failed(exc))
 
-    def _advance(self, live: LiveSequence, token: int) -> Delta:
+    def _advance(self, live: LiveSequence, token: int, logprob: TokenLogprob | None = None) -> Delta:
         params = live.request.params
         live.tokens.append(token)
         live.completion_tokens += 1
+        if live.counts is not None:
+            live.counts.add(token)
         reason: FinishReason | None = None
         if token in self._require_loaded().tokenizer.eos_token_ids and not params.ignore_eos:
             text, reason = live.detok.flush(), "stop"
@@ -328,7 +337,8 @@ class BatchingEngine(Engine):
         queued_s = None
         if live.completion_tokens == 1 and live.scheduled_at is not None:
             queued_s = live.scheduled_at - live.queued_at
-        return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason, queued_s)
+        return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason, queued_s,
+                     () if logprob is None else (logprob,))
 
     def _fail_sequences(self, runner: ModelRunner, ids: Iterable[str], error: EngineError) -> None:
         """End these sequences with `error`: out of the scheduler, their KV cache released."""

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .tokenizer import TextTokenizer
 
 FinishReason = Literal["stop", "length", "abort"]
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,26 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    # Logits processors, applied before temperature (OpenAI and vLLM semantics): presence and frequency
+    # penalties count the tokens generated so far, the repetition penalty (vLLM's, as transformers')
+    # the prompt's and the generated ones, logit_bias adds to the named token ids.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Log-probabilities of the model's own distribution (before the processors, the temperature and a
+    # constraint's mask, as vLLM's default), for the sampled token and this many alternatives; None: none.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Temperatures under 1e-5 are greedy too (vLLM's rule): logits divided by 1e-320 are infinite."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
+
+    @property
+    def processes_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens at its step (best first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
     """One streamed step of a generation: new text (possibly empty) and, on the last one, why it ended."""
 
@@ -53,6 +79,7 @@ class Delta:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     queued_s: float | None = None  # first delta only: seconds from admission until the batch took it
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .detokenizer import Detokenizer
-from .engine import Delta, GenerationRequest
+from .engine import Delta, GenerationRequest, TokenLogprob
 from .grammar import TokenGuide
+from .sampling import TokenCounts
 
 THROUGHPUT_WINDOW_S = 10.0
 
@@ -27,11 +29,19 @@ class LiveSequence:
     tokens: list[int] = field(default_factory=list)
     completion_tokens: int = 0
     guide: TokenGuide | None = None  # the request's constraint, compiled on its first step
+    counts: TokenCounts | None = None  # for the penalties, from the first step of a request that has one
     queued_at: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None  # first step that fed it: the end of its queue time
 
     def send(self, item: Delta | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class Sampled(NamedTuple):
+    """A step's token for one sequence, with its log-probabilities when the request asked."""
+
+    token: int
+    logprob: TokenLogprob | None
 
 
 def send_all(outgoing: list[tuple[LiveSequence, Delta]]) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,11 +85,47 @@ class TextTokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
 
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token as the logprobs of OpenAI's API show it: its text and its bytes. A byte-level
+        token that is part of a UTF-8 character has the replacement character as text (as vLLM), its
+        own bytes as bytes; a special token is its name."""
+        name = self.tokenizer.id_to_token(token_id)
+        if name is None:
+            return "", b""
+        if self._byte_level and token_id not in self._special_ids:
+            raw = bytes(_UNICODE_TO_BYTE[c] for c in name if c in _UNICODE_TO_BYTE)
+            if len(raw) == len(name):
+                return raw.decode("utf-8", errors="replace"), raw
+        text = name if token_id in self._special_ids else self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text, text.encode("utf-8")
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        return type(self.tokenizer.decoder).__name__ == "ByteLevel"
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, added in self.tokenizer.get_added_tokens_decoder().items() if added.special)
+
     def single_token_id(self, text: str) -> int | None:
         """The id of `text` when the vocabulary has it as one token (a format marker such as
         `</think>` usually is), else None."""
         ids = self.encode(text, add_special_tokens=False)
         return ids[0] if len(ids) == 1 else None
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the printable bytes as themselves, the others shifted past 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {char: byte for byte, char in _bytes_to_unicode().items()}
 
 
 def render_template(

@@ -196,9 +196,38 @@ def test_a_tool_whose_parameters_are_not_a_schema_is_400_naming_it(routes):
     assert info.value.body["param"] == "tools[1].function.parameters" and "`broken`" in info.value.body["message"]
 
 
+# --- logprobs, logit_bias, penalties -----------------------------------------------------------------
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_logprobs_logit_bias_and_penalties_through_the_sdk(routes, route_name):
+    route = routes[route_name]
+    client, messages = sdk(route), [{"role": "user", "content": "Four score and"}]
+    answer = client.chat.completions.create(model=route.model, messages=messages, max_tokens=12, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    entries = answer.choices[0].logprobs.content
+    assert len(entries) == answer.usage.completion_tokens == 12
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == answer.choices[0].message.content
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 3 for e in entries)
+    assert all(e.top_logprobs[0].token == e.token for e in entries)  # greedy: the likeliest, by the same logits
+    stream = client.chat.completions.create(model=route.model, messages=messages, max_tokens=12, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+
+    text = client.completions.create(model=route.model, prompt="Four score and", max_tokens=6, temperature=0,
+                                     logprobs=2)
+    assert "".join(text.choices[0].logprobs.tokens) == text.choices[0].text
+
+    tokenizer = tokenizer_of(route)
+    first = next(i for i in range(tokenizer.vocab_size) if tokenizer.token_piece(i)[0] == entries[0].token)
+    banned = client.chat.completions.create(model=route.model, messages=messages, max_tokens=3, temperature=0,
+                                            logit_bias={str(first): -100}, presence_penalty=1.5,
+                                            frequency_penalty=0.5, logprobs=True)
+    assert banned.choices[0].logprobs.content[0].token != entries[0].token
+
+
 # --- what stays unsupported, and the models endpoint ----------------------------------------------------
 @pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"n": 2}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages[0].content"),
 ])
@@ -284,3 +313,11 @@ def test_langchain_gets_the_answer_without_the_reasoning(routes, route_name):
     reply = chat_model(routes[route_name]).invoke(THINK_PROMPT)
     assert reply.content.startswith("\n\nseven year") and "<think>" not in reply.content
     assert "Lincoln" not in json.dumps(reply.additional_kwargs)
+
+
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_langchain_logprobs(routes, route_name):
+    reply = chat_model(routes[route_name]).bind(logprobs=True, top_logprobs=2, max_tokens=8).invoke("Four score and")
+    entries = reply.response_metadata["logprobs"]["content"]
+    assert len(entries) == reply.response_metadata["token_usage"]["completion_tokens"]
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode() == reply.content

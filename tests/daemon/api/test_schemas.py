@@ -39,8 +39,13 @@ def test_image_parts_are_refused():
 @pytest.mark.parametrize("field, value, param", [
     ("temperature", -0.1, "temperature"), ("temperature", 2.1, "temperature"), ("top_p", 1.5, "top_p"),
     ("top_k", -2, "top_k"), ("max_tokens", 0, "max_tokens"), ("seed", "x", "seed"), ("stop", [""], "stop"),
-    ("stream", "yes", "stream"), ("n", 2, "n"), ("frequency_penalty", 1, "frequency_penalty"),
-    ("logit_bias", {"1": 5}, "logit_bias"), ("logprobs", True, "logprobs"), ("tool_choice", "auto", "tool_choice"),
+    ("stream", "yes", "stream"), ("n", 2, "n"), ("frequency_penalty", 2.5, "frequency_penalty"),
+    ("presence_penalty", -2.01, "presence_penalty"), ("repetition_penalty", 0, "repetition_penalty"),
+    ("repetition_penalty", 5e-324, "repetition_penalty"), ("repetition_penalty", 10.5, "repetition_penalty"),
+    ("logit_bias", {"x": 5}, "logit_bias"), ("logit_bias", {"-1": 5}, "logit_bias"),
+    ("logit_bias", {"1": 100.5}, "logit_bias"), ("logit_bias", {str(i): 1 for i in range(301)}, "logit_bias"),
+    ("top_logprobs", 21, "top_logprobs"), ("top_logprobs", 2, "top_logprobs"),  # the latter without logprobs
+    ("tool_choice", "auto", "tool_choice"),
     # Literal[1] / Literal[False] compare by equality in Python; JSON keeps true and 1 apart, and so do we
     ("n", True, "n"), ("presence_penalty", False, "presence_penalty"), ("logprobs", 0, "logprobs"),
 ])
@@ -69,6 +74,27 @@ def test_completion_prompt_forms():
     assert refused(CompletionRequest, {"model": "m", "prompt": "x", "best_of": 2}).param == "best_of"
     assert refused(CompletionRequest, {"model": "m", "prompt": "x", "best_of": True}).param == "best_of"
     assert refused(CompletionRequest, {"model": "m", "prompt": "x", "frequency_penalty": False}).param == "frequency_penalty"
+    assert refused(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 21}).param == "logprobs"
+    assert refused(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": True}).param == "logprobs"
+    echoed = refused(CompletionRequest, {"model": "m", "prompt": "x", "echo": True, "logprobs": 1})
+    assert echoed.param == "logprobs" and "echo" in echoed.message
+
+
+def test_sampling_processors_and_logprobs_reach_the_engine():
+    body = parse_body(ChatCompletionRequest, {**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1,
+                                              "repetition_penalty": 1.2, "logit_bias": {"7": -100, "3": 2.5},
+                                              "logprobs": True, "top_logprobs": 3})
+    params = sampling_params(body, 10, 100, LimitsSection(), vocab_size=8)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert params.logit_bias == ((3, 2.5), (7, -100.0)) and params.logprobs == 3
+    assert sampling_params(parse_body(ChatCompletionRequest, {**CHAT, "logprobs": True}), 10, 100,
+                           LimitsSection()).logprobs == 0
+    assert sampling_params(parse_body(ChatCompletionRequest, CHAT), 10, 100, LimitsSection()).logprobs is None
+    completion = parse_body(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 0})
+    assert sampling_params(completion, 1, 100, LimitsSection()).logprobs == 0
+    with pytest.raises(APIError) as info:  # an id past the serving model's vocabulary
+        sampling_params(body, 10, 100, LimitsSection(), vocab_size=7)
+    assert info.value.param == "logit_bias" and "7" in info.value.message
 
 
 def test_sampling_defaults_and_caps():

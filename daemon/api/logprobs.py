@@ -1,0 +1,69 @@
+"""Log-probabilities in OpenAI's two shapes, from the engine's `TokenLogprob`s.
+
+Chat (`logprobs: true`, `top_logprobs: N`): `{"content": [{"token", "logprob", "bytes", "top_logprobs":
+[{"token", "logprob", "bytes"}]}], "refusal": null}`. Text completions (`logprobs: N`): `{"tokens",
+"token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`, the offsets counted in
+characters of the answer's text (after an echoed prompt, which has none of its own).
+
+Every generated token has an entry, the end-of-sequence token included (as vLLM), and in a chat answer
+the tokens of `reasoning_content` and of tool calls too: they are all in `content`, in order.
+A stream gives each chunk the entries of the tokens whose text it carries; tokens whose text is held
+back (a possible stop string, half a UTF-8 character) go with the next chunk that is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..inference.engine import TokenLogprob
+from ..inference.tokenizer import TextTokenizer
+
+
+def chat_logprobs(tokenizer: TextTokenizer, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    return {"content": [_chat_entry(tokenizer, e) for e in entries], "refusal": None}
+
+
+def _chat_entry(tokenizer: TextTokenizer, entry: TokenLogprob) -> dict[str, Any]:
+    out = _chat_token(tokenizer, entry.token_id, entry.logprob)
+    out["top_logprobs"] = [_chat_token(tokenizer, token, logprob) for token, logprob in entry.top]
+    return out
+
+
+def _chat_token(tokenizer: TextTokenizer, token: int, logprob: float) -> dict[str, Any]:
+    text, raw = tokenizer.token_piece(token)
+    return {"token": text, "logprob": _finite(logprob), "bytes": list(raw)}
+
+
+class CompletionLogprobs:
+    """The text-completion shape, with `text_offset` running on across the chunks of a stream."""
+
+    def __init__(self, tokenizer: TextTokenizer, offset: int = 0) -> None:
+        self._tokenizer, self._offset = tokenizer, offset
+
+    def block(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+        tokens, offsets = [], []
+        for entry in entries:
+            text = self._tokenizer.token_piece(entry.token_id)[0]
+            tokens.append(text)
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [self._top(e) for e in entries],
+            "text_offset": offsets,
+        }
+
+    def _top(self, entry: TokenLogprob) -> dict[str, float]:
+        # a dict keyed by text: two ids with the same text (rare: a special token named like text)
+        # keep the likelier, which comes first
+        out: dict[str, float] = {}
+        for token, logprob in entry.top:
+            out.setdefault(self._tokenizer.token_piece(token)[0], _finite(logprob))
+        return out
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -Infinity: a token of probability 0 (float32 underflow) gets the lowest finite value,
+    as vLLM clamps it."""
+    return max(logprob, -9999.0)

@@ -1,0 +1,189 @@
+"""logprobs, logit_bias and the penalties through the OpenAI endpoints, on the real transformers engine
+and the bundled dense model, compared with the model run directly (transformers): the log-probabilities
+of the tokens served, and greedy answers under each processor."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator, Callable
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from dsnode.node import Node
+
+from tests.daemon.api.conftest import MODEL, make_node
+from tests.daemon.api.test_completions import sse_events
+
+PROMPT = "It was the best"
+UNFAMILIAR = "The cat"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def node(tmp_path_factory, dense_dir) -> AsyncIterator[Node]:
+    node = await make_node(tmp_path_factory.mktemp("node"), dense_dir)
+    yield node
+    await node.engine.close()
+
+
+@pytest.fixture(scope="module")
+def model(dense_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(dense_dir)).eval()
+
+
+def log_softmax_rows(model, prompt: list[int], generated: list[int]) -> np.ndarray:
+    """(len(generated), V): the model's log-probabilities at each generated position, teacher-forced."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1].double()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def greedy_with(model, prompt: list[int], steps: int, process: Callable[[np.ndarray, list[int]], np.ndarray],
+                eos: frozenset[int]) -> list[int]:
+    """Greedy decoding with `process(logits, output_so_far)` applied at every step."""
+    import torch
+
+    out: list[int] = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out])).logits[0, -1].double().numpy()
+        token = int(np.argmax(process(logits, out)))
+        out.append(token)
+        if token in eos:
+            break
+    return out
+
+
+def ids_of(tokenizer, texts: list[str]) -> list[int]:
+    """Token ids from the token texts an answer's logprobs show (the API gives no ids, as OpenAI's)."""
+    by_text: dict[str, list[int]] = {}
+    for token in range(tokenizer.vocab_size):
+        by_text.setdefault(tokenizer.token_piece(token)[0], []).append(token)
+    assert all(len(by_text[t]) == 1 for t in texts), "a token text that two ids share"
+    return [by_text[t][0] for t in texts]
+
+
+async def completion(client, **extra: Any) -> dict[str, Any]:
+    response = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 12,
+                                                          "temperature": 0} | extra)
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+# --- logprobs -----------------------------------------------------------------------------------------
+async def test_completion_logprobs_are_the_models_log_softmax(client, node, model):
+    tokenizer = node.engine.tokenizer
+    answer = (await completion(client, logprobs=3))["choices"][0]
+    block = answer["logprobs"]
+    prompt = tokenizer.encode(PROMPT)
+    ids = ids_of(tokenizer, block["tokens"])
+    assert "".join(block["tokens"]) == answer["text"] and len(ids) == 12
+    rows = log_softmax_rows(model, prompt, ids)
+    assert np.allclose(block["token_logprobs"], rows[np.arange(12), ids], atol=2e-4)
+    for step, top in enumerate(block["top_logprobs"]):
+        assert len(top) == 3 and list(top)[0] == block["tokens"][step]  # greedy: the chosen one is the best
+        best = np.argsort(-rows[step])[:3]
+        assert [tokenizer.token_piece(int(i))[0] for i in best] == list(top)
+        assert np.allclose(list(top.values()), rows[step][best], atol=2e-4)
+    offsets = block["text_offset"]
+    assert offsets[0] == 0 and offsets == [sum(map(len, block["tokens"][:i])) for i in range(12)]
+
+
+async def test_streamed_completion_logprobs_are_the_whole_answers(client):
+    whole = (await completion(client, logprobs=2))["choices"][0]["logprobs"]
+    response = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 12,
+                                                          "temperature": 0, "logprobs": 2, "stream": True})
+    chunks = [e for e in await sse_events(response) if e != "[DONE]"]
+    blocks = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"] is not None]
+    joined = {key: [x for b in blocks for x in b[key]] for key in ("tokens", "token_logprobs", "top_logprobs",
+                                                                    "text_offset")}
+    assert joined == whole
+    for c in chunks:  # each chunk carries its own tokens' entries
+        choice = c["choices"][0]
+        if choice["logprobs"] is not None:
+            assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+
+
+async def test_chat_logprobs_cover_every_token_with_bytes(client, node, model):
+    tokenizer = node.engine.tokenizer
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "It was the"}], "max_tokens": 40,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    answer = await (await client.post("/v1/chat/completions", json=body)).json()
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert len(content) == answer["usage"]["completion_tokens"]
+    text = b"".join(bytes(e["bytes"]) for e in content).decode()
+    message = answer["choices"][0]["message"]["content"]
+    if answer["choices"][0]["finish_reason"] == "stop":  # the end-of-sequence token has an entry too
+        assert content[-1]["token"] == "<|im_end|>" and text == message + "<|im_end|>"
+    else:
+        assert text == message
+    ids = ids_of(tokenizer, [e["token"] for e in content])
+    rows = log_softmax_rows(model, tokenizer.encode_chat(body["messages"]), ids)
+    assert np.allclose([e["logprob"] for e in content], rows[np.arange(len(ids)), ids], atol=2e-4)
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"] == e["token"] for e in content)
+
+    streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
+    entries = [entry for c in await sse_events(streamed) if c != "[DONE]"
+               for entry in (c["choices"][0]["logprobs"] or {"content": []})["content"]]
+    assert entries == content
+
+
+async def test_logprobs_are_off_unless_asked(client):
+    assert (await completion(client))["choices"][0]["logprobs"] is None
+    zero = (await completion(client, logprobs=0))["choices"][0]["logprobs"]
+    assert zero["top_logprobs"] == [{}] * 12 and len(zero["token_logprobs"]) == 12
+
+
+# --- logits processors ---------------------------------------------------------------------------------
+async def test_logit_bias_forces_and_bans_tokens(client, node):
+    tokenizer = node.engine.tokenizer
+    plain = await completion(client, logprobs=0)
+    first = ids_of(tokenizer, plain["choices"][0]["logprobs"]["tokens"][:1])[0]
+    banned = await completion(client, logprobs=0, logit_bias={str(first): -100})
+    assert ids_of(tokenizer, banned["choices"][0]["logprobs"]["tokens"][:1])[0] != first
+    forced_id = tokenizer.encode(" whale", add_special_tokens=False)[0]
+    forced = await completion(client, max_tokens=4, logit_bias={str(forced_id): 100})
+    assert forced["choices"][0]["text"] == tokenizer.decode([forced_id] * 4)
+
+
+async def test_logprobs_are_the_models_own_not_the_processed_ones(client, node, model):
+    """As vLLM's default: what the model thought of each token, before logit_bias, penalties and the
+    temperature."""
+    tokenizer = node.engine.tokenizer
+    forced_id = tokenizer.encode(" whale", add_special_tokens=False)[0]
+    answer = await completion(client, max_tokens=4, logprobs=1, logit_bias={str(forced_id): 100},
+                              temperature=0.5, frequency_penalty=1.0)
+    rows = log_softmax_rows(model, tokenizer.encode(PROMPT), [forced_id] * 4)
+    assert np.allclose(answer["choices"][0]["logprobs"]["token_logprobs"], rows[:, forced_id], atol=2e-4)
+    assert max(answer["choices"][0]["logprobs"]["token_logprobs"]) < -1  # the model did not want it
+
+
+@pytest.mark.parametrize("params", [
+    {"frequency_penalty": 1.5},
+    {"presence_penalty": 2.0},
+    {"repetition_penalty": 1.8},
+    {"frequency_penalty": 0.7, "presence_penalty": -0.5, "repetition_penalty": 1.3},
+])
+async def test_penalised_greedy_answers_equal_the_model_decoded_with_the_same_rule(client, node, model, params):
+    tokenizer = node.engine.tokenizer
+    prompt = tokenizer.encode(UNFAMILIAR)  # a memorised passage's logits are too sure for any penalty to move
+
+    def process(logits: np.ndarray, out: list[int]) -> np.ndarray:
+        logits = logits.copy()
+        seen = sorted(set(prompt + out))
+        penalty = params.get("repetition_penalty", 1.0)
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+        for token in set(out):
+            logits[token] -= out.count(token) * params.get("frequency_penalty", 0) + params.get("presence_penalty", 0)
+        return logits
+
+    expected = greedy_with(model, prompt, 24, process, tokenizer.eos_token_ids)
+    plain = greedy_with(model, prompt, 24, lambda logits, out: logits, tokenizer.eos_token_ids)
+    assert expected != plain  # the rule changes this answer, so the comparison means something
+    answer = await completion(client, prompt=UNFAMILIAR, max_tokens=24, logprobs=0, **params)
+    served = ids_of(tokenizer, answer["choices"][0]["logprobs"]["tokens"])
+    assert served == expected, json.dumps(answer["choices"][0]["text"])
