@@ -3,6 +3,7 @@
     .venv/bin/pip install -c constraints-cpu.txt -e '.[bench]'            # onnxruntime-genai, pinned
     .venv/bin/python benchmarks/bench_edge.py --rounds 3 --cpu 1 --skip "torch fp32"   # docs/performance.md
     .venv/bin/python benchmarks/bench_edge.py --rounds 1 --new 32 --prompt 128   # a quick look
+    .venv/bin/python benchmarks/bench_edge.py --temperature 0.6 --top-p 0.95 ...  # sampled, as R1 is served
 
 The model is the issue's: a random-weight Qwen2 of 246M parameters with Qwen2-7B's proportions (hidden
 1024, 16 layers, 16 heads / 4 KV heads, intermediate 2816, vocab 32000, untied LM head). It is
@@ -12,7 +13,8 @@ by onnxruntime-genai's builder (int8 and int4, block 128, accuracy level 4, as d
 blocks are symmetric, as dsnode's int8; dsnode's int4 blocks carry zero points).
 
 Every measurement is a fresh process (`edge_contenders.py`) pinned to one core (`taskset -c CPU`) with
-one intra-op thread: B prompts of `--prompt` random tokens, greedy, `--new` tokens each. dsnode runs
+one intra-op thread: B prompts of `--prompt` random tokens, greedy (or sampled with `--temperature`
+and `--top-p`: dsnode and genai; transformers stays greedy), `--new` tokens each. dsnode runs
 through its real engine (`OnnxEngine`: scheduler, continuous batching, sampling, detokenizer); genai
 through its own Generator; transformers through a plain forward loop. Rounds take the contenders in
 turn (so a neighbour's burst on a shared machine is spread over all of them); the table shows medians
@@ -103,7 +105,8 @@ def convert_genai(source: Path, work: Path, precision: str, threads: int, reuse:
 
 def measure(kind: str, folder: Path, batch: int, args: argparse.Namespace) -> dict[str, float]:
     command = ["taskset", "-c", str(args.cpu), sys.executable, str(CHILD), kind, str(folder), "--batch", str(batch),
-               "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads)]
+               "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads),
+               "--temperature", str(args.temperature), "--top-p", str(args.top_p)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode:
         raise RuntimeError(f"{kind} {folder.name} b{batch} failed:\n{done.stderr[-2000:]}")
@@ -161,6 +164,8 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.0, help="dsnode and genai sample (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--cpu", type=int, default=1, help="the core every measured process is pinned to")
     parser.add_argument("--reuse", action="store_true", help="keep conversions already in --work")
     parser.add_argument("--skip", default="", help="comma-separated contenders to leave out (e.g. 'torch fp32')")

@@ -4,7 +4,7 @@
 
 KIND: `dsnode` (a folder from `dsnode convert`, served by the real `OnnxEngine`: scheduler, sampling,
 detokenizer, continuous batching), `genai` (an onnxruntime-genai builder folder, its own Generator), or
-`torch` (a Hugging Face folder, transformers' generate). B prompts of random token ids, greedy,
+`torch` (a Hugging Face folder, transformers' generate). B prompts of random token ids, greedy (or sampled: `--temperature`, `--top-p`),
 exactly `--new` tokens each. Prints one JSON line:
   ttft_s: until every sequence has its first token (B prompts prefilled: the batch's time to first token)
   prefill_tok_s: B x prompt / ttft_s
@@ -60,7 +60,8 @@ async def run_dsnode(folder: Path, args: argparse.Namespace) -> dict[str, float]
     await engine.load()
     vocab = 32000
     stamps: list[list[Clock]] = [[] for _ in range(args.batch)]
-    params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.new, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            ignore_eos=True)
 
     async def one(i: int, ids: list[int]) -> None:
         request = GenerationRequest(f"bench-{i}", tuple(ids), params)
@@ -87,8 +88,9 @@ def run_genai(folder: Path, args: argparse.Namespace) -> dict[str, float]:
     config.clear_providers()
     model = og.Model(config)
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, batch_size=args.batch, max_length=args.prompt + args.new,
-                              min_length=args.prompt + args.new)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
+    params.set_search_options(do_sample=args.temperature > 0, batch_size=args.batch, max_length=args.prompt + args.new,
+                              min_length=args.prompt + args.new, **sampling)
     generator = og.Generator(model, params)
     ids = np.asarray(prompts(args.batch, args.prompt, 32000, args.seed), dtype=np.int32)  # (B, P)
     start = now()
@@ -133,6 +135,8 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="dsnode and genai: 0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="dsnode and genai, with --temperature")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.kind == "dsnode":

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from dsnode.inference.engine import SamplingParams
-from dsnode.inference.sampling import TokenCounts, new_generator, process_logits, sample_token, token_logprob
+from dsnode.inference.sampling import (
+    TokenCounts,
+    new_generator,
+    nucleus_floor,
+    process_logits,
+    sample_token,
+    token_logprob,
+)
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, 2.9], dtype=np.float32)
 
@@ -128,3 +135,80 @@ def test_a_vanishing_temperature_is_greedy_not_a_nan(temperature):
     params = SamplingParams(max_tokens=1, temperature=temperature)
     assert params.greedy and sample_token(LOGITS, params, new_generator(params)) == 1
     assert not SamplingParams(max_tokens=1, temperature=1e-4).greedy
+
+
+# --- sampling without sorting the vocabulary ------------------------------------------------------------
+def sorted_nucleus(logits: np.ndarray, temperature: float, top_p: float) -> set[int]:
+    """The nucleus as the rule defines it: sort the whole vocabulary by probability (ties by id), keep
+    the shortest prefix whose mass reaches top_p."""
+    scaled = logits.astype(np.float64) / temperature
+    ids = np.argsort(-scaled, kind="stable")
+    probs = np.exp(scaled[ids] - scaled.max())
+    probs /= probs.sum()
+    keep = int(np.searchsorted(np.cumsum(probs), top_p, side="left")) + 1
+    return set(ids[:keep].tolist())
+
+
+def mask_of(logits: np.ndarray, temperature: float, top_p: float) -> set[int]:
+    log_weights = logits.astype(np.float32) / np.float32(temperature)
+    log_weights -= log_weights.max()
+    weights = np.exp(log_weights)
+    return set(np.flatnonzero(weights >= nucleus_floor(log_weights, weights, top_p)).tolist())
+
+
+RNG = np.random.default_rng(5)
+DISTRIBUTIONS = {
+    "flat (a random model's)": RNG.standard_normal(32000).astype(np.float32) * 0.64,
+    "spread": RNG.standard_normal(32000).astype(np.float32) * 3,
+    "peaked (a trained model's)": np.concatenate([[12.0, 10.5, 9.0], RNG.standard_normal(129277) - 4]).astype(np.float32),
+    "masked": np.where(RNG.random(5000) < 0.9, -np.inf, RNG.standard_normal(5000)).astype(np.float32),
+    "over 32 nats": np.concatenate([[40.0], RNG.standard_normal(999)]).astype(np.float32),
+}
+
+
+@pytest.mark.parametrize("name", list(DISTRIBUTIONS))
+@pytest.mark.parametrize("top_p, temperature", [(0.95, 0.6), (0.5, 1.0), (0.99, 1.5), (0.9, 0.1), (0.999999, 1.0)])
+def test_the_bucketed_nucleus_is_the_one_sorting_the_whole_vocabulary_keeps(name, top_p, temperature):
+    logits = DISTRIBUTIONS[name]
+    ours, theirs = mask_of(logits, temperature, top_p), sorted_nucleus(logits, temperature, top_p)
+    assert len(ours ^ theirs) <= 1, (len(ours), len(theirs))  # at most the crossing token, by rounding
+    assert ours == theirs or abs(len(ours) - len(theirs)) == 1
+
+
+def test_top_p_draws_only_the_nucleus_in_proportion():
+    logits = np.log(np.array([0.5, 0.25, 0.15, 0.06, 0.04])).astype(np.float32)
+    params = SamplingParams(max_tokens=1, top_p=0.8, seed=9)  # nucleus: 0.5 + 0.25 + 0.15 (crosses 0.8)
+    rng = new_generator(params)
+    counts = np.bincount([sample_token(logits, params, rng) for _ in range(20000)], minlength=5) / 20000
+    assert counts[3] == counts[4] == 0 and np.allclose(counts[:3], np.array([0.5, 0.25, 0.15]) / 0.9, atol=0.015)
+
+
+def test_the_full_distribution_is_drawn_in_id_order_with_the_right_frequencies():
+    logits = np.array([np.log(0.1), -np.inf, np.log(0.6), np.log(0.3)], dtype=np.float32)  # id 1: masked out
+    params = SamplingParams(max_tokens=1, seed=2)
+    rng = new_generator(params)
+    counts = np.bincount([sample_token(logits, params, rng) for _ in range(20000)], minlength=4) / 20000
+    assert counts[1] == 0 and np.allclose(counts, [0.1, 0.0, 0.6, 0.3], atol=0.015)
+
+
+def test_non_finite_logits_are_an_error_not_a_token():
+    params = SamplingParams(max_tokens=1, seed=1)
+    with pytest.raises(ValueError, match="finite"):
+        sample_token(np.array([0.0, np.nan, 1.0], dtype=np.float32), params, new_generator(params))
+
+
+def test_a_large_vocabulary_is_drawn_block_by_block_with_the_right_frequencies():
+    """Over 4,096 weights the draw picks a block, then a token in it: every token keeps its probability,
+    and masked ones (a constraint's -inf) stay impossible, also at the ends of blocks."""
+    rng = np.random.default_rng(3)
+    logits = np.full(10000, -np.inf, dtype=np.float32)
+    allowed = np.array([0, 1023, 1024, 5000, 9999])  # block edges included
+    logits[allowed] = np.log([0.1, 0.2, 0.3, 0.15, 0.25])
+    params = SamplingParams(max_tokens=1, seed=4)
+    draw = new_generator(params)
+    counts = np.bincount([sample_token(logits, params, draw) for _ in range(20000)], minlength=10000) / 20000
+    assert set(np.flatnonzero(counts)) == set(allowed.tolist())
+    assert np.allclose(counts[allowed], [0.1, 0.2, 0.3, 0.15, 0.25], atol=0.015)
+    flat = rng.standard_normal(32000).astype(np.float32)  # many blocks, none empty: the mean id is central
+    ids = [sample_token(flat, params, draw) for _ in range(4000)]
+    assert abs(np.mean(ids) - 16000) < 600 and len(set(ids)) > 3000
