@@ -4,7 +4,8 @@
 
 KIND: `dsnode` (a folder from `dsnode convert`, served by the real `OnnxEngine`: scheduler, sampling,
 detokenizer, continuous batching), `genai` (an onnxruntime-genai builder folder, its own Generator), or
-`torch` (a Hugging Face folder, transformers' generate). B prompts of random token ids, greedy (or sampled: `--temperature`, `--top-p`),
+`torch` (a Hugging Face folder, transformers' generate). B prompts of random token ids, greedy (dsnode and
+genai sample with `--temperature` and `--top-p`),
 exactly `--new` tokens each. Prints one JSON line:
   ttft_s: until every sequence has its first token (B prompts prefilled: the batch's time to first token)
   prefill_tok_s: B x prompt / ttft_s

@@ -35,7 +35,8 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     scaled /= np.float32(params.temperature)
     if 0 < params.top_k < scaled.shape[0]:
         candidates = _top_k_indices(scaled, params.top_k)
-        candidates, probs = _top_p_filter(candidates, _softmax(scaled[candidates].astype(np.float64)), params.top_p)
+        probs = _softmax(scaled[candidates].astype(np.float64))
+        candidates, probs = _top_p_filter(candidates, probs, params.top_p)
         return _draw(candidates, probs, rng)
     scaled -= scaled.max()  # log-weights, the largest 0
     weights = np.exp(scaled)
@@ -89,7 +90,8 @@ def _draw(candidates: np.ndarray | None, weights: np.ndarray, rng: np.random.Gen
         block = weights[starts[index] : starts[index] + _DRAW_BLOCK]
         inside = np.cumsum(block, dtype=np.float64)
         target -= cumulative[index] - sums[index]  # how far into the block
-        index = int(starts[index]) + _positive_at_or_before(block, int(np.searchsorted(inside, target, side="right")))
+        inner = int(np.searchsorted(inside, target, side="right"))
+        index = int(starts[index]) + _positive_at_or_before(block, inner)
     return int(index if candidates is None else candidates[index])
 
 
@@ -136,7 +138,8 @@ def process_logits(logits: np.ndarray, params: SamplingParams, counts: TokenCoun
             out[token] += bias
     if params.repetition_penalty != 1.0:
         seen = out[counts.seen]
-        out[counts.seen] = np.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        penalty = params.repetition_penalty
+        out[counts.seen] = np.where(seen > 0, seen / penalty, seen * penalty)
     if params.frequency_penalty or params.presence_penalty:
         generated = counts.output > 0
         out[generated] -= counts.output[generated] * params.frequency_penalty + params.presence_penalty

@@ -160,7 +160,8 @@ RNG = np.random.default_rng(5)
 DISTRIBUTIONS = {
     "flat (a random model's)": RNG.standard_normal(32000).astype(np.float32) * 0.64,
     "spread": RNG.standard_normal(32000).astype(np.float32) * 3,
-    "peaked (a trained model's)": np.concatenate([[12.0, 10.5, 9.0], RNG.standard_normal(129277) - 4]).astype(np.float32),
+    "peaked (a trained model's)": np.concatenate([[12.0, 10.5, 9.0], RNG.standard_normal(129277) - 4]).astype(
+        np.float32),
     "masked": np.where(RNG.random(5000) < 0.9, -np.inf, RNG.standard_normal(5000)).astype(np.float32),
     "over 32 nats": np.concatenate([[40.0], RNG.standard_normal(999)]).astype(np.float32),
 }
@@ -180,7 +181,8 @@ def test_top_p_draws_only_the_nucleus_in_proportion():
     params = SamplingParams(max_tokens=1, top_p=0.8, seed=9)  # nucleus: 0.5 + 0.25 + 0.15 (crosses 0.8)
     rng = new_generator(params)
     counts = np.bincount([sample_token(logits, params, rng) for _ in range(20000)], minlength=5) / 20000
-    assert counts[3] == counts[4] == 0 and np.allclose(counts[:3], np.array([0.5, 0.25, 0.15]) / 0.9, atol=0.015)
+    assert counts[3] == counts[4] == 0
+    assert np.allclose(counts[:3], np.array([0.5, 0.25, 0.15]) / 0.9, atol=0.015)
 
 
 def test_the_full_distribution_is_drawn_in_id_order_with_the_right_frequencies():
