@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from contextlib import aclosing
-from typing import Any, AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, aclosing
+from typing import AsyncIterator
 
 from aiohttp import web
 
 from .. import headers
 from ..config import LimitsSection
-from ..inference.engine import Delta, Engine, EngineError, GenerationRequest, SamplingParams, TokenLogprob
+from ..inference.engine import Delta, Engine, EngineError, GenerationRequest, SamplingParams
 from ..inference.tokenizer import TextTokenizer
 from ..record import RequestRecord
 from .appkeys import NODE
-from .chat_output import ChatOutput, new_chat_output, stream_delta, whole_message
+from .chat_output import ChatOutput, new_chat_output
+from .choices import Choice, choice_params, first_deltas, merged, new_choices
 from .errors import APIError, bad_request, sse_error_event, to_api_error
-from .logprobs import CompletionLogprobs, chat_logprobs
 from .responses import DONE, Shape, chunk, full_response, sse, usage, usage_chunk
 from .schemas import Body, ChatCompletionRequest, CompletionRequest
 from .tools import answer_constraint
@@ -62,30 +62,29 @@ async def serve_local(
     params = sampling_params(body, len(prompt_ids), engine.info.max_context, limits, engine.tokenizer.vocab_size)
     record.prompt_tokens = len(prompt_ids)
     shape = Shape.new(record.endpoint, record.request_id, body.model)
-    output, constraint = None, None
-    if isinstance(body, ChatCompletionRequest):  # [model] is restart-only: the node's config is this request's
-        output = new_chat_output(body, engine.tokenizer, prompt_ids, request.app[NODE].config.model.reasoning)
+    reasoning = request.app[NODE].config.model.reasoning  # [model] is restart-only: the node's is this request's
+
+    def new_output() -> ChatOutput | None:
+        if not isinstance(body, ChatCompletionRequest):
+            return None
+        return new_chat_output(body, engine.tokenizer, prompt_ids, reasoning)
+
+    choices = new_choices(body.n, engine.tokenizer, body, shape, new_output)
+    constraint, output = None, choices[0].output
+    if output is not None:
         constraint = await answer_constraint(body, engine.tokenizer, output.reasons, output.starts_in_reasoning)
-    stream = engine.generate(GenerationRequest(record.request_id, tuple(prompt_ids), params, constraint))
-    async with aclosing(stream):
-        first = await anext(stream)  # admission errors surface here, before any header is sent
-        record.queued_s = first.queued_s
+    streams = [engine.generate(GenerationRequest(record.request_id, tuple(prompt_ids), choice_params(params, i),
+                                                 constraint)) for i in range(body.n)]
+    async with AsyncExitStack() as stack:
+        for stream in streams:
+            await stack.enter_async_context(aclosing(stream))
+        firsts = await first_deltas(streams)  # admission errors surface here, before any header is sent
+        record.queued_s = firsts[0].queued_s
         echo = _echo_text(engine.tokenizer, body, prompt_ids)
-        logprobs = _logprobs_format(engine.tokenizer, body, shape)
-        if body.stream:
-            return await _stream(request, stream, first, shape, body, record, echo, output, logprobs)
-        return await _whole(stream, first, shape, record, echo, output, logprobs)
-
-
-LogprobsFormat = Callable[[Sequence[TokenLogprob]], dict[str, Any]]
-
-
-def _logprobs_format(tokenizer: TextTokenizer, body: Body, shape: Shape) -> LogprobsFormat | None:
-    if body.requested_logprobs() is None:
-        return None
-    if shape.chat:
-        return lambda entries: chat_logprobs(tokenizer, entries)
-    return CompletionLogprobs(tokenizer).block
+        async with aclosing(merged(streams, firsts)) as deltas:
+            if body.stream:
+                return await _stream(request, deltas, shape, body, record, echo, choices)
+            return await _whole(deltas, shape, record, echo, choices)
 
 
 def _echo_text(tokenizer: TextTokenizer, body: Body, prompt_ids: list[int]) -> str:
@@ -101,37 +100,33 @@ def _response_headers(record: RequestRecord) -> dict[str, str]:
     return out
 
 
-async def _whole(
-    stream: AsyncIterator[Delta], first: Delta, shape: Shape, record: RequestRecord, echo: str,
-    output: ChatOutput | None, logprobs: LogprobsFormat | None,
-) -> web.Response:
-    parts, last = [echo], first
-    entries: list[TokenLogprob] = []
-    async for delta in _with_first(first, stream):
-        record.mark_token()
-        parts.append(delta.text)
-        entries.extend(delta.logprobs)
-        last = delta
-    text, finish, message = "".join(parts), last.finish_reason, None
-    if output is not None:
-        message = whole_message(output, text)
-        finish = output.finish_reason(finish)
-    record.completion_tokens, record.finish_reason = last.completion_tokens, finish
-    body = full_response(shape, text, finish, usage(last.prompt_tokens, last.completion_tokens), message,
-                         None if logprobs is None else logprobs(entries))
+def _account(record: RequestRecord, choices: list[Choice]) -> dict[str, int]:
+    """The answer's usage (the prompt counted once, as OpenAI does) and the record's figures; the
+    record's finish reason is the first choice's."""
+    record.completion_tokens = sum(c.completion_tokens for c in choices)
+    record.finish_reason = choices[0].finish_reason
+    return usage(record.prompt_tokens or 0, record.completion_tokens)
+
+
+async def _whole(deltas: AsyncIterator[tuple[int, Delta]], shape: Shape, record: RequestRecord, echo: str,
+                 choices: list[Choice]) -> web.Response:
+    async for index, delta in deltas:
+        if index == 0:  # the record's token times are one sequence's (inter-token latency)
+            record.mark_token()
+        choices[index].take(delta)
+    use = _account(record, choices)
+    body = full_response(shape, [c.whole(shape, echo) for c in choices], use)
     return web.json_response(body, headers=_response_headers(record))
 
 
 async def _stream(
     request: web.Request,
-    stream: AsyncIterator[Delta],
-    first: Delta,
+    deltas: AsyncIterator[tuple[int, Delta]],
     shape: Shape,
     body: Body,
     record: RequestRecord,
     echo: str,
-    output: ChatOutput | None,
-    logprobs: LogprobsFormat | None,
+    choices: list[Choice],
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
@@ -143,33 +138,24 @@ async def _stream(
     )
     await response.prepare(request)
     include_usage = body.include_usage
-    last, finish = first, first.finish_reason
-    pending: list[TokenLogprob] = []  # entries of tokens whose text no chunk has carried yet
-    if shape.chat:
-        await response.write(sse(chunk(shape, "", first=True, with_usage_field=include_usage)))
-    elif echo:
-        await response.write(sse(chunk(shape, echo, with_usage_field=include_usage)))
+    for choice in choices:
+        if shape.chat:
+            await response.write(sse(chunk(shape, "", first=True, with_usage_field=include_usage, index=choice.index)))
+        elif echo:
+            await response.write(sse(chunk(shape, echo, with_usage_field=include_usage, index=choice.index)))
     try:
-        async for delta in _with_first(first, stream):
-            record.mark_token()
-            last, finish = delta, delta.finish_reason
-            pieces = _delta_chunks(shape, delta, include_usage) if output is None else \
-                _chat_chunks(shape, output, delta, include_usage)
-            if logprobs is not None:
-                pending.extend(delta.logprobs)
-                if _attach_logprobs(pieces, pending, logprobs, delta.finish_reason is not None):
-                    pending = []
-            for piece in pieces:
+        async for index, delta in deltas:
+            if index == 0:
+                record.mark_token()
+            for piece in choices[index].chunks(shape, delta, include_usage):
                 await response.write(sse(piece))
-            if output is not None:
-                finish = output.finish_reason(finish)
     except (EngineError, APIError) as exc:  # mid-stream failure: say so, then end the stream properly
         error = to_api_error(exc)
         record.status, record.error = error.status, error.message
         await response.write(sse_error_event(error))
-    record.completion_tokens, record.finish_reason = last.completion_tokens, finish
+    use = _account(record, choices)
     if include_usage:
-        await response.write(sse(usage_chunk(shape, usage(last.prompt_tokens, last.completion_tokens))))
+        await response.write(sse(usage_chunk(shape, use)))
     await response.write(DONE)
     await _end_complete_stream(response)
     return response
@@ -186,49 +172,3 @@ async def _end_complete_stream(response: web.StreamResponse) -> None:
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
-
-
-def _delta_chunks(shape: Shape, delta: Delta, include_usage: bool) -> list[dict[str, Any]]:
-    """Chat sends the last text and the finish reason in separate chunks (as OpenAI does)."""
-    reason = delta.finish_reason
-    if not delta.text:
-        return [chunk(shape, "", reason, with_usage_field=include_usage)] if reason else []
-    if shape.chat and reason:
-        return [
-            chunk(shape, delta.text, None, with_usage_field=include_usage),
-            chunk(shape, "", reason, with_usage_field=include_usage),
-        ]
-    return [chunk(shape, delta.text, reason, with_usage_field=include_usage)]
-
-
-def _chat_chunks(shape: Shape, output: ChatOutput, delta: Delta, include_usage: bool) -> list[dict[str, Any]]:
-    """A chat delta through `output`: reasoning, content and tool calls each in their own chunk, the
-    finish reason in a last one."""
-    parts = output.push(delta.text)
-    if delta.finish_reason is not None:
-        parts += output.finish()
-    out = [chunk(shape, "", None, with_usage_field=include_usage, delta=stream_delta(p)) for p in parts if p[1]]
-    if delta.finish_reason is not None:
-        out.append(chunk(shape, "", output.finish_reason(delta.finish_reason), with_usage_field=include_usage))
-    return out
-
-
-def _attach_logprobs(pieces: list[dict[str, Any]], pending: list[TokenLogprob], logprobs: LogprobsFormat,
-                     finishing: bool) -> bool:
-    """Put the pending entries on the first chunk that carries text (any chunk, on the last delta)."""
-    for piece in pieces:
-        choice = piece["choices"][0]
-        carries = choice.get("text") or any(v for k, v in choice.get("delta", {}).items() if k != "role")
-        if carries or finishing:
-            choice["logprobs"] = logprobs(pending)
-            return True
-    return False
-
-
-async def _with_first(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-    yield first
-    if first.finish_reason is None:
-        async for delta in rest:
-            yield delta
-            if delta.finish_reason is not None:
-                return

@@ -37,27 +37,23 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def full_response(shape: Shape, text: str, finish_reason: str | None, use: dict[str, int],
-                  message: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`message`: a chat answer's message when it is more than its text (reasoning, tool calls);
-    `logprobs`: in the endpoint's shape (`dsnode.api.logprobs`), when the request asked for them."""
+def choice_body(shape: Shape, index: int, text: str, finish_reason: str | None, message: dict[str, Any] | None = None,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One choice of a whole answer. `message`: a chat answer's message when it is more than its text
+    (reasoning, tool calls); `logprobs`: in the endpoint's shape (`dsnode.api.logprobs`), when asked."""
     if shape.chat:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": message or {"role": "assistant", "content": text},
-            "logprobs": logprobs,
-            "finish_reason": finish_reason,
-        }
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        kind = "text_completion"
+        return {"index": index, "message": message or {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def full_response(shape: Shape, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
     return {
         "id": shape.response_id,
-        "object": kind,
+        "object": "chat.completion" if shape.chat else "text_completion",
         "created": shape.created,
         "model": shape.model,
-        "choices": [choice],
+        "choices": choices,
         "usage": use,
     }
 
@@ -69,15 +65,17 @@ def chunk(
     first: bool = False,
     with_usage_field: bool = False,
     delta: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """`delta`: a chat chunk's delta when it carries more than text (reasoning, a tool call)."""
+    """`delta`: a chat chunk's delta when it carries more than text (reasoning, a tool call); `index`:
+    the choice it belongs to (requests with n > 1)."""
     if shape.chat:
         if delta is None:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         kind = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
         kind = "text_completion"
     body: dict[str, Any] = {
         "id": shape.response_id,

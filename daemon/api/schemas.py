@@ -1,7 +1,7 @@
 """OpenAI request bodies, validated with pydantic. A bad value is refused with 400 naming the parameter.
 
-Fields dsnode does not implement are accepted only at their neutral value (e.g. `n = 1`,
-`best_of = 1`); anything else is refused rather than silently ignored. Unknown fields are
+Fields dsnode does not implement are accepted only at their neutral value (e.g. `best_of = 1`,
+`suffix = null`); anything else is refused rather than silently ignored. Unknown fields are
 ignored, as vLLM and Ollama do, so newer SDKs keep working. An explicit `null` for a field with a
 default means the default (OpenAI's parameters are nullable: `"temperature": null` is temperature 1).
 """
@@ -25,6 +25,7 @@ from pydantic import (
 from .errors import APIError, bad_request
 
 MAX_STOP_SEQUENCES = 16
+MAX_CHOICES = 16  # n: choices per request, each a sequence of its own in the batch
 MAX_LOGPROBS = 20  # alternatives per token: OpenAI's top_logprobs limit, vLLM's default max_logprobs
 MAX_LOGIT_BIAS = 300  # token ids in one logit_bias
 LOGIT_BIAS_RANGE = 100.0
@@ -162,7 +163,7 @@ class _Sampling(_Body):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     presence_penalty: Annotated[float, Field(ge=-PENALTY_RANGE, le=PENALTY_RANGE)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-PENALTY_RANGE, le=PENALTY_RANGE)] = 0.0
     repetition_penalty: Annotated[float, Field(ge=0.01, le=10)] = 1.0  # vLLM's extension
@@ -358,7 +359,6 @@ _UNION_TAGS = {"str", "int", "list[str]", "list[int]", "list[TextPart]", "none",
                "NamedToolChoice"}
 
 _UNSUPPORTED_HINT = {
-    "n": "only n=1 is supported",
     "best_of": "only best_of=1 is supported",
     "suffix": "suffix (insertion) is not supported",
 }

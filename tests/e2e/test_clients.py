@@ -225,9 +225,25 @@ def test_logprobs_logit_bias_and_penalties_through_the_sdk(routes, route_name):
     assert banned.choices[0].logprobs.content[0].token != entries[0].token
 
 
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_n_choices_through_the_sdk(routes, route_name):
+    route = routes[route_name]
+    answer = sdk(route).chat.completions.create(model=route.model, messages=[{"role": "user", "content": "Four"}],
+                                                max_tokens=8, temperature=1.2, seed=3, n=3, logprobs=True)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert answer.usage.completion_tokens == sum(len(c.logprobs.content) for c in answer.choices) > 8
+    stream = sdk(route).chat.completions.create(model=route.model, messages=[{"role": "user", "content": "Four"}],
+                                                max_tokens=8, temperature=1.2, seed=3, n=3, stream=True)
+    texts = ["", "", ""]
+    for c in stream:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in answer.choices]  # the same seeds, the same choices
+
+
 # --- what stays unsupported, and the models endpoint ----------------------------------------------------
 @pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages[0].content"),
 ])

@@ -51,7 +51,7 @@ async def still_serves(client):
          "max_tokens", None),
         ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "max_tokens": "ten"}', 400, "invalid_value",
          "max_tokens", None),
-        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "n": 2}', 400, "unsupported_value", "n", "n=1"),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "n": 17}', 400, "invalid_value", "n", "16"),
         ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "presence_penalty": 2.5}', 400,
          "invalid_value", "presence_penalty", None),
         ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "best_of": 2}', 400,

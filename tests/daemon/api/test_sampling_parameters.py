@@ -4,6 +4,7 @@ of the tokens served, and greedy answers under each processor."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, AsyncIterator, Callable
 
@@ -187,3 +188,73 @@ async def test_penalised_greedy_answers_equal_the_model_decoded_with_the_same_ru
     answer = await completion(client, prompt=UNFAMILIAR, max_tokens=24, logprobs=0, **params)
     served = ids_of(tokenizer, answer["choices"][0]["logprobs"]["tokens"])
     assert served == expected, json.dumps(answer["choices"][0]["text"])
+
+
+# --- n choices ---------------------------------------------------------------------------------------
+async def test_n_choices_are_sampled_apart_seeded_and_counted(client):
+    body = {"prompt": UNFAMILIAR, "max_tokens": 10, "temperature": 1.0, "seed": 5, "n": 3, "logprobs": 1}
+    answer = await completion(client, **body)
+    choices = answer["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert len({c["text"] for c in choices}) >= 2  # each choice its own random stream
+    assert all(len(c["logprobs"]["tokens"]) == 10 and "".join(c["logprobs"]["tokens"]) == c["text"] for c in choices)
+    assert answer["usage"] == {"prompt_tokens": answer["usage"]["prompt_tokens"], "completion_tokens": 30,
+                               "total_tokens": answer["usage"]["prompt_tokens"] + 30}
+    again = await completion(client, **body)
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in choices]  # seed + index per choice
+    single = await completion(client, **{**body, "n": 1})
+    assert single["choices"][0]["text"] == choices[0]["text"]
+
+
+async def test_n_streamed_choices_equal_the_whole_ones(client):
+    body = {"model": MODEL, "prompt": UNFAMILIAR, "max_tokens": 10, "temperature": 1.0, "seed": 7, "n": 3}
+    whole = await (await client.post("/v1/completions", json=body)).json()
+    response = await client.post("/v1/completions", json={**body, "stream": True,
+                                                           "stream_options": {"include_usage": True}})
+    events = [e for e in await sse_events(response) if e != "[DONE]"]
+    assert events[-1]["usage"] == whole["usage"] and events[-1]["choices"] == []
+    texts, finishes = ["", "", ""], [None, None, None]
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        texts[choice["index"]] += choice["text"]
+        finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
+    assert texts == [c["text"] for c in whole["choices"]] and finishes == ["length"] * 3
+
+
+async def test_n_chat_choices_each_get_their_message_and_role_chunk(client):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "It was the"}], "max_tokens": 12,
+            "temperature": 0, "n": 2, "logprobs": True}
+    whole = await (await client.post("/v1/chat/completions", json=body)).json()
+    first, second = whole["choices"]
+    assert first["message"] == second["message"] and first["index"] == 0 and second["index"] == 1  # greedy: alike
+    assert len(first["logprobs"]["content"]) == len(second["logprobs"]["content"]) > 0
+    events = [e for e in await sse_events(await client.post("/v1/chat/completions", json={**body, "stream": True}))
+              if e != "[DONE]"]
+    roles = [e["choices"][0]["index"] for e in events if e["choices"][0]["delta"].get("role") == "assistant"]
+    assert roles == [0, 1]
+    for index, choice in enumerate(whole["choices"]):
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"][0]["index"] == index)
+        assert text == choice["message"]["content"]
+
+
+async def test_n_choices_that_cannot_fit_are_one_400_and_leave_nothing_running(client, node):
+    response = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "n": 4,
+                                                           "max_tokens": 100000})
+    assert response.status == 400 and (await response.json())["error"]["code"] == "context_length_exceeded"
+    figures = node.engine.load_figures()
+    assert figures.running == 0 and figures.waiting == 0
+
+
+async def test_a_client_gone_mid_stream_frees_every_choice(client, node):
+    body = {"model": MODEL, "prompt": "It was", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": True, "n": 3}
+    response = await client.post("/v1/completions", json=body)
+    await response.content.readline()  # the first event arrived: it is generating
+    assert node.engine.load_figures().running == 3
+    response.close()
+    for _ in range(100):
+        if node.engine.load_figures().running == 0:
+            break
+        await asyncio.sleep(0.05)
+    figures = node.engine.load_figures()
+    assert figures.running == 0 and figures.batch_tokens == 0

@@ -39,7 +39,7 @@ def test_image_parts_are_refused():
 @pytest.mark.parametrize("field, value, param", [
     ("temperature", -0.1, "temperature"), ("temperature", 2.1, "temperature"), ("top_p", 1.5, "top_p"),
     ("top_k", -2, "top_k"), ("max_tokens", 0, "max_tokens"), ("seed", "x", "seed"), ("stop", [""], "stop"),
-    ("stream", "yes", "stream"), ("n", 2, "n"), ("frequency_penalty", 2.5, "frequency_penalty"),
+    ("stream", "yes", "stream"), ("n", 0, "n"), ("n", 17, "n"), ("frequency_penalty", 2.5, "frequency_penalty"),
     ("presence_penalty", -2.01, "presence_penalty"), ("repetition_penalty", 0, "repetition_penalty"),
     ("repetition_penalty", 5e-324, "repetition_penalty"), ("repetition_penalty", 10.5, "repetition_penalty"),
     ("logit_bias", {"x": 5}, "logit_bias"), ("logit_bias", {"-1": 5}, "logit_bias"),
