@@ -1,8 +1,9 @@
-"""The choices of one answer (`n` of them): each its own generation in the engine's batch, its own chat
-output (reasoning, tool calls) and log-probabilities, merged into one response or one stream.
+"""The choices of one answer (`n` per prompt; a text completion may give several prompts): each its own
+generation in the engine's batch, its own chat output (reasoning, tool calls) and log-probabilities,
+merged into one response or one stream.
 
-With `n > 1` every choice is a sequence of its own (the prompt is prefilled for each: no prefix
-sharing), admitted together so they batch; a `seed` gives choice i the seed `seed + i`, so the same
+Every choice is a sequence of its own (a prompt is prefilled for each of its choices: no prefix
+sharing), all admitted together so they batch; a `seed` gives choice i the seed `seed + i`, so the same
 request gives the same choices and no two choices share a random stream. A choice that fails ends the
 whole answer.
 """
@@ -28,6 +29,7 @@ class Choice:
     index: int
     output: ChatOutput | None  # chat: the split into reasoning, content and tool calls
     logprobs: LogprobsFormat | None  # None: not asked for
+    echo: str = ""  # a text completion's prompt, when `echo` asks for it
     last: Delta | None = None
     parts: list[str] = field(default_factory=list)  # a whole answer's text
     entries: list[TokenLogprob] = field(default_factory=list)  # a whole answer's log-probabilities
@@ -48,8 +50,8 @@ class Choice:
         self.parts.append(delta.text)
         self.entries.extend(delta.logprobs)
 
-    def whole(self, shape: Shape, echo: str) -> dict[str, Any]:
-        text = echo + "".join(self.parts)
+    def whole(self, shape: Shape) -> dict[str, Any]:
+        text = self.echo + "".join(self.parts)
         message = whole_message(self.output, text) if self.output is not None else None
         logprobs = None if self.logprobs is None else self.logprobs(self.entries)
         return choice_body(shape, self.index, text, self.finish_reason, message, logprobs)
@@ -66,9 +68,10 @@ class Choice:
         return pieces
 
 
-def new_choices(n: int, tokenizer: TextTokenizer, body: Body, shape: Shape,
-                new_output: Callable[[], ChatOutput | None]) -> list[Choice]:
-    return [Choice(i, new_output(), _logprobs_format(tokenizer, body, shape)) for i in range(n)]
+def new_choices(tokenizer: TextTokenizer, body: Body, shape: Shape, new_output: Callable[[], ChatOutput | None],
+                echoes: list[str]) -> list[Choice]:
+    """One choice per entry of `echoes` (prompts x n of them, each with its prompt's echo)."""
+    return [Choice(i, new_output(), _logprobs_format(tokenizer, body, shape), echo) for i, echo in enumerate(echoes)]
 
 
 def _logprobs_format(tokenizer: TextTokenizer, body: Body, shape: Shape) -> LogprobsFormat | None:

@@ -33,6 +33,8 @@ from .errors import APIError, bad_request, client_gone, model_not_found, to_api_
 from .forward import NotForwarded, not_forwarded, serve_forwarded
 from .local import serve_local
 from .prompt import prompt_token_ids
+
+Prompts = list[list[int]]  # token ids, one list per prompt (a chat has one)
 from .schemas import Body, ChatCompletionRequest, CompletionRequest, parse_body
 from .versioning import BROKEN, TryNextVersion, VersionPlan, failed, local_serves, note_outcome, plan_versions
 
@@ -76,12 +78,12 @@ async def _serve(request: web.Request, node: Node, endpoint: str, record: Reques
     raw, body = await _parse(request, endpoint, config.limits, record)
     check_body_limits(body, config.limits)
     with node.serving() as serving:  # the engine and version in service now, for the whole request
-        prompt_ids = await _local_prompt_ids(serving, body)
-        check_prompt_limit(body, prompt_ids, config.limits)
-        if prompt_ids is not None:
-            record.prompt_tokens = len(prompt_ids)
+        prompts = await _local_prompts(serving, body)
+        check_prompt_limit(body, prompts, config.limits)
+        if prompts is not None:
+            record.prompt_tokens = sum(map(len, prompts))
         via = via_of(request)
-        attempt = _Attempt(request, node, serving, config.limits, raw, body, prompt_ids, record, via,
+        attempt = _Attempt(request, node, serving, config.limits, raw, body, prompts, record, via,
                            plan_versions(node, request, body, via, record))
         for version in attempt.plan.attempts[:-1]:
             try:
@@ -95,16 +97,16 @@ class _Attempt:
     """Serving one request with one version (of a split), or with any (no split)."""
 
     def __init__(self, request: web.Request, node: Node, serving: Serving, limits: LimitsSection, raw: bytes,
-                 body: Body, prompt_ids: list[int] | None, record: RequestRecord, via: tuple[str, ...],
+                 body: Body, prompts: Prompts | None, record: RequestRecord, via: tuple[str, ...],
                  plan: VersionPlan) -> None:
         self.request, self.node, self.serving, self.limits = request, node, serving, limits
-        self.raw, self.body, self.prompt_ids, self.record, self.via, self.plan = raw, body, prompt_ids, record, via, plan
+        self.raw, self.body, self.prompts, self.record, self.via, self.plan = raw, body, prompts, record, via, plan
 
     async def serve(self, version: str | None, last: bool) -> web.StreamResponse:
         node, body, record = self.node, self.body, self.record
         here = local_serves(self.serving, body.model, version)
-        prompt_ids = self.prompt_ids if here else None
-        route = choose_route(node, self.serving, body, prompt_ids, self.via, version, here)
+        prompts = self.prompts if here else None
+        route = choose_route(node, self.serving, body, prompts, self.via, version, here)
         record.route = "forwarded" if route.kind == "forward" else "local"
         record.route_reason = f"{record.route_reason}; {route.reason}" if record.route_reason else route.reason
         if route.kind == "not_found":
@@ -114,14 +116,14 @@ class _Attempt:
                            f"{', '.join(self.via)}; it is not forwarded again.", type="server_error",
                            code="loop_detected")
         if route.kind == "too_long":
-            raise _too_long(body, prompt_ids, route)
+            raise _too_long(body, prompts, route)
         if route.kind == "forward":
             served = await self._forward(route, version, last)
             if served is not None:
                 return served
-        if prompt_ids is None:  # the local model is not ready, and no upstream serves it
+        if prompts is None:  # the local model is not ready, and no upstream serves it
             raise EngineNotReady(self.serving.engine.health().reason)
-        return await self._here(prompt_ids, version, last)
+        return await self._here(prompts, version, last)
 
     async def _forward(self, route: Route, version: str | None, last: bool) -> web.StreamResponse | None:
         """The upstream's answer; None: serve it here (the fallback)."""
@@ -135,7 +137,7 @@ class _Attempt:
                 note_outcome(self.node, self.plan, version, record, started, True)
             if not last:
                 raise TryNextVersion(str(version), exc.why) from None
-            if not (route.fallback and self.prompt_ids is not None):
+            if not (route.fallback and self.prompts is not None):
                 return not_forwarded(exc, self.body, record, route)
             record.route, record.upstream = "local", None
             record.route_reason = f"{route.reason}, but no upstream could take it ({exc.why}): served here"
@@ -147,13 +149,13 @@ class _Attempt:
         note_outcome(self.node, self.plan, version, record, started, failed(record))
         return response
 
-    async def _here(self, prompt_ids: list[int], version: str | None, last: bool) -> web.StreamResponse:
+    async def _here(self, prompts: Prompts, version: str | None, last: bool) -> web.StreamResponse:
         node, record, serving = self.node, self.record, self.serving
         record.version, started = serving.version.id, time.monotonic()
         try:
             if node.faults.next_fails(node.config.debug.inject_errors):
                 raise EngineError(INJECTED)
-            response = await serve_local(self.request, serving.engine, self.body, prompt_ids, record, self.limits)
+            response = await serve_local(self.request, serving.engine, self.body, prompts, record, self.limits)
         except ContextLengthExceeded as exc:
             raise APIError(400, str(exc), param=_prompt_param(self.body), code="context_length_exceeded") from None
         except (EngineNotReady, QueueFull) as exc:  # not ready or busy: no verdict on the version
@@ -193,23 +195,24 @@ async def _parse(request: web.Request, endpoint: str, limits: LimitsSection,
     return raw, body
 
 
-async def _local_prompt_ids(serving: Serving, body: Body) -> list[int] | None:
-    """The prompt's tokens, counted only for the local model when it is ready: a model only
-    upstreams serve costs no tokenizing."""
+async def _local_prompts(serving: Serving, body: Body) -> Prompts | None:
+    """The prompts' tokens (one list per prompt), counted only for the local model when it is ready:
+    a model only upstreams serve costs no tokenizing."""
     if serving.model == body.model and serving.engine.health().ready:
         return await prompt_token_ids(serving.engine.tokenizer, body)
     return None
 
 
 # --- route ------------------------------------------------------------------------------------------
-def choose_route(node: Node, serving: Serving, body: Body, prompt_ids: list[int] | None, via: tuple[str, ...],
+def choose_route(node: Node, serving: Serving, body: Body, prompts: Prompts | None, via: tuple[str, ...],
                  version: str | None = None, here: bool = True) -> Route:
-    """The pure routing decision, from what this node knows now. With a version (a split), only the
-    nodes that serve it count: the local model when `here`, the upstreams that advertise it."""
+    """The pure routing decision, from what this node knows now (several prompts: by the longest).
+    With a version (a split), only the nodes that serve it count: the local model when `here`, the
+    upstreams that advertise it."""
     ready = here and serving.engine.health().ready
     local = LocalModel(serving.model if here else "", serving.engine.info.max_context if ready else None, ready)
     return decide(
-        RouteRequest(body.model, None if prompt_ids is None else len(prompt_ids), body.requested_max_tokens()),
+        RouteRequest(body.model, longest(prompts), body.requested_max_tokens()),
         local,
         node.config.routing.long_prompt_tokens,
         node.upstreams.model_limits(body.model, version),
@@ -217,13 +220,13 @@ def choose_route(node: Node, serving: Serving, body: Body, prompt_ids: list[int]
     )
 
 
-def _too_long(body: Body, prompt_ids: list[int] | None, route: Route) -> APIError:
+def _too_long(body: Body, prompts: Prompts | None, route: Route) -> APIError:
     """No node reachable from here can hold the request: final (400), worded as the engine words it,
     with the largest context limit there is."""
     limit = route.limit or 0
     requested = body.requested_max_tokens()
-    if prompt_ids is not None:
-        message = str(ContextLengthExceeded(len(prompt_ids), requested or 0, limit))
+    if prompts is not None:
+        message = str(ContextLengthExceeded(longest(prompts) or 0, requested or 0, limit))
     else:  # a model only upstreams serve: its prompt was not counted here
         message = (f"This model's maximum context length is {limit} tokens. However, you requested "
                    f"{requested} tokens for the completion alone, and the prompt needs at least one. "
@@ -245,12 +248,16 @@ def check_body_limits(body: Body, limits: LimitsSection) -> None:
                           "max_tokens_too_large")
 
 
-def check_prompt_limit(body: Body, prompt_ids: list[int] | None, limits: LimitsSection) -> None:
-    """`max_prompt_tokens`, for a prompt counted here (a forwarded-only model's is the upstream's)."""
-    limit = limits.max_prompt_tokens
-    if prompt_ids is not None and limit is not None and len(prompt_ids) > limit:
-        raise bad_request(f"The prompt has {len(prompt_ids)} tokens, over this server's limit of {limit}.",
+def check_prompt_limit(body: Body, prompts: Prompts | None, limits: LimitsSection) -> None:
+    """`max_prompt_tokens`, for each prompt counted here (a forwarded-only model's is the upstream's)."""
+    limit, tokens = limits.max_prompt_tokens, longest(prompts)
+    if tokens is not None and limit is not None and tokens > limit:
+        raise bad_request(f"The prompt has {tokens} tokens, over this server's limit of {limit}.",
                           _prompt_param(body), "prompt_too_long")
+
+
+def longest(prompts: Prompts | None) -> int | None:
+    return None if prompts is None else max(map(len, prompts))
 
 
 def _prompt_param(body: Body) -> str:

@@ -55,42 +55,48 @@ async def serve_local(
     request: web.Request,
     engine: Engine,
     body: Body,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     record: RequestRecord,
     limits: LimitsSection,
 ) -> web.StreamResponse:
-    params = sampling_params(body, len(prompt_ids), engine.info.max_context, limits, engine.tokenizer.vocab_size)
-    record.prompt_tokens = len(prompt_ids)
+    """`prompts`: token ids, one list per prompt (a chat has one). Each prompt gets `n` choices, choice
+    `i * n + j` the j-th of prompt i (OpenAI's order)."""
+    tokenizer = engine.tokenizer
+    record.prompt_tokens = sum(map(len, prompts))
     shape = Shape.new(record.endpoint, record.request_id, body.model)
     reasoning = request.app[NODE].config.model.reasoning  # [model] is restart-only: the node's is this request's
 
     def new_output() -> ChatOutput | None:
         if not isinstance(body, ChatCompletionRequest):
             return None
-        return new_chat_output(body, engine.tokenizer, prompt_ids, reasoning)
+        return new_chat_output(body, tokenizer, prompts[0], reasoning)
 
-    choices = new_choices(body.n, engine.tokenizer, body, shape, new_output)
+    echoes = _echo_texts(tokenizer, body, prompts)
+    choices = new_choices(tokenizer, body, shape, new_output, [echo for echo in echoes for _ in range(body.n)])
     constraint, output = None, choices[0].output
     if output is not None:
-        constraint = await answer_constraint(body, engine.tokenizer, output.reasons, output.starts_in_reasoning)
-    streams = [engine.generate(GenerationRequest(record.request_id, tuple(prompt_ids), choice_params(params, i),
-                                                 constraint)) for i in range(body.n)]
+        constraint = await answer_constraint(body, tokenizer, output.reasons, output.starts_in_reasoning)
+    streams = []
+    for prompt in prompts:
+        params = sampling_params(body, len(prompt), engine.info.max_context, limits, tokenizer.vocab_size)
+        streams += [engine.generate(GenerationRequest(record.request_id, tuple(prompt), choice_params(params, j),
+                                                      constraint)) for j in range(body.n)]
     async with AsyncExitStack() as stack:
         for stream in streams:
             await stack.enter_async_context(aclosing(stream))
         firsts = await first_deltas(streams)  # admission errors surface here, before any header is sent
         record.queued_s = firsts[0].queued_s
-        echo = _echo_text(engine.tokenizer, body, prompt_ids)
         async with aclosing(merged(streams, firsts)) as deltas:
             if body.stream:
-                return await _stream(request, deltas, shape, body, record, echo, choices)
-            return await _whole(deltas, shape, record, echo, choices)
+                return await _stream(request, deltas, shape, body, record, choices)
+            return await _whole(deltas, shape, record, choices)
 
 
-def _echo_text(tokenizer: TextTokenizer, body: Body, prompt_ids: list[int]) -> str:
-    if isinstance(body, CompletionRequest) and body.echo:
-        return body.prompt if isinstance(body.prompt, str) else tokenizer.decode(prompt_ids)
-    return ""
+def _echo_texts(tokenizer: TextTokenizer, body: Body, prompts: list[list[int]]) -> list[str]:
+    """Each prompt's text when a text completion asks for `echo`, else ""."""
+    if not (isinstance(body, CompletionRequest) and body.echo):
+        return [""] * len(prompts)
+    return [given if isinstance(given, str) else tokenizer.decode(ids) for given, ids in zip(body.prompts(), prompts)]
 
 
 def _response_headers(record: RequestRecord) -> dict[str, str]:
@@ -108,14 +114,14 @@ def _account(record: RequestRecord, choices: list[Choice]) -> dict[str, int]:
     return usage(record.prompt_tokens or 0, record.completion_tokens)
 
 
-async def _whole(deltas: AsyncIterator[tuple[int, Delta]], shape: Shape, record: RequestRecord, echo: str,
+async def _whole(deltas: AsyncIterator[tuple[int, Delta]], shape: Shape, record: RequestRecord,
                  choices: list[Choice]) -> web.Response:
     async for index, delta in deltas:
         if index == 0:  # the record's token times are one sequence's (inter-token latency)
             record.mark_token()
         choices[index].take(delta)
     use = _account(record, choices)
-    body = full_response(shape, [c.whole(shape, echo) for c in choices], use)
+    body = full_response(shape, [c.whole(shape) for c in choices], use)
     return web.json_response(body, headers=_response_headers(record))
 
 
@@ -125,7 +131,6 @@ async def _stream(
     shape: Shape,
     body: Body,
     record: RequestRecord,
-    echo: str,
     choices: list[Choice],
 ) -> web.StreamResponse:
     response = web.StreamResponse(
@@ -141,8 +146,8 @@ async def _stream(
     for choice in choices:
         if shape.chat:
             await response.write(sse(chunk(shape, "", first=True, with_usage_field=include_usage, index=choice.index)))
-        elif echo:
-            await response.write(sse(chunk(shape, echo, with_usage_field=include_usage, index=choice.index)))
+        elif choice.echo:
+            await response.write(sse(chunk(shape, choice.echo, with_usage_field=include_usage, index=choice.index)))
     try:
         async for index, delta in deltas:
             if index == 0:

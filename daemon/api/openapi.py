@@ -15,7 +15,9 @@ from typing import Any
 from .. import __version__, headers
 from .schemas import (
     LOGIT_BIAS_RANGE,
+    MAX_CHOICES,
     MAX_LOGIT_BIAS,
+    MAX_PROMPTS,
     MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
     CompletionRequest,
@@ -105,10 +107,16 @@ def _add_chat_rules(components: dict[str, Any]) -> None:
 
 
 def _add_completion_rules(components: dict[str, Any]) -> None:
-    """A text completion's `logprobs` cannot go with `echo` (no log-probabilities for the prompt)."""
-    components["CompletionRequest"]["not"] = {
+    """A text completion's `logprobs` cannot go with `echo` (no log-probabilities for the prompt), and
+    its prompts times `n` are at most MAX_PROMPTS sequences."""
+    completion = components["CompletionRequest"]
+    completion["not"] = {
         "required": ["echo", "logprobs"],
         "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}}
+    completion["allOf"] = [
+        {"if": {"required": ["n"], "properties": {"n": {"const": n}}},
+         "then": {"properties": {"prompt": {"anyOf": _prompt_forms(MAX_PROMPTS // n)}}}}
+        for n in range(2, MAX_CHOICES + 1)]
 
 
 def _add_validator_rules(props: dict[str, Any]) -> None:
@@ -123,11 +131,18 @@ def _add_validator_rules(props: dict[str, Any]) -> None:
     if "prompt" in props:
         prompt = props["prompt"]
         prompt.pop("minLength", None)
-        prompt["anyOf"] = [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
-            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-        ]
+        prompt["anyOf"] = _prompt_forms(MAX_PROMPTS)
+
+
+def _prompt_forms(max_prompts: int) -> list[dict[str, Any]]:
+    """A text, texts, token ids, or lists of token ids; at most `max_prompts` prompts."""
+    ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+    return [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": max_prompts},
+        ids,
+        {"type": "array", "items": ids, "minItems": 1, "maxItems": max_prompts},
+    ]
 
 
 _TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {

@@ -1,4 +1,4 @@
-"""A request's prompt as token ids, with the local model's tokenizer and chat template."""
+"""A request's prompts as token ids, with the local model's tokenizer and chat template."""
 
 from __future__ import annotations
 
@@ -6,20 +6,15 @@ import asyncio
 
 from ..inference.tokenizer import TextTokenizer
 from .errors import bad_request
-from .schemas import Body, ChatCompletionRequest, CompletionRequest
+from .schemas import Body, ChatCompletionRequest
 from .tools import template_messages
 
-# Tokenizing a prompt this long moves off the event loop (tokenizers is fast, but not free).
+# Tokenizing prompts this long moves off the event loop (tokenizers is fast, but not free).
 TOKENIZE_IN_THREAD_CHARS = 32_768
 
 
-async def prompt_token_ids(tokenizer: TextTokenizer, body: Body) -> list[int]:
-    if isinstance(body, CompletionRequest) and isinstance(body.prompt, list) and isinstance(body.prompt[0], int):
-        ids = list(body.prompt)  # type: ignore[arg-type]
-        too_big = [i for i in ids if i >= tokenizer.vocab_size]
-        if too_big:
-            raise bad_request(f"Token id {too_big[0]} is outside the vocabulary ({tokenizer.vocab_size}).", "prompt")
-        return ids
+async def prompt_token_ids(tokenizer: TextTokenizer, body: Body) -> list[list[int]]:
+    """One list of token ids per prompt: a chat's one; a text completion's one or several."""
     if _prompt_chars(body) > TOKENIZE_IN_THREAD_CHARS:
         return await asyncio.to_thread(_tokenize, tokenizer, body)
     return _tokenize(tokenizer, body)
@@ -28,12 +23,17 @@ async def prompt_token_ids(tokenizer: TextTokenizer, body: Body) -> list[int]:
 def _prompt_chars(body: Body) -> int:
     if isinstance(body, ChatCompletionRequest):
         return sum(len(m.text()) for m in body.messages)
-    prompt = body.prompt
-    return len(prompt) if isinstance(prompt, str) else sum(len(str(p)) for p in prompt)
+    return sum(len(p) if isinstance(p, str) else 0 for p in body.prompts())
 
 
-def _tokenize(tokenizer: TextTokenizer, body: Body) -> list[int]:
+def _tokenize(tokenizer: TextTokenizer, body: Body) -> list[list[int]]:
     if isinstance(body, ChatCompletionRequest):
-        return tokenizer.encode_chat(*template_messages(body, tokenizer))
-    prompt = body.prompt if isinstance(body.prompt, str) else str(body.prompt[0])
-    return tokenizer.encode(prompt)
+        return [tokenizer.encode_chat(*template_messages(body, tokenizer))]
+    return [tokenizer.encode(p) if isinstance(p, str) else _checked_ids(tokenizer, p) for p in body.prompts()]
+
+
+def _checked_ids(tokenizer: TextTokenizer, ids: list[int]) -> list[int]:
+    too_big = [i for i in ids if i >= tokenizer.vocab_size]
+    if too_big:
+        raise bad_request(f"Token id {too_big[0]} is outside the vocabulary ({tokenizer.vocab_size}).", "prompt")
+    return list(ids)

@@ -25,7 +25,8 @@ from pydantic import (
 from .errors import APIError, bad_request
 
 MAX_STOP_SEQUENCES = 16
-MAX_CHOICES = 16  # n: choices per request, each a sequence of its own in the batch
+MAX_CHOICES = 16  # n: choices per prompt, each a sequence of its own in the batch
+MAX_PROMPTS = 64  # prompts in one text completion; prompts x n sequences at most too
 MAX_LOGPROBS = 20  # alternatives per token: OpenAI's top_logprobs limit, vLLM's default max_logprobs
 MAX_LOGIT_BIAS = 300  # token ids in one logit_bias
 LOGIT_BIAS_RANGE = 100.0
@@ -271,7 +272,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: Literal[1] | None = None
@@ -289,28 +290,42 @@ class CompletionRequest(_Sampling):
             raise ValueError("logprobs with echo (the prompt's log-probabilities) are not supported")
         return value
 
-    def requested_logprobs(self) -> int | None:
-        return self.logprobs
-
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], str) and len(value) > 1:
-            raise ValueError("only one prompt per request is supported")
-        if value == [""]:
-            raise ValueError("the prompt is empty")
-        if isinstance(value, list) and value and isinstance(value[0], int) and min(value) < 0:
-            raise ValueError("token ids must be >= 0")
+    def _prompts(cls, value: str | list[str] | list[int] | list[list[int]], info: ValidationInfo) -> Any:
+        prompts, n = _as_prompts(value), info.data.get("n", 1)
+        if len(prompts) * n > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} sequences per request (prompts x n: {len(prompts)} x {n})")
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("the prompt is empty" if len(prompts) == 1 else "a prompt is empty")
+            if isinstance(prompt, list) and min(prompt) < 0:
+                raise ValueError("token ids must be >= 0")
         return value
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """One entry per prompt: a text, or token ids."""
+        return _as_prompts(self.prompt)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 @cache
 def null_means_default(model: type[BaseModel]) -> frozenset[str]:
     """The fields for which `null` stands for the default: those whose default is not None."""
     return frozenset(name for name, f in model.model_fields.items() if not f.is_required() and f.default is not None)
+
+
+def _as_prompts(value: str | list[str] | list[int] | list[list[int]]) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if value and isinstance(value[0], int):
+        return [value]
+    return value
 
 
 def _no_bool(value: Any) -> Any:
@@ -355,8 +370,8 @@ def _as_api_error(exc: ValidationError) -> APIError:
     )
 
 
-_UNION_TAGS = {"str", "int", "list[str]", "list[int]", "list[TextPart]", "none", "function-after", "function-before",
-               "NamedToolChoice"}
+_UNION_TAGS = {"str", "int", "list[str]", "list[int]", "list[list[int]]", "list[TextPart]", "none", "function-after",
+               "function-before", "NamedToolChoice"}
 
 _UNSUPPORTED_HINT = {
     "best_of": "only best_of=1 is supported",

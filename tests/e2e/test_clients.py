@@ -241,6 +241,16 @@ def test_n_choices_through_the_sdk(routes, route_name):
     assert texts == [c.message.content for c in answer.choices]  # the same seeds, the same choices
 
 
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_several_prompts_through_the_sdk(routes, route_name):
+    route, prompts = routes[route_name], ["Four score and", "Call me"]
+    client = sdk(route)
+    singles = [client.completions.create(model=route.model, prompt=p, max_tokens=5, temperature=0).choices[0].text
+               for p in prompts]
+    batch = client.completions.create(model=route.model, prompt=prompts, max_tokens=5, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1] and [c.text for c in batch.choices] == singles
+
+
 # --- what stays unsupported, and the models endpoint ----------------------------------------------------
 @pytest.mark.parametrize("extra, param", [
     ({"top_logprobs": 2}, "top_logprobs"),

@@ -7,6 +7,7 @@ import asyncio
 import json
 from typing import Any, AsyncIterator
 
+import pytest
 import pytest_asyncio
 from dsnode import headers
 from dsnode.node import Node
@@ -152,12 +153,14 @@ async def test_models_health_ready_cluster(client):
     assert set(me["load"]) >= {"waiting", "running", "tokens_per_second", "batch_tokens", "batch_token_budget"}
 
 
-async def test_client_disconnect_frees_the_batch_slot(client, node):
+@pytest.mark.parametrize("n", [1, 3])
+async def test_client_disconnect_frees_the_batch_slot(client, node, n):
+    """Every choice's slot (n > 1: each choice is a sequence of its own)."""
     body = {"model": MODEL, "prompt": "It was", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+            "stream": True, "n": n}
     response = await client.post("/v1/completions", json=body)
     await response.content.readline()  # the first event arrived: it is generating
-    assert node.engine.load_figures().running == 1
+    assert node.engine.load_figures().running == n
     response.close()
     for _ in range(100):
         if node.engine.load_figures().running == 0:

@@ -58,8 +58,8 @@ async def still_serves(client):
          "unsupported_value", "best_of", None),
         ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "logit_bias": {"99999": 1}}', 400,
          "invalid_value", "logit_bias", "vocabulary"),
-        ("/v1/completions", b'{"model": "tiny-dense", "prompt": ["a", "b"]}', 400, "invalid_value", "prompt",
-         "one prompt"),
+        ("/v1/completions", b'{"model": "tiny-dense", "prompt": ["a", "b", "c", "d", "e"], "n": 16}', 400, "invalid_value",
+         "prompt", "prompts x n"),
         ("/v1/completions", b'{"model": "tiny-dense", "prompt": [1, 99999]}', 400, None, "prompt", "vocabulary"),
         ("/v1/completions", b'{"model": "tiny-dense", "prompt": "x", "stop": ["a","b","c","d","e","f","g","h","i",'
          b'"j","k","l","m","n","o","p","q"]}', 400, "invalid_value", "stop", "16"),

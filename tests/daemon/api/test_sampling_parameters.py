@@ -4,7 +4,6 @@ of the tokens served, and greedy answers under each processor."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any, AsyncIterator, Callable
 
@@ -245,16 +244,35 @@ async def test_n_choices_that_cannot_fit_are_one_400_and_leave_nothing_running(c
     assert figures.running == 0 and figures.waiting == 0
 
 
-async def test_a_client_gone_mid_stream_frees_every_choice(client, node):
-    body = {"model": MODEL, "prompt": "It was", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
-            "stream": True, "n": 3}
-    response = await client.post("/v1/completions", json=body)
-    await response.content.readline()  # the first event arrived: it is generating
-    assert node.engine.load_figures().running == 3
-    response.close()
-    for _ in range(100):
-        if node.engine.load_figures().running == 0:
-            break
-        await asyncio.sleep(0.05)
-    figures = node.engine.load_figures()
-    assert figures.running == 0 and figures.batch_tokens == 0
+# --- several prompts ---------------------------------------------------------------------------------
+async def test_several_prompts_each_get_n_choices_in_openais_order(client, node):
+    prompts = ["It was the best", "Four score and"]
+    singles = [(await completion(client, prompt=p, max_tokens=6))["choices"][0]["text"] for p in prompts]
+    answer = await completion(client, prompt=prompts, n=2, max_tokens=6)
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in answer["choices"]] == [singles[0], singles[0], singles[1], singles[1]]
+    tokenizer = node.engine.tokenizer
+    lengths = [len(tokenizer.encode(p)) for p in prompts]
+    assert answer["usage"] == {"prompt_tokens": sum(lengths), "completion_tokens": 24,
+                               "total_tokens": sum(lengths) + 24}  # each prompt counted once
+    by_ids = await completion(client, prompt=[tokenizer.encode(p) for p in prompts], max_tokens=6)
+    assert [c["text"] for c in by_ids["choices"]] == singles
+    echoed = await completion(client, prompt=prompts, max_tokens=6, echo=True)
+    assert [c["text"] for c in echoed["choices"]] == [p + s for p, s in zip(prompts, singles)]
+
+
+async def test_several_prompts_stream_by_index(client):
+    body = {"model": MODEL, "prompt": ["It was the best", "Four score and", "Call me"], "max_tokens": 6,
+            "temperature": 0, "stream": True, "echo": True}
+    whole = await (await client.post("/v1/completions", json={**body, "stream": False})).json()
+    texts = ["", "", ""]
+    for event in [e for e in await sse_events(await client.post("/v1/completions", json=body)) if e != "[DONE]"]:
+        (choice,) = event["choices"]
+        texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in whole["choices"]]
+
+
+async def test_one_prompt_too_long_refuses_the_request(client):
+    response = await client.post("/v1/completions", json={"model": MODEL, "prompt": ["It was", "x " * 600],
+                                                           "max_tokens": 4})
+    assert response.status == 400 and (await response.json())["error"]["code"] == "context_length_exceeded"
