@@ -33,11 +33,10 @@ from .errors import APIError, bad_request, client_gone, model_not_found, to_api_
 from .forward import NotForwarded, not_forwarded, serve_forwarded
 from .local import serve_local
 from .prompt import prompt_token_ids
-
-Prompts = list[list[int]]  # token ids, one list per prompt (a chat has one)
 from .schemas import Body, ChatCompletionRequest, CompletionRequest, parse_body
 from .versioning import BROKEN, TryNextVersion, VersionPlan, failed, local_serves, note_outcome, plan_versions
 
+Prompts = list[list[int]]  # token ids, one list per prompt (a chat has one)
 MAX_REQUEST_ID = 128
 MAX_HOPS = 3  # a request that passed through this many nodes is not forwarded again
 

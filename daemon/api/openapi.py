@@ -1,9 +1,9 @@
 """`GET /openapi.json`: the HTTP API as an OpenAPI 3.1 document.
 
 The request bodies are the pydantic models of `dsnode.api.schemas` (`model_json_schema`), plus the
-rules their validators add (at most 16 non-empty stop strings, `logit_bias` keyed by token ids, one prompt...),
-so that what the document allows is what the server accepts; `tests/e2e/test_fuzz.py` holds the
-server to it. Every error is OpenAI's shape; the bearer scheme is listed when the node has API keys.
+rules their validators add (at most 16 non-empty stop strings, `logit_bias` keyed by token ids, at most
+64 sequences of prompts x n...), so that what the document allows is what the server accepts;
+`tests/e2e/test_fuzz.py` holds the server to it. Every error is OpenAI's shape; the bearer scheme is listed when the node has API keys.
 """
 
 from __future__ import annotations
