@@ -32,9 +32,14 @@ def sampling_params(body: Body, prompt_tokens: int, max_context: int, limits: Li
     if limits.max_tokens is not None:
         max_tokens = min(max_tokens, limits.max_tokens)
     bias = body.logit_bias_pairs()
-    if bias and vocab_size is not None and bias[-1][0] >= vocab_size:
-        raise bad_request(f"Invalid value for 'logit_bias': token id {bias[-1][0]} is not in the model's "
-                          f"vocabulary of {vocab_size} tokens.", "logit_bias", "invalid_value")
+    stop_ids = frozenset(body.stop_token_ids or ())
+    for param, ids in (("logit_bias", [token for token, _ in bias]), ("stop_token_ids", stop_ids)):
+        if vocab_size is not None and ids and max(ids) >= vocab_size:
+            raise bad_request(f"Invalid value for '{param}': token id {max(ids)} is not in the model's "
+                              f"vocabulary of {vocab_size} tokens.", param, "invalid_value")
+    if body.min_tokens > max_tokens:
+        raise bad_request(f"Invalid value for 'min_tokens': {body.min_tokens} is more than the {max_tokens} "
+                          "tokens the answer may have (max_tokens).", "min_tokens", "invalid_value")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -47,6 +52,9 @@ def sampling_params(body: Body, prompt_tokens: int, max_context: int, limits: Li
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
         logit_bias=bias,
+        min_p=body.min_p,
+        min_tokens=body.min_tokens,
+        stop_token_ids=stop_ids,
         logprobs=body.requested_logprobs(),
     )
 
@@ -74,7 +82,7 @@ async def serve_local(
     echoes = _echo_texts(tokenizer, body, prompts)
     choices = new_choices(tokenizer, body, shape, new_output, [echo for echo in echoes for _ in range(body.n)])
     constraint, output = None, choices[0].output
-    if output is not None:
+    if output is not None and isinstance(body, ChatCompletionRequest):
         constraint = await answer_constraint(body, tokenizer, output.reasons, output.starts_in_reasoning)
     streams = []
     for prompt in prompts:

@@ -29,6 +29,7 @@ MAX_CHOICES = 16  # n: choices per prompt, each a sequence of its own in the bat
 MAX_PROMPTS = 64  # prompts in one text completion; prompts x n sequences at most too
 MAX_LOGPROBS = 20  # alternatives per token: OpenAI's top_logprobs limit, vLLM's default max_logprobs
 MAX_LOGIT_BIAS = 300  # token ids in one logit_bias
+MAX_STOP_TOKEN_IDS = 64
 LOGIT_BIAS_RANGE = 100.0
 PENALTY_RANGE = 2.0
 
@@ -168,6 +169,9 @@ class _Sampling(_Body):
     presence_penalty: Annotated[float, Field(ge=-PENALTY_RANGE, le=PENALTY_RANGE)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-PENALTY_RANGE, le=PENALTY_RANGE)] = 0.0
     repetition_penalty: Annotated[float, Field(ge=0.01, le=10)] = 1.0  # vLLM's extension
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # vLLM's extension
+    min_tokens: Annotated[int, Field(ge=0)] = 0  # vLLM's extension
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
@@ -180,7 +184,8 @@ class _Sampling(_Body):
             return {k: v for k, v in data.items() if v is not None or k not in defaulted}
         return data
 
-    @field_validator("n", "presence_penalty", "frequency_penalty", "repetition_penalty", mode="before")
+    @field_validator("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+                     mode="before")
     @classmethod
     def _number_not_bool(cls, value: Any) -> Any:
         return _no_bool(value)
@@ -320,12 +325,12 @@ def null_means_default(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(name for name, f in model.model_fields.items() if not f.is_required() and f.default is not None)
 
 
-def _as_prompts(value: str | list[str] | list[int] | list[list[int]]) -> Any:
+def _as_prompts(value: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
     if isinstance(value, str):
         return [value]
     if value and isinstance(value[0], int):
-        return [value]
-    return value
+        return [value]  # list[int]: one prompt of token ids
+    return value  # type: ignore[return-value]  # list[str] or list[list[int]]
 
 
 def _no_bool(value: Any) -> Any:

@@ -33,11 +33,12 @@ from .engine import (
     Health,
     ModelInfo,
     QueueFull,
+    SamplingParams,
     TokenLogprob,
 )
 from .grammar import GrammarError, GuideError, start_guide
 from .runner import Loaded, ModelRunner, RunnerDied
-from .sampling import TokenCounts, new_generator, process_logits, sample_token, token_logprob
+from .sampling import TokenCounts, hold_end, new_generator, process_logits, sample_token, token_logprob
 from .scheduler import RequestTooLarge, Scheduler, StepPlan, WaitingQueueFull
 from .sequences import LiveSequence, Sampled, Throughput, send_all
 from .tokenizer import TextTokenizer
@@ -276,6 +277,8 @@ class BatchingEngine(Engine):
                 if live.counts is None:
                     live.counts = TokenCounts(logits.shape[0], live.request.prompt_ids)
                 logits = process_logits(logits, params, live.counts)
+            if live.completion_tokens < params.min_tokens:
+                logits = hold_end(logits, self._end_ids(params))
             if live.request.constraint is not None:
                 if live.guide is None:
                     live.guide = start_guide(self._require_loaded().tokenizer, live.request.constraint,
@@ -324,7 +327,7 @@ class BatchingEngine(Engine):
         if live.counts is not None:
             live.counts.add(token)
         reason: FinishReason | None = None
-        if token in self._require_loaded().tokenizer.eos_token_ids and not params.ignore_eos:
+        if token in self._end_ids(params):
             text, reason = live.detok.flush(), "stop"
         else:
             if live.guide is not None:
@@ -339,6 +342,11 @@ class BatchingEngine(Engine):
             queued_s = live.scheduled_at - live.queued_at
         return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason, queued_s,
                      () if logprob is None else (logprob,))
+
+    def _end_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The tokens that end an answer: end-of-sequence (unless `ignore_eos`) and `stop_token_ids`."""
+        eos = frozenset() if params.ignore_eos else self._require_loaded().tokenizer.eos_token_ids
+        return eos | params.stop_token_ids
 
     def _fail_sequences(self, runner: ModelRunner, ids: Iterable[str], error: EngineError) -> None:
         """End these sequences with `error`: out of the scheduler, their KV cache released."""

@@ -35,6 +35,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0  # vLLM's: tokens under min_p x the likeliest's probability are cut (after temperature)
+    min_tokens: int = 0  # vLLM's: no end of sequence (nor a stop token id) before this many tokens
+    stop_token_ids: frozenset[int] = frozenset()  # vLLM's: these end the answer as end-of-sequence does
     # Log-probabilities of the model's own distribution (before the processors, the temperature and a
     # constraint's mask, as vLLM's default), for the sampled token and this many alternatives; None: none.
     logprobs: int | None = None

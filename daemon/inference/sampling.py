@@ -1,14 +1,14 @@
 """Token sampling shared by every engine: numpy only, so the edge needs no torch.
 
 Order as in Hugging Face / vLLM: the logits processors (`process_logits`: logit_bias, the repetition,
-frequency and presence penalties), then temperature, then top-k, then top-p (nucleus), then a draw from
+frequency and presence penalties), then temperature, then top-k, then top-p (nucleus), then min-p, then a draw from
 the request's own random generator (seeded when the request gives `seed`, so the same seed gives the
 same text whatever else is in the batch). Greedy takes the argmax of the processed logits.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -37,11 +37,14 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
         candidates = _top_k_indices(scaled, params.top_k)
         probs = _softmax(scaled[candidates].astype(np.float64))
         candidates, probs = _top_p_filter(candidates, probs, params.top_p)
+        probs[probs < params.min_p * probs[0]] = 0.0  # min-p: against the likeliest, which is first
         return _draw(candidates, probs, rng)
     scaled -= scaled.max()  # log-weights, the largest 0
-    weights = np.exp(scaled)
+    weights = np.exp(scaled)  # probabilities relative to the likeliest's
     if params.top_p < 1.0:
         weights[weights < nucleus_floor(scaled, weights, params.top_p)] = 0.0
+    if params.min_p > 0.0:
+        weights[weights < params.min_p] = 0.0
     return _draw(None, weights, rng)
 
 
@@ -143,6 +146,15 @@ def process_logits(logits: np.ndarray, params: SamplingParams, counts: TokenCoun
     if params.frequency_penalty or params.presence_penalty:
         generated = counts.output > 0
         out[generated] -= counts.output[generated] * params.frequency_penalty + params.presence_penalty
+    return out
+
+
+def hold_end(logits: np.ndarray, end_ids: Iterable[int]) -> np.ndarray:
+    """logits with the end-of-sequence and stop token ids at -inf (`min_tokens` not reached yet), as a
+    new array."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    ids = [i for i in end_ids if i < out.shape[0]]
+    out[ids] = -np.inf
     return out
 
 

@@ -7,6 +7,7 @@ import pytest
 from dsnode.inference.engine import SamplingParams
 from dsnode.inference.sampling import (
     TokenCounts,
+    hold_end,
     new_generator,
     nucleus_floor,
     process_logits,
@@ -214,3 +215,20 @@ def test_a_large_vocabulary_is_drawn_block_by_block_with_the_right_frequencies()
     flat = rng.standard_normal(32000).astype(np.float32)  # many blocks, none empty: the mean id is central
     ids = [sample_token(flat, params, draw) for _ in range(4000)]
     assert abs(np.mean(ids) - 16000) < 600 and len(set(ids)) > 3000
+
+
+def test_min_p_cuts_tokens_under_a_fraction_of_the_likeliest():
+    logits = np.log(np.array([0.5, 0.3, 0.12, 0.08])).astype(np.float32)  # relative: 1, 0.6, 0.24, 0.16
+    params = SamplingParams(max_tokens=1, min_p=0.2, seed=3)
+    rng = new_generator(params)
+    counts = np.bincount([sample_token(logits, params, rng) for _ in range(20000)], minlength=4) / 20000
+    assert counts[3] == 0 and np.allclose(counts[:3], np.array([0.5, 0.3, 0.12]) / 0.92, atol=0.015)
+    with_top_k = SamplingParams(max_tokens=1, min_p=0.5, top_k=3, seed=3)  # the top-k path: 1, 0.6 stay
+    rng = new_generator(with_top_k)
+    assert set(sample_token(logits, with_top_k, rng) for _ in range(2000)) == {0, 1}
+
+
+def test_hold_end_masks_the_end_tokens_in_a_copy():
+    out = hold_end(LOGITS, {1, 4, 99})
+    assert out[1] == out[4] == -np.inf and np.array_equal(out[[0, 2, 3]], LOGITS[[0, 2, 3]])
+    assert LOGITS[1] == 3.0

@@ -189,6 +189,35 @@ async def test_penalised_greedy_answers_equal_the_model_decoded_with_the_same_ru
     assert served == expected, json.dumps(answer["choices"][0]["text"])
 
 
+async def test_min_tokens_holds_the_end_and_stop_token_ids_end_the_answer(client, node):
+    tokenizer = node.engine.tokenizer
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "temperature": 0,
+            "max_tokens": 60, "logprobs": True}
+    plain = await (await client.post("/v1/chat/completions", json=chat)).json()
+    assert plain["choices"][0]["finish_reason"] == "stop"  # the model ends it with <|im_end|>
+    ended_at = plain["usage"]["completion_tokens"]
+    held = await (await client.post("/v1/chat/completions", json={**chat, "min_tokens": ended_at + 5})).json()
+    tokens = [e["token"] for e in held["choices"][0]["logprobs"]["content"]]
+    assert "<|im_end|>" not in tokens[: ended_at + 5] and len(tokens) >= ended_at + 5
+
+    text = (await completion(client, prompt=PROMPT, max_tokens=12, logprobs=0))["choices"][0]
+    stop_at = ids_of(tokenizer, text["logprobs"]["tokens"][3:4])[0]
+    stopped = (await completion(client, prompt=PROMPT, max_tokens=12, stop_token_ids=[stop_at]))["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == "".join(text["logprobs"]["tokens"][:3])
+    refused = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4,
+                                                          "min_tokens": 5})
+    assert refused.status == 400 and (await refused.json())["error"]["param"] == "min_tokens"
+    outside = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "stop_token_ids": [10**6]})
+    assert outside.status == 400 and (await outside.json())["error"]["param"] == "stop_token_ids"
+
+
+async def test_min_p_keeps_the_answer_near_greedy(client):
+    """min_p 1 leaves only the likeliest token: sampling at any temperature is then greedy."""
+    greedy = (await completion(client, prompt=UNFAMILIAR, max_tokens=16))["choices"][0]["text"]
+    sampled = await completion(client, prompt=UNFAMILIAR, max_tokens=16, temperature=1.5, min_p=1.0, seed=1)
+    assert sampled["choices"][0]["text"] == greedy
+
+
 # --- n choices ---------------------------------------------------------------------------------------
 async def test_n_choices_are_sampled_apart_seeded_and_counted(client):
     body = {"prompt": UNFAMILIAR, "max_tokens": 10, "temperature": 1.0, "seed": 5, "n": 3, "logprobs": 1}
