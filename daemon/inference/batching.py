@@ -188,6 +188,7 @@ class BatchingEngine(Engine):
             asyncio.Queue(),
             Detokenizer(loaded.tokenizer, request.params.stop),
             new_generator(request.params),
+            end_ids=_end_ids(loaded.tokenizer, request.params),
             tokens=list(request.prompt_ids),
         )
         with self._cond:
@@ -237,7 +238,8 @@ class BatchingEngine(Engine):
                 self._fail_sequences(runner, (seq_id,), _model_failed(exc))
             self._finish_step(runner, plan, sampled)
 
-    def _execute(self, runner: ModelRunner, plan: StepPlan) -> tuple[dict[str, Sampled], dict[str, Exception]]:
+    def _execute(self, runner: ModelRunner,
+                 plan: StepPlan) -> tuple[dict[str, Sampled], dict[str, Exception]]:
         """Run one step: the sampled token of each sequence that got one, and the prefills that
         raised. Prefills run one sequence at a time, so one that raises (a prompt the model cannot
         take) fails only its own request; the batched decode raises for the whole step."""
@@ -278,7 +280,7 @@ class BatchingEngine(Engine):
                     live.counts = TokenCounts(logits.shape[0], live.request.prompt_ids)
                 logits = process_logits(logits, params, live.counts)
             if live.completion_tokens < params.min_tokens:
-                logits = hold_end(logits, self._end_ids(params))
+                logits = hold_end(logits, live.end_ids)
             if live.request.constraint is not None:
                 if live.guide is None:
                     live.guide = start_guide(self._require_loaded().tokenizer, live.request.constraint,
@@ -327,7 +329,7 @@ class BatchingEngine(Engine):
         if live.counts is not None:
             live.counts.add(token)
         reason: FinishReason | None = None
-        if token in self._end_ids(params):
+        if token in live.end_ids:
             text, reason = live.detok.flush(), "stop"
         else:
             if live.guide is not None:
@@ -342,11 +344,6 @@ class BatchingEngine(Engine):
             queued_s = live.scheduled_at - live.queued_at
         return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason, queued_s,
                      () if logprob is None else (logprob,))
-
-    def _end_ids(self, params: SamplingParams) -> frozenset[int]:
-        """The tokens that end an answer: end-of-sequence (unless `ignore_eos`) and `stop_token_ids`."""
-        eos = frozenset() if params.ignore_eos else self._require_loaded().tokenizer.eos_token_ids
-        return eos | params.stop_token_ids
 
     def _fail_sequences(self, runner: ModelRunner, ids: Iterable[str], error: EngineError) -> None:
         """End these sequences with `error`: out of the scheduler, their KV cache released."""
@@ -389,6 +386,12 @@ class BatchingEngine(Engine):
                 self._scheduler.abort(live.seq_id)
         for live in victims:
             live.send(error)
+
+def _end_ids(tokenizer: TextTokenizer, params: SamplingParams) -> frozenset[int]:
+    """The tokens that end an answer: end-of-sequence (unless `ignore_eos`) and `stop_token_ids`."""
+    eos = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
+    return eos | params.stop_token_ids
+
 
 def _step_ids(plan: StepPlan) -> set[str]:
     return {f.seq_id for f in (*plan.prefill, *plan.decode)}

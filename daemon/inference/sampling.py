@@ -1,9 +1,9 @@
 """Token sampling shared by every engine: numpy only, so the edge needs no torch.
 
 Order as in Hugging Face / vLLM: the logits processors (`process_logits`: logit_bias, the repetition,
-frequency and presence penalties), then temperature, then top-k, then top-p (nucleus), then min-p, then a draw from
-the request's own random generator (seeded when the request gives `seed`, so the same seed gives the
-same text whatever else is in the batch). Greedy takes the argmax of the processed logits.
+frequency and presence penalties), then temperature, then top-k, then top-p (nucleus), then min-p, then
+a draw from the request's own random generator (seeded when the request gives `seed`, so the same seed
+gives the same text whatever else is in the batch). Greedy takes the argmax of the processed logits.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ class LiveSequence:
     queue: asyncio.Queue[Delta | BaseException]
     detok: Detokenizer
     rng: np.random.Generator
+    end_ids: frozenset[int]  # the tokens that end it: end-of-sequence (unless ignore_eos), stop_token_ids
     tokens: list[int] = field(default_factory=list)
     completion_tokens: int = 0
     guide: TokenGuide | None = None  # the request's constraint, compiled on its first step

@@ -96,7 +96,8 @@ class TextTokenizer:
             raw = bytes(_UNICODE_TO_BYTE[c] for c in name if c in _UNICODE_TO_BYTE)
             if len(raw) == len(name):
                 return raw.decode("utf-8", errors="replace"), raw
-        text = name if token_id in self._special_ids else self.tokenizer.decode([token_id], skip_special_tokens=False)
+        special = token_id in self._special_ids
+        text = name if special else self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text, text.encode("utf-8")
 
     @cached_property
