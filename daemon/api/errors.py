@@ -107,8 +107,14 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(413, "The request body is too large.", code="request_too_large")
     if isinstance(exc, web.HTTPException):
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        return APIError(exc.status, exc.reason, type=kind, code=_slug(exc.reason))
+        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return APIError(exc.status, exc.reason, type=kind, code=_slug(exc.reason), headers=kept)
     return APIError(500, "Internal server error.", type="server_error", code="internal_error")
+
+
+# what aiohttp's own error answers say that a client needs: a 405 lists the methods the path takes
+# (RFC 9110 requires `Allow` there)
+_KEPT_HEADERS = ("Allow",)
 
 
 def protocol_error(status: int, description: str) -> APIError:

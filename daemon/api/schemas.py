@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -32,6 +33,19 @@ MAX_LOGIT_BIAS = 300  # token ids in one logit_bias
 MAX_STOP_TOKEN_IDS = 64
 LOGIT_BIAS_RANGE = 100.0
 PENALTY_RANGE = 2.0
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer is any number with no fraction (`10.0` is 10, as a client in Rust or Go may
+    send it, and as vLLM's pydantic reads it); strict validation would refuse it. Not booleans, not
+    strings: those stay refused."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+INTEGRAL = BeforeValidator(_integral)  # on every integer of a request body
+Int = Annotated[int, INTEGRAL]
 
 
 class _Body(BaseModel):
@@ -157,21 +171,22 @@ class ResponseFormat(_Body):
 
 class _Sampling(_Body):
     model: str = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = -1  # vLLM: -1 or 0 disable it
-    seed: int | None = None
+    top_k: Annotated[int, Field(ge=-1), INTEGRAL] = -1  # vLLM: -1 or 0 disable it
+    seed: Int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), INTEGRAL] = 1
     presence_penalty: Annotated[float, Field(ge=-PENALTY_RANGE, le=PENALTY_RANGE)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-PENALTY_RANGE, le=PENALTY_RANGE)] = 0.0
     repetition_penalty: Annotated[float, Field(ge=0.01, le=10)] = 1.0  # vLLM's extension
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # vLLM's extension
-    min_tokens: Annotated[int, Field(ge=0)] = 0  # vLLM's extension
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0  # vLLM's extension
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0), INTEGRAL]],
+                              Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
@@ -229,9 +244,9 @@ class _Sampling(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     tools: list[ToolSpecIn] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -277,9 +292,9 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(min_length=1)
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
     best_of: Literal[1] | None = None
     suffix: None = None
 

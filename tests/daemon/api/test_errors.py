@@ -98,6 +98,10 @@ async def test_unknown_path_and_method(client):
     response = await client.get("/v1/chat/completions")
     assert response.status == 405
     assert_openai_error(await response.json())
+    assert response.headers["Allow"] == "POST"  # RFC 9110: a 405 lists the methods the path takes
+    response = await client.request("TRACE", "/health")
+    assert response.status == 405
+    assert set(response.headers["Allow"].split(",")) >= {"GET", "HEAD"}
 
 
 async def test_body_too_large_is_413(tmp_path, stub_model_dir, fake_engines, aiohttp_client):

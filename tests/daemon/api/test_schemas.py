@@ -54,6 +54,19 @@ def test_refused_values_name_their_parameter(field, value, param):
     assert error.param == param and repr(value)[:10] in error.message
 
 
+def test_integers_may_be_spelled_with_a_zero_fraction():
+    """JSON Schema's integer is a number with no fraction: 10.0 is 10 (a Rust or Go client's float)."""
+    body = parse_body(ChatCompletionRequest, {**CHAT, "max_completion_tokens": 10.0, "n": 2.0, "seed": -3.0,
+                                              "logprobs": True, "top_logprobs": 4.0, "stop_token_ids": [7.0]})
+    got = (body.max_completion_tokens, body.n, body.seed, body.top_logprobs, *body.stop_token_ids)
+    assert got == (10, 2, -3, 4, 7) and all(type(v) is int for v in got)
+    completion = parse_body(CompletionRequest, {"model": "m", "prompt": [[1.0, 2.0], [3.0]], "logprobs": 1.0})
+    assert completion.prompts() == [[1, 2], [3]] and completion.logprobs == 1
+    for field, value in (("max_tokens", 10.5), ("max_tokens", "10"), ("max_tokens", True), ("n", 1e400)):
+        assert refused(ChatCompletionRequest, {**CHAT, field: value}).param == field
+    assert refused(CompletionRequest, {"model": "m", "prompt": [1.0, 2.5]}).param == "prompt"
+
+
 def test_null_means_the_default_as_in_openai():
     nulls = {k: None for k in ("temperature", "top_p", "top_k", "n", "stream", "logprobs", "presence_penalty",
                                "frequency_penalty", "max_tokens", "stop", "seed")}
