@@ -27,8 +27,17 @@ class TorchRunner:
         self.config = model.config
         self.kv = KVBatch(TORCH_OPS)
 
-    @torch.inference_mode()
     def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
+        last: np.ndarray = self._prefill(seq_id, token_ids, start, 1)[-1]  # (V,)
+        return last
+
+    def prefill_all(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """As `prefill`, with the logits of every fed position (n, V): a prompt being scored."""
+        return self._prefill(seq_id, token_ids, start, 0)
+
+    @torch.inference_mode()
+    def _prefill(self, seq_id: str, token_ids: Sequence[int], start: int, keep: int) -> np.ndarray:
+        """`keep`: the last positions whose logits come back (transformers' logits_to_keep; 0: all)."""
         past = self.kv.cache_of(seq_id)
         n = len(token_ids)
         out = self.model(
@@ -37,10 +46,11 @@ class TorchRunner:
             attention_mask=torch.ones((1, start + n), dtype=torch.long, device=self.device),
             cache=self._cache(past),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
         self.kv.store(seq_id, _layers(out.cache))
-        return out.logits[0, -1].float().cpu().numpy()  # (V,)
+        rows: np.ndarray = out.logits[0].float().cpu().numpy()  # (keep or n, V)
+        return rows
 
     @torch.inference_mode()
     def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:

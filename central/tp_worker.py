@@ -10,7 +10,7 @@ local rank 0 of a follower host also has a control socket to its own daemon, whi
 `TICK_S`, rank 0 broadcasts a no-op ("tick"): the other ranks' wait stays far inside the process
 group's timeout, and a dead peer is found within a tick even when the node is idle.
 
-Calls and answers are pickled tuples: ("prefill", seq_id, token_ids, start), ("decode", seq_ids,
+Calls and answers are pickled tuples: ("prefill" or "prefill_all", seq_id, token_ids, start), ("decode", seq_ids,
 token_ids), ("release", seq_id) (no answer), ("close",). Answers: ("ready", facts), ("ok", logits),
 ("error", message) (the step failed, the rank carries on), ("fatal", message) (the rank exits).
 
@@ -38,8 +38,8 @@ from .rank_load import WEIGHTS, LoadRefused, RankPlace, load_rank
 log = structlog.get_logger("dsnode.central.rank")
 
 PR_SET_PDEATHSIG = 1
-ANSWERED = ("prefill", "decode")
-CALLS = ("prefill", "decode", "release")
+ANSWERED = ("prefill", "prefill_all", "decode")
+CALLS = ("prefill", "prefill_all", "decode", "release")
 TICK_S = 30.0  # rank 0 broadcasts a no-op after this long without a call
 
 

@@ -34,6 +34,7 @@ class Choice:
     parts: list[str] = field(default_factory=list)  # a whole answer's text
     entries: list[TokenLogprob] = field(default_factory=list)  # a whole answer's log-probabilities
     pending: list[TokenLogprob] = field(default_factory=list)  # a stream's, not yet on a chunk
+    prompt_entries: tuple[TokenLogprob, ...] = ()  # the echoed prompt's log-probabilities, when asked
 
     @property
     def completion_tokens(self) -> int:
@@ -53,8 +54,16 @@ class Choice:
     def whole(self, shape: Shape) -> dict[str, Any]:
         text = self.echo + "".join(self.parts)
         message = whole_message(self.output, text) if self.output is not None else None
-        logprobs = None if self.logprobs is None else self.logprobs(self.entries)
+        logprobs = None if self.logprobs is None else self.logprobs([*self.prompt_entries, *self.entries])
         return choice_body(shape, self.index, text, self.finish_reason, message, logprobs)
+
+    def echo_chunk(self, shape: Shape, include_usage: bool) -> dict[str, Any]:
+        """A stream's first chunk of a text completion with `echo`: the prompt, and its log-probabilities
+        when asked (vLLM's order)."""
+        piece = chunk(shape, self.echo, with_usage_field=include_usage, index=self.index)
+        if self.logprobs is not None:
+            piece["choices"][0]["logprobs"] = self.logprobs(self.prompt_entries)
+        return piece
 
     def chunks(self, shape: Shape, delta: Delta, include_usage: bool) -> list[dict[str, Any]]:
         """A stream: the chunks this delta makes, its log-probabilities on the first that carries text."""

@@ -56,6 +56,7 @@ def sampling_params(body: Body, prompt_tokens: int, max_context: int, limits: Li
         min_tokens=body.min_tokens,
         stop_token_ids=stop_ids,
         logprobs=body.requested_logprobs(),
+        prompt_logprobs=body.requested_prompt_logprobs() if isinstance(body, CompletionRequest) else None,
     )
 
 
@@ -93,6 +94,8 @@ async def serve_local(
         for stream in streams:
             await stack.enter_async_context(aclosing(stream))
         firsts = await first_deltas(streams)  # admission errors surface here, before any header is sent
+        for choice, first in zip(choices, firsts):
+            choice.prompt_entries = first.prompt_logprobs
         record.queued_s = firsts[0].queued_s
         async with aclosing(merged(streams, firsts)) as deltas:
             if body.stream:
@@ -155,7 +158,7 @@ async def _stream(
         if shape.chat:
             await response.write(sse(chunk(shape, "", first=True, with_usage_field=include_usage, index=choice.index)))
         elif choice.echo:
-            await response.write(sse(chunk(shape, choice.echo, with_usage_field=include_usage, index=choice.index)))
+            await response.write(sse(choice.echo_chunk(shape, include_usage)))
     try:
         async for index, delta in deltas:
             if index == 0:

@@ -3,7 +3,8 @@
 Chat (`logprobs: true`, `top_logprobs: N`): `{"content": [{"token", "logprob", "bytes", "top_logprobs":
 [{"token", "logprob", "bytes"}]}], "refusal": null}`. Text completions (`logprobs: N`): `{"tokens",
 "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`, the offsets counted in
-characters of the answer's text (after an echoed prompt, which has none of its own).
+characters of the answer's text. With `echo`, the prompt's tokens come first, its first token with
+`null` log-probability and alternatives (nothing precedes it), and the offsets run from the prompt's start.
 
 Every generated token has an entry, the end-of-sequence token included (as vLLM), and in a chat answer
 the tokens of `reasoning_content` and of tool calls too: they are all in `content`, in order.
@@ -29,7 +30,7 @@ def _chat_entry(tokenizer: TextTokenizer, entry: TokenLogprob) -> dict[str, Any]
     return out
 
 
-def _chat_token(tokenizer: TextTokenizer, token: int, logprob: float) -> dict[str, Any]:
+def _chat_token(tokenizer: TextTokenizer, token: int, logprob: float | None) -> dict[str, Any]:
     text, raw = tokenizer.token_piece(token)
     return {"token": text, "logprob": _finite(logprob), "bytes": list(raw)}
 
@@ -50,7 +51,7 @@ class CompletionLogprobs:
         return {
             "tokens": tokens,
             "token_logprobs": [_finite(e.logprob) for e in entries],
-            "top_logprobs": [self._top(e) for e in entries],
+            "top_logprobs": [None if e.logprob is None else self._top(e) for e in entries],
             "text_offset": offsets,
         }
 
@@ -59,11 +60,15 @@ class CompletionLogprobs:
         # keep the likelier, which comes first
         out: dict[str, float] = {}
         for token, logprob in entry.top:
-            out.setdefault(self._tokenizer.token_piece(token)[0], _finite(logprob))
+            out.setdefault(self._tokenizer.token_piece(token)[0], _clamped(logprob))
         return out
 
 
-def _finite(logprob: float) -> float:
+def _finite(logprob: float | None) -> float | None:
     """JSON has no -Infinity: a token of probability 0 (float32 underflow) gets the lowest finite value,
-    as vLLM clamps it."""
+    as vLLM clamps it. None: a prompt's first token."""
+    return None if logprob is None else _clamped(logprob)
+
+
+def _clamped(logprob: float) -> float:
     return max(logprob, -9999.0)

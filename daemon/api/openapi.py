@@ -107,12 +107,8 @@ def _add_chat_rules(components: dict[str, Any]) -> None:
 
 
 def _add_completion_rules(components: dict[str, Any]) -> None:
-    """A text completion's `logprobs` cannot go with `echo` (no log-probabilities for the prompt), and
-    its prompts times `n` are at most MAX_PROMPTS sequences."""
+    """A text completion's prompts times `n` are at most MAX_PROMPTS sequences."""
     completion = components["CompletionRequest"]
-    completion["not"] = {
-        "required": ["echo", "logprobs"],
-        "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}}
     completion["allOf"] = [
         {"if": {"required": ["n"], "properties": {"n": {"const": n}}},
          "then": {"properties": {"prompt": {"anyOf": _prompt_forms(MAX_PROMPTS // n)}}}}
@@ -159,9 +155,10 @@ _CHAT_LOGPROBS = {"type": "object", "required": ["content"], "properties": {"con
     "properties": {**_TOKEN_LOGPROB["properties"], "top_logprobs": {"type": "array", "items": _TOKEN_LOGPROB}}}}}}
 _COMPLETION_LOGPROBS = {"type": "object", "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
                         "properties": {"tokens": {"type": "array", "items": {"type": "string"}},
-                                       "token_logprobs": {"type": "array", "items": _NUMBER},
+                                       # null: an echoed prompt's first token
+                                       "token_logprobs": {"type": "array", "items": {"type": ["number", "null"]}},
                                        "top_logprobs": {"type": "array", "items": {
-                                           "type": "object", "additionalProperties": _NUMBER}},
+                                           "type": ["object", "null"], "additionalProperties": _NUMBER}},
                                        "text_offset": {"type": "array", "items": {"type": "integer"}}}}
 
 

@@ -303,13 +303,6 @@ class CompletionRequest(_Sampling):
     def _best_of_not_bool(cls, value: Any) -> Any:
         return _no_bool(value)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_prompt_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("echo"):
-            raise ValueError("logprobs with echo (the prompt's log-probabilities) are not supported")
-        return value
-
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, value: str | list[str] | list[int] | list[list[int]], info: ValidationInfo) -> Any:
@@ -332,6 +325,11 @@ class CompletionRequest(_Sampling):
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    def requested_prompt_logprobs(self) -> int | None:
+        """`echo` with `logprobs`: the prompt's tokens are scored too (OpenAI's legacy completions,
+        lm-evaluation-harness's loglikelihood requests)."""
+        return self.logprobs if self.echo else None
 
 
 @cache

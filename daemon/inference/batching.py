@@ -37,6 +37,7 @@ from .engine import (
     TokenLogprob,
 )
 from .grammar import GrammarError, GuideError, start_guide
+from .prompt_scoring import first_scores, prefill_scoring
 from .runner import Loaded, ModelRunner, RunnerDied
 from .sampling import TokenCounts, hold_end, new_generator, process_logits, sample_token, token_logprob
 from .scheduler import RequestTooLarge, Scheduler, StepPlan, WaitingQueueFull
@@ -190,6 +191,7 @@ class BatchingEngine(Engine):
             new_generator(request.params),
             end_ids=_end_ids(loaded.tokenizer, request.params),
             tokens=list(request.prompt_ids),
+            prompt_scores=None if request.params.prompt_logprobs is None else first_scores(request.prompt_ids),
         )
         with self._cond:
             try:
@@ -252,7 +254,7 @@ class BatchingEngine(Engine):
             if live.scheduled_at is None:
                 live.scheduled_at = time.monotonic()
             try:
-                logits = runner.prefill(feed.seq_id, live.tokens[feed.start : feed.end], feed.start)
+                logits = self._prefill(runner, live, feed.start, feed.end)
             except RunnerDied:
                 raise
             except Exception as exc:
@@ -268,6 +270,13 @@ class BatchingEngine(Engine):
             for row, (seq_id, live) in enumerate(decoding):
                 self._sample(live, logits[row], sampled, failed)
         return sampled, failed
+
+    @staticmethod
+    def _prefill(runner: ModelRunner, live: LiveSequence, start: int, end: int) -> np.ndarray:
+        scores, top = live.prompt_scores, live.request.params.prompt_logprobs
+        if scores is None or top is None:
+            return runner.prefill(live.seq_id, live.tokens[start:end], start)
+        return prefill_scoring(runner, live.seq_id, live.tokens, start, end, scores, top)
 
     def _sample(self, live: LiveSequence, logits: np.ndarray, sampled: dict[str, Sampled],
                 failed: dict[str, Exception]) -> None:
@@ -339,11 +348,14 @@ class BatchingEngine(Engine):
                 text, reason = text + live.detok.flush(), "stop"
             elif live.completion_tokens >= params.max_tokens:
                 text, reason = text + live.detok.flush(), "length"
-        queued_s = None
-        if live.completion_tokens == 1 and live.scheduled_at is not None:
-            queued_s = live.scheduled_at - live.queued_at
+        queued_s: float | None = None
+        scored: tuple[TokenLogprob, ...] = ()
+        if live.completion_tokens == 1:
+            if live.scheduled_at is not None:
+                queued_s = live.scheduled_at - live.queued_at
+            scored, live.prompt_scores = tuple(e for e in live.prompt_scores or () if e is not None), None
         return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason, queued_s,
-                     () if logprob is None else (logprob,))
+                     () if logprob is None else (logprob,), scored)
 
     def _fail_sequences(self, runner: ModelRunner, ids: Iterable[str], error: EngineError) -> None:
         """End these sequences with `error`: out of the scheduler, their KV cache released."""

@@ -41,6 +41,9 @@ class SamplingParams:
     # Log-probabilities of the model's own distribution (before the processors, the temperature and a
     # constraint's mask, as vLLM's default), for the sampled token and this many alternatives; None: none.
     logprobs: int | None = None
+    # The same for every prompt token (a text completion's `echo` with `logprobs`: scoring a text, as
+    # lm-evaluation-harness does); None: not asked. They come on the first delta.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -65,10 +68,11 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability, and the most likely tokens at its step (best first)."""
+    """A token's log-probability, and the most likely tokens at its step (best first). A prompt's first
+    token has none (nothing comes before it): logprob None."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -83,6 +87,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     queued_s: float | None = None  # first delta only: seconds from admission until the batch took it
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # first delta only: one per prompt token, when asked
 
 
 @dataclass(frozen=True)

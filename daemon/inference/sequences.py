@@ -33,6 +33,9 @@ class LiveSequence:
     counts: TokenCounts | None = None  # for the penalties, from the first step of a request that has one
     queued_at: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None  # first step that fed it: the end of its queue time
+    # a prompt being scored (`prompt_logprobs`): an entry per prompt position, filled as its chunks are
+    # fed; None once sent on the first delta (a recomputation after preemption scores nothing again)
+    prompt_scores: list[TokenLogprob | None] | None = None
 
     def send(self, item: Delta | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)

@@ -35,6 +35,21 @@ async def test_tp2_gives_the_same_greedy_tokens_as_tp1(deepspeed_tp2, deepspeed_
         assert tp2 == tp1, prompt
 
 
+async def test_tp2_scores_the_prompt_as_transformers_does(deepspeed_tp2, hf_moe):
+    """prompt_logprobs (echo + logprobs) through the ranks' `prefill_all`: the model's own log-softmax."""
+    import torch
+
+    ids = deepspeed_tp2.tokenizer.encode(PROMPTS[0])
+    first = (await collect(deepspeed_tp2, ids, max_tokens=1, temperature=0.0, prompt_logprobs=1))[0]
+    with torch.no_grad():
+        rows = torch.log_softmax(hf_moe(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+    entries = first.prompt_logprobs
+    assert [e.token_id for e in entries] == ids and entries[0].logprob is None
+    want = rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    assert [e.logprob for e in entries[1:]] == pytest.approx(want, abs=1e-4)
+    assert [e.top[0][0] for e in entries[1:]] == rows.argmax(-1).tolist()
+
+
 async def test_tp2_concurrent_requests_match_each_alone(deepspeed_tp2):
     prompts = [deepspeed_tp2.tokenizer.encode(p) for p in PROMPTS]
     alone = [token_ids(await collect(deepspeed_tp2, ids, max_tokens=16, temperature=0.0, ignore_eos=True))

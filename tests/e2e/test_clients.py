@@ -251,6 +251,26 @@ def test_several_prompts_through_the_sdk(routes, route_name):
     assert [c.index for c in batch.choices] == [0, 1] and [c.text for c in batch.choices] == singles
 
 
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_scoring_a_text_as_lm_eval_does(routes, route_name):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs 1, max_tokens 1, two texts at once;
+    the continuation's score is the sum of its tokens' log-probabilities in the echoed prompt."""
+    route, context = routes[route_name], "It was the best of times, it was the"
+    client = sdk(route)
+    answer = client.completions.create(model=route.model, prompt=[context + " worst", context + " zebra"],
+                                       echo=True, logprobs=1, max_tokens=1, temperature=0)
+    scores = []
+    for choice in answer.choices:
+        block = choice.logprobs
+        assert choice.text.startswith(context)
+        assert block.token_logprobs[0] is None and block.top_logprobs[0] is None
+        assert len(block.tokens) == len(block.token_logprobs) == len(block.text_offset) == len(block.top_logprobs)
+        cut = block.text_offset.index(len(context))  # the continuation's first token
+        scores.append(sum(block.token_logprobs[cut:-1]))  # the last entry is the generated token
+        assert all(lp <= 0 for lp in block.token_logprobs[1:])
+    assert scores[0] > scores[1]  # the bundled model learnt this sentence: " worst" beats " zebra"
+
+
 # --- what stays unsupported, and the models endpoint ----------------------------------------------------
 @pytest.mark.parametrize("extra, param", [
     ({"top_logprobs": 2}, "top_logprobs"),

@@ -108,6 +108,53 @@ async def test_streamed_completion_logprobs_are_the_whole_answers(client):
             assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
 
 
+def prompt_log_softmax(model, prompt: list[int]) -> np.ndarray:
+    """(len(prompt) - 1, V): row i scores prompt token i + 1, teacher-forced."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, :-1].double()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+async def test_echoed_prompt_logprobs_are_the_models_log_softmax(client, node, model):
+    """echo + logprobs (lm-evaluation-harness's loglikelihood request): every prompt token scored, the
+    first with null, then the answer's tokens, in one list whose offsets run over the whole text."""
+    tokenizer, text = node.engine.tokenizer, "It was the best of times, it was the worst of"
+    prompt = tokenizer.encode(text)
+    answer = (await completion(client, prompt=text, echo=True, logprobs=2, max_tokens=3))["choices"][0]
+    block, n = answer["logprobs"], len(prompt)
+    assert answer["text"].startswith(text) and "".join(block["tokens"]) == answer["text"]
+    assert ids_of(tokenizer, block["tokens"][:n]) == prompt and len(block["tokens"]) == n + 3
+    assert block["token_logprobs"][0] is None and block["top_logprobs"][0] is None
+    rows = prompt_log_softmax(model, prompt)
+    assert np.allclose(block["token_logprobs"][1:n], rows[np.arange(n - 1), prompt[1:]], atol=2e-4)
+    for i in range(1, n):
+        best = np.argsort(-rows[i - 1])[:2]
+        assert list(block["top_logprobs"][i]) == [tokenizer.token_piece(int(t))[0] for t in best]
+        assert np.allclose(list(block["top_logprobs"][i].values()), rows[i - 1][best], atol=2e-4)
+    plain = (await completion(client, prompt=text, logprobs=2, max_tokens=3))["choices"][0]["logprobs"]
+    assert block["tokens"][n:] == plain["tokens"]  # the answer's own entries, as without echo
+    assert np.allclose(block["token_logprobs"][n:], plain["token_logprobs"], atol=1e-5)
+    assert block["text_offset"] == [sum(map(len, block["tokens"][:i])) for i in range(n + 3)]
+
+
+async def test_echoed_prompt_logprobs_stream_first_and_per_prompt(client):
+    prompts = ["It was the best of", "Four score and seven"]
+    whole = await completion(client, prompt=prompts, echo=True, logprobs=1, max_tokens=4)
+    response = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompts, "max_tokens": 4,
+                                                          "temperature": 0, "echo": True, "logprobs": 1,
+                                                          "stream": True})
+    chunks = [e["choices"][0] for e in await sse_events(response) if e != "[DONE]" and e["choices"]]
+    for index, prompt in enumerate(prompts):
+        mine = [c for c in chunks if c["index"] == index]
+        assert mine[0]["text"] == prompt and mine[0]["logprobs"]["token_logprobs"][0] is None  # the echo first
+        blocks = [c["logprobs"] for c in mine if c["logprobs"] is not None]
+        joined = {key: [x for b in blocks for x in b[key]] for key in ("tokens", "token_logprobs", "top_logprobs",
+                                                                        "text_offset")}
+        assert joined == whole["choices"][index]["logprobs"]
+
+
 async def test_chat_logprobs_cover_every_token_with_bytes(client, node, model):
     tokenizer = node.engine.tokenizer
     body = {"model": MODEL, "messages": [{"role": "user", "content": "It was the"}], "max_tokens": 40,

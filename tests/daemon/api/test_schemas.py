@@ -89,8 +89,10 @@ def test_completion_prompt_forms():
     assert refused(CompletionRequest, {"model": "m", "prompt": "x", "frequency_penalty": False}).param == "frequency_penalty"
     assert refused(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 21}).param == "logprobs"
     assert refused(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": True}).param == "logprobs"
-    echoed = refused(CompletionRequest, {"model": "m", "prompt": "x", "echo": True, "logprobs": 1})
-    assert echoed.param == "logprobs" and "echo" in echoed.message
+    scored = parse_body(CompletionRequest, {"model": "m", "prompt": "x", "echo": True, "logprobs": 1})
+    assert scored.requested_prompt_logprobs() == 1  # the prompt's log-probabilities (lm-eval's loglikelihood)
+    plain = parse_body(CompletionRequest, {"model": "m", "prompt": "x", "logprobs": 1})
+    assert plain.requested_prompt_logprobs() is None
 
 
 def test_sampling_processors_and_logprobs_reach_the_engine():
