@@ -131,6 +131,13 @@ def _get(data: Any, key: str) -> Any:
 
 def verify_files(folder: Path, manifest: Manifest) -> None:
     """Raise ManifestError naming the first file that is missing, resized or altered."""
+    check_sizes(folder, manifest)
+    verify_checksums(folder, manifest, manifest.files)
+
+
+def check_sizes(folder: Path, manifest: Manifest) -> None:
+    """Every listed file is there with its size (a stat each: a truncated copy is caught before
+    anything reads it)."""
     folder = Path(folder)
     if manifest.onnx_file not in manifest.files:
         raise ManifestError(f"{folder}: the manifest lists no checksum for {manifest.onnx_file}")
@@ -141,8 +148,21 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
         size = path.stat().st_size
         if size != entry.bytes:
             raise ManifestError(f"{path}: {size} bytes, the manifest says {entry.bytes}; the file was changed")
-        if sha256_file(path) != entry.sha256:
+
+
+def verify_checksums(folder: Path, manifest: Manifest, names: Iterable[str]) -> None:
+    """The named files' checksums against the manifest's; ManifestError names the first that differs."""
+    for name in sorted(names):
+        path = Path(folder) / name
+        if sha256_file(path) != manifest.files[name].sha256:
             raise ManifestError(f"{path}: checksum does not match {MANIFEST_NAME}; the file was changed")
+
+
+def weight_files(manifest: Manifest, least_bytes: int) -> set[str]:
+    """The external-data files of at least `least_bytes`: raw tensor bytes at offsets the graph names,
+    which onnxruntime reads but does not parse (the graph file itself is parsed, so it is never here)."""
+    return {name for name, entry in manifest.files.items()
+            if name != manifest.onnx_file and name != MANIFEST_NAME and entry.bytes >= least_bytes}
 
 
 def sha256_file(path: Path) -> str:

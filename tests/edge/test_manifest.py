@@ -70,3 +70,26 @@ async def test_the_engine_refuses_a_tampered_model_and_says_why(copy):
         await engine.load()
     health = engine.health()
     assert not health.ready and "model.onnx: checksum does not match" in health.reason
+
+
+async def test_weights_hashed_while_the_session_opens_still_refuse_a_changed_byte(copy, monkeypatch):
+    """The weight file's checksum is checked beside the session's opening (a 7B's 8 GB): a changed
+    byte there still fails the load naming the file, and an intact copy loads."""
+    from dsnode.edge import onnx_engine as module
+
+    monkeypatch.setattr(module, "HASHED_ALONGSIDE_BYTES", 1)  # the bundled model's 1 MB weights go alongside
+    data = bytearray((copy / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0x01  # a weight, not a structure onnxruntime parses: the session opens
+    (copy / "model.onnx.data").write_bytes(bytes(data))
+    engine = onnx_engine(copy)
+    with pytest.raises(ManifestError):
+        await engine.load()
+    assert "model.onnx.data: checksum does not match" in engine.health().reason
+    data[len(data) // 2] ^= 0x01
+    (copy / "model.onnx.data").write_bytes(bytes(data))
+    engine = onnx_engine(copy)
+    await engine.load()
+    try:
+        assert engine.health().ready
+    finally:
+        await engine.close()
