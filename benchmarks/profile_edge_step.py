@@ -55,12 +55,15 @@ def bind_cache(s: ort.InferenceSession, binding: ort.IOBinding, batch: int, leng
     return buffers
 
 
-def step_inputs(kind: str, binding: ort.IOBinding, batch: int, cached: int, vocab: int) -> list[np.ndarray]:
+def step_inputs(kind: str, binding: ort.IOBinding, batch: int, cached: int, vocab: int,
+                picks_positions: bool = False) -> list[np.ndarray]:
     """Binds this step's inputs and logits; the caller keeps the arrays alive until the run is done."""
     arrays = {"input_ids": np.full((batch, 1), 7, np.int64)}
     if kind == "dsnode":
         arrays |= {"seqlens_k": np.full(batch, cached, np.int32),
                    "total_sequence_length": np.array(cached + 1, np.int32)}
+        if picks_positions:  # converted since 2026-12-01: which positions get logits
+            arrays["last_position"] = np.array(-1, np.int64)
         logits = np.empty((batch, vocab), np.float32)
     else:  # genai derives both from an attention mask over the whole sequence
         arrays["attention_mask"] = np.ones((batch, cached + 1), np.int64)
@@ -99,7 +102,8 @@ def main() -> int:
     buffers = bind_cache(s, binding, args.batch, args.length, args.folder)
     times = []
     for step in range(args.steps):
-        alive = step_inputs(args.kind, binding, args.batch, args.context + step, vocab)
+        alive = step_inputs(args.kind, binding, args.batch, args.context + step, vocab,
+                            "last_position" in {i.name for i in s.get_inputs()})
         started = time.perf_counter()
         s.run_with_iobinding(binding)
         times.append(time.perf_counter() - started)

@@ -4,8 +4,11 @@ The graph (what `edge/slot_runner.py` drives):
   in   input_ids (B, S) int64; seqlens_k (B,) int32: each row's valid tokens after this step, minus 1;
        total_sequence_length () int32: the largest of those + 1;
        past_key_values.{i}.key/value (B, kv_heads, max_len, head_dim): the cache buffer, shared with
-  out  present.{i}.key/value (the same buffer: GroupQueryAttention writes the new positions in place)
-       logits (B, V) float32 of each row's last position only (prefill never pays S x V for the LM head).
+       present.{i}.key/value (out: the same buffer; GroupQueryAttention writes the new positions in place);
+       last_position int64: -1 (a scalar) for each row's last position only (prefill never pays S x V
+       for the LM head), or k positions (1-D) for k rows per row: a prompt being scored
+       (`SlotRunner.prefill_all`).
+  out  logits (B, V) float32, or (B x k, V).
 Per layer: RMSNorm → one MatMulNBits for q, k and v together → attention → MatMulNBits → residual +
 RMSNorm → SiLU-gated MLP (gate and up in one MatMulNBits, then down).
 
@@ -44,6 +47,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .checkpoint import Checkpoint
 from .kv_calibration import KVScales
+from .manifest import LOGIT_POSITIONS
 from .model_shape import ModelShape
 from .nbits import BITS, NBitsWeight, fits_blocks, quantize_weight
 from .weight_pipeline import WeightPipeline
@@ -447,10 +451,13 @@ class DecoderBuilder:
         return self.linear(gated, down_names(layer), f"layers.{layer}.down_proj")
 
     def lm_head(self, residual: str) -> str:
-        """The last position of each row → final norm → logits (B, V) float32."""
-        index = self.constant("last_position", np.array(-1, dtype=np.int64))
-        (last,) = self.node("Gather", [residual, index], "last_position_hidden", axis=1)  # (B, H)
-        normed = self.rms_norm(last, "model.norm.weight", "final_norm")
+        """The positions `last_position` names (a scalar -1: the last of each row) → final norm → logits
+        (B, V) float32; k positions (1-D: a prompt being scored) give (B x k, V)."""
+        (picked,) = self.node("Gather", [residual, LOGIT_POSITIONS], "last_position_hidden",
+                              axis=1)  # (B, H), or (B, k, H)
+        rows_shape = self.constant("logit_rows_shape", np.array([-1, self.shape.hidden], dtype=np.int64))
+        (rows,) = self.node("Reshape", [picked, rows_shape], "logit_rows")  # (B, H) or (B x k, H)
+        normed = self.rms_norm(rows, "model.norm.weight", "final_norm")
         logits = self.linear(normed, head_names(self.shape), "lm_head")  # (B, V)
         if self.options.dtype != np.float32:
             (logits,) = self.node("Cast", [logits], "logits/float32", to=TensorProto.FLOAT)
@@ -483,7 +490,9 @@ class DecoderBuilder:
         s = self.shape
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                   helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-                  helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+                  helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+                  # which positions get logits: -1 (a scalar), or k positions (1-D); any rank, so no shape
+                  helper.make_tensor_value_info(LOGIT_POSITIONS, TensorProto.INT64, None)]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", s.vocab])]
         cache = ["batch", s.kv_heads, "max_length", s.head_dim]
         for i in range(s.layers):

@@ -3,11 +3,12 @@
 Loading reads the folder's manifest first, checks its format version, every file's size and the
 checksums of the graph, tokenizer and configs, then opens the session on the configured providers (CUDA
 on a GPU, CPU otherwise) while a second thread checks the weight files' checksums (the bulk of the
-bytes: a 7B model's 8.45 GB take ~5 s to hash, as long again as opening the session). The model is
+bytes: a 7B model's 8.45 GB take ~5 s to hash, about as long as opening the session). The model is
 served only once both are done, and a weight file that differs fails the load naming it, as before;
 onnxruntime reads weights at the offsets the (already verified) graph names, so a changed byte there
-cannot derail it before the check ends. It logs and advertises the provider that actually runs. Batching, sampling, stop strings and streaming are the shared
-`BatchingEngine`'s, so the edge answers exactly as the central engine does.
+cannot derail it before the check ends. It logs and advertises the provider that actually runs.
+Batching, sampling, stop strings and streaming are the shared `BatchingEngine`'s, so the edge answers
+exactly as the central engine does.
 
 Imports no torch and no transformers: an edge host has neither.
 """
@@ -26,7 +27,8 @@ from dsnode.inference.engine import ModelInfo
 from dsnode.inference.runner import Loaded
 from dsnode.inference.tokenizer import TextTokenizer
 
-from .manifest import GRAPH_GQA, Manifest, ManifestError, check_sizes, read_manifest, verify_checksums, weight_files
+from .manifest import (GRAPH_GQA, Manifest, ManifestError, check_sizes, read_manifest, verify_checksums,
+                       weight_files)
 from .onnx_runner import CUDA, OnnxRunner, RunnerError, open_session
 from .slot_runner import SlotRunner
 

@@ -31,9 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from .manifest import LOGIT_POSITIONS
 from .onnx_runner import CUDA, RunnerError
 
 _TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}  # int8: --kv-cache int8
+_LAST = np.array(-1, np.int64)  # `last_position`: each row's last position only
 INITIAL_SLOTS = 4
 INITIAL_LENGTH = 256
 LENGTH_STEP = 64
@@ -124,6 +126,8 @@ class SlotRunner:
         self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
         self.max_length = max_length
         self.vocab = int(session.get_outputs()[0].shape[1])
+        # graphs converted before the input existed return the last position only
+        self.picks_positions = LOGIT_POSITIONS in {i.name for i in session.get_inputs()}
         self.cache = CacheBuffers(self.spec, self.device, INITIAL_SLOTS, min(INITIAL_LENGTH, max_length))
         self.slot_of: dict[str, int] = {}
         self.length_of: dict[str, int] = {}  # tokens in the cache, per sequence
@@ -134,6 +138,18 @@ class SlotRunner:
         return str(self.session.get_providers()[0])
 
     def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
+        row: np.ndarray = self._prefill(seq_id, token_ids, start, None)[0]  # (V,)
+        return row
+
+    def prefill_all(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """As `prefill`, with the logits of every fed position (n, V): a prompt being scored. An older
+        graph, which returns the last position only, is fed one token at a time."""
+        if self.picks_positions:
+            return self._prefill(seq_id, token_ids, start, np.arange(len(token_ids), dtype=np.int64))
+        return np.stack([self.prefill(seq_id, [token], start + i) for i, token in enumerate(token_ids)])
+
+    def _prefill(self, seq_id: str, token_ids: Sequence[int], start: int,
+                 positions: np.ndarray | None) -> np.ndarray:
         if seq_id not in self.slot_of:
             if start != 0:
                 raise RunnerError(f"{seq_id}: prefill from position {start} without a cache")
@@ -144,10 +160,12 @@ class SlotRunner:
         self._ensure_length(total)
         binding = self.session.io_binding()
         self._bind_cache(binding, self.slot_of[seq_id], 1)
-        logits = self._run(binding, np.asarray([token_ids], np.int64), np.asarray([total - 1], np.int32))
+        if self.picks_positions:
+            binding.bind_cpu_input(LOGIT_POSITIONS, _LAST if positions is None else positions)
+        logits = self._run(binding, np.asarray([token_ids], np.int64), np.asarray([total - 1], np.int32),
+                           1 if positions is None else len(positions))
         self.length_of[seq_id] = total
-        row: np.ndarray = logits[0]  # (V,)
-        return row
+        return logits  # (1 or len(positions), V)
 
     def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
         rows = [self.slot_of[s] for s in seq_ids]
@@ -229,19 +247,19 @@ class SlotRunner:
             self._bind_cache(binding, 0, batch)
             step = DecodeStep(binding, batch, key, np.zeros((batch, 1), np.int64), np.zeros(batch, np.int32),
                               np.zeros((), np.int32), np.empty((batch, self.vocab), np.float32))
-            for name, array in (("input_ids", step.ids), ("seqlens_k", step.seqlens),
-                                ("total_sequence_length", step.total)):
+            inputs = [("input_ids", step.ids), ("seqlens_k", step.seqlens), ("total_sequence_length", step.total)]
+            for name, array in inputs + ([(LOGIT_POSITIONS, _LAST)] if self.picks_positions else []):
                 binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             binding.bind_output("logits", "cpu", 0, np.float32, list(step.logits.shape), step.logits.ctypes.data)
             self._decode_binding = step
         return step
 
-    def _run(self, binding: ort.IOBinding, ids: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
-        """One session call; returns logits (B, V) float32 on the host."""
+    def _run(self, binding: ort.IOBinding, ids: np.ndarray, seqlens: np.ndarray, rows: int) -> np.ndarray:
+        """One session call; returns logits (B x rows, V) float32 on the host."""
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("seqlens_k", seqlens)
         binding.bind_cpu_input("total_sequence_length", np.asarray(int(seqlens.max()) + 1, np.int32))
-        logits = np.empty((len(ids), self.vocab), np.float32)  # (B, V), written by the session
+        logits = np.empty((len(ids) * rows, self.vocab), np.float32)  # written by the session
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(binding)
         return logits

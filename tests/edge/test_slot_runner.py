@@ -85,6 +85,42 @@ def test_chunked_prefill_continues_where_the_previous_chunk_stopped(runner, torc
         runner.prefill("new", [1], 4)
 
 
+def test_prefill_all_gives_every_positions_logits_in_chunks(runner, torch_model):
+    """A prompt being scored: the graph's optional `last_position` input asks for every position."""
+    prompt, want = PROMPTS["a"], None
+    assert runner.picks_positions
+    with torch.inference_mode():
+        want = torch_model(input_ids=torch.tensor([prompt])).logits[0].numpy()
+    first = runner.prefill_all("x", prompt[:4], 0)
+    rest = runner.prefill_all("x", prompt[4:], 4)
+    assert first.shape == (4, runner.vocab) and rest.shape == (3, runner.vocab)
+    np.testing.assert_allclose(np.concatenate([first, rest]), want, atol=1e-4)
+    after = runner.decode(["x"], [3])  # the cache holds the prompt as after a plain prefill
+    np.testing.assert_allclose(after[0], expected_logits(torch_model, prompt, [3])[-1], atol=1e-4)
+
+
+def test_a_graph_converted_before_last_position_is_scored_one_token_at_a_time(fp32_dir, torch_model, tmp_path):
+    """Folders converted before 2026-12-01 gather a constant -1: prefill_all feeds them token by token."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32_dir / "model.onnx"))  # external data stays where it is
+    (positions,) = [i for i in model.graph.input if i.name == "last_position"]
+    model.graph.input.remove(positions)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), "last_position"))
+    onnx.save(model, str(fp32_dir / "old-format.onnx"))
+    try:
+        old = SlotRunner(open_session(fp32_dir / "old-format.onnx", "cpu", threads=1), max_length=512)
+    finally:
+        (fp32_dir / "old-format.onnx").unlink()
+    assert not old.picks_positions
+    prompt = PROMPTS["a"]
+    with torch.inference_mode():
+        want = torch_model(input_ids=torch.tensor([prompt])).logits[0].numpy()
+    np.testing.assert_allclose(old.prefill_all("x", prompt, 0), want, atol=1e-4)
+    np.testing.assert_allclose(old.prefill("y", prompt, 0), want[-1], atol=1e-4)
+
+
 def test_the_cache_grows_in_slots_and_length_and_keeps_what_it_holds(fp32_dir, torch_model, monkeypatch):
     monkeypatch.setattr(slot_module, "INITIAL_SLOTS", 1)
     monkeypatch.setattr(slot_module, "INITIAL_LENGTH", 4)
