@@ -10,8 +10,8 @@ local rank 0 of a follower host also has a control socket to its own daemon, whi
 `TICK_S`, rank 0 broadcasts a no-op ("tick"): the other ranks' wait stays far inside the process
 group's timeout, and a dead peer is found within a tick even when the node is idle.
 
-Calls and answers are pickled tuples: ("prefill" or "prefill_all", seq_id, token_ids, start), ("decode", seq_ids,
-token_ids), ("release", seq_id) (no answer), ("close",). Answers: ("ready", facts), ("ok", logits),
+Calls and answers are pickled tuples: ("prefill" or "prefill_all", seq_id, token_ids, start),
+("decode", seq_ids, token_ids), ("release", seq_id) (no answer), ("close",). Answers: ("ready", facts), ("ok", logits),
 ("error", message) (the step failed, the rank carries on), ("fatal", message) (the rank exits).
 
 A rank ignores SIGINT/SIGTERM (the daemon drains first, then closes it), exits when the control socket

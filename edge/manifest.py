@@ -24,7 +24,7 @@ GRAPH_EXPORT = "export"  # traced by edge/export.py, served by OnnxRunner
 MANIFEST_NAME = "manifest.json"
 ONNX_FILE = "model.onnx"
 VALIDATION_NAME = "validation.json"
-LOGIT_POSITIONS = "last_position"  # the GQA graph's optional input: the positions whose logits come back
+LOGIT_POSITIONS = "last_position"  # the GQA graph input naming the positions with logits (since 2026-12-01)
 _CHUNK = 1 << 20
 
 

@@ -2,10 +2,10 @@
 `logprobs`), computed while the prompt is prefilled.
 
 Position i's logits score token i + 1. A runner that can return every position's logits of a chunk
-(`prefill_all`, the transformers runner) is fed in pieces of `SCORED_PIECE_TOKENS`, so at most that
-many rows of the vocabulary are on the host at once (256 x 129,280 float32 = 132 MB for DeepSeek's); any
-other runner (the edge's ONNX graphs return the last position only) is fed one token at a time, each
-call a decode-sized step: slower, and only for the requests that ask.
+(`prefill_all`: the transformers and DeepSpeed runners, the edge's `SlotRunner`) is fed in pieces of
+`SCORED_PIECE_TOKENS`, so at most that many rows of the vocabulary are on the host at once (256 x
+129,280 float32 = 132 MB for DeepSeek's); any other runner (the edge's legacy `export` graphs) is fed
+one token at a time, each call a decode-sized step: slower, and only for the requests that ask.
 """
 
 from __future__ import annotations
