@@ -69,7 +69,8 @@ class RemoteRunner:
         return self._call(("prefill", seq_id, list(token_ids), start))  # (V,)
 
     def prefill_all(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
-        return self._call(("prefill_all", seq_id, list(token_ids), start))  # (n, V): a prompt being scored
+        rows: np.ndarray = self._call(("prefill_all", seq_id, list(token_ids), start))  # (n, V): a prompt scored
+        return rows
 
     def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
         return self._call(("decode", list(seq_ids), list(token_ids)))  # (n, V)
