@@ -91,8 +91,15 @@ class OnnxEngine(BatchingEngine):
                 "target": manifest.target,
                 "weights": manifest.weights,
                 "kv_cache": manifest.kv_cache.get("dtype", "float"),
+                # a prompt's log-probabilities (echo + logprobs) at prefill speed, or token by token
+                "prompt_scoring": "by_position" if getattr(runner, "picks_positions", False) else "by_token",
             },
         )
+        if info.extra["prompt_scoring"] == "by_token":
+            log.info("model_scores_prompts_token_by_token", path=str(folder),
+                     reason="converted before the graph had its last_position input: requests with echo and "
+                            "logprobs are scored one token at a time; dsnode convert it again to score at "
+                            "prefill speed")
         log.info("model_loaded", model=info.name, backend=info.backend, provider=info.device,
                  providers=info.extra["providers"], quantization=info.quantization,
                  architecture=info.architecture, max_context=info.max_context, threads=self._model.threads)

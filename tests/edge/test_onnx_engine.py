@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 from dsnode.config import BatchingSection
 from dsnode.inference.engine import ContextLengthExceeded, EngineNotReady, GenerationRequest, SamplingParams
@@ -54,6 +59,36 @@ async def test_model_info_names_the_provider_that_runs(int8_engine):
     assert info.architecture == "Qwen2ForCausalLM" and info.max_context == 512
     assert info.extra["providers"] == ["CPUExecutionProvider"]
     assert info.extra["kv_cache"] == "float"
+    assert info.extra["prompt_scoring"] == "by_position"  # a folder converted today: last_position exists
+
+
+async def test_a_folder_converted_before_last_position_still_scores_prompts(int8_dir, tmp_path):
+    """The graph as converted before 2026-12-01 (a constant -1 where the input is now): it loads, says
+    it scores prompts token by token, and scores them as a new folder does."""
+    import onnx
+    from onnx import numpy_helper
+
+    old = Path(shutil.copytree(int8_dir, tmp_path / "old"))
+    model = onnx.load(str(old / "model.onnx"), load_external_data=False)
+    (positions,) = [i for i in model.graph.input if i.name == "last_position"]
+    model.graph.input.remove(positions)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), "last_position"))
+    onnx.save(model, str(old / "model.onnx"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    graph = (old / "model.onnx").read_bytes()
+    manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(graph).hexdigest(), "bytes": len(graph)}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    engines = [await loaded(onnx_engine(folder)) for folder in (old, int8_dir)]
+    try:
+        assert [e.info.extra["prompt_scoring"] for e in engines] == ["by_token", "by_position"]
+        firsts = [(await run(e, "It was the best of times", max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs
+                  for e in engines]
+        prompt = engines[0].tokenizer.encode("It was the best of times")
+        assert [e.token_id for e in firsts[0]] == prompt == [e.token_id for e in firsts[1]]
+        assert [e.logprob for e in firsts[0][1:]] == pytest.approx([e.logprob for e in firsts[1][1:]], abs=0.05)
+    finally:
+        for engine in engines:
+            await engine.close()
 
 
 async def test_streaming_and_stop_sequences_match_the_central_engine(fp32_engine, torch_engine):
