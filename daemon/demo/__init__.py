@@ -43,14 +43,32 @@ def prepare_models(cache_dir: Path, onnx: bool = True) -> Any:
     from dsnode.central.bundled import ensure_bundled
 
     models = ensure_bundled(cache_dir, log=lambda m: print(f"[models] {m}", flush=True))
-    if onnx and not (models.dense_onnx_int8 / "manifest.json").exists():
+    if onnx and not _onnx_current(models.dense_onnx_int8):
         try:
             from dsnode.edge.convert import convert_model
         except ModuleNotFoundError as exc:
             print(f"[models] skipping the ONNX edge model: {exc}", flush=True)
             return models
+        if models.dense_onnx_int8.exists():
+            print("[models] converting the ONNX edge model again: its graph predates the last_position input",
+                  flush=True)
+            shutil.rmtree(models.dense_onnx_int8)
         convert_model(models.dense, models.dense_onnx_int8, quant="int8")
     return models
+
+
+def _onnx_current(folder: Path) -> bool:
+    """The bundled ONNX model is there, converted with today's graph (its `last_position` input: prompts
+    scored at prefill speed). Without the converter installed, what is there is what can be had."""
+    if not (folder / "manifest.json").exists():
+        return False
+    try:
+        import onnx
+        from dsnode.edge.manifest import LOGIT_POSITIONS, read_manifest
+    except ModuleNotFoundError:
+        return True
+    graph = onnx.load(str(folder / read_manifest(folder).onnx_file), load_external_data=False).graph
+    return LOGIT_POSITIONS in {i.name for i in graph.input}
 
 
 @dataclass

@@ -62,13 +62,13 @@ async def test_model_info_names_the_provider_that_runs(int8_engine):
     assert info.extra["prompt_scoring"] == "by_position"  # a folder converted today: last_position exists
 
 
-async def test_a_folder_converted_before_last_position_still_scores_prompts(int8_dir, tmp_path):
-    """The graph as converted before 2026-12-01 (a constant -1 where the input is now): it loads, says
-    it scores prompts token by token, and scores them as a new folder does."""
+def as_converted_before_last_position(folder: Path, to: Path) -> Path:
+    """A copy of `folder` as converted before 2026-12-01: a constant -1 where the graph now has the
+    last_position input, and the manifest's checksum of the graph updated."""
     import onnx
     from onnx import numpy_helper
 
-    old = Path(shutil.copytree(int8_dir, tmp_path / "old"))
+    old = Path(shutil.copytree(folder, to))
     model = onnx.load(str(old / "model.onnx"), load_external_data=False)
     (positions,) = [i for i in model.graph.input if i.name == "last_position"]
     model.graph.input.remove(positions)
@@ -78,6 +78,16 @@ async def test_a_folder_converted_before_last_position_still_scores_prompts(int8
     graph = (old / "model.onnx").read_bytes()
     manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(graph).hexdigest(), "bytes": len(graph)}
     (old / "manifest.json").write_text(json.dumps(manifest))
+    return old
+
+
+async def test_a_folder_converted_before_last_position_still_scores_prompts(int8_dir, tmp_path):
+    """The graph as converted before 2026-12-01 (a constant -1 where the input is now): it loads, says
+    it scores prompts token by token, and scores them as a new folder does."""
+    from dsnode.demo import _onnx_current
+
+    old = as_converted_before_last_position(int8_dir, tmp_path / "old")
+    assert not _onnx_current(old) and _onnx_current(int8_dir)  # `dsnode demo` converts its bundled model again
     engines = [await loaded(onnx_engine(folder)) for folder in (old, int8_dir)]
     try:
         assert [e.info.extra["prompt_scoring"] for e in engines] == ["by_token", "by_position"]
