@@ -2,7 +2,8 @@
 
 A random Qwen2 of DeepSeek-R1-Distill-Qwen-7B's shape converted by `dsnode convert --quant int8 --target
 cuda`, opened once with `session.disable_cpu_ep_fallback = 1` (it starts only if every node has a CUDA
-kernel), then served by `OnnxEngine`: decode tokens/s at batch 1, 8 and 32.
+kernel), then served by `OnnxEngine`: decode tokens/s at batch 1, 8 and 32, and a prompt prefilled plain
+and scored (`echo` + `logprobs`: every position's logits through the graph's `last_position` input).
 """
 
 from __future__ import annotations
@@ -56,9 +57,35 @@ async def section(args: argparse.Namespace, work: Path, helpers: Any) -> dict[st
             raise RuntimeError(f"OnnxEngine runs on {engine.info.device}, not the CUDA provider")
         result["provider"] = engine.info.device
         result.update(await helpers.figures(engine, EDGE_BATCHES, args.repeats, prefill=False))
+        result["prompt_scoring"] = await prompt_scoring(engine, args.repeats)
         return result
     finally:
         await engine.close()
+
+
+async def prompt_scoring(engine: Any, repeats: int) -> dict[str, Any]:
+    """Seconds to the first token of a 512-token prompt (half the context of a smaller model), plain and
+    scored (medians of `repeats` after a warm-up each), and how many prompt entries came back."""
+    import random
+    import statistics
+
+    from dsnode.inference.engine import GenerationRequest, SamplingParams
+
+    tokens = min(512, engine.info.max_context // 2)
+    prompt = tuple(random.Random(1).randrange(4, engine.tokenizer.vocab_size) for _ in range(tokens))
+    seconds: dict[str, float] = {}
+    entries = 0
+    for kind, scored in (("plain_s", None), ("scored_s", 1)):
+        runs = []
+        for r in range(repeats + 1):
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=scored)
+            started = time.perf_counter()
+            deltas = [d async for d in engine.generate(GenerationRequest(f"{kind}{r}", prompt, params))]
+            runs.append(time.perf_counter() - started)
+            entries = len(deltas[0].prompt_logprobs) if scored else entries
+        seconds[kind] = round(statistics.median(runs[1:]), 3)
+    return {"prompt_tokens": tokens, **seconds, "prompt_entries": entries,
+            "by_position": engine.info.extra.get("prompt_scoring") == "by_position"}
 
 
 def convert_edge_model(args: argparse.Namespace, work: Path,
