@@ -159,6 +159,7 @@ class Node:
             "max_context": info.max_context,
             "device": info.device,
             "tensor_parallel": info.tensor_parallel,
+            "tokenizer": self.engine.tokenizer.digest,  # sha256 of tokenizer.json: what token ids mean here
             "ready": True,
             **({"details": info.extra} if info.extra else {}),
         }

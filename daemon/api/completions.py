@@ -216,7 +216,19 @@ def choose_route(node: Node, serving: Serving, body: Body, prompts: Prompts | No
         node.config.routing.long_prompt_tokens,
         node.upstreams.model_limits(body.model, version),
         may_forward=node.name not in via and len(via) < MAX_HOPS,
+        stay=_token_ids_stay(node, serving, body) if ready else None,
     )
+
+
+def _token_ids_stay(node: Node, serving: Serving, body: Body) -> str | None:
+    """Why a request with token ids for the local model stays here: an upstream serving the model uses
+    another tokenizer, or does not say which (its ids would name other tokens there). None: it may go."""
+    if body.model != serving.model or not body.carries_token_ids():
+        return None
+    theirs = node.upstreams.tokenizers_of(body.model)
+    if not theirs or theirs == {serving.engine.tokenizer.digest}:
+        return None
+    return "its token ids are this node's tokenizer's; an upstream serving the model uses another or does not say"
 
 
 def _too_long(body: Body, prompts: Prompts | None, route: Route) -> APIError:

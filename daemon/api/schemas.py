@@ -229,6 +229,10 @@ class _Sampling(_Body):
                 raise ValueError(f"the bias of token {token} is {bias}, outside -100..100")
         return value
 
+    def carries_token_ids(self) -> bool:
+        """Token ids in the request: they mean one tokenizer's vocabulary (`dsnode.cluster.routing`)."""
+        return bool(self.logit_bias or self.stop_token_ids)
+
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         return tuple(sorted((int(token), float(bias)) for token, bias in (self.logit_bias or {}).items()))
 
@@ -319,6 +323,9 @@ class CompletionRequest(_Sampling):
     def prompts(self) -> list[str] | list[list[int]]:
         """One entry per prompt: a text, or token ids."""
         return _as_prompts(self.prompt)
+
+    def carries_token_ids(self) -> bool:
+        return super().carries_token_ids() or not isinstance(self.prompts()[0], str)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

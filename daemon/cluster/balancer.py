@@ -48,6 +48,7 @@ class Peer:
     role: str | None = None
     models: dict[str, int | None] = field(default_factory=dict)  # model name → its context limit
     versions: dict[str, ServedVersion] = field(default_factory=dict)  # model name → the version it serves
+    tokenizers: dict[str, str] = field(default_factory=dict)  # model name → its tokenizer's digest, if said
     advert: dict[str, Any] | None = None
     last_seen: float | None = None  # wall-clock time of the last answered poll
     last_error: str | None = None  # why it is not healthy (a failure, a poll, its readiness)
@@ -179,6 +180,7 @@ class Balancer:
         if versions != peer.versions:
             self._version_ids = None
         peer.versions = versions
+        peer.tokenizers = _tokenizers(advert.get("models"))
         peer.advert = dict(advert)
         peer.last_seen = wall_time
         down = now is not None and peer.down(now)
@@ -219,6 +221,11 @@ class Balancer:
                 if version is not None and version not in versions:
                     versions.append(version)
         return served
+
+    def tokenizers_of(self, model: str) -> set[str | None]:
+        """The tokenizer digests the upstreams advertising `model` say they use (None: one that does not
+        say: an older node, or a model still loading)."""
+        return {peer.tokenizers.get(model) for peer in self.peers if model in peer.models}
 
     def model_limits(self, model: str | None = None, version: str | None = None) -> dict[str, int | None]:
         """Every advertised model → the largest context limit any upstream (healthy now or not)
@@ -308,6 +315,14 @@ def _models(value: Any) -> dict[str, int | None]:
             good = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
             out[entry["name"][:MAX_FIELD_CHARS]] = limit if good else None
     return out
+
+
+def _tokenizers(value: Any) -> dict[str, str]:
+    """An advertisement's `models` list → name → the digest of the tokenizer it serves with (when said)."""
+    return {entry["name"][:MAX_FIELD_CHARS]: entry["tokenizer"][:MAX_FIELD_CHARS]
+            for entry in (value if isinstance(value, list) else ())
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]
+            and isinstance(entry.get("tokenizer"), str) and entry["tokenizer"]}
 
 
 def _versions(value: Any) -> dict[str, ServedVersion]:

@@ -14,6 +14,9 @@ The rules (docs/cluster.md):
   there is, never a 503 that a client would retry;
 - a model only upstreams serve is always forwarded, without tokenizing the prompt;
 - a request that already passed through this node (or too many nodes) is not forwarded again;
+- a request carrying token ids (a prompt of ids, `logit_bias`, `stop_token_ids`) for a model served
+  here is served here when an upstream serving it uses another tokenizer (or does not say): an edge's
+  distill and a central's full model share a name, not a vocabulary (`stay`: the reason);
 - anything else is a 404 that lists what exists.
 """
 
@@ -54,17 +57,19 @@ def decide(
     long_prompt_tokens: int,
     peer_models: Mapping[str, int | None],
     may_forward: bool = True,
+    stay: str | None = None,
 ) -> Route:
     """`peer_models`: every model an upstream advertises → the largest context limit advertised for
-    it (None: not known, e.g. still loading)."""
+    it (None: not known, e.g. still loading). `stay`: why a request for the local model must be served
+    here (its token ids are this node's tokenizer's)."""
     model = request.model
     peers_serve = may_forward and model in peer_models
     if model != local.name:
         return _remote(request, peer_models, peers_serve)
     prompt = request.prompt_tokens or 0
     needed = prompt + (request.max_tokens or 1)
-    if not peers_serve:
-        why = "no upstream serves it" if may_forward else "already forwarded to this node"
+    if not peers_serve or stay is not None:
+        why = stay or ("no upstream serves it" if may_forward else "already forwarded to this node")
         return Route("local", f"model served locally ({why})", needed)
     if not local.ready:
         return Route("forward", "the local model is not ready", needed)

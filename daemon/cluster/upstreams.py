@@ -97,6 +97,9 @@ class Upstreams:
     def model_limits(self, model: str | None = None, version: str | None = None) -> dict[str, int | None]:
         return self.balancer.model_limits(model, version)
 
+    def tokenizers_of(self, model: str) -> set[str | None]:
+        return self.balancer.tokenizers_of(model)
+
     def served_versions(self) -> dict[str, list[ServedVersion]]:
         return self.balancer.served_versions()
 

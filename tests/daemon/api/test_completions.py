@@ -137,7 +137,7 @@ async def test_concurrent_requests_all_get_their_own_answer(client):
     assert [a["choices"][0]["text"] for a in alone] == [t["choices"][0]["text"] for t in together]
 
 
-async def test_models_health_ready_cluster(client):
+async def test_models_health_ready_cluster(client, node):
     models = await (await client.get("/v1/models")).json()
     assert models["object"] == "list"
     assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [(MODEL, 512)]
@@ -148,6 +148,7 @@ async def test_models_health_ready_cluster(client):
     me = cluster["node"]
     assert me["name"] == "node-under-test" and me["role"] == "central" and me["ready"] is True
     assert me["models"][0]["name"] == MODEL and me["models"][0]["max_context"] == 512
+    assert me["models"][0]["tokenizer"] == node.engine.tokenizer.digest  # what token ids mean here
     assert me["host"]["cpu_logical"] >= 1 and isinstance(me["host"]["gpus"], list)
     assert "transformers" in me["host"]["backends"]
     assert set(me["load"]) >= {"waiting", "running", "tokens_per_second", "batch_tokens", "batch_token_budget"}

@@ -96,3 +96,29 @@ async def edge(tmp_path, stub_model_dir, engine,  # noqa: F811 - the session fix
         return node, client
 
     return make
+
+
+@pytest_asyncio.fixture
+async def local_node(tmp_path, stub_model_dir, fast_tokenizer, aiohttp_client):  # noqa: F811
+    """`await local_node(extra_model="", routing="", upstreams=[])` → (node, client, engine)."""
+    engines = []
+
+    async def make(extra_model: str = "", routing: str = "", upstreams=(), debug: str = ""):
+        path = node_config(tmp_path, stub_model_dir, list(upstreams), routing)
+        text = path.read_text().replace('threads = 1\n', f'threads = 1\n{extra_model}\n', 1)
+        path.write_text(text + (f"\n[debug]\n{debug}\n" if debug else ""))
+        config = load_config(path)
+        engine = fake_engine_for(config, fast_tokenizer)
+        await engine.load()
+        engines.append(engine)
+        node = Node(config, engine, probe_host())
+        client = await aiohttp_client(create_app(node))
+        for _ in range(200):
+            if all(s.healthy for s in node.upstream_states()):
+                break
+            await asyncio.sleep(0.02)
+        return node, client, engine
+
+    yield make
+    for engine in engines:
+        await engine.close()

@@ -36,6 +36,7 @@ class FakeUpstream:
     model: str = MODEL  # the model it advertises
     version: str | None = None  # the model version it advertises and answers with (X-DSNode-Version)
     version_label: str | None = None
+    tokenizer: str | None = None  # the digest it advertises for its model's tokenizer (None: it does not say)
     ready: bool = True
     max_context: int = 4096
     close_after_answer: bool = False  # close each connection after answering (stale keep-alive)
@@ -110,7 +111,8 @@ class FakeUpstream:
         advert = {"node": {"name": self.name, "role": "central", "ready": self.ready,
                            "reason": "" if self.ready else "model is loading",
                            "models": [{"name": self.model, "max_context": self.max_context, "ready": self.ready,
-                                       **self._version_fields()}]},
+                                       **self._version_fields(),
+                                       **({"tokenizer": self.tokenizer} if self.tokenizer else {})}]},
                   "peers": []}
         await self._send(writer, 200, json.dumps(advert).encode())
 

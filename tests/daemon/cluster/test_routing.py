@@ -69,3 +69,13 @@ def test_a_request_that_already_passed_through_is_not_forwarded_again():
     r = route(prompt=LONG + 1, may_forward=False)
     assert r.kind == "local" and "already forwarded to this node" in r.reason
     assert route(model="coder", peers=("coder",), may_forward=False).kind == "loop"
+
+
+def test_a_request_that_must_stay_is_served_here_and_says_why():
+    """Token ids for this node's tokenizer (`stay`): even a long prompt is served here, whose engine
+    refuses what does not fit; a model only peers serve is forwarded as ever."""
+    stay = "its token ids are this node's tokenizer's"
+    r = decide(RouteRequest("deepseek-r1", LONG + 1, 16), LOCAL, LONG, {"deepseek-r1": None}, True, stay)
+    assert r.kind == "local" and stay in r.reason
+    r = decide(RouteRequest("coder", None, 16), LOCAL, LONG, {"coder": None}, True, stay)
+    assert r.kind == "forward"

@@ -4,47 +4,13 @@ baseline): the local canary's failures are retried upstream and roll it back."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import pytest_asyncio
-from dsnode.api.app import create_app
-from dsnode.config import load_config
-from dsnode.node import Node
-from dsnode.probe import probe_host
 from structlog.testing import capture_logs
 
-from tests.support.fake_nodes import fake_engine_for
-
-from .conftest import LOCAL_MODEL, node_config
+from .conftest import LOCAL_MODEL
 
 BASELINE = "3865e12a1eb7"
-
-
-@pytest_asyncio.fixture
-async def local_node(tmp_path, stub_model_dir, fast_tokenizer, aiohttp_client):  # noqa: F811
-    """`await local_node(extra_model="", routing="", upstreams=[])` → (node, client, engine)."""
-    engines = []
-
-    async def make(extra_model: str = "", routing: str = "", upstreams=(), debug: str = ""):
-        path = node_config(tmp_path, stub_model_dir, list(upstreams), routing)
-        text = path.read_text().replace('threads = 1\n', f'threads = 1\n{extra_model}\n', 1)
-        path.write_text(text + (f"\n[debug]\n{debug}\n" if debug else ""))
-        config = load_config(path)
-        engine = fake_engine_for(config, fast_tokenizer)
-        await engine.load()
-        engines.append(engine)
-        node = Node(config, engine, probe_host())
-        client = await aiohttp_client(create_app(node))
-        for _ in range(200):
-            if all(s.healthy for s in node.upstream_states()):
-                break
-            await asyncio.sleep(0.02)
-        return node, client, engine
-
-    yield make
-    for engine in engines:
-        await engine.close()
 
 
 def short(**extra):
