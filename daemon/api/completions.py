@@ -216,17 +216,22 @@ def choose_route(node: Node, serving: Serving, body: Body, prompts: Prompts | No
         node.config.routing.long_prompt_tokens,
         node.upstreams.model_limits(body.model, version),
         may_forward=node.name not in via and len(via) < MAX_HOPS,
-        stay=_token_ids_stay(node, serving, body) if ready else None,
+        stay=_token_ids_stay(node, serving, body, ready) if here else None,
     )
 
 
-def _token_ids_stay(node: Node, serving: Serving, body: Body) -> str | None:
+def _token_ids_stay(node: Node, serving: Serving, body: Body, ready: bool) -> str | None:
     """Why a request with token ids for the local model stays here: an upstream serving the model uses
-    another tokenizer, or does not say which (its ids would name other tokens there). None: it may go."""
+    another tokenizer, or does not say which (its ids would name other tokens there), or the local
+    model is loading and which tokenizer is not known yet (the engine's 503 follows). None: it may go."""
     if body.model != serving.model or not body.carries_token_ids():
         return None
     theirs = node.upstreams.tokenizers_of(body.model)
-    if not theirs or theirs == {serving.engine.tokenizer.digest}:
+    if not theirs:
+        return None
+    if not ready:
+        return "its token ids are this node's tokenizer's, not known while the model loads"
+    if theirs == {serving.engine.tokenizer.digest}:
         return None
     return "its token ids are this node's tokenizer's; an upstream serving the model uses another or does not say"
 

@@ -42,3 +42,15 @@ async def test_an_upstream_that_does_not_say_its_tokenizer_gets_no_token_ids(fak
     _, client, engine = await local_node(upstreams=[(silent.url, 1)])
     response = await client.post("/v1/completions", json={"model": LOCAL_MODEL, "prompt": LONG_IDS, "max_tokens": 2})
     assert response.headers["X-DSNode-Route"] == "local" and silent.received == []
+
+
+async def test_while_the_local_model_is_down_text_is_forwarded_and_token_ids_wait(fakes, local_node):
+    """Not ready here, the tokenizer the ids were meant for is not known: a 503 the client retries, not
+    an answer from another vocabulary."""
+    central = await fakes("central-a", model=LOCAL_MODEL, tokenizer="f" * 64)
+    _, client, engine = await local_node(upstreams=[(central.url, 1)])
+    engine.die("the device was lost")
+    text = await client.post("/v1/completions", json={"model": LOCAL_MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert text.status == 200 and text.headers["X-DSNode-Route"] == "forwarded"
+    ids = await client.post("/v1/completions", json={"model": LOCAL_MODEL, "prompt": LONG_IDS, "max_tokens": 2})
+    assert ids.status == 503 and len(central.received) == 1
