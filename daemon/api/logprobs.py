@@ -2,7 +2,8 @@
 
 Chat (`logprobs: true`, `top_logprobs: N`): `{"content": [{"token", "logprob", "bytes", "top_logprobs":
 [{"token", "logprob", "bytes"}]}], "refusal": null}`. Text completions (`logprobs: N`): `{"tokens",
-"token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`, the offsets counted in
+"token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`, each `top_logprobs` dict the N
+likeliest tokens and the chosen one when it is not among them (OpenAI's legacy rule), the offsets counted in
 characters of the answer's text. With `echo`, the prompt's tokens come first, its first token with
 `null` log-probability and alternatives (nothing precedes it), and the offsets run from the prompt's start.
 
@@ -56,11 +57,15 @@ class CompletionLogprobs:
         }
 
     def _top(self, entry: TokenLogprob) -> dict[str, float]:
+        """The `logprobs` likeliest tokens and the chosen one (OpenAI's "up to logprobs + 1 elements", as
+        vLLM): a sampled or prompt token outside the top is there too."""
         # a dict keyed by text: two ids with the same text (rare: a special token named like text)
         # keep the likelier, which comes first
         out: dict[str, float] = {}
         for token, logprob in entry.top:
             out.setdefault(self._tokenizer.token_piece(token)[0], _clamped(logprob))
+        if entry.logprob is not None:
+            out.setdefault(self._tokenizer.token_piece(entry.token_id)[0], _clamped(entry.logprob))
         return out
 
 

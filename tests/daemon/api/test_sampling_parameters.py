@@ -129,10 +129,15 @@ async def test_echoed_prompt_logprobs_are_the_models_log_softmax(client, node, m
     assert block["token_logprobs"][0] is None and block["top_logprobs"][0] is None
     rows = prompt_log_softmax(model, prompt)
     assert np.allclose(block["token_logprobs"][1:n], rows[np.arange(n - 1), prompt[1:]], atol=2e-4)
+    outside = 0
     for i in range(1, n):
         best = np.argsort(-rows[i - 1])[:2]
-        assert list(block["top_logprobs"][i]) == [tokenizer.token_piece(int(t))[0] for t in best]
-        assert np.allclose(list(block["top_logprobs"][i].values()), rows[i - 1][best], atol=2e-4)
+        top = block["top_logprobs"][i]  # the 2 likeliest, then the prompt's token when it is not one of them
+        assert list(top)[:2] == [tokenizer.token_piece(int(t))[0] for t in best]
+        assert np.allclose(list(top.values())[:2], rows[i - 1][best], atol=2e-4)
+        assert top[block["tokens"][i]] == block["token_logprobs"][i] and len(top) == 2 + (prompt[i] not in best)
+        outside += prompt[i] not in best
+    assert outside > 0  # the case is there: a prompt token the model did not expect
     plain = (await completion(client, prompt=text, logprobs=2, max_tokens=3))["choices"][0]["logprobs"]
     assert block["tokens"][n:] == plain["tokens"]  # the answer's own entries, as without echo
     assert np.allclose(block["token_logprobs"][n:], plain["token_logprobs"], atol=1e-5)
@@ -187,7 +192,8 @@ async def test_chat_logprobs_cover_every_token_with_bytes(client, node, model):
 async def test_logprobs_are_off_unless_asked(client):
     assert (await completion(client))["choices"][0]["logprobs"] is None
     zero = (await completion(client, logprobs=0))["choices"][0]["logprobs"]
-    assert zero["top_logprobs"] == [{}] * 12 and len(zero["token_logprobs"]) == 12
+    assert len(zero["token_logprobs"]) == 12  # and each dict holds the chosen token alone (0 + 1 elements)
+    assert zero["top_logprobs"] == [{t: lp} for t, lp in zip(zero["tokens"], zero["token_logprobs"])]
 
 
 # --- logits processors ---------------------------------------------------------------------------------
