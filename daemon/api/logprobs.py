@@ -3,9 +3,10 @@
 Chat (`logprobs: true`, `top_logprobs: N`): `{"content": [{"token", "logprob", "bytes", "top_logprobs":
 [{"token", "logprob", "bytes"}]}], "refusal": null}`. Text completions (`logprobs: N`): `{"tokens",
 "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`, each `top_logprobs` dict the N
-likeliest tokens and the chosen one when it is not among them (OpenAI's legacy rule), the offsets counted in
-characters of the answer's text. With `echo`, the prompt's tokens come first, its first token with
-`null` log-probability and alternatives (nothing precedes it), and the offsets run from the prompt's start.
+likeliest tokens and the chosen one when it is not among them (OpenAI's legacy rule), the offsets
+counted in characters of the answer's text. With `echo`, the prompt's tokens come first, its first
+token with `null` log-probability and alternatives (nothing precedes it), and the offsets run from the
+prompt's start.
 
 Every generated token has an entry, the end-of-sequence token included (as vLLM), and in a chat answer
 the tokens of `reasoning_content` and of tool calls too: they are all in `content`, in order.
