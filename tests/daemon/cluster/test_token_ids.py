@@ -53,4 +53,4 @@ async def test_while_the_local_model_is_down_text_is_forwarded_and_token_ids_wai
     text = await client.post("/v1/completions", json={"model": LOCAL_MODEL, "prompt": "Hi", "max_tokens": 2})
     assert text.status == 200 and text.headers["X-DSNode-Route"] == "forwarded"
     ids = await client.post("/v1/completions", json={"model": LOCAL_MODEL, "prompt": LONG_IDS, "max_tokens": 2})
-    assert ids.status == 503 and len(central.received) == 1
+    assert ids.status == 503 and ids.headers["Retry-After"] and len(central.received) == 1
