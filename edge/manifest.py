@@ -163,7 +163,7 @@ def weight_files(manifest: Manifest, least_bytes: int) -> set[str]:
     """The external-data files of at least `least_bytes`: raw tensor bytes at offsets the graph names,
     which onnxruntime reads but does not parse (the graph file itself is parsed, so it is never here)."""
     return {name for name, entry in manifest.files.items()
-            if name != manifest.onnx_file and name != MANIFEST_NAME and entry.bytes >= least_bytes}
+            if name != manifest.onnx_file and entry.bytes >= least_bytes}
 
 
 def sha256_file(path: Path) -> str:

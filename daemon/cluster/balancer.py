@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 from ..config import RoutingSection, UpstreamSection
 from ..versions import ServedVersion
@@ -304,35 +304,36 @@ def _new_peer(section: UpstreamSection, routing: RoutingSection) -> Peer:
     )
 
 
+def _model_entries(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """An advertisement's `models` list → (name, entry) for each entry that is an object with a name."""
+    for entry in value if isinstance(value, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]:
+            yield entry["name"][:MAX_FIELD_CHARS], entry
+
+
 def _models(value: Any) -> dict[str, int | None]:
     """An advertisement's `models` list → name → context limit (None while that model loads)."""
     out: dict[str, int | None] = {}
-    if not isinstance(value, list):
-        return out
-    for entry in value:
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]:
-            limit = entry.get("max_context")
-            good = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
-            out[entry["name"][:MAX_FIELD_CHARS]] = limit if good else None
+    for name, entry in _model_entries(value):
+        limit = entry.get("max_context")
+        good = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+        out[name] = limit if good else None
     return out
 
 
 def _tokenizers(value: Any) -> dict[str, str]:
     """An advertisement's `models` list → name → the digest of the tokenizer it serves with (when said)."""
-    return {entry["name"][:MAX_FIELD_CHARS]: entry["tokenizer"][:MAX_FIELD_CHARS]
-            for entry in (value if isinstance(value, list) else ())
-            if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]
-            and isinstance(entry.get("tokenizer"), str) and entry["tokenizer"]}
+    said = ((name, _str_or_none(entry.get("tokenizer"))) for name, entry in _model_entries(value))
+    return {name: digest for name, digest in said if digest is not None}
 
 
 def _versions(value: Any) -> dict[str, ServedVersion]:
     """An advertisement's `models` list → name → the version it serves (entries without one: none)."""
     out: dict[str, ServedVersion] = {}
-    for entry in value if isinstance(value, list) else ():
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]:
-            version, label = _str_or_none(entry.get("version")), _str_or_none(entry.get("version_label"))
-            if version is not None:
-                out[entry["name"][:MAX_FIELD_CHARS]] = ServedVersion(version, label)
+    for name, entry in _model_entries(value):
+        version, label = _str_or_none(entry.get("version")), _str_or_none(entry.get("version_label"))
+        if version is not None:
+            out[name] = ServedVersion(version, label)
     return out
 
 
