@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
+import json
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytest_asyncio
 from dsnode.config import BatchingSection, ModelSection
@@ -161,3 +164,22 @@ def int8_cache_dirs(tmp_path_factory, dense_dir) -> dict[str, Path]:
         assert run.code == 0, run.stderr
         folders[quant] = root / quant
     return folders
+
+
+def as_converted_before_last_position(folder: Path, to: Path) -> Path:
+    """A copy of `folder` as converted before 2026-12-01: a constant -1 where the graph now has the
+    last_position input, and the manifest's checksum of the graph updated."""
+    import onnx
+    from onnx import numpy_helper
+
+    old = Path(shutil.copytree(folder, to))
+    model = onnx.load(str(old / "model.onnx"), load_external_data=False)
+    (positions,) = [i for i in model.graph.input if i.name == "last_position"]
+    model.graph.input.remove(positions)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), "last_position"))
+    onnx.save(model, str(old / "model.onnx"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    graph = (old / "model.onnx").read_bytes()
+    manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(graph).hexdigest(), "bytes": len(graph)}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    return old

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
 from dsnode.config import BatchingSection
 from dsnode.inference.engine import ContextLengthExceeded, EngineNotReady, GenerationRequest, SamplingParams
 
-from tests.edge.conftest import loaded, onnx_engine, run, run_all, text_of, tokens_of
+from tests.edge.conftest import (
+    as_converted_before_last_position,
+    loaded,
+    onnx_engine,
+    run,
+    run_all,
+    text_of,
+    tokens_of,
+)
 
 onnxruntime = pytest.importorskip("onnxruntime")  # the `edge` extra: the fast tier's venv has none of it
 
@@ -60,25 +63,6 @@ async def test_model_info_names_the_provider_that_runs(int8_engine):
     assert info.extra["providers"] == ["CPUExecutionProvider"]
     assert info.extra["kv_cache"] == "float"
     assert info.extra["prompt_scoring"] == "by_position"  # a folder converted today: last_position exists
-
-
-def as_converted_before_last_position(folder: Path, to: Path) -> Path:
-    """A copy of `folder` as converted before 2026-12-01: a constant -1 where the graph now has the
-    last_position input, and the manifest's checksum of the graph updated."""
-    import onnx
-    from onnx import numpy_helper
-
-    old = Path(shutil.copytree(folder, to))
-    model = onnx.load(str(old / "model.onnx"), load_external_data=False)
-    (positions,) = [i for i in model.graph.input if i.name == "last_position"]
-    model.graph.input.remove(positions)
-    model.graph.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), "last_position"))
-    onnx.save(model, str(old / "model.onnx"))
-    manifest = json.loads((old / "manifest.json").read_text())
-    graph = (old / "model.onnx").read_bytes()
-    manifest["files"]["model.onnx"] = {"sha256": hashlib.sha256(graph).hexdigest(), "bytes": len(graph)}
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    return old
 
 
 async def test_a_folder_converted_before_last_position_still_scores_prompts(int8_dir, tmp_path):

@@ -12,6 +12,8 @@ from dsnode.edge import slot_runner as slot_module
 from dsnode.edge.onnx_runner import RunnerError, open_session
 from dsnode.edge.slot_runner import SlotRunner
 
+from tests.edge.conftest import as_converted_before_last_position
+
 PROMPTS = {"a": [5, 17, 99, 200, 31, 8, 77], "b": [40, 41], "c": [300, 12, 12, 64]}
 THEN = [3, 150, 9]
 
@@ -101,18 +103,8 @@ def test_prefill_all_gives_every_positions_logits_in_chunks(runner, torch_model)
 
 def test_a_graph_converted_before_last_position_is_scored_one_token_at_a_time(fp32_dir, torch_model, tmp_path):
     """Folders converted before 2026-12-01 gather a constant -1: prefill_all feeds them token by token."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(fp32_dir / "model.onnx"))  # external data stays where it is
-    (positions,) = [i for i in model.graph.input if i.name == "last_position"]
-    model.graph.input.remove(positions)
-    model.graph.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), "last_position"))
-    onnx.save(model, str(fp32_dir / "old-format.onnx"))
-    try:
-        old = SlotRunner(open_session(fp32_dir / "old-format.onnx", "cpu", threads=1), max_length=512)
-    finally:
-        (fp32_dir / "old-format.onnx").unlink()
+    folder = as_converted_before_last_position(fp32_dir, tmp_path / "old")
+    old = SlotRunner(open_session(folder / "model.onnx", "cpu", threads=1), max_length=512)
     assert not old.picks_positions
     prompt = PROMPTS["a"]
     with torch.inference_mode():
