@@ -30,6 +30,7 @@ class RequestRecord:
     stream: bool = False
     status: int = 200
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those a prompt cache gave (local answers)
     completion_tokens: int = 0
     finish_reason: str | None = None
     upstream: str | None = None  # forwarded: the peer that served it
@@ -86,6 +87,8 @@ class RequestRecord:
             "ttft_ms": None if first is None else round((first - started) * 1000, 1),
         }
         # the optional ones, only when set (same order as ever)
+        if self.cached_tokens:
+            out["cached_tokens"] = self.cached_tokens
         if self.upstream:
             out["upstream"] = self.upstream
         if self.route_reason:

@@ -66,7 +66,7 @@ class OnnxEngine(BatchingEngine):
                  weights_seconds=seconds)
         runner: OnnxRunner | SlotRunner
         if manifest.graph == GRAPH_GQA:
-            runner = SlotRunner(session, manifest.context_limit)
+            runner = SlotRunner(session, manifest.context_limit, self._batching.prompt_cache_mb * 2**20)
             layers = runner.spec.layers
         else:
             runner = OnnxRunner(session)

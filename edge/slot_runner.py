@@ -19,6 +19,11 @@ it in place. Nothing of the cache crosses into numpy on a step, and no step copi
   token. Sequences joining and leaving never move data.
 - A decode step writes its inputs into arrays bound once per batch size, and its logits into one
   bound output: the per-token work outside the session call is filling those and picking the rows.
+- **The prompt cache** (CPU only; `[batching] prompt_cache_mb`): when a sequence is released, a copy of
+  its slot's cache goes to a host-memory `PromptCache` with the tokens it holds. A sequence the engine
+  admits asks it (`reuse_prefix`) for the longest prefix it shares, in whole blocks; that copy is put
+  back into the new sequence's slot before its first step, and prefilling starts after it. On a GPU the
+  cache is not kept (the buffers are device memory, and a prefill there is fast).
 
 Only numpy and onnxruntime here: this is the edge host's run-time path.
 """
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
+from dsnode.inference.prompt_cache import Entry, PromptCache
 
 from .manifest import LOGIT_POSITIONS
 from .onnx_runner import CUDA, RunnerError
@@ -76,6 +82,7 @@ class CacheBuffers:
     def __init__(self, spec: CacheSpec, device: str, slots: int, length: int) -> None:
         self.spec, self.device = spec, device
         self.slots, self.length = slots, length
+        self.arrays: list[np.ndarray] = []  # on the CPU: the memory of `values`, in layer order, K then V
         self.values = [self._allocate(np.zeros(self._shape(slots, length), spec.dtype)) for _ in range(2 * spec.layers)]
 
     def _shape(self, slots: int, length: int) -> tuple[int, int, int, int]:
@@ -83,7 +90,21 @@ class CacheBuffers:
 
     def _allocate(self, array: np.ndarray) -> ort.OrtValue:
         """On the CPU the OrtValue wraps `array` (no copy; it keeps the array alive), on a GPU it is a copy."""
+        if self.device == "cpu":
+            self.arrays.append(array)
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
+    def token_bytes(self) -> int:
+        """Bytes of one position of one slot, all layers, K and V."""
+        return 2 * self.spec.layers * self.spec.kv_heads * self.spec.head_dim * np.dtype(self.spec.dtype).itemsize
+
+    def copy_out(self, slot: int, positions: int) -> list[np.ndarray]:
+        """A host copy of a slot's first positions (CPU buffers only)."""
+        return [array[slot, :, :positions].copy() for array in self.arrays]
+
+    def copy_in(self, slot: int, kept: list[np.ndarray], positions: int) -> None:
+        for array, part in zip(self.arrays, kept):
+            array[slot, :, :positions] = part[:, :positions]
 
     @property
     def slot_bytes(self) -> int:
@@ -94,7 +115,7 @@ class CacheBuffers:
 
     def grow(self, slots: int, length: int) -> None:
         """Reallocate larger and copy what is there (through the host: growth is rare, steps are not)."""
-        grown = []
+        grown, self.arrays = [], []
         for value in self.values:
             old = value.numpy()  # (slots, h, length, d)
             new = np.zeros(self._shape(slots, length), self.spec.dtype)
@@ -120,7 +141,7 @@ class DecodeStep:
 class SlotRunner:
     """The `ModelRunner` of GQA graphs. Called from one thread (the engine's worker)."""
 
-    def __init__(self, session: ort.InferenceSession, max_length: int) -> None:
+    def __init__(self, session: ort.InferenceSession, max_length: int, prompt_cache_bytes: int = 0) -> None:
         self.session = session
         self.spec = CacheSpec.of(session)
         self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
@@ -131,6 +152,9 @@ class SlotRunner:
         self.cache = CacheBuffers(self.spec, self.device, INITIAL_SLOTS, min(INITIAL_LENGTH, max_length))
         self.slot_of: dict[str, int] = {}
         self.length_of: dict[str, int] = {}  # tokens in the cache, per sequence
+        self.fed: dict[str, list[int]] = {}  # their ids (what the prompt cache keeps them under)
+        self.prompts: PromptCache[list[np.ndarray]] = PromptCache(prompt_cache_bytes if self.device == "cpu" else 0)
+        self._reused: dict[str, tuple[Entry[list[np.ndarray]], int]] = {}  # to copy in before the next step
         self._decode_binding: DecodeStep | None = None
 
     @property
@@ -148,12 +172,36 @@ class SlotRunner:
             return self._prefill(seq_id, token_ids, start, np.arange(len(token_ids), dtype=np.int64))
         return np.stack([self.prefill(seq_id, [token], start + i) for i, token in enumerate(token_ids)])
 
+    def reuse_prefix(self, seq_id: str, token_ids: Sequence[int]) -> int:
+        """A sequence is being admitted: how many of its first tokens the prompt cache holds (0 if none).
+        Only a lookup: the engine asks while it holds its scheduling lock. The sequence takes a slot
+        and the entry's copy at the start of the next step, whatever that step feeds."""
+        if not self.prompts.capacity or seq_id in self.slot_of or seq_id in self._reused:
+            return 0
+        hit = self.prompts.lookup(token_ids)
+        if hit is None:
+            return 0
+        self._reused[seq_id] = (hit.entry, hit.reused)
+        return int(hit.reused)
+
+    def _copy_reused(self) -> None:
+        """Sequences given a prefix since the last step take their slots, and the prefix goes in."""
+        for seq_id, (entry, positions) in self._reused.items():
+            slot = self.slot_of[seq_id] = self._free_slot()
+            self.length_of[seq_id] = positions
+            self.fed[seq_id] = entry.tokens[:positions].tolist()
+            self._ensure_length(positions)
+            self.cache.copy_in(slot, entry.payload, positions)
+        self._reused.clear()
+
     def _prefill(self, seq_id: str, token_ids: Sequence[int], start: int,
                  positions: np.ndarray | None) -> np.ndarray:
+        self._copy_reused()
         if seq_id not in self.slot_of:
             if start != 0:
                 raise RunnerError(f"{seq_id}: prefill from position {start} without a cache")
             self.slot_of[seq_id] = self._free_slot()
+            self.fed[seq_id] = []
         elif self.length_of[seq_id] != start:
             raise RunnerError(f"{seq_id}: prefill from {start}, but {self.length_of[seq_id]} tokens are cached")
         total = start + len(token_ids)
@@ -165,9 +213,11 @@ class SlotRunner:
         logits = self._run(binding, np.asarray([token_ids], np.int64), np.asarray([total - 1], np.int32),
                            1 if positions is None else len(positions))
         self.length_of[seq_id] = total
+        self.fed[seq_id].extend(token_ids)
         return logits  # (1 or len(positions), V)
 
     def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
+        self._copy_reused()
         rows = [self.slot_of[s] for s in seq_ids]
         batch = max(self.slot_of.values()) + 1  # the running prefix of slots
         in_order = len(rows) == batch and rows == list(range(batch))  # the common case: no gaps, no reordering
@@ -182,19 +232,32 @@ class SlotRunner:
         step.seqlens[:] = positions
         step.total[...] = int(positions.max()) + 1
         self.session.run_with_iobinding(step.binding)
-        for seq_id in seq_ids:
+        for seq_id, token in zip(seq_ids, token_ids):
             self.length_of[seq_id] += 1
+            self.fed[seq_id].append(token)
         # (n, V) in the order asked: a copy, the bound buffer is written again by the next step
         ordered: np.ndarray = step.logits.copy() if in_order else step.logits[rows]
         return ordered
 
     def release(self, seq_id: str) -> None:
-        self.slot_of.pop(seq_id, None)
+        """The sequence is done (or dropped): its slot is free, and what its cache holds goes to the
+        prompt cache if that wants it. Only positions a step completed are kept: a failed step has
+        not counted the positions it may have written."""
+        slot = self.slot_of.pop(seq_id, None)
         self.length_of.pop(seq_id, None)
+        tokens = self.fed.pop(seq_id, [])
+        if self._reused.pop(seq_id, None) is not None or slot is None:
+            return  # dropped before any step: it holds nothing
+        nbytes = len(tokens) * self.cache.token_bytes()
+        if self.prompts.wants(tokens, nbytes):
+            self.prompts.add(tokens, self.cache.copy_out(slot, len(tokens)), nbytes)
 
     def close(self) -> None:
         self.slot_of.clear()
         self.length_of.clear()
+        self.fed.clear()
+        self._reused.clear()
+        self.prompts.clear()
         self._decode_binding = None
 
     # --- internals -------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack, aclosing
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
@@ -97,6 +97,9 @@ async def serve_local(
         for choice, first in zip(choices, firsts):
             choice.prompt_entries = first.prompt_logprobs
         record.queued_s = firsts[0].queued_s
+        # each prompt counted once, as its tokens are: by its choice that found the most in the cache
+        record.cached_tokens = sum(max(f.cached_tokens for f in firsts[i:i + body.n])
+                                   for i in range(0, len(firsts), body.n))
         async with aclosing(merged(streams, firsts)) as deltas:
             if body.stream:
                 return await _stream(request, deltas, shape, body, record, choices)
@@ -117,12 +120,12 @@ def _response_headers(record: RequestRecord) -> dict[str, str]:
     return out
 
 
-def _account(record: RequestRecord, choices: list[Choice]) -> dict[str, int]:
+def _account(record: RequestRecord, choices: list[Choice]) -> dict[str, Any]:
     """The answer's usage (the prompt counted once, as OpenAI does) and the record's figures; the
     record's finish reason is the first choice's."""
     record.completion_tokens = sum(c.completion_tokens for c in choices)
     record.finish_reason = choices[0].finish_reason
-    return usage(record.prompt_tokens or 0, record.completion_tokens)
+    return usage(record.prompt_tokens or 0, record.completion_tokens, record.cached_tokens)
 
 
 async def _whole(deltas: AsyncIterator[tuple[int, Delta]], shape: Shape, record: RequestRecord,

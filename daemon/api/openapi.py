@@ -163,9 +163,11 @@ _COMPLETION_LOGPROBS = {"type": "object", "required": ["tokens", "token_logprobs
 
 
 def _response_schemas() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
     usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-             "properties": {k: {"type": "integer", "minimum": 0}
-                            for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+             "properties": {**{k: count for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+                            # prompt tokens a prompt cache gave (a local answer; a relayed one as its node says)
+                            "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": count}}}}
     finish = {"type": ["string", "null"]}
     return {
         "Error": {

@@ -244,7 +244,8 @@ def note_usage(record: RequestRecord, data: bytes | bytearray) -> None:
         usage, _ = _DECODER.raw_decode(text)
         record.prompt_tokens = int(usage["prompt_tokens"])
         record.completion_tokens = int(usage["completion_tokens"])
-    except (ValueError, KeyError, TypeError):
+        record.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
 
 

@@ -29,11 +29,13 @@ class Shape:
         return self.endpoint == "chat"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens`: prompt tokens the prompt cache gave."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -47,7 +49,7 @@ def choice_body(shape: Shape, index: int, text: str, finish_reason: str | None, 
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def full_response(shape: Shape, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+def full_response(shape: Shape, choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": shape.response_id,
         "object": "chat.completion" if shape.chat else "text_completion",
@@ -89,7 +91,7 @@ def chunk(
     return body
 
 
-def usage_chunk(shape: Shape, use: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(shape: Shape, use: dict[str, Any]) -> dict[str, Any]:
     kind = "chat.completion.chunk" if shape.chat else "text_completion"
     return {
         "id": shape.response_id,

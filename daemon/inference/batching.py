@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -135,8 +136,10 @@ class BatchingEngine(Engine):
         with self._cond:
             waiting, running = self._scheduler.num_waiting, self._scheduler.num_active
             held = self._scheduler.held_tokens
+        prompts = getattr(self._loaded.runner, "prompts", None) if self._loaded else None  # a PromptCache
         return EngineLoad(
-            waiting, running, held, self._batching.max_batch_tokens, self._throughput.per_second(), self._batching.max_queue
+            waiting, running, held, self._batching.max_batch_tokens, self._throughput.per_second(), self._batching.max_queue,
+            prompts.nbytes if prompts is not None else 0,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
@@ -221,10 +224,19 @@ class BatchingEngine(Engine):
                     self._cond.wait()
                 if self._stopping or self._failure:
                     return
-                plan = self._scheduler.schedule()
-                releases, self._to_release = self._to_release + list(plan.preempted), []
+                ended, self._to_release = self._to_release, []
+            try:  # before scheduling: a prompt cache then holds what they computed for those it admits
+                for seq_id in ended:
+                    runner.release(seq_id)
+            except RunnerDied as exc:
+                self._die(str(exc))
+                return
+            except Exception:
+                log.exception("engine_release_failed", seq_ids=ended)
+            with self._cond:
+                plan = self._scheduler.schedule(lambda seq_id: self._reused_prefix(runner, seq_id))
             try:
-                for seq_id in releases:
+                for seq_id in plan.preempted:
                     runner.release(seq_id)
                 if plan.empty:
                     continue
@@ -239,6 +251,24 @@ class BatchingEngine(Engine):
             for seq_id, exc in failed.items():  # a failed prefill is its own request's alone
                 self._fail_sequences(runner, (seq_id,), _model_failed(exc))
             self._finish_step(runner, plan, sampled)
+
+    def _reused_prefix(self, runner: ModelRunner, seq_id: str) -> int:
+        """A sequence is being admitted: how many of its first tokens the runner's prompt cache gives it
+        (runners that have one; not for a prompt being scored, whose every position is needed)."""
+        live = self._live.get(seq_id)
+        reuse = getattr(runner, "reuse_prefix", None)
+        if live is None or reuse is None or live.prompt_scores is not None:
+            return 0
+        try:
+            cached = int(reuse(seq_id, live.tokens))
+        except Exception:  # the cache is an optimisation: the prompt is computed as without one
+            log.exception("engine_prompt_cache_failed", seq_id=seq_id)
+            with contextlib.suppress(Exception):
+                runner.release(seq_id)  # whatever it took for the sequence: the prefill starts afresh
+            return 0
+        if live.completion_tokens == 0:
+            live.cached_tokens = cached
+        return cached
 
     def _execute(self, runner: ModelRunner,
                  plan: StepPlan) -> tuple[dict[str, Sampled], dict[str, Exception]]:
@@ -355,7 +385,8 @@ class BatchingEngine(Engine):
                 queued_s = live.scheduled_at - live.queued_at
             scored, live.prompt_scores = tuple(e for e in live.prompt_scores or () if e is not None), None
         return Delta(text, (token,), len(live.request.prompt_ids), live.completion_tokens, reason, queued_s,
-                     () if logprob is None else (logprob,), scored)
+                     () if logprob is None else (logprob,), scored,
+                     live.cached_tokens if live.completion_tokens == 1 else 0)
 
     def _fail_sequences(self, runner: ModelRunner, ids: Iterable[str], error: EngineError) -> None:
         """End these sequences with `error`: out of the scheduler, their KV cache released."""

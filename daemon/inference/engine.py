@@ -88,6 +88,7 @@ class Delta:
     queued_s: float | None = None  # first delta only: seconds from admission until the batch took it
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # first delta only: one per prompt token, when asked
+    cached_tokens: int = 0  # first delta only: prompt tokens taken from the prompt cache, not computed
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class EngineLoad:
     batch_token_budget: int
     tokens_per_second: float  # generated tokens/s over the recent window
     max_queue: int
+    prompt_cache_bytes: int = 0  # host memory the runner's prompt cache holds (runners that have one)
 
 
 class EngineError(Exception):

@@ -14,12 +14,16 @@ Each step the engine asks `schedule()` what to run, runs it, and reports back wi
 - **Prefill** is chunked (`prefill_chunk_tokens` per step) so a long prompt doesn't stall decoding.
 - **Preemption**: when decoding would overflow the budget, the most recently admitted sequence goes
   back to the head of the queue and is recomputed later (its streamed tokens are kept).
+- **Cached prefixes**: `schedule(cached=...)` asks, for each sequence it admits, how many of its first
+  tokens the model's cache already holds (a prompt cache); those are not fed again. At least the last
+  token is always fed: its logits give the next token. Held tokens count them all the same.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -125,11 +129,12 @@ class Scheduler:
         return False
 
     # --- stepping -----------------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, cached: Callable[[str], int] | None = None) -> StepPlan:
         """Plan one step. Invariant: held tokens + one per active sequence <= max_batch_tokens, so
-        the step (which adds at most one token per sequence) never exceeds the budget."""
+        the step (which adds at most one token per sequence) never exceeds the budget. `cached(seq_id)`:
+        how many leading tokens of a sequence being admitted are in the cache already (see above)."""
         preempted = self._preempt_to_fit()
-        self._admit()
+        self._admit(cached)
         decoding = [s for s in self._active.values() if s.to_feed == 1 and s.computed > 0]
         prefill = self._plan_prefill(exclude={s.seq_id for s in decoding})
         decode = tuple(Feed(s.seq_id, s.computed, s.num_tokens, sample=True) for s in decoding)
@@ -208,7 +213,7 @@ class Scheduler:
         index = next((i for i, s in enumerate(self._waiting) if s.arrival > seq.arrival), len(self._waiting))
         self._waiting.insert(index, seq)
 
-    def _admit(self) -> None:
+    def _admit(self, cached: Callable[[str], int] | None) -> None:
         while self._waiting and len(self._active) < self.config.max_running:
             head = self._waiting[0]
             after = self.held_tokens + len(self._active) + head.num_tokens + 1
@@ -218,6 +223,8 @@ class Scheduler:
             head.phase = Phase.ACTIVE
             head.admitted_at = next(self._counter)
             self._active[head.seq_id] = head
+            if cached is not None:
+                head.computed = max(0, min(cached(head.seq_id), head.num_tokens - 1))
 
     def _plan_prefill(self, exclude: set[str]) -> tuple[Feed, ...]:
         room = self.config.prefill_chunk_tokens

@@ -36,6 +36,7 @@ class LiveSequence:
     # a prompt being scored (`prompt_logprobs`): an entry per prompt position, filled as its chunks are
     # fed; None once sent on the first delta (a recomputation after preemption scores nothing again)
     prompt_scores: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0  # of the prompt, taken from the runner's prompt cache when it was admitted
 
     def send(self, item: Delta | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)

@@ -30,6 +30,8 @@ _ENGINE_GAUGES: tuple[tuple[str, str, Callable[[EngineLoad], float]], ...] = (
      lambda e: e.batch_token_budget),
     ("dsnode_queue_capacity", "Waiting requests accepted before 429 ([batching] max_queue).",
      lambda e: e.max_queue),
+    ("dsnode_prompt_cache_bytes", "Host memory held by the prompt cache ([batching] prompt_cache_mb).",
+     lambda e: e.prompt_cache_bytes),
     ("dsnode_generation_throughput_tokens_per_second",
      "Tokens generated per second by the engine over the last 10 s.", lambda e: e.tokens_per_second),
 )

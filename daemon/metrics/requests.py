@@ -48,6 +48,9 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...], tuple[float, ...] | None]
      ("model", "version"), QUEUE_BUCKETS),
     ("prompt_tokens", "dsnode_prompt_tokens", "Prompt tokens of answered requests.", ("model", "route", "version"),
      None),
+    ("cached_tokens", "dsnode_prompt_cached_tokens",
+     "Prompt tokens of answered requests that the serving node's prompt cache gave, not computed.",
+     ("model", "route", "version"), None),
     ("generation_tokens", "dsnode_generation_tokens", "Tokens generated for answered requests.",
      ("model", "route", "version"), None),
     ("forwarded", "dsnode_forwarded_requests", "Requests forwarded to an upstream, by status.",
@@ -110,7 +113,8 @@ class _Series:
     kind of request counts into. A child is made exactly when the uncached code would first have asked
     for it (`labels()` makes a series appear in /metrics, at zero): TTFT and queue time on their first value."""
 
-    __slots__ = ("model", "route", "version", "requests", "prompt_tokens", "generation_tokens", "forwarded",
+    __slots__ = ("model", "route", "version", "requests", "prompt_tokens", "cached_tokens", "generation_tokens",
+                 "forwarded",
                  "forward_failures", "success", "ttft", "itl", "e2e", "queue_time")
 
     def __init__(self, m: Any, model: str, endpoint: str, route: str, status: int,
@@ -119,6 +123,7 @@ class _Series:
         self.model, self.route, self.version = model, route, version
         self.requests = m.requests.labels(model, endpoint, route, code, version)
         self.prompt_tokens = m.prompt_tokens.labels(model, route, version)
+        self.cached_tokens = m.cached_tokens.labels(model, route, version)
         self.generation_tokens = m.generation_tokens.labels(model, route, version)
         self.forwarded = m.forwarded.labels(model, upstream, code) if upstream else None
         self.forward_failures = m.forward_failures.labels(model, upstream) if upstream and status >= 500 else None
@@ -133,6 +138,7 @@ class _Series:
         """One request's figures into these children."""
         self.requests.inc()
         self.prompt_tokens.inc(record.prompt_tokens)
+        self.cached_tokens.inc(record.cached_tokens)
         self.generation_tokens.inc(record.completion_tokens)
         if self.forwarded is not None:
             self.forwarded.inc()

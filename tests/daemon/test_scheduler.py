@@ -3,6 +3,7 @@ cancellation, queue bounds. A small simulated model checks every plan it is give
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -27,9 +28,10 @@ class Model:
     kv: dict[str, int] = field(default_factory=dict)
     finished: dict[str, int] = field(default_factory=dict)  # seq → tokens generated when it left
     steps: int = 0
+    cached: Callable[[str], int] | None = None  # a prompt cache, asked at admission
 
     def step(self, eos: frozenset[str] = frozenset()) -> StepPlan:
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self.cached)
         self.check(plan)
         for seq_id in plan.preempted:
             self.kv.pop(seq_id, None)
@@ -255,6 +257,52 @@ def test_a_preempted_sequence_goes_back_to_the_head_of_the_queue():
     while not any(p for p in [model.step().preempted]):
         pass
     assert [q.seq_id for q in s._waiting] == ["b", "c"]
+
+
+# --- cached prefixes -------------------------------------------------------------------------------
+def test_a_cached_prefix_is_not_fed_again_and_the_last_token_always_is():
+    s = scheduler(prefill_chunk_tokens=4)
+    for name, prompt in (("part", 10), ("whole", 6), ("none", 3)):
+        s.add(name, prompt, 2)
+    asked: list[str] = []
+
+    def cached(seq_id: str) -> int:
+        asked.append(seq_id)
+        return {"part": 7, "whole": 6, "none": 0}[seq_id]  # "whole": the prompt's every token is cached
+
+    plan = s.schedule(cached)
+    assert asked == ["part", "whole", "none"]  # asked once each, as they are admitted
+    assert [(f.seq_id, f.start, f.end, f.sample) for f in plan.prefill] == [
+        ("part", 7, 10, True), ("none", 0, 1, False)]  # the chunk's room: 3 + 1
+    assert [(f.seq_id, f.start, f.end) for f in plan.decode] == [("whole", 5, 6)]  # one token left: a decode
+    assert s.held_tokens == 10 + 6 + 3  # the budget counts cached tokens all the same
+    s.update(plan)
+    assert s.schedule(cached).prefill[0] == Feed("none", 1, 3, True) and asked == ["part", "whole", "none"]
+
+
+def test_a_preempted_sequence_is_asked_again_when_it_comes_back():
+    s = scheduler(max_batch_tokens=24)
+    model = Model(s)
+    s.add("old", 6, 10)
+    s.add("new", 6, 10)
+    kept: dict[str, int] = {}  # what a prompt cache holds of each sequence
+
+    def cached(seq_id: str) -> int:
+        model.kv[seq_id] = kept.get(seq_id, 0)  # the runner takes it into the sequence's cache
+        return model.kv[seq_id]
+
+    model.cached = cached
+    plans, held = [], {}
+    while s.has_work():
+        held = dict(model.kv)
+        plans.append(model.step())
+        if plans[-1].preempted:
+            kept["new"] = held["new"]  # its cache when it was dropped
+    after = plans[next(i for i, p in enumerate(plans) if p.preempted) + 1:]
+    again = next(f for p in after for f in (*p.prefill, *p.decode) if f.seq_id == "new")
+    assert again.start == kept["new"] > 6  # not from 0: its prompt and its answer but the last token
+    assert any(again in p.decode for p in after)  # one token to feed: it decodes with the others
+    assert model.finished == {"old": 10, "new": 10}
 
 
 # --- cancellation ----------------------------------------------------------------------------------

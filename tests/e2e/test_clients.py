@@ -251,6 +251,33 @@ def test_several_prompts_through_the_sdk(routes, route_name):
     assert [c.index for c in batch.choices] == [0, 1] and [c.text for c in batch.choices] == singles
 
 
+def test_a_conversations_next_turn_is_served_from_the_prompt_cache(routes):
+    """The edge keeps a finished prompt's cache in host memory: the next turn of the conversation (the
+    history resent, as every chat client does) reports the tokens it reused in OpenAI's
+    `usage.prompt_tokens_details.cached_tokens`, streamed or not, and /metrics counts them."""
+    import urllib.request
+
+    route = routes["edge"]
+    client = sdk(route)
+    history = [{"role": "user", "content": "It was the best of times, it was the worst of times, it was the age of "
+                                           "wisdom, it was the age of foolishness. Who wrote that?"}]
+    first = client.chat.completions.create(model=route.model, messages=history, max_tokens=16, temperature=0)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And what comes next?"}]
+    second = client.chat.completions.create(model=route.model, messages=history, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    usage = [c.usage for c in second if c.usage is not None][-1]
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens // 16 * 16 <= cached < usage.prompt_tokens and cached % 16 == 0
+    third = client.chat.completions.create(model=route.model, messages=history, max_tokens=8, temperature=0)
+    assert third.usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16  # all of it
+    with urllib.request.urlopen(route.url + "/metrics") as response:
+        metrics = response.read().decode()
+    counted = [line for line in metrics.splitlines() if line.startswith("dsnode_prompt_cached_tokens_total{")
+               and 'route="local"' in line]
+    assert counted and sum(float(line.rsplit(" ", 1)[1]) for line in counted) >= cached + 16
+
+
 @pytest.mark.parametrize("route_name", ROUTES)
 def test_scoring_a_text_as_lm_eval_does(routes, route_name):
     """lm-evaluation-harness's loglikelihood request: echo, logprobs 1, max_tokens 1, two texts at once;

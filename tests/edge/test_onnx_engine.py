@@ -267,3 +267,29 @@ def test_which_provider_serves_which_target():
     for target, device, available in (("cuda", "auto", [CPU]), ("cuda", "cpu", [CUDA, CPU]), ("cpu", "cuda", [CPU])):
         with pytest.raises(RunnerError, match=f"converted for target '{target}'"):
             device_for_target(manifest(target), device, available)
+
+
+async def test_the_next_turn_of_a_conversation_reuses_the_cache_of_the_last(fp32_dir):
+    """A prompt that begins with an earlier prompt and its answer (a chat's next turn) takes their cache
+    from the prompt cache: fewer tokens computed, the same greedy answer as an engine without one."""
+    caching = await loaded(onnx_engine(fp32_dir))
+    plain = await loaded(onnx_engine(fp32_dir, BatchingSection(prompt_cache_mb=0)))
+    try:
+        first = "It was the best of times, it was the worst of times, it was the age of wisdom"
+        turn = await run(caching, first, max_tokens=12, ignore_eos=True)
+        ids = caching.tokenizer.encode(first)
+        assert turn[0].cached_tokens == 0 and len(ids) > 16
+        follow = ids + tokens_of(turn) + caching.tokenizer.encode(" Four score and seven years ago")
+        deltas = {}
+        for name, engine in (("caching", caching), ("plain", plain)):
+            request = GenerationRequest("next", tuple(follow), SamplingParams(temperature=0.0, max_tokens=12))
+            deltas[name] = [d async for d in engine.generate(request)]
+        held = len(ids) + len(turn) - 1  # the first answer's last token was never fed
+        assert deltas["caching"][0].cached_tokens == held // 16 * 16 > 0
+        assert deltas["plain"][0].cached_tokens == 0
+        assert tokens_of(deltas["caching"]) == tokens_of(deltas["plain"])
+        scored = await run(caching, first, max_tokens=1, prompt_logprobs=1)  # every position is needed
+        assert scored[0].cached_tokens == 0 and len(scored[0].prompt_logprobs) == len(ids)
+    finally:
+        await caching.close()
+        await plain.close()

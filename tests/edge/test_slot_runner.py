@@ -165,3 +165,79 @@ def test_a_live_sequence_left_out_of_a_step_keeps_its_cache(runner, torch_model)
     rows = runner.decode(["a", "b"], [3, 9])
     np.testing.assert_allclose(rows[0], expected_logits(torch_model, PROMPTS["a"], [3])[-1], atol=1e-4)
     np.testing.assert_allclose(rows[1], expected_logits(torch_model, PROMPTS["b"], [3, 150, 9])[-1], atol=1e-4)
+
+
+# --- the prompt cache ------------------------------------------------------------------------------
+LONG = list(range(40, 80))  # 40 tokens: two whole blocks of 16 and 8 more
+
+
+@pytest.fixture()
+def caching(fp32_dir):
+    runner = SlotRunner(open_session(fp32_dir / "model.onnx", "cpu", threads=1), max_length=512,
+                        prompt_cache_bytes=64 * 2**20)
+    yield runner
+    runner.close()
+
+
+def test_a_released_sequence_gives_a_later_prompt_its_prefix(caching, torch_model):
+    caching.prefill("first", LONG, 0)
+    caching.decode(["first"], [3])
+    caching.release("first")  # kept: its 41 positions
+    assert len(caching.prompts) == 1 and caching.prompts.nbytes == 41 * caching.cache.token_bytes()
+    caching.prefill("other", [7] * 20, 0)  # takes slot 0 and overwrites the first positions there
+    then = LONG[:35] + [250, 251]  # shares 35 tokens: two blocks are reused
+    assert caching.reuse_prefix("next", then) == 32
+    assert "next" not in caching.slot_of  # a lookup only: the slot and the copy come with its first step
+    logits = caching.prefill("next", then[32:], 32)
+    assert caching.slot_of["next"] == 1 and caching.length_of["next"] == len(then)
+    step = caching.decode(["next", "other"], [9, 9])
+    want = expected_logits(torch_model, then, [9])
+    np.testing.assert_allclose(logits, want[0], atol=1e-4)
+    np.testing.assert_allclose(step[0], want[1], atol=1e-4)
+    np.testing.assert_allclose(step[1], expected_logits(torch_model, [7] * 20, [9])[1], atol=1e-4)
+
+
+def test_a_prompt_held_whole_feeds_only_its_last_token_and_may_decode_first(caching, torch_model):
+    caching.prefill("first", LONG, 0)
+    caching.release("first")
+    caching.prefill("other", [7] * 20, 0)  # slot 0, where the first's positions still lie
+    prompt = LONG[:33]  # 33 tokens cached; 32 reused, the last one is fed by a decode step
+    assert caching.reuse_prefix("again", prompt) == 32
+    row = caching.decode(["again"], [prompt[-1]])[0]
+    assert caching.slot_of["again"] == 1
+    np.testing.assert_allclose(row, expected_logits(torch_model, prompt, [])[0], atol=1e-4)
+    caching.release("again")  # its 33 positions are a prefix of the first entry's 40: not kept twice
+    assert len(caching.prompts) == 1 and caching.prompts.nbytes == 40 * caching.cache.token_bytes()
+
+
+def test_short_or_unshared_prompts_reuse_nothing_and_a_gpu_keeps_no_cache(caching, runner):
+    caching.prefill("short", LONG[:15], 0)  # under one block: not kept
+    caching.release("short")
+    assert len(caching.prompts) == 0
+    caching.prefill("first", LONG, 0)
+    caching.release("first")
+    assert caching.reuse_prefix("x", [1] + LONG) == 0 and "x" not in caching.slot_of
+    assert caching.reuse_prefix("y", LONG[:16]) == 0  # one block, but its last token must be fed
+    runner.prefill("first", LONG, 0)  # no capacity (the default, and any GPU runner)
+    runner.release("first")
+    assert runner.reuse_prefix("again", LONG) == 0 and len(runner.prompts) == 0
+
+
+def test_the_cache_survives_growth_and_a_sequence_dropped_before_its_copy_keeps_nothing(fp32_dir, torch_model,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(slot_module, "INITIAL_SLOTS", 1)
+    monkeypatch.setattr(slot_module, "INITIAL_LENGTH", 48)
+    runner = SlotRunner(open_session(fp32_dir / "model.onnx", "cpu", threads=1), 512, prompt_cache_bytes=2**26)
+    runner.prefill("first", LONG, 0)
+    runner.release("first")
+    runner.prefill("busy", [5] * 30, 0)
+    assert runner.reuse_prefix("dropped", LONG) == 32
+    runner.release("dropped")  # aborted before any step: it took nothing and keeps nothing
+    assert len(runner.prompts) == 1 and "dropped" not in runner.slot_of
+    prompt = LONG + list(range(100, 130))  # 70 tokens: longer than the buffers are
+    assert runner.reuse_prefix("grown", prompt) == 32
+    logits = runner.prefill("grown", prompt[32:], 32)  # a second slot (the buffers double), then longer
+    assert (runner.cache.slots, runner.slot_of["grown"]) == (2, 1) and runner.cache.length >= 70
+    np.testing.assert_allclose(logits, expected_logits(torch_model, prompt, [])[0], atol=1e-4)
+    runner.release("grown")
+    assert len(runner.prompts) == 1 and runner.prompts.nbytes == 70 * runner.cache.token_bytes()  # replaced the first

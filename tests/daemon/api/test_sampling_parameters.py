@@ -285,7 +285,8 @@ async def test_n_choices_are_sampled_apart_seeded_and_counted(client):
     assert len({c["text"] for c in choices}) >= 2  # each choice its own random stream
     assert all(len(c["logprobs"]["tokens"]) == 10 and "".join(c["logprobs"]["tokens"]) == c["text"] for c in choices)
     assert answer["usage"] == {"prompt_tokens": answer["usage"]["prompt_tokens"], "completion_tokens": 30,
-                               "total_tokens": answer["usage"]["prompt_tokens"] + 30}
+                               "total_tokens": answer["usage"]["prompt_tokens"] + 30,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
     again = await completion(client, **body)
     assert [c["text"] for c in again["choices"]] == [c["text"] for c in choices]  # seed + index per choice
     single = await completion(client, **{**body, "n": 1})
@@ -341,7 +342,8 @@ async def test_several_prompts_each_get_n_choices_in_openais_order(client, node)
     tokenizer = node.engine.tokenizer
     lengths = [len(tokenizer.encode(p)) for p in prompts]
     assert answer["usage"] == {"prompt_tokens": sum(lengths), "completion_tokens": 24,
-                               "total_tokens": sum(lengths) + 24}  # each prompt counted once
+                               "total_tokens": sum(lengths) + 24,  # each prompt counted once
+                               "prompt_tokens_details": {"cached_tokens": 0}}
     by_ids = await completion(client, prompt=[tokenizer.encode(p) for p in prompts], max_tokens=6)
     assert [c["text"] for c in by_ids["choices"]] == singles
     echoed = await completion(client, prompt=prompts, max_tokens=6, echo=True)

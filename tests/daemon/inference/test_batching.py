@@ -382,3 +382,38 @@ async def test_a_load_that_finishes_after_close_closes_its_runner(fast_tokenizer
     with pytest.raises(EngineNotReady):
         await loading
     assert engine.runner.closed
+
+
+# --- a runner with a prompt cache --------------------------------------------------------------------
+async def test_a_prefix_the_runner_holds_is_not_fed_and_the_first_delta_says_how_much(make_engine):
+    engine = await make_engine(reply=REPLY)
+    asked = []
+
+    def reuse_prefix(seq_id, tokens):  # as SlotRunner's: the cache now holds the first 3 tokens
+        asked.append((seq_id, tuple(tokens)))
+        engine.runner._kv[seq_id] = list(tokens[:3])
+        return 3
+
+    engine.runner.reuse_prefix = reuse_prefix
+    text, deltas = await collect(engine.generate(request("r1")))
+    assert text == REPLY and asked == [(asked[0][0], PROMPT)]
+    assert [(c.start, c.token_ids) for c in engine.runner.prefills("r1")] == [(3, PROMPT[3:])]
+    assert deltas[0].cached_tokens == 3 and all(d.cached_tokens == 0 for d in deltas[1:])
+    _, scored = await collect(engine.generate(request("r2", prompt_logprobs=1)))
+    assert len(asked) == 1 and scored[0].cached_tokens == 0  # a scored prompt is fed whole
+    assert engine.runner.prefills("r2")[0].start == 0
+
+
+async def test_a_prompt_cache_that_fails_costs_only_the_reuse(make_engine):
+    engine = await make_engine(reply=REPLY)
+
+    def reuse_prefix(seq_id, tokens):
+        raise RuntimeError("copy failed")
+
+    engine.runner.reuse_prefix = reuse_prefix
+    text, deltas = await collect(engine.generate(request("r1")))
+    assert text == REPLY and deltas[0].cached_tokens == 0
+    assert engine.runner.prefills("r1")[0].start == 0
+    released = engine.runner.released("r1")
+    assert len(released) == 2  # what the failed reuse took, then the finished sequence
+    assert engine.health().ready

@@ -1,0 +1,103 @@
+"""A host-memory prompt cache: the KV cache of finished sequences, kept so that a later prompt that
+begins with the same tokens skips prefilling them (llama.cpp's `--cache-ram`; vLLM's prefix caching).
+
+Pure bookkeeping (no model, no threads): entries are token ids with an opaque payload (a runner's copy
+of their KV cache) and its size. A lookup finds the entry sharing the longest prefix with a prompt,
+counted in whole blocks of `BLOCK` tokens (as vLLM counts cached tokens: a prompt's first few tokens,
+a chat template's opening, are in almost every entry and say nothing). The store holds at most
+`capacity` bytes, evicting the least recently used; an entry that is a prefix of a newer one is
+dropped (a conversation's next turn holds all of the previous one).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+BLOCK = 16  # tokens: the unit a prefix is reused in
+Payload = TypeVar("Payload")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[Payload]):
+    tokens: np.ndarray  # int64, the token ids whose KV the payload holds, position 0 on
+    payload: Payload
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Hit(Generic[Payload]):
+    entry: Entry[Payload]
+    reused: int  # tokens of the entry the prompt may take: a multiple of BLOCK, below the prompt's length
+
+
+class PromptCache(Generic[Payload]):
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[int, Entry[Payload]] = OrderedDict()  # least recently used first
+        self._keys = 0
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, prompt: Sequence[int]) -> Hit[Payload] | None:
+        """The entry sharing the most whole blocks with `prompt`, leaving at least its last token to be
+        fed (the model's logits for it are needed). Marks it recently used."""
+        ids = np.asarray(prompt, np.int64)
+        most = (len(ids) - 1) // BLOCK * BLOCK
+        best: tuple[int, int] | None = None
+        for key, entry in self._entries.items():
+            shared = min(common_prefix(entry.tokens, ids), most) // BLOCK * BLOCK
+            if shared and (best is None or shared > best[1]):
+                best = (key, shared)
+        if best is None:
+            return None
+        self._entries.move_to_end(best[0])
+        return Hit(self._entries[best[0]], best[1])
+
+    def wants(self, tokens: Sequence[int], nbytes: int) -> bool:
+        """Whether these tokens, their KV `nbytes` large, would be kept: ask before copying them out.
+        Not when too short or too large, nor when an entry holds them already (it counts as used)."""
+        if len(tokens) < BLOCK or not 0 < nbytes <= self.capacity:
+            return False
+        ids = np.asarray(tokens, np.int64)
+        for key, entry in self._entries.items():
+            if common_prefix(entry.tokens, ids) == len(ids):
+                self._entries.move_to_end(key)
+                return False
+        return True
+
+    def add(self, tokens: Sequence[int], payload: Payload, nbytes: int) -> bool:
+        """Keep an entry, dropping those it holds all of, then the least recently used while over
+        capacity; False if it is not kept (see `wants`)."""
+        if not self.wants(tokens, nbytes):
+            return False
+        ids = np.asarray(tokens, np.int64)
+        for key, entry in list(self._entries.items()):
+            if common_prefix(entry.tokens, ids) == len(entry.tokens):
+                self._drop(key)
+        while self.nbytes + nbytes > self.capacity:
+            self._drop(next(iter(self._entries)))
+        self._entries[self._keys] = Entry(ids, payload, nbytes)
+        self._keys += 1
+        self.nbytes += nbytes
+        return True
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+    def _drop(self, key: int) -> None:
+        self.nbytes -= self._entries.pop(key).nbytes
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading elements two 1-d arrays share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n

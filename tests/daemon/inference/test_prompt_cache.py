@@ -1,0 +1,59 @@
+"""The prompt cache's bookkeeping: longest shared prefix in whole blocks, the last token always left
+to feed, a conversation's turns kept once, the byte capacity held by evicting the least recently used."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dsnode.inference.prompt_cache import BLOCK, PromptCache, common_prefix
+
+
+def tokens(n: int, start: int = 0) -> list[int]:
+    return list(range(start, start + n))
+
+
+def test_the_longest_shared_prefix_wins_in_whole_blocks():
+    cache: PromptCache[str] = PromptCache(10_000)
+    assert cache.add(tokens(40), "forty", 40) and cache.add(tokens(20) + tokens(30, 500), "twenty", 50)
+    hit = cache.lookup(tokens(37) + [9999])  # shares 37 with "forty", 20 with "twenty"
+    assert hit is not None and hit.entry.payload == "forty" and hit.reused == 2 * BLOCK
+    hit = cache.lookup(tokens(20) + tokens(5, 500))  # 25 with "twenty", 20 with "forty": one block each
+    assert hit is not None and hit.reused == BLOCK
+    assert cache.lookup(tokens(BLOCK - 1) + [9999]) is None  # less than a block
+    assert cache.lookup([9999] + tokens(60)) is None  # the first token differs
+
+
+def test_the_prompts_last_token_is_never_reused():
+    cache: PromptCache[str] = PromptCache(10_000)
+    cache.add(tokens(64), "whole", 64)
+    assert cache.lookup(tokens(64)).reused == 48  # 63 may be reused: three whole blocks of them
+    assert cache.lookup(tokens(65)).reused == 64
+    assert cache.lookup(tokens(BLOCK)) is None
+
+
+def test_a_longer_turn_replaces_the_entries_it_holds_and_a_held_one_is_not_added():
+    cache: PromptCache[str] = PromptCache(10_000)
+    cache.add(tokens(30), "turn 1", 30)
+    cache.add(tokens(20, 100), "elsewhere", 20)
+    assert cache.add(tokens(50), "turn 2", 50)
+    assert len(cache) == 2 and cache.nbytes == 70
+    assert not cache.wants(tokens(45), 45) and not cache.add(tokens(45), "held", 45)  # turn 2 holds it
+    assert len(cache) == 2 and cache.nbytes == 70
+
+
+def test_capacity_evicts_the_least_recently_used_and_refuses_what_cannot_fit():
+    cache: PromptCache[str] = PromptCache(100)
+    for i, start in enumerate((0, 1000, 2000)):
+        cache.add(tokens(BLOCK, start), f"entry {i}", 30)
+    cache.lookup(tokens(BLOCK) + [1])  # entry 0 used: entry 1 is now the oldest
+    cache.add(tokens(BLOCK, 3000), "entry 3", 30)
+    assert cache.nbytes == 90 and cache.lookup(tokens(BLOCK, 1000) + [1]) is None
+    assert cache.lookup(tokens(BLOCK) + [1]) is not None
+    assert not cache.add(tokens(BLOCK, 4000), "too big", 101) and cache.nbytes == 90
+    assert not PromptCache(0).wants(tokens(64), 1)  # capacity 0: off
+
+
+@pytest.mark.parametrize(("a", "b", "shared"), [([], [1], 0), ([1, 2, 3], [1, 2, 3], 3), ([1, 2, 3], [1, 2], 2),
+                                                ([1, 5, 3], [1, 2, 3], 1), ([4], [1], 0)])
+def test_common_prefix(a, b, shared):
+    assert common_prefix(np.asarray(a, np.int64), np.asarray(b, np.int64)) == shared
