@@ -75,6 +75,10 @@ class RemoteRunner:
     def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
         return self._call(("decode", list(seq_ids), list(token_ids)))  # (n, V)
 
+    def reuse_prefix(self, seq_id: str, token_ids: Sequence[int]) -> int:
+        """How many of a sequence's first tokens every rank's prompt cache holds (they agree, or say 0)."""
+        return int(self._call(("reuse_prefix", seq_id, list(token_ids))))
+
     def release(self, seq_id: str) -> None:
         self._send(("release", seq_id))  # no answer: it cannot fail, and saves a round trip
 
@@ -185,7 +189,7 @@ class DeepSpeedEngine(BatchingEngine):
     def _start_ranks(self, placement: Placement) -> RankGroup:
         if self._link is not None and self._link.lost_reason is not None:
             raise RunnerDied(self._link.lost_reason)  # a host left before our ranks started
-        command, extra, group = rank_command(self._model, placement, self._weights), rank_threads(
+        command, extra, group = rank_command(self._model, placement, self._weights, self._batching), rank_threads(
             self._model, placement), self._group
         port = free_port()
         self._ranks = RankGroup(

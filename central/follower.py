@@ -120,7 +120,7 @@ class FollowerEngine(Engine):
         if self._link.lost_reason is not None:
             raise RunnerDied(self._link.lost_reason)
         group = self._group
-        command, extra = rank_command(self._model, placement, weights), rank_threads(self._model, placement)
+        command, extra = rank_command(self._model, placement, weights, self._batching), rank_threads(self._model, placement)
         self._ranks = RankGroup(placement.ranks, command=lambda rank: command,
                                 env=lambda rank: group.rank_env(dict(os.environ), rank, extra),
                                 on_death=self._rank_died, first_rank=group.settings.first_rank)

@@ -76,10 +76,10 @@ def prepare_load(model: ModelSection, batching: BatchingSection, hf_config: dict
     return weights_format(model, checkpoint.has_fp8, placement.device, gpus[:placement.ranks])
 
 
-def rank_command(model: ModelSection, placement: Placement, weights: str) -> list[str]:
+def rank_command(model: ModelSection, placement: Placement, weights: str, batching: BatchingSection) -> list[str]:
     return [sys.executable, "-m", "dsnode.central.tp_worker", "--model", model.model_dump_json(),
             "--device", placement.device, "--parent-pid", str(os.getpid()), "--weights", weights,
-            "--group-timeout", str(CALL_TIMEOUT_S)]
+            "--group-timeout", str(CALL_TIMEOUT_S), "--prompt-cache-bytes", str(batching.prompt_cache_mb * 2**20)]
 
 
 def rank_threads(model: ModelSection, placement: Placement) -> dict[str, str]:

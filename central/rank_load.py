@@ -49,8 +49,10 @@ class RankPlace:
     group_timeout_s: float = 600.0
 
 
-def load_rank(model: ModelSection, device_kind: str, place: RankPlace) -> tuple[Any, dict[str, Any], Any]:
-    """This rank's shard behind a `TorchRunner`, facts for the daemon, and the control group."""
+def load_rank(model: ModelSection, device_kind: str, place: RankPlace,
+              prompt_cache_bytes: int = 0) -> tuple[Any, dict[str, Any], Any]:
+    """This rank's shard behind a `TorchRunner` (with a prompt cache of its own shard's cache), facts for
+    the daemon, and the control group."""
     import torch
 
     from .torch_runner import TorchRunner
@@ -73,7 +75,7 @@ def load_rank(model: ModelSection, device_kind: str, place: RankPlace) -> tuple[
     facts["weights"] = place.weights
     facts["weights_bytes_per_rank"] = module.get_memory_footprint()
     facts["sharded_linears"] = sum(type(m).__name__ in _TP_LAYERS for m in module.modules())
-    return TorchRunner(module, device), facts, group
+    return TorchRunner(module, device, prompt_cache_bytes), facts, group
 
 
 def held_weights(planned: str, device: Any) -> str:

@@ -3,6 +3,11 @@
 Shared by the transformers and DeepSpeed engines (DeepSpeed wraps the same module). Prefill runs one
 sequence at a time (batch 1, no padding); decode runs every running sequence in one forward over the
 left-padded batch cache of `dsnode.inference.kvbatch`.
+
+With a prompt cache (`prompt_cache_bytes`, the transformers engine's `[batching] prompt_cache_mb`): a
+released sequence's cache is copied to host memory with the tokens it holds, and a sequence being
+admitted takes the longest prefix it shares (`reuse_prefix`, as the edge's `SlotRunner`). Each rank of
+the deepspeed engine keeps its own shard's (`tp_worker` checks that the ranks agree).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from dsnode.inference.kvbatch import ArrayOps, KVBatch, LayerKV
+from dsnode.inference.prompt_cache import Entry, PromptCache
 from transformers import DynamicCache
 
 TORCH_OPS: ArrayOps[torch.Tensor] = ArrayOps(
@@ -21,11 +27,14 @@ TORCH_OPS: ArrayOps[torch.Tensor] = ArrayOps(
 
 
 class TorchRunner:
-    def __init__(self, model: Any, device: torch.device) -> None:
+    def __init__(self, model: Any, device: torch.device, prompt_cache_bytes: int = 0) -> None:
         self.model = model
         self.device = device
         self.config = model.config
         self.kv = KVBatch(TORCH_OPS)
+        self.fed: dict[str, list[int]] = {}  # the token ids in each sequence's cache
+        self.prompts: PromptCache[list[LayerKV]] = PromptCache(prompt_cache_bytes)  # host tensors
+        self._reused: dict[str, tuple[Entry[list[LayerKV]], int]] = {}  # to take before the next step
 
     def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
         last: np.ndarray = self._prefill(seq_id, token_ids, start, 1)[-1]  # (V,)
@@ -35,9 +44,28 @@ class TorchRunner:
         """As `prefill`, with the logits of every fed position (n, V): a prompt being scored."""
         return self._prefill(seq_id, token_ids, start, 0)
 
+    def reuse_prefix(self, seq_id: str, token_ids: Sequence[int]) -> int:
+        """A sequence is being admitted: how many of its first tokens the prompt cache holds (0 if none).
+        A lookup only; the copy to the device is made at the start of the next step."""
+        if not self.prompts.capacity or seq_id in self.fed or seq_id in self._reused:
+            return 0
+        hit = self.prompts.lookup(token_ids)
+        if hit is None:
+            return 0
+        self._reused[seq_id] = (hit.entry, hit.reused)
+        return int(hit.reused)
+
+    def _take_reused(self) -> None:
+        for seq_id, (entry, n) in self._reused.items():
+            self.kv.store(seq_id, [(k[:, :, :n].to(self.device, copy=True), v[:, :, :n].to(self.device, copy=True))
+                                   for k, v in entry.payload])
+            self.fed[seq_id] = entry.tokens[:n].tolist()
+        self._reused.clear()
+
     @torch.inference_mode()
     def _prefill(self, seq_id: str, token_ids: Sequence[int], start: int, keep: int) -> np.ndarray:
         """`keep`: the last positions whose logits come back (transformers' logits_to_keep; 0: all)."""
+        self._take_reused()
         past = self.kv.cache_of(seq_id)
         n = len(token_ids)
         out = self.model(
@@ -49,11 +77,13 @@ class TorchRunner:
             logits_to_keep=keep,
         )
         self.kv.store(seq_id, _layers(out.cache))
+        self.fed[seq_id] = (self.fed.get(seq_id, []) if start else []) + list(token_ids)
         rows: np.ndarray = out.logits[0].float().cpu().numpy()  # (keep or n, V)
         return rows
 
     @torch.inference_mode()
     def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
+        self._take_reused()
         rows = self.kv.arrange(seq_ids)
         by_row = [0] * len(self.kv.rows)
         for i, row in enumerate(rows):
@@ -67,14 +97,31 @@ class TorchRunner:
             logits_to_keep=1,
         )
         self.kv.advance(_layers(out.cache))
+        for seq_id, token in zip(seq_ids, token_ids):
+            self.fed[seq_id].append(token)
         logits = out.logits[:, -1].float().cpu().numpy()  # (B, V)
         return logits[rows]
 
     def release(self, seq_id: str) -> None:
+        """Forget a sequence; the prompt cache keeps a host copy of what it computed, if it wants it."""
+        tokens = self.fed.pop(seq_id, [])
+        if self._reused.pop(seq_id, None) is None and tokens:
+            self._keep(tokens, self.kv.view_of(seq_id))
         self.kv.release(seq_id)
+
+    def _keep(self, tokens: list[int], layers: list[LayerKV] | None) -> None:
+        if not layers or int(layers[0][0].shape[2]) != len(tokens):
+            return  # nothing cached, or not what the tokens say (a step failed part way)
+        per_token = sum(k[:, :, :1].nbytes + v[:, :, :1].nbytes for k, v in layers)
+        if self.prompts.wants(tokens, len(tokens) * per_token):
+            host = [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers]
+            self.prompts.add(tokens, host, len(tokens) * per_token)
 
     def close(self) -> None:
         self.kv.clear()
+        self.fed.clear()
+        self._reused.clear()
+        self.prompts.clear()
 
     def _cache(self, layers: list[LayerKV] | None) -> DynamicCache:
         if not layers:

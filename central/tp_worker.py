@@ -38,8 +38,8 @@ from .rank_load import WEIGHTS, LoadRefused, RankPlace, load_rank
 log = structlog.get_logger("dsnode.central.rank")
 
 PR_SET_PDEATHSIG = 1
-ANSWERED = ("prefill", "prefill_all", "decode")
-CALLS = ("prefill", "prefill_all", "decode", "release")
+ANSWERED = ("prefill", "prefill_all", "decode", "reuse_prefix")
+CALLS = ("prefill", "prefill_all", "decode", "release", "reuse_prefix")
 TICK_S = 30.0  # rank 0 broadcasts a no-op after this long without a call
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ModelSection.model_validate(json.loads(args.model))  # python mode: the path validator
     place = RankPlace(rank, local_rank, world, args.weights, args.group_timeout)
     try:
-        runner, facts, group = load_rank(model, args.device, place)
+        runner, facts, group = load_rank(model, args.device, place, args.prompt_cache_bytes)
     except LoadRefused as exc:  # every rank has the same one-line reason; no traceback for bad input
         log.error("rank_load_failed", model=model.name, error=str(exc))
         if control is not None:
@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                         "fp8: FP8 kept (GPUs 8.9+)")
     p.add_argument("--group-timeout", type=float, default=600.0,
                    help="seconds torch.distributed waits for a peer (meeting, or one collective)")
+    p.add_argument("--prompt-cache-bytes", type=int, default=0,
+                   help="host memory for this rank's prompt cache ([batching] prompt_cache_mb); 0: none")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", default="auto")
     return p
@@ -121,6 +123,8 @@ def serve_calls(runner: Any, control: Connection | None, rank: int, world: int, 
             raise ValueError(f"unknown call {op!r}")
         try:
             result = getattr(runner, op)(*call[1:])
+            if op == "reuse_prefix" and world > 1:
+                result = _agreed_reuse(runner, call[1], result, group)
         except Exception as exc:
             message = f"{op} failed: {type(exc).__name__}: {exc}"
             if world > 1:  # the other ranks may be stuck in a collective: this group is done
@@ -134,6 +138,23 @@ def serve_calls(runner: Any, control: Connection | None, rank: int, world: int, 
             continue
         if calls is not None and op in ANSWERED:
             calls.send(("ok", result))
+
+
+def _agreed_reuse(runner: Any, seq_id: str, cached: int, group: Any) -> int:
+    """Every rank looked its sequence up in its own prompt cache. They take the same calls in the same
+    order with caches of the same size, so they agree; should one differ (another `prompt_cache_mb` on
+    another host), none reuses anything for this sequence: the ranks must feed from one position."""
+    import torch
+    import torch.distributed as dist
+
+    extremes = torch.tensor([cached, -cached], dtype=torch.int64)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)  # [max, -min]
+    if int(extremes[0]) == -int(extremes[1]):
+        return cached
+    log.warning("ranks_disagree_on_prompt_cache", seq_id=seq_id, cached=cached, most=int(extremes[0]),
+                least=-int(extremes[1]))
+    runner.release(seq_id)  # the lookup's pending copy: this rank computes the prompt whole, as the others
+    return 0
 
 
 def _next_call(calls: Connection | None, world: int, group: Any) -> tuple[Any, ...]:

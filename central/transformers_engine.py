@@ -110,4 +110,4 @@ class TransformersEngine(BatchingEngine):
         )
         log.info("model_loaded", model=info.name, backend=info.backend, device=info.device,
                  architecture=info.architecture, max_context=info.max_context, quantization=info.quantization)
-        return Loaded(TorchRunner(hf, device), tokenizer, info)
+        return Loaded(TorchRunner(hf, device, self._batching.prompt_cache_mb * 2**20), tokenizer, info)

@@ -145,7 +145,8 @@ class BatchingSection(_Section):
     max_running: PositiveInt = 64  # sequences decoded together
     max_queue: PositiveInt = 256  # requests waiting for a batch slot before 429
     prefill_chunk_tokens: PositiveInt = 2048  # prompt tokens prefilled per step
-    # host memory for the KV cache of finished prompts, reused by later prompts that begin alike; 0: off
+    # host memory for the KV cache of finished prompts, reused by later prompts that begin alike (onnx on
+    # CPU, transformers, deepspeed: per rank); 0: off
     prompt_cache_mb: Annotated[int, Field(ge=0)] = 1024
 
 

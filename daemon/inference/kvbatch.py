@@ -47,6 +47,16 @@ class KVBatch:
     def store(self, seq_id: str, layers: list[LayerKV]) -> None:
         self.pending[seq_id] = layers
 
+    def view_of(self, seq_id: str) -> list[LayerKV] | None:
+        """A sequence's unpadded cache, prefilled or in the batch, as views (None if it has none)."""
+        if seq_id in self.pending:
+            return self.pending[seq_id]
+        if seq_id not in self.rows:
+            return None
+        i = self.rows.index(seq_id)
+        start = self.width - self.lengths[i]
+        return [(k[i : i + 1, :, start:], v[i : i + 1, :, start:]) for k, v in self.layers]
+
     def release(self, seq_id: str) -> None:
         """Forget a sequence. A batch row is dropped lazily, at the next `arrange`, so several
         sequences finishing in one step cost one repack; an all-released batch is freed at once."""
@@ -93,11 +103,10 @@ class KVBatch:
 
     # --- internals -------------------------------------------------------------------------------
     def _row_cache(self, seq_id: str) -> list[LayerKV]:
-        if seq_id in self.pending:
-            return self.pending.pop(seq_id)
-        i = self.rows.index(seq_id)
-        start = self.width - self.lengths[i]
-        return [(k[i : i + 1, :, start:], v[i : i + 1, :, start:]) for k, v in self.layers]
+        view = self.view_of(seq_id)
+        self.pending.pop(seq_id, None)
+        assert view is not None, f"{seq_id} has no cache"
+        return view
 
     def _repack(self, new_rows: list[str]) -> None:
         caches = [self._row_cache(s) for s in new_rows]

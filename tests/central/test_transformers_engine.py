@@ -247,3 +247,19 @@ async def test_a_prefill_that_raises_fails_its_own_request_only(moe_dir):
 async def collect_as(engine, request_id: str, ids: tuple[int, ...]) -> list:
     request = GenerationRequest(request_id, ids, SamplingParams(max_tokens=4, temperature=0.0))
     return [d async for d in engine.generate(request)]
+
+
+async def test_a_conversations_next_turn_reuses_the_cache_and_answers_as_generate_does(transformers_moe,
+                                                                                      reference_greedy):
+    """The transformers engine keeps finished prompts' cache in host memory too: a prompt that begins
+    with an earlier prompt and its answer computes only the rest, and answers as `generate` does."""
+    tokenizer = transformers_moe.tokenizer
+    ids = tokenizer.encode("It was the best of times, it was the worst of times, it was the age of wisdom")
+    first = await collect(transformers_moe, ids, max_tokens=12, temperature=0.0, ignore_eos=True)
+    follow = ids + token_ids(first) + tokenizer.encode(" Four score and seven years ago")
+    deltas = await collect(transformers_moe, follow, max_tokens=12, temperature=0.0)
+    assert deltas[0].cached_tokens == (len(ids) + 12 - 1) // 16 * 16 > 0
+    assert token_ids(deltas) == reference_greedy(follow, 12)[: len(token_ids(deltas))]
+    runner = transformers_moe._loaded.runner
+    assert 0 < runner.prompts.nbytes <= 1024 * 2**20 and transformers_moe.load_figures().prompt_cache_bytes == \
+        runner.prompts.nbytes

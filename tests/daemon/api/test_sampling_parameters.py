@@ -286,7 +286,7 @@ async def test_n_choices_are_sampled_apart_seeded_and_counted(client):
     assert all(len(c["logprobs"]["tokens"]) == 10 and "".join(c["logprobs"]["tokens"]) == c["text"] for c in choices)
     assert answer["usage"] == {"prompt_tokens": answer["usage"]["prompt_tokens"], "completion_tokens": 30,
                                "total_tokens": answer["usage"]["prompt_tokens"] + 30,
-                               "prompt_tokens_details": {"cached_tokens": 0}}
+                               "prompt_tokens_details": {"cached_tokens": 0}}  # under a block of 16
     again = await completion(client, **body)
     assert [c["text"] for c in again["choices"]] == [c["text"] for c in choices]  # seed + index per choice
     single = await completion(client, **{**body, "n": 1})
