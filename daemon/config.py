@@ -172,6 +172,9 @@ class RoutingSection(_Section):
     first_token_timeout: PositiveFloat = 120.0  # forwarded: until the upstream answers headers
     max_answer_bytes: PositiveInt = 16 * 1024 * 1024  # a whole (non-streamed) upstream answer; then 502
     max_event_bytes: PositiveInt = 1024 * 1024  # one SSE event of a streamed upstream answer; then cut
+    # "prefix": requests whose prompts begin alike (a conversation's turns) go to the same upstream while
+    # it can take them, so its prompt cache holds them; "none": smooth weighted round-robin for all
+    affinity: Literal["none", "prefix"] = "none"
     upstream: tuple[UpstreamSection, ...] = ()
     split: SplitTable = Field(default_factory=dict)  # model → version → percent (dsnode.versions)
     canary: CanarySection = Field(default_factory=CanarySection)

@@ -39,6 +39,7 @@ from ..cluster.routing import Route
 from ..config import RoutingSection
 from ..node import Node
 from ..record import RequestRecord
+from .affinity import affinity_key
 from .auth import AUTH, IDENTITY
 from .errors import APIError, shutting_down
 from .relay import RELAYS, UpstreamFault, read_refusal, relay, response_headers
@@ -144,7 +145,8 @@ async def _forward(
     outgoing = _Outgoing(request, record.request_id, hops, raw, request.app[AUTH].peers)
     tried: list[Peer] = []
     refused: list[Refusal] = []
-    while (peer := balancer.pick(body.model, route.context, time.monotonic(), tried, hops, version)) is not None:
+    key = affinity_key(body) if routing.affinity == "prefix" else None
+    while (peer := balancer.pick(body.model, route.context, time.monotonic(), tried, hops, version, key)) is not None:
         tried.append(peer)
         peer.forwarded += 1
         peer.in_flight += 1

@@ -13,10 +13,19 @@ A peer can take a request when
 - it serves the model, with a context limit that holds the request (when the request's size is known);
 - this request has not tried it yet, and did not come through it (a forwarded hop);
 - when the request's version is chosen (a split, `dsnode.cluster.splits`): it serves that version.
+
+With an affinity key (`[routing] affinity = "prefix"`: requests whose prompts begin alike, such as the
+turns of one conversation, carry the same key), the peer is chosen among those that can take the
+request by weighted rendezvous hashing instead (nginx's `hash $key consistent`, by another method): each
+peer scores `weight / -ln(h)`, `h` a hash of the key and its URL in (0, 1), and the highest wins. Keys
+spread over the peers in proportion to their weights; a key stays on its peer while that peer can take
+it, so the peer's prompt cache holds the conversation; a peer that goes away moves only its own keys,
+and a request that fails over goes to the key's next-best peer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterator, Mapping, Sequence
@@ -122,12 +131,15 @@ class Balancer:
         tried: Sequence[Peer] = (),
         exclude_names: Collection[str] = (),
         version: str | None = None,
+        affinity: str | None = None,
     ) -> Peer | None:
+        eligible = [peer for peer in self.peers
+                    if self._eligible(peer, model, context, now, tried, exclude_names) and peer.serves(model, version)]
+        if affinity is not None:
+            return max(eligible, key=lambda peer: rendezvous_score(affinity, peer), default=None)
         best: Peer | None = None
         total = 0
-        for peer in self.peers:
-            if not self._eligible(peer, model, context, now, tried, exclude_names) or not peer.serves(model, version):
-                continue
+        for peer in eligible:
             peer.current_weight += peer.effective_weight
             total += peer.effective_weight
             if peer.effective_weight < peer.weight:
@@ -293,6 +305,13 @@ class Balancer:
             )
             for p in self.peers
         ]
+
+
+def rendezvous_score(key: str, peer: Peer) -> float:
+    """Weighted rendezvous hashing: `weight / -ln(h)`, `h` uniform in (0, 1) from the key and the peer."""
+    digest = hashlib.sha256(f"{key}\0{peer.url}".encode()).digest()
+    h = ((int.from_bytes(digest[:8], "big") >> 12) + 0.5) / 2**52  # exact: strictly inside (0, 1)
+    return peer.weight / -math.log(h)
 
 
 def _new_peer(section: UpstreamSection, routing: RoutingSection) -> Peer:

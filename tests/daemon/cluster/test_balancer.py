@@ -200,3 +200,43 @@ def test_an_advertisement_for_a_removed_peer_is_ignored():
 @pytest.mark.parametrize("weight", [1, 2, 7])
 def test_peer_starts_at_its_full_effective_weight(weight):
     assert Peer("http://x:1", weight, 1, 10.0).effective_weight == weight
+
+
+# --- affinity (weighted rendezvous hashing) -----------------------------------------------------------
+def by_key(balancer: Balancer, keys, now: float = 0.0, **kwargs) -> dict[str, str]:
+    out = {}
+    for key in keys:
+        peer = balancer.pick(MODEL, None, now, affinity=key, **kwargs)
+        out[key] = peer.name if peer else "-"
+    return out
+
+
+def test_a_key_stays_on_its_peer_and_keys_spread_by_weight():
+    balancer = ready_balancer(3, 1)
+    keys = [f"conversation {i}" for i in range(4000)]
+    first = by_key(balancer, keys)
+    assert by_key(balancer, keys) == first  # the same key, the same peer, whatever happened in between
+    share = Counter(first.values())["a"] / len(keys)
+    assert 0.72 < share < 0.78  # weight 3 of 4
+    assert Counter(picks(balancer, 8)) == {"a": 6, "b": 2}  # no key: the smooth weighted round-robin
+
+
+def test_a_peer_that_goes_away_moves_only_its_own_keys_to_their_next_best():
+    balancer = ready_balancer(1, 1, 1)
+    keys = [f"k{i}" for i in range(600)]
+    before = by_key(balancer, keys)
+    balancer.failed(balancer.peers[1], 0.0, "connection refused")  # b is down (max_fails 1)
+    after = by_key(balancer, keys)
+    assert {k for k in keys if after[k] != before[k]} == {k for k in keys if before[k] == "b"}
+    assert "b" not in after.values()
+    tried = [p for p in balancer.peers if p.name == "a"]  # failing over from a key's peer: its next-best
+    moved = by_key(balancer, [k for k in keys if before[k] == "a"], tried=tried)
+    assert set(moved.values()) == {"c"}
+    assert by_key(balancer, keys, now=60.0) == before  # b is back after fail_timeout: its keys return
+
+
+def test_affinity_is_a_routing_setting_that_check_config_validates():
+    assert RoutingSection().affinity == "none"
+    assert RoutingSection.model_validate({"affinity": "prefix"}).affinity == "prefix"
+    with pytest.raises(ValueError, match="affinity"):
+        RoutingSection.model_validate({"affinity": "sticky"})
