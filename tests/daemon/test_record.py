@@ -31,4 +31,6 @@ def test_fields_in_order_with_the_optional_ones_only_when_set():
     bare.done(503, "no upstream")
     fields = bare.fields()
     assert fields["ttft_ms"] is None and fields["error"] == "no upstream" and "upstream" not in fields
-    assert list(fields)[-1] == "error"
+    assert list(fields)[-1] == "error" and "cached_tokens" not in fields
+    record.cached_tokens = 32  # a prompt cache gave some of the prompt
+    assert list(record.fields().items())[12:14] == [("cached_tokens", 32), ("upstream", "http://10.0.0.5:8000")]
