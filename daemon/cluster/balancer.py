@@ -136,7 +136,15 @@ class Balancer:
         eligible = [peer for peer in self.peers
                     if self._eligible(peer, model, context, now, tried, exclude_names) and peer.serves(model, version)]
         if affinity is not None:
-            return max(eligible, key=lambda peer: rendezvous_score(affinity, peer), default=None)
+            best = max(eligible, key=lambda peer: rendezvous_score(affinity, peer), default=None)
+        else:
+            best = self._round_robin(eligible)
+        if best is not None and now - best.checked > best.fail_timeout:
+            best.checked = now  # a new window: a success in it clears the failures (nginx)
+        return best
+
+    @staticmethod
+    def _round_robin(eligible: list[Peer]) -> Peer | None:
         best: Peer | None = None
         total = 0
         for peer in eligible:
@@ -146,11 +154,8 @@ class Balancer:
                 peer.effective_weight += 1
             if best is None or peer.current_weight > best.current_weight:
                 best = peer
-        if best is None:
-            return None
-        best.current_weight -= total
-        if now - best.checked > best.fail_timeout:
-            best.checked = now
+        if best is not None:
+            best.current_weight -= total
         return best
 
     @staticmethod

@@ -232,7 +232,10 @@ def test_a_peer_that_goes_away_moves_only_its_own_keys_to_their_next_best():
     tried = [p for p in balancer.peers if p.name == "a"]  # failing over from a key's peer: its next-best
     moved = by_key(balancer, [k for k in keys if before[k] == "a"], tried=tried)
     assert set(moved.values()) == {"c"}
-    assert by_key(balancer, keys, now=60.0) == before  # b is back after fail_timeout: its keys return
+    on_b = [k for k in keys if before[k] == "b"]
+    assert by_key(balancer, on_b[:1], now=60.0) == {on_b[0]: "b"}  # after fail_timeout one request tries b
+    balancer.succeeded(balancer.peers[1], 60.5)  # and it answered: b is back, with all its keys
+    assert by_key(balancer, keys, now=61.0) == before
 
 
 def test_affinity_is_a_routing_setting_that_check_config_validates():
@@ -240,3 +243,15 @@ def test_affinity_is_a_routing_setting_that_check_config_validates():
     assert RoutingSection.model_validate({"affinity": "prefix"}).affinity == "prefix"
     with pytest.raises(ValueError, match="affinity"):
         RoutingSection.model_validate({"affinity": "sticky"})
+
+
+def test_with_affinity_a_success_after_the_window_clears_the_failures_as_with_round_robin():
+    balancer = ready_balancer(1, max_fails=2, fail_timeout=10.0)
+    peer = balancer.peers[0]
+    balancer.failed(peer, 0.0, "timeout")
+    balancer.failed(peer, 1.0, "timeout")
+    assert by_key(balancer, ["k"], now=5.0) == {"k": "-"}  # down for fail_timeout
+    assert by_key(balancer, ["k"], now=12.0) == {"k": "a"}  # tried again: a new window
+    balancer.succeeded(peer, 12.5)
+    balancer.failed(peer, 13.0, "timeout")  # one failure of max_fails 2: still up
+    assert by_key(balancer, ["k"], now=13.5) == {"k": "a"}
