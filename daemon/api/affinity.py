@@ -4,8 +4,10 @@ upstream so that the upstream's prompt cache holds it. Pure.
 A chat client resends a conversation whole every turn, so what does not change from turn to turn is
 its beginning: the messages up to the first user message (the system prompt and the first question).
 The key is a digest of those, the model and the tools (rendered into the prompt's start). A text
-completion's key is its first prompt's first `PREFIX_CHARS` characters (or `PREFIX_TOKENS` token ids).
-Prompts that begin alike get the same key, and that is what is wanted: they share a cached prefix.
+completion's key is its first prompt's first `PREFIX_CHARS` characters (or `PREFIX_TOKENS` token ids):
+few, so that a prompt growing turn by turn keeps its key from its first turn on (a first turn shorter
+than that costs little to compute again). Prompts that begin alike get the same key, and that is what
+is wanted: they share a cached prefix.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import json
 
 from .schemas import Body, ChatCompletionRequest
 
-PREFIX_CHARS = 2048
-PREFIX_TOKENS = 512
+PREFIX_CHARS = 256
+PREFIX_TOKENS = 64
 
 
 def affinity_key(body: Body) -> str:

@@ -35,9 +35,10 @@ def test_the_key_is_a_conversations_opening():
     assert key(chat("What is MLA?", system="Be brief.", tools=[tool])) != key(turn1)
     assert key({**turn1, "model": "other"}) != key(turn1)
     assert key({**turn1, "temperature": 0.1, "max_tokens": 9}) == key(turn1)  # sampling is not the prompt
-    story = "Once upon a time " * 200
-    assert key({"model": MODEL, "prompt": story + "the end"}) == key({"model": MODEL, "prompt": story + "a dragon"})
-    assert key({"model": MODEL, "prompt": [list(range(600)) + [1]]}) == key({"model": MODEL, "prompt": list(range(600))})
+    story = "Once upon a time " * 16  # 272 characters: a first turn; later turns append to it
+    assert key({"model": MODEL, "prompt": story}) == key({"model": MODEL, "prompt": story + " a dragon" * 99})
+    assert key({"model": MODEL, "prompt": story[:100]}) != key({"model": MODEL, "prompt": story})
+    assert key({"model": MODEL, "prompt": [list(range(70)) + [1]]}) == key({"model": MODEL, "prompt": list(range(600))})
 
 
 async def post(client, body: dict):
