@@ -77,7 +77,7 @@ def main() -> int:
     for turn in range(args.turns):
         with_cache = statistics.median(r["ttft_s"][turn] for r in runs[1024])
         without = statistics.median(r["ttft_s"][turn] for r in runs[0])
-        prompt = 16 + (turn + 1) * (args.user + args.answer) - args.answer
+        prompt = 16 + (turn + 1) * (args.user + args.answer)  # the warm-up turn: 16 tokens and its answer
         print(f"{turn + 1:>4}  {prompt:>6}  {runs[1024][0]['cached_tokens'][turn]:>6}  {with_cache:>8.3f} s"
               f"  {without:>10.3f} s  {without / with_cache:>10.2f}x")
     return 0
