@@ -75,9 +75,10 @@ class RemoteRunner:
     def decode(self, seq_ids: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
         return self._call(("decode", list(seq_ids), list(token_ids)))  # (n, V)
 
-    def reuse_prefix(self, seq_id: str, token_ids: Sequence[int]) -> int:
-        """How many of a sequence's first tokens every rank's prompt cache holds (they agree, or say 0)."""
-        return int(self._call(("reuse_prefix", seq_id, list(token_ids))))
+    def reuse_prefix(self, seq_id: str, token_ids: Sequence[int], scope: str = "") -> int:
+        """How many of a sequence's first tokens every rank's prompt cache holds for `scope` (they agree,
+        or say 0)."""
+        return int(self._call(("reuse_prefix", seq_id, list(token_ids), scope)))
 
     def release(self, seq_id: str) -> None:
         self._send(("release", seq_id))  # no answer: it cannot fail, and saves a round trip

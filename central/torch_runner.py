@@ -33,6 +33,7 @@ class TorchRunner:
         self.config = model.config
         self.kv = KVBatch(TORCH_OPS)
         self.fed: dict[str, list[int]] = {}  # the token ids in each sequence's cache
+        self.scope_of: dict[str, str] = {}  # each sequence's prompt cache scope, told at admission
         self.prompts: PromptCache[list[LayerKV]] = PromptCache(prompt_cache_bytes)  # host tensors
         self._reused: dict[str, tuple[Entry[list[LayerKV]], int]] = {}  # to take before the next step
 
@@ -44,12 +45,14 @@ class TorchRunner:
         """As `prefill`, with the logits of every fed position (n, V): a prompt being scored."""
         return self._prefill(seq_id, token_ids, start, 0)
 
-    def reuse_prefix(self, seq_id: str, token_ids: Sequence[int]) -> int:
-        """A sequence is being admitted: how many of its first tokens the prompt cache holds (0 if none).
-        A lookup only; the copy to the device is made at the start of the next step."""
+    def reuse_prefix(self, seq_id: str, token_ids: Sequence[int], scope: str = "") -> int:
+        """A sequence of `scope` is being admitted: how many of its first tokens the prompt cache holds
+        for that scope (0 if none); what it computes is kept under that scope when it is released. A
+        lookup only; the copy to the device is made at the start of the next step."""
         if not self.prompts.capacity or seq_id in self.fed or seq_id in self._reused:
             return 0
-        hit = self.prompts.lookup(token_ids)
+        self.scope_of[seq_id] = scope
+        hit = self.prompts.lookup(token_ids, scope)
         if hit is None:
             return 0
         self._reused[seq_id] = (hit.entry, hit.reused)
@@ -105,21 +108,23 @@ class TorchRunner:
     def release(self, seq_id: str) -> None:
         """Forget a sequence; the prompt cache keeps a host copy of what it computed, if it wants it."""
         tokens = self.fed.pop(seq_id, [])
-        if self._reused.pop(seq_id, None) is None and tokens:
-            self._keep(tokens, self.kv.view_of(seq_id))
+        scope = self.scope_of.pop(seq_id, None)
+        if self._reused.pop(seq_id, None) is None and tokens and scope is not None:
+            self._keep(tokens, self.kv.view_of(seq_id), scope)
         self.kv.release(seq_id)
 
-    def _keep(self, tokens: list[int], layers: list[LayerKV] | None) -> None:
+    def _keep(self, tokens: list[int], layers: list[LayerKV] | None, scope: str) -> None:
         if not layers or int(layers[0][0].shape[2]) != len(tokens):
             return  # nothing cached, or not what the tokens say (a step failed part way)
         per_token = sum(k[:, :, :1].nbytes + v[:, :, :1].nbytes for k, v in layers)
-        if self.prompts.wants(tokens, len(tokens) * per_token):
+        if self.prompts.wants(tokens, len(tokens) * per_token, scope):
             host = [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers]
-            self.prompts.add(tokens, host, len(tokens) * per_token)
+            self.prompts.add(tokens, host, len(tokens) * per_token, scope)
 
     def close(self) -> None:
         self.kv.clear()
         self.fed.clear()
+        self.scope_of.clear()
         self._reused.clear()
         self.prompts.clear()
 

@@ -153,6 +153,7 @@ class SlotRunner:
         self.slot_of: dict[str, int] = {}
         self.length_of: dict[str, int] = {}  # tokens in the cache, per sequence
         self.fed: dict[str, list[int]] = {}  # their ids (what the prompt cache keeps them under)
+        self.scope_of: dict[str, str] = {}  # each sequence's prompt cache scope, told at admission
         self.prompts: PromptCache[list[np.ndarray]] = PromptCache(prompt_cache_bytes if self.device == "cpu" else 0)
         self._reused: dict[str, tuple[Entry[list[np.ndarray]], int]] = {}  # to copy in before the next step
         self._decode_binding: DecodeStep | None = None
@@ -172,13 +173,15 @@ class SlotRunner:
             return self._prefill(seq_id, token_ids, start, np.arange(len(token_ids), dtype=np.int64))
         return np.stack([self.prefill(seq_id, [token], start + i) for i, token in enumerate(token_ids)])
 
-    def reuse_prefix(self, seq_id: str, token_ids: Sequence[int]) -> int:
-        """A sequence is being admitted: how many of its first tokens the prompt cache holds (0 if none).
-        Only a lookup: the engine asks while it holds its scheduling lock. The sequence takes a slot
-        and the entry's copy at the start of the next step, whatever that step feeds."""
+    def reuse_prefix(self, seq_id: str, token_ids: Sequence[int], scope: str = "") -> int:
+        """A sequence of `scope` is being admitted: how many of its first tokens the prompt cache holds
+        for that scope (0 if none); what it computes is kept under that scope when it is released. Only
+        a lookup: the engine asks while it holds its scheduling lock. The sequence takes a slot and the
+        entry's copy at the start of the next step, whatever that step feeds."""
         if not self.prompts.capacity or seq_id in self.slot_of or seq_id in self._reused:
             return 0
-        hit = self.prompts.lookup(token_ids)
+        self.scope_of[seq_id] = scope
+        hit = self.prompts.lookup(token_ids, scope)
         if hit is None:
             return 0
         self._reused[seq_id] = (hit.entry, hit.reused)
@@ -246,16 +249,18 @@ class SlotRunner:
         slot = self.slot_of.pop(seq_id, None)
         self.length_of.pop(seq_id, None)
         tokens = self.fed.pop(seq_id, [])
-        if self._reused.pop(seq_id, None) is not None or slot is None:
-            return  # dropped before any step: it holds nothing
+        scope = self.scope_of.pop(seq_id, None)
+        if self._reused.pop(seq_id, None) is not None or slot is None or scope is None:
+            return  # dropped before any step (it holds nothing), or never looked up (whose is it?)
         nbytes = len(tokens) * self.cache.token_bytes()
-        if self.prompts.wants(tokens, nbytes):
-            self.prompts.add(tokens, self.cache.copy_out(slot, len(tokens)), nbytes)
+        if self.prompts.wants(tokens, nbytes, scope):
+            self.prompts.add(tokens, self.cache.copy_out(slot, len(tokens)), nbytes, scope)
 
     def close(self) -> None:
         self.slot_of.clear()
         self.length_of.clear()
         self.fed.clear()
+        self.scope_of.clear()
         self._reused.clear()
         self.prompts.clear()
         self._decode_binding = None

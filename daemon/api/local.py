@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import AsyncExitStack, aclosing
 from typing import Any, AsyncIterator
 
@@ -88,8 +89,9 @@ async def serve_local(
     streams = []
     for prompt in prompts:
         params = sampling_params(body, len(prompt), engine.info.max_context, limits, tokenizer.vocab_size)
+        scope = cache_scope(record.user, body.cache_salt)
         streams += [engine.generate(GenerationRequest(record.request_id, tuple(prompt), choice_params(params, j),
-                                                      constraint)) for j in range(body.n)]
+                                                      constraint, scope)) for j in range(body.n)]
     async with AsyncExitStack() as stack:
         for stream in streams:
             await stack.enter_async_context(aclosing(stream))
@@ -104,6 +106,13 @@ async def serve_local(
             if body.stream:
                 return await _stream(request, deltas, shape, body, record, choices)
             return await _whole(deltas, shape, record, choices)
+
+
+def cache_scope(identity: str | None, salt: str | None) -> str:
+    """The prompt cache a request shares: its API key's (one for all when the node has no keys), and
+    within it only with requests of the same `cache_salt`. A cached prefix shows in `cached_tokens` and
+    in the time to the first token, so another key must not be able to find out what was sent."""
+    return json.dumps([identity or "", salt or ""])
 
 
 def _echo_texts(tokenizer: TextTokenizer, body: Body, prompts: list[list[int]]) -> list[str]:

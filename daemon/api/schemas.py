@@ -190,6 +190,11 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
+    # the prompt cache (docs/edge.md): `cache_salt` (vLLM's) keeps this request's cached prefixes apart
+    # from those of requests without the same salt; `prompt_cache_key` (OpenAI's) replaces the prompt's
+    # opening as the key that keeps requests on one upstream ([routing] affinity = "prefix")
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    prompt_cache_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
     @model_validator(mode="before")
     @classmethod

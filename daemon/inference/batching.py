@@ -260,7 +260,7 @@ class BatchingEngine(Engine):
         if live is None or reuse is None or live.prompt_scores is not None:
             return 0
         try:
-            cached = int(reuse(seq_id, live.tokens))
+            cached = int(reuse(seq_id, live.tokens, live.request.cache_scope))
         except Exception:  # the cache is an optimisation: the prompt is computed as without one
             log.exception("engine_prompt_cache_failed", seq_id=seq_id)
             with contextlib.suppress(Exception):

@@ -64,6 +64,9 @@ class GenerationRequest:
     # The grammar the output must follow (structured output, forced tool calls): the engine masks the
     # logits with it every step before sampling. None: free text.
     constraint: "Constraint | None" = None
+    # Whose prompt cache entries it may take and leave: requests of another scope never share a prefix
+    # (the API key's identity and the request's `cache_salt`)
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,14 @@ of their KV cache) and its size. A lookup finds the entry sharing the longest pr
 counted in whole blocks of `BLOCK` tokens (as vLLM counts cached tokens: a prompt's first few tokens,
 a chat template's opening, are in almost every entry and say nothing). The store holds at most
 `capacity` bytes, evicting the least recently used; an entry that is a prefix of a newer one is
-dropped (a conversation's next turn holds all of the previous one).
+dropped (a conversation's next turn holds all of the previous one). Every entry belongs to a scope
+(the API key and `cache_salt` of the request that computed it): a lookup sees its own scope's only.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -27,6 +28,7 @@ class Entry(Generic[Payload]):
     tokens: np.ndarray  # int64, the token ids whose KV the payload holds, position 0 on
     payload: Payload
     nbytes: int
+    scope: str = ""
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,13 @@ class PromptCache(Generic[Payload]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt: Sequence[int]) -> Hit[Payload] | None:
-        """The entry sharing the most whole blocks with `prompt`, leaving at least its last token to be
-        fed (the model's logits for it are needed). Marks it recently used."""
+    def lookup(self, prompt: Sequence[int], scope: str = "") -> Hit[Payload] | None:
+        """The entry of `scope` sharing the most whole blocks with `prompt`, leaving at least its last
+        token to be fed (the model's logits for it are needed). Marks it recently used."""
         ids = np.asarray(prompt, np.int64)
         most = (len(ids) - 1) // BLOCK * BLOCK
         best: tuple[int, int] | None = None
-        for key, entry in self._entries.items():
+        for key, entry in self._in(scope):
             shared = min(common_prefix(entry.tokens, ids), most) // BLOCK * BLOCK
             if shared and (best is None or shared > best[1]):
                 best = (key, shared)
@@ -60,30 +62,31 @@ class PromptCache(Generic[Payload]):
         self._entries.move_to_end(best[0])
         return Hit(self._entries[best[0]], best[1])
 
-    def wants(self, tokens: Sequence[int], nbytes: int) -> bool:
+    def wants(self, tokens: Sequence[int], nbytes: int, scope: str = "") -> bool:
         """Whether these tokens, their KV `nbytes` large, would be kept: ask before copying them out.
-        Not when too short or too large, nor when an entry holds them already (it counts as used)."""
+        Not when too short or too large, nor when an entry of the scope holds them already (it counts
+        as used)."""
         if len(tokens) < BLOCK or not 0 < nbytes <= self.capacity:
             return False
         ids = np.asarray(tokens, np.int64)
-        for key, entry in self._entries.items():
+        for key, entry in self._in(scope):
             if common_prefix(entry.tokens, ids) == len(ids):
                 self._entries.move_to_end(key)
                 return False
         return True
 
-    def add(self, tokens: Sequence[int], payload: Payload, nbytes: int) -> bool:
-        """Keep an entry, dropping those it holds all of, then the least recently used while over
-        capacity; False if it is not kept (see `wants`)."""
-        if not self.wants(tokens, nbytes):
+    def add(self, tokens: Sequence[int], payload: Payload, nbytes: int, scope: str = "") -> bool:
+        """Keep an entry, dropping those of its scope it holds all of, then the least recently used of
+        any scope while over capacity; False if it is not kept (see `wants`)."""
+        if not self.wants(tokens, nbytes, scope):
             return False
         ids = np.asarray(tokens, np.int64)
-        for key, entry in list(self._entries.items()):
+        for key, entry in list(self._in(scope)):
             if common_prefix(entry.tokens, ids) == len(entry.tokens):
                 self._drop(key)
         while self.nbytes + nbytes > self.capacity:
             self._drop(next(iter(self._entries)))
-        self._entries[self._keys] = Entry(ids, payload, nbytes)
+        self._entries[self._keys] = Entry(ids, payload, nbytes, scope)
         self._keys += 1
         self.nbytes += nbytes
         return True
@@ -91,6 +94,9 @@ class PromptCache(Generic[Payload]):
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
+
+    def _in(self, scope: str) -> Iterator[tuple[int, Entry[Payload]]]:
+        return ((key, entry) for key, entry in self._entries.items() if entry.scope == scope)
 
     def _drop(self, key: int) -> None:
         self.nbytes -= self._entries.pop(key).nbytes

@@ -290,6 +290,11 @@ async def test_the_next_turn_of_a_conversation_reuses_the_cache_of_the_last(fp32
         assert tokens_of(deltas["caching"]) == tokens_of(deltas["plain"])
         scored = await run(caching, first, max_tokens=1, prompt_logprobs=1)  # every position is needed
         assert scored[0].cached_tokens == 0 and len(scored[0].prompt_logprobs) == len(ids)
+        whole = (len(follow) - 1) // 16 * 16  # "next" above (scope "") kept all of `follow`
+        for scope, expected in (("another key", 0), ("", whole)):
+            request = GenerationRequest("other", tuple(follow), SamplingParams(temperature=0.0, max_tokens=2),
+                                        cache_scope=scope)
+            assert [d async for d in caching.generate(request)][0].cached_tokens == expected, scope
     finally:
         await caching.close()
         await plain.close()

@@ -171,20 +171,29 @@ def test_a_live_sequence_left_out_of_a_step_keeps_its_cache(runner, torch_model)
 LONG = list(range(40, 80))  # 40 tokens: two whole blocks of 16 and 8 more
 
 
+class Admitting(SlotRunner):
+    def admit(self, seq_id: str, tokens: list[int], scope: str = "") -> np.ndarray:
+        """As the engine admits a sequence: asked for a cached prefix (which also tells its scope), then
+        the rest prefilled."""
+        start = self.reuse_prefix(seq_id, tokens, scope)
+        return self.prefill(seq_id, tokens[start:], start)
+
+
 @pytest.fixture()
 def caching(fp32_dir):
-    runner = SlotRunner(open_session(fp32_dir / "model.onnx", "cpu", threads=1), max_length=512,
-                        prompt_cache_bytes=64 * 2**20)
+    runner = Admitting(open_session(fp32_dir / "model.onnx", "cpu", threads=1), max_length=512,
+                       prompt_cache_bytes=64 * 2**20)
     yield runner
     runner.close()
 
 
 def test_a_released_sequence_gives_a_later_prompt_its_prefix(caching, torch_model):
-    caching.prefill("first", LONG, 0)
+    caching.admit("first", LONG)
     caching.decode(["first"], [3])
     caching.release("first")  # kept: its 41 positions
     assert len(caching.prompts) == 1 and caching.prompts.nbytes == 41 * caching.cache.token_bytes()
-    caching.prefill("other", [7] * 20, 0)  # takes slot 0 and overwrites the first positions there
+    caching.prefill("other", [7] * 20, 0)  # takes slot 0 and overwrites the first positions there (not
+    # looked up, so not kept either: whose would it be?)
     then = LONG[:35] + [250, 251]  # shares 35 tokens: two blocks are reused
     assert caching.reuse_prefix("next", then) == 32
     assert "next" not in caching.slot_of  # a lookup only: the slot and the copy come with its first step
@@ -198,7 +207,7 @@ def test_a_released_sequence_gives_a_later_prompt_its_prefix(caching, torch_mode
 
 
 def test_a_prompt_held_whole_feeds_only_its_last_token_and_may_decode_first(caching, torch_model):
-    caching.prefill("first", LONG, 0)
+    caching.admit("first", LONG)
     caching.release("first")
     caching.prefill("other", [7] * 20, 0)  # slot 0, where the first's positions still lie
     prompt = LONG[:33]  # 33 tokens cached; 32 reused, the last one is fed by a decode step
@@ -211,14 +220,15 @@ def test_a_prompt_held_whole_feeds_only_its_last_token_and_may_decode_first(cach
 
 
 def test_short_or_unshared_prompts_reuse_nothing_and_a_gpu_keeps_no_cache(caching, runner):
-    caching.prefill("short", LONG[:15], 0)  # under one block: not kept
+    caching.admit("short", LONG[:15])  # under one block: not kept
     caching.release("short")
     assert len(caching.prompts) == 0
-    caching.prefill("first", LONG, 0)
+    caching.admit("first", LONG)
     caching.release("first")
     assert caching.reuse_prefix("x", [1] + LONG) == 0 and "x" not in caching.slot_of
     assert caching.reuse_prefix("y", LONG[:16]) == 0  # one block, but its last token must be fed
-    runner.prefill("first", LONG, 0)  # no capacity (the default, and any GPU runner)
+    assert runner.reuse_prefix("first", LONG) == 0  # no capacity (the default, and any GPU runner)
+    runner.prefill("first", LONG, 0)
     runner.release("first")
     assert runner.reuse_prefix("again", LONG) == 0 and len(runner.prompts) == 0
 
@@ -227,8 +237,8 @@ def test_the_cache_survives_growth_and_a_sequence_dropped_before_its_copy_keeps_
                                                                                         monkeypatch):
     monkeypatch.setattr(slot_module, "INITIAL_SLOTS", 1)
     monkeypatch.setattr(slot_module, "INITIAL_LENGTH", 48)
-    runner = SlotRunner(open_session(fp32_dir / "model.onnx", "cpu", threads=1), 512, prompt_cache_bytes=2**26)
-    runner.prefill("first", LONG, 0)
+    runner = Admitting(open_session(fp32_dir / "model.onnx", "cpu", threads=1), 512, prompt_cache_bytes=2**26)
+    runner.admit("first", LONG)
     runner.release("first")
     runner.prefill("busy", [5] * 30, 0)
     assert runner.reuse_prefix("dropped", LONG) == 32

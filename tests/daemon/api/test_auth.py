@@ -418,3 +418,22 @@ async def test_the_per_key_cap_holds_on_the_forwarded_path_too(tmp_path, node_wi
         assert (await client.post("/v1/completions", json=ask, headers=bearer(ALICE))).status == 200
     finally:
         await central.stop()
+
+
+async def test_each_key_and_cache_salt_has_a_prompt_cache_of_its_own(tmp_path, node_with, engine):
+    """A cached prefix shows (cached_tokens, a shorter TTFT): a request may take only prefixes that its
+    own key computed, with the same `cache_salt` (vLLM's parameter); without keys, one scope per salt."""
+    node, client = await node_with(auth_toml(keys_file(tmp_path, f"alice: {ALICE}\nbob: {BOB}\n")))
+    scopes = []
+    for key, salt in ((ALICE, None), (ALICE, "tenant-7"), (BOB, None)):
+        body = {**CHAT, **({"cache_salt": salt} if salt else {})}
+        response = await client.post("/v1/chat/completions", json=body, headers=bearer(key))
+        assert response.status == 200, await response.text()
+        scopes.append(engine.requests[-1].cache_scope)
+    assert scopes == [json.dumps(["alice", ""]), json.dumps(["alice", "tenant-7"]), json.dumps(["bob", ""])]
+    response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "cache_salt": ""},
+                                 headers=bearer(ALICE))
+    assert response.status == 400 and (await error_of(response))["param"] == "cache_salt"
+    _, open_client = await node_with("", name="open.toml")
+    assert (await open_client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})).status == 200
+    assert engine.requests[-1].cache_scope == json.dumps(["", ""])

@@ -39,6 +39,8 @@ def test_the_key_is_a_conversations_opening():
     assert key({"model": MODEL, "prompt": story}) == key({"model": MODEL, "prompt": story + " a dragon" * 99})
     assert key({"model": MODEL, "prompt": story[:100]}) != key({"model": MODEL, "prompt": story})
     assert key({"model": MODEL, "prompt": [list(range(70)) + [1]]}) == key({"model": MODEL, "prompt": list(range(600))})
+    mine = {"prompt_cache_key": "user-42"}  # OpenAI's parameter: the client's own key
+    assert key({**turn1, **mine}) == key({**chat("Something else"), **mine}) != key(turn1)
 
 
 async def post(client, body: dict):
@@ -72,7 +74,7 @@ async def test_without_affinity_the_turns_take_turns(fakes, edge):
 
 async def test_a_conversation_whose_upstream_fails_goes_to_its_next_best(fakes, edge):
     a, b = await fakes("central-a"), await fakes("central-b")
-    node, client = await edge([(a.url, 1), (b.url, 1)], routing='affinity = "prefix"')
+    _, client = await edge([(a.url, 1), (b.url, 1)], routing='affinity = "prefix"')
     openings = {}
     for n in range(12):
         openings[n] = (await post(client, chat(f"question {n}")))[1]

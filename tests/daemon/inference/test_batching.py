@@ -389,14 +389,15 @@ async def test_a_prefix_the_runner_holds_is_not_fed_and_the_first_delta_says_how
     engine = await make_engine(reply=REPLY)
     asked = []
 
-    def reuse_prefix(seq_id, tokens):  # as SlotRunner's: the cache now holds the first 3 tokens
-        asked.append((seq_id, tuple(tokens)))
+    def reuse_prefix(seq_id, tokens, scope):  # as SlotRunner's: the cache now holds the first 3 tokens
+        asked.append((seq_id, tuple(tokens), scope))
         engine.runner._kv[seq_id] = list(tokens[:3])
         return 3
 
     engine.runner.reuse_prefix = reuse_prefix
-    text, deltas = await collect(engine.generate(request("r1")))
-    assert text == REPLY and asked == [(asked[0][0], PROMPT)]
+    text, deltas = await collect(engine.generate(GenerationRequest("r1", PROMPT, SamplingParams(max_tokens=64),
+                                                                   cache_scope="alice")))
+    assert text == REPLY and asked == [(asked[0][0], PROMPT, "alice")]
     assert [(c.start, c.token_ids) for c in engine.runner.prefills("r1")] == [(3, PROMPT[3:])]
     assert deltas[0].cached_tokens == 3 and all(d.cached_tokens == 0 for d in deltas[1:])
     _, scored = await collect(engine.generate(request("r2", prompt_logprobs=1)))
@@ -407,7 +408,7 @@ async def test_a_prefix_the_runner_holds_is_not_fed_and_the_first_delta_says_how
 async def test_a_prompt_cache_that_fails_costs_only_the_reuse(make_engine):
     engine = await make_engine(reply=REPLY)
 
-    def reuse_prefix(seq_id, tokens):
+    def reuse_prefix(seq_id, tokens, scope):
         raise RuntimeError("copy failed")
 
     engine.runner.reuse_prefix = reuse_prefix

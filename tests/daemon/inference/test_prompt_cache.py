@@ -53,6 +53,16 @@ def test_capacity_evicts_the_least_recently_used_and_refuses_what_cannot_fit():
     assert not PromptCache(0).wants(tokens(64), 1)  # capacity 0: off
 
 
+def test_a_scope_sees_only_its_own_entries_and_keeps_its_own_copy():
+    cache: PromptCache[str] = PromptCache(10_000)
+    cache.add(tokens(40), "alice's", 40, scope="alice")
+    assert cache.lookup(tokens(40) + [1], scope="bob") is None and cache.lookup(tokens(40) + [1]) is None
+    assert cache.lookup(tokens(40) + [1], scope="alice").entry.payload == "alice's"
+    assert cache.wants(tokens(30), 30, scope="bob")  # alice's entry holds these tokens, not for bob
+    assert cache.add(tokens(50), "bob's", 50, scope="bob") and len(cache) == 2  # alice's stays
+    assert cache.lookup(tokens(60), scope="alice").entry.payload == "alice's"
+
+
 @pytest.mark.parametrize(("a", "b", "shared"), [([], [1], 0), ([1, 2, 3], [1, 2, 3], 3), ([1, 2, 3], [1, 2], 2),
                                                 ([1, 5, 3], [1, 2, 3], 1), ([4], [1], 0)])
 def test_common_prefix(a, b, shared):
