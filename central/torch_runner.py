@@ -109,9 +109,11 @@ class TorchRunner:
         """Forget a sequence; the prompt cache keeps a host copy of what it computed, if it wants it."""
         tokens = self.fed.pop(seq_id, [])
         scope = self.scope_of.pop(seq_id, None)
-        if self._reused.pop(seq_id, None) is None and tokens and scope is not None:
-            self._keep(tokens, self.kv.view_of(seq_id), scope)
-        self.kv.release(seq_id)
+        try:
+            if self._reused.pop(seq_id, None) is None and tokens and scope is not None:
+                self._keep(tokens, self.kv.view_of(seq_id), scope)
+        finally:  # a copy that fails (host memory) must not keep the sequence in the batch
+            self.kv.release(seq_id)
 
     def _keep(self, tokens: list[int], layers: list[LayerKV] | None, scope: str) -> None:
         if not layers or int(layers[0][0].shape[2]) != len(tokens):
