@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from dsnode.inference.kvbatch import ArrayOps, KVBatch, LayerKV
-from dsnode.inference.prompt_cache import Entry, PromptCache
+from dsnode.inference.prompt_cache import PrefixReuse, PromptCache
 from transformers import DynamicCache
 
 TORCH_OPS: ArrayOps[torch.Tensor] = ArrayOps(
@@ -33,9 +33,11 @@ class TorchRunner:
         self.config = model.config
         self.kv = KVBatch(TORCH_OPS)
         self.fed: dict[str, list[int]] = {}  # the token ids in each sequence's cache
-        self.scope_of: dict[str, str] = {}  # each sequence's prompt cache scope, told at admission
-        self.prompts: PromptCache[list[LayerKV]] = PromptCache(prompt_cache_bytes)  # host tensors
-        self._reused: dict[str, tuple[Entry[list[LayerKV]], int]] = {}  # to take before the next step
+        self.reuse: PrefixReuse[list[LayerKV]] = PrefixReuse(prompt_cache_bytes)  # host tensors
+
+    @property
+    def prompts(self) -> PromptCache[list[LayerKV]]:
+        return self.reuse.cache
 
     def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
         last: np.ndarray = self._prefill(seq_id, token_ids, start, 1)[-1]  # (V,)
@@ -47,23 +49,14 @@ class TorchRunner:
 
     def reuse_prefix(self, seq_id: str, token_ids: Sequence[int], scope: str = "") -> int:
         """A sequence of `scope` is being admitted: how many of its first tokens the prompt cache holds
-        for that scope (0 if none); what it computes is kept under that scope when it is released. A
-        lookup only; the copy to the device is made at the start of the next step."""
-        if not self.prompts.capacity or seq_id in self.fed or seq_id in self._reused:
-            return 0
-        self.scope_of[seq_id] = scope
-        hit = self.prompts.lookup(token_ids, scope)
-        if hit is None:
-            return 0
-        self._reused[seq_id] = (hit.entry, hit.reused)
-        return int(hit.reused)
+        for that scope (0 if none); the copy to the device is made at the start of the next step."""
+        return int(self.reuse.lookup(seq_id, token_ids, scope, seq_id in self.fed))
 
     def _take_reused(self) -> None:
-        for seq_id, (entry, n) in self._reused.items():
+        for seq_id, entry, n in self.reuse.take_pending():
             self.kv.store(seq_id, [(k[:, :, :n].to(self.device, copy=True), v[:, :, :n].to(self.device, copy=True))
                                    for k, v in entry.payload])
             self.fed[seq_id] = entry.tokens[:n].tolist()
-        self._reused.clear()
 
     @torch.inference_mode()
     def _prefill(self, seq_id: str, token_ids: Sequence[int], start: int, keep: int) -> np.ndarray:
@@ -108,27 +101,20 @@ class TorchRunner:
     def release(self, seq_id: str) -> None:
         """Forget a sequence; the prompt cache keeps a host copy of what it computed, if it wants it."""
         tokens = self.fed.pop(seq_id, [])
-        scope = self.scope_of.pop(seq_id, None)
+        scope = self.reuse.finished(seq_id)
         try:
-            if self._reused.pop(seq_id, None) is None and tokens and scope is not None:
-                self._keep(tokens, self.kv.view_of(seq_id), scope)
+            layers = self.kv.view_of(seq_id)
+            if scope is not None and layers and int(layers[0][0].shape[2]) == len(tokens):  # else a step failed
+                per_token = sum(k[:, :, :1].nbytes + v[:, :, :1].nbytes for k, v in layers)
+                self.reuse.keep(tokens, len(tokens) * per_token, scope,
+                                lambda: [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers])
         finally:  # a copy that fails (host memory) must not keep the sequence in the batch
             self.kv.release(seq_id)
-
-    def _keep(self, tokens: list[int], layers: list[LayerKV] | None, scope: str) -> None:
-        if not layers or int(layers[0][0].shape[2]) != len(tokens):
-            return  # nothing cached, or not what the tokens say (a step failed part way)
-        per_token = sum(k[:, :, :1].nbytes + v[:, :, :1].nbytes for k, v in layers)
-        if self.prompts.wants(tokens, len(tokens) * per_token, scope):
-            host = [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers]
-            self.prompts.add(tokens, host, len(tokens) * per_token, scope)
 
     def close(self) -> None:
         self.kv.clear()
         self.fed.clear()
-        self.scope_of.clear()
-        self._reused.clear()
-        self.prompts.clear()
+        self.reuse.clear()
 
     def _cache(self, layers: list[LayerKV] | None) -> DynamicCache:
         if not layers:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
-from dsnode.inference.prompt_cache import Entry, PromptCache
+from dsnode.inference.prompt_cache import PrefixReuse, PromptCache
 
 from .manifest import LOGIT_POSITIONS
 from .onnx_runner import CUDA, RunnerError
@@ -153,10 +153,12 @@ class SlotRunner:
         self.slot_of: dict[str, int] = {}
         self.length_of: dict[str, int] = {}  # tokens in the cache, per sequence
         self.fed: dict[str, list[int]] = {}  # their ids (what the prompt cache keeps them under)
-        self.scope_of: dict[str, str] = {}  # each sequence's prompt cache scope, told at admission
-        self.prompts: PromptCache[list[np.ndarray]] = PromptCache(prompt_cache_bytes if self.device == "cpu" else 0)
-        self._reused: dict[str, tuple[Entry[list[np.ndarray]], int]] = {}  # to copy in before the next step
+        self.reuse: PrefixReuse[list[np.ndarray]] = PrefixReuse(prompt_cache_bytes if self.device == "cpu" else 0)
         self._decode_binding: DecodeStep | None = None
+
+    @property
+    def prompts(self) -> PromptCache[list[np.ndarray]]:
+        return self.reuse.cache
 
     @property
     def provider(self) -> str:
@@ -175,27 +177,18 @@ class SlotRunner:
 
     def reuse_prefix(self, seq_id: str, token_ids: Sequence[int], scope: str = "") -> int:
         """A sequence of `scope` is being admitted: how many of its first tokens the prompt cache holds
-        for that scope (0 if none); what it computes is kept under that scope when it is released. Only
-        a lookup: the engine asks while it holds its scheduling lock. The sequence takes a slot and the
-        entry's copy at the start of the next step, whatever that step feeds."""
-        if not self.prompts.capacity or seq_id in self.slot_of or seq_id in self._reused:
-            return 0
-        self.scope_of[seq_id] = scope
-        hit = self.prompts.lookup(token_ids, scope)
-        if hit is None:
-            return 0
-        self._reused[seq_id] = (hit.entry, hit.reused)
-        return int(hit.reused)
+        for that scope (0 if none). It takes a slot and the entry's copy at the start of the next step,
+        whatever that step feeds."""
+        return int(self.reuse.lookup(seq_id, token_ids, scope, seq_id in self.slot_of))
 
     def _copy_reused(self) -> None:
         """Sequences given a prefix since the last step take their slots, and the prefix goes in."""
-        for seq_id, (entry, positions) in self._reused.items():
+        for seq_id, entry, positions in self.reuse.take_pending():
             slot = self.slot_of[seq_id] = self._free_slot()
             self.length_of[seq_id] = positions
             self.fed[seq_id] = entry.tokens[:positions].tolist()
             self._ensure_length(positions)
             self.cache.copy_in(slot, entry.payload, positions)
-        self._reused.clear()
 
     def _prefill(self, seq_id: str, token_ids: Sequence[int], start: int,
                  positions: np.ndarray | None) -> np.ndarray:
@@ -249,20 +242,16 @@ class SlotRunner:
         slot = self.slot_of.pop(seq_id, None)
         self.length_of.pop(seq_id, None)
         tokens = self.fed.pop(seq_id, [])
-        scope = self.scope_of.pop(seq_id, None)
-        if self._reused.pop(seq_id, None) is not None or slot is None or scope is None:
-            return  # dropped before any step (it holds nothing), or never looked up (whose is it?)
-        nbytes = len(tokens) * self.cache.token_bytes()
-        if self.prompts.wants(tokens, nbytes, scope):
-            self.prompts.add(tokens, self.cache.copy_out(slot, len(tokens)), nbytes, scope)
+        scope = self.reuse.finished(seq_id)
+        if scope is not None and slot is not None:
+            self.reuse.keep(tokens, len(tokens) * self.cache.token_bytes(), scope,
+                            lambda: self.cache.copy_out(slot, len(tokens)))
 
     def close(self) -> None:
         self.slot_of.clear()
         self.length_of.clear()
         self.fed.clear()
-        self.scope_of.clear()
-        self._reused.clear()
-        self.prompts.clear()
+        self.reuse.clear()
         self._decode_binding = None
 
     # --- internals -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ dropped (a conversation's next turn holds all of the previous one). Every entry 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -107,3 +107,48 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
+
+
+class PrefixReuse(Generic[Payload]):
+    """A runner's side of its prompt cache: the scope each admitted sequence is in, the entries given
+    to sequences and not copied in yet, and keeping what a released sequence computed. The runner
+    provides the copies (its cache's layout and device are its own)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.cache: PromptCache[Payload] = PromptCache(capacity)
+        self.scope_of: dict[str, str] = {}  # told at admission: what it computes is kept under it
+        self.pending: dict[str, tuple[Entry[Payload], int]] = {}  # given a prefix, not copied in yet
+
+    def lookup(self, seq_id: str, token_ids: Sequence[int], scope: str, has_cache: bool) -> int:
+        """A sequence of `scope` is being admitted: how many of its first tokens the cache holds for that
+        scope (0 if none). A lookup only (the engine asks while it holds its scheduling lock); the runner
+        copies the entry in at the start of the next step (`take_pending`)."""
+        if not self.cache.capacity or has_cache or seq_id in self.pending:
+            return 0
+        self.scope_of[seq_id] = scope
+        hit = self.cache.lookup(token_ids, scope)
+        if hit is None:
+            return 0
+        self.pending[seq_id] = (hit.entry, hit.reused)
+        return int(hit.reused)
+
+    def take_pending(self) -> list[tuple[str, Entry[Payload], int]]:
+        taken = [(seq_id, entry, n) for seq_id, (entry, n) in self.pending.items()]
+        self.pending.clear()
+        return taken
+
+    def finished(self, seq_id: str) -> str | None:
+        """A sequence is released: its scope if what it holds may be kept; None if it was never looked up
+        (whose would it be?) or was dropped before its prefix was copied in (it holds nothing)."""
+        scope = self.scope_of.pop(seq_id, None)
+        return None if self.pending.pop(seq_id, None) is not None else scope
+
+    def keep(self, tokens: Sequence[int], nbytes: int, scope: str, copy: Callable[[], Payload]) -> None:
+        """Keep a released sequence's tokens; `copy` makes the payload, only when the cache wants it."""
+        if self.cache.wants(tokens, nbytes, scope):
+            self.cache.add(tokens, copy(), nbytes, scope)
+
+    def clear(self) -> None:
+        self.cache.clear()
+        self.scope_of.clear()
+        self.pending.clear()

@@ -38,6 +38,18 @@ def token_ids(deltas: list[Delta]) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
 
 
+async def next_turn_reuses_the_cache(engine: Engine, reference_greedy: Callable[[Sequence[int], int], list[int]],
+                                     opening: str, then: str, n: int) -> None:
+    """A prompt that begins with an earlier prompt and its answer (a conversation's next turn) takes
+    them from the prompt cache, computes only the rest, and answers as `generate` does."""
+    ids = engine.tokenizer.encode(opening)
+    first = await collect(engine, ids, max_tokens=n, temperature=0.0, ignore_eos=True)
+    follow = ids + token_ids(first) + engine.tokenizer.encode(then)
+    deltas = await collect(engine, follow, max_tokens=n, temperature=0.0)
+    assert deltas[0].cached_tokens == (len(ids) + n - 1) // 16 * 16 > 0  # the first answer's last token: not fed
+    assert token_ids(deltas) == reference_greedy(follow, n)[: len(token_ids(deltas))]
+
+
 @pytest.fixture(scope="session")
 def hf_moe(moe_dir):
     """The same checkpoint in plain transformers, for reference outputs."""

@@ -12,7 +12,7 @@ import pytest
 from dsnode.config import BatchingSection
 from dsnode.inference.engine import EngineNotReady, GenerationRequest, SamplingParams
 
-from .conftest import PROMPTS, collect, model_section, token_ids
+from .conftest import PROMPTS, collect, model_section, next_turn_reuses_the_cache, token_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 
@@ -64,13 +64,8 @@ async def test_tp2_concurrent_requests_match_each_alone(deepspeed_tp2):
 async def test_tp2_ranks_reuse_a_conversations_prefix_together(deepspeed_tp2, reference_greedy):
     """Each rank keeps its shard's prompt cache; they look a sequence up alike (and check that they
     agree), so the next turn of a conversation computes only its new tokens, on every rank."""
-    tokenizer = deepspeed_tp2.tokenizer
-    ids = tokenizer.encode("We hold these truths to be self-evident, that all men are created equal, that")
-    first = await collect(deepspeed_tp2, ids, max_tokens=10, temperature=0.0, ignore_eos=True)
-    follow = ids + token_ids(first) + tokenizer.encode(" It was the best of times")
-    deltas = await collect(deepspeed_tp2, follow, max_tokens=10, temperature=0.0)
-    assert deltas[0].cached_tokens == (len(ids) + 10 - 1) // 16 * 16 > 0
-    assert token_ids(deltas) == reference_greedy(follow, 10)[: len(token_ids(deltas))]
+    await next_turn_reuses_the_cache(deepspeed_tp2, reference_greedy, "We hold these truths to be self-evident, "
+                                     "that all men are created equal, that", " It was the best of times", 10)
 
 
 async def test_tp2_refuses_over_the_model_context(deepspeed_tp2):

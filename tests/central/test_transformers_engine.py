@@ -16,7 +16,7 @@ from dsnode.inference.engine import (
     SamplingParams,
 )
 
-from .conftest import PROMPTS, collect, model_section, token_ids
+from .conftest import PROMPTS, collect, model_section, next_turn_reuses_the_cache, token_ids
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -253,13 +253,8 @@ async def test_a_conversations_next_turn_reuses_the_cache_and_answers_as_generat
                                                                                       reference_greedy):
     """The transformers engine keeps finished prompts' cache in host memory too: a prompt that begins
     with an earlier prompt and its answer computes only the rest, and answers as `generate` does."""
-    tokenizer = transformers_moe.tokenizer
-    ids = tokenizer.encode("It was the best of times, it was the worst of times, it was the age of wisdom")
-    first = await collect(transformers_moe, ids, max_tokens=12, temperature=0.0, ignore_eos=True)
-    follow = ids + token_ids(first) + tokenizer.encode(" Four score and seven years ago")
-    deltas = await collect(transformers_moe, follow, max_tokens=12, temperature=0.0)
-    assert deltas[0].cached_tokens == (len(ids) + 12 - 1) // 16 * 16 > 0
-    assert token_ids(deltas) == reference_greedy(follow, 12)[: len(token_ids(deltas))]
+    await next_turn_reuses_the_cache(transformers_moe, reference_greedy, "It was the best of times, it was the "
+                                     "worst of times, it was the age of wisdom", " Four score and seven years ago", 12)
     runner = transformers_moe._loaded.runner
     assert 0 < runner.prompts.nbytes <= 1024 * 2**20 and transformers_moe.load_figures().prompt_cache_bytes == \
         runner.prompts.nbytes
