@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dsnode.inference.prompt_cache import BLOCK, PromptCache, common_prefix
+from dsnode.inference.prompt_cache import BLOCK, PrefixReuse, PromptCache, common_prefix
 
 
 def tokens(n: int, start: int = 0) -> list[int]:
@@ -67,3 +67,21 @@ def test_a_scope_sees_only_its_own_entries_and_keeps_its_own_copy():
                                                 ([1, 5, 3], [1, 2, 3], 1), ([4], [1], 0)])
 def test_common_prefix(a, b, shared):
     assert common_prefix(np.asarray(a, np.int64), np.asarray(b, np.int64)) == shared
+
+
+def test_a_runners_side_keeps_only_what_a_looked_up_sequence_computed():
+    reuse: PrefixReuse[str] = PrefixReuse(10_000)
+    assert reuse.finished("never looked up") is None  # whose would it be? not kept
+    assert reuse.lookup("a", tokens(40), "alice", has_cache=False) == 0 and reuse.finished("a") == "alice"
+    reuse.keep(tokens(40), 40, "alice", lambda: "a's copy")
+    copies = []
+    reuse.keep(tokens(30), 30, "alice", lambda: copies.append(1) or "never")  # held already: no copy made
+    assert copies == [] and len(reuse.cache) == 1
+    assert reuse.lookup("b", tokens(40) + [1], "alice", has_cache=False) == 32
+    assert reuse.lookup("b", tokens(40) + [1], "alice", has_cache=False) == 0  # asked twice: once
+    assert reuse.finished("b") is None  # dropped before its prefix was copied in: it holds nothing
+    assert reuse.lookup("c", tokens(40) + [1], "alice", has_cache=True) == 0  # it has a cache already
+    assert reuse.lookup("d", tokens(40) + [1], "alice", has_cache=False) == 32
+    assert [(seq, n) for seq, _, n in reuse.take_pending()] == [("d", 32)] and reuse.take_pending() == []
+    assert reuse.finished("d") == "alice"
+    assert PrefixReuse(0).lookup("x", tokens(40), "", has_cache=False) == 0  # off
