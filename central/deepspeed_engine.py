@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
@@ -57,6 +58,11 @@ log = structlog.get_logger("dsnode.central")
 FATAL_GRACE_S = 10.0  # a rank that reported a fatal error exits within this
 
 
+@dataclass
+class PromptCacheFigure:
+    nbytes: int = 0
+
+
 class RemoteRunner:
     """`ModelRunner` over rank 0's control socket. Called from the engine's worker thread only."""
 
@@ -64,6 +70,7 @@ class RemoteRunner:
         self._control = control
         self._ranks = ranks
         self._call_timeout_s = call_timeout_s
+        self.prompts = PromptCacheFigure()  # rank 0's prompt cache, as of the last admission
 
     def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
         return self._call(("prefill", seq_id, list(token_ids), start))  # (V,)
@@ -77,8 +84,9 @@ class RemoteRunner:
 
     def reuse_prefix(self, seq_id: str, token_ids: Sequence[int], scope: str = "") -> int:
         """How many of a sequence's first tokens every rank's prompt cache holds for `scope` (they agree,
-        or say 0)."""
-        return int(self._call(("reuse_prefix", seq_id, list(token_ids), scope)))
+        or say 0). Rank 0 also says how many bytes its cache holds (`prompts`)."""
+        cached, self.prompts.nbytes = self._call(("reuse_prefix", seq_id, list(token_ids), scope))
+        return int(cached)
 
     def release(self, seq_id: str) -> None:
         self._send(("release", seq_id))  # no answer: it cannot fail, and saves a round trip

@@ -123,8 +123,9 @@ def serve_calls(runner: Any, control: Connection | None, rank: int, world: int, 
             raise ValueError(f"unknown call {op!r}")
         try:
             result = getattr(runner, op)(*call[1:])
-            if op == "reuse_prefix" and world > 1:
-                result = _agreed_reuse(runner, call[1], result, group)
+            if op == "reuse_prefix":  # with what rank 0's cache holds, for the engine's figures
+                result = (_agreed_reuse(runner, call[1], result, group) if world > 1 else result,
+                          runner.prompts.nbytes)
         except Exception as exc:
             message = f"{op} failed: {type(exc).__name__}: {exc}"
             if world > 1:  # the other ranks may be stuck in a collective: this group is done

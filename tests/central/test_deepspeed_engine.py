@@ -66,6 +66,7 @@ async def test_tp2_ranks_reuse_a_conversations_prefix_together(deepspeed_tp2, re
     agree), so the next turn of a conversation computes only its new tokens, on every rank."""
     await next_turn_reuses_the_cache(deepspeed_tp2, reference_greedy, "We hold these truths to be self-evident, "
                                      "that all men are created equal, that", " It was the best of times", 10)
+    assert deepspeed_tp2.load_figures().prompt_cache_bytes > 0  # rank 0's, as of the last admission
 
 
 async def test_tp2_refuses_over_the_model_context(deepspeed_tp2):
