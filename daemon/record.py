@@ -30,7 +30,7 @@ class RequestRecord:
     stream: bool = False
     status: int = 200
     prompt_tokens: int = 0
-    cached_tokens: int = 0  # of the prompt tokens, those a prompt cache gave (local answers)
+    cached_tokens: int = 0  # of the prompt tokens, those the serving node's prompt cache gave
     completion_tokens: int = 0
     finish_reason: str | None = None
     upstream: str | None = None  # forwarded: the peer that served it

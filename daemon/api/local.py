@@ -86,10 +86,9 @@ async def serve_local(
     constraint, output = None, choices[0].output
     if output is not None and isinstance(body, ChatCompletionRequest):
         constraint = await answer_constraint(body, tokenizer, output.reasons, output.starts_in_reasoning)
-    streams = []
+    streams, scope = [], cache_scope(record.user, body.cache_salt)
     for prompt in prompts:
         params = sampling_params(body, len(prompt), engine.info.max_context, limits, tokenizer.vocab_size)
-        scope = cache_scope(record.user, body.cache_salt)
         streams += [engine.generate(GenerationRequest(record.request_id, tuple(prompt), choice_params(params, j),
                                                       constraint, scope)) for j in range(body.n)]
     async with AsyncExitStack() as stack:

@@ -114,8 +114,7 @@ class _Series:
     for it (`labels()` makes a series appear in /metrics, at zero): TTFT and queue time on their first value."""
 
     __slots__ = ("model", "route", "version", "requests", "prompt_tokens", "cached_tokens", "generation_tokens",
-                 "forwarded",
-                 "forward_failures", "success", "ttft", "itl", "e2e", "queue_time")
+                 "forwarded", "forward_failures", "success", "ttft", "itl", "e2e", "queue_time")
 
     def __init__(self, m: Any, model: str, endpoint: str, route: str, status: int,
                  upstream: str | None, finish_reason: str | None, version: str) -> None:
