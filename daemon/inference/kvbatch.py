@@ -104,8 +104,9 @@ class KVBatch:
     # --- internals -------------------------------------------------------------------------------
     def _row_cache(self, seq_id: str) -> list[LayerKV]:
         view = self.view_of(seq_id)
+        if view is None:
+            raise KeyError(f"{seq_id} has no cache")
         self.pending.pop(seq_id, None)
-        assert view is not None, f"{seq_id} has no cache"
         return view
 
     def _repack(self, new_rows: list[str]) -> None:
