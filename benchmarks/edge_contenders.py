@@ -57,7 +57,9 @@ async def run_dsnode(folder: Path, args: argparse.Namespace) -> dict[str, float]
     from dsnode.inference.engine import GenerationRequest, SamplingParams
 
     model = ModelSection(name="bench", path=folder, backend="onnx", threads=args.threads, device="cpu")
-    engine = OnnxEngine(model, BatchingSection(max_batch_tokens=32768, prefill_chunk_tokens=2048))
+    batching = BatchingSection(max_batch_tokens=32768, prefill_chunk_tokens=2048,
+                               **({} if args.prompt_cache_mb is None else {"prompt_cache_mb": args.prompt_cache_mb}))
+    engine = OnnxEngine(model, batching)
     await engine.load()
     vocab = 32000
     stamps: list[list[Clock]] = [[] for _ in range(args.batch)]
@@ -138,6 +140,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.0, help="dsnode and genai: 0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="dsnode and genai, with --temperature")
+    parser.add_argument("--prompt-cache-mb", type=int, default=None, help="dsnode: [batching] prompt_cache_mb")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.kind == "dsnode":
