@@ -86,9 +86,10 @@ def new_choices(tokenizer: TextTokenizer, body: Body, shape: Shape, new_output: 
 def _logprobs_format(tokenizer: TextTokenizer, body: Body, shape: Shape) -> LogprobsFormat | None:
     if body.requested_logprobs() is None:
         return None
+    as_ids = body.return_tokens_as_token_ids
     if shape.chat:
-        return lambda entries: chat_logprobs(tokenizer, entries)
-    return CompletionLogprobs(tokenizer).block
+        return lambda entries: chat_logprobs(tokenizer, entries, as_ids)
+    return CompletionLogprobs(tokenizer, as_ids=as_ids).block
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:

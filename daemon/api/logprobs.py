@@ -8,6 +8,10 @@ counted in characters of the answer's text. With `echo`, the prompt's tokens com
 token with `null` log-probability and alternatives (nothing precedes it), and the offsets run from the
 prompt's start.
 
+With `return_tokens_as_token_ids` (vLLM's parameter) every token is named `token_id:N` instead of its
+text (for clients that need the exact ids: a byte-level piece of a character is not valid text); the
+offsets still count the answer's text.
+
 Every generated token has an entry, the end-of-sequence token included (as vLLM), and in a chat answer
 the tokens of `reasoning_content` and of tool calls too: they are all in `content`, in order.
 A stream gives each chunk the entries of the tokens whose text it carries; tokens whose text is held
@@ -22,32 +26,36 @@ from ..inference.engine import TokenLogprob
 from ..inference.tokenizer import TextTokenizer
 
 
-def chat_logprobs(tokenizer: TextTokenizer, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
-    return {"content": [_chat_entry(tokenizer, e) for e in entries], "refusal": None}
+def chat_logprobs(tokenizer: TextTokenizer, entries: Sequence[TokenLogprob], as_ids: bool = False) -> dict[str, Any]:
+    return {"content": [_chat_entry(tokenizer, e, as_ids) for e in entries], "refusal": None}
 
 
-def _chat_entry(tokenizer: TextTokenizer, entry: TokenLogprob) -> dict[str, Any]:
-    out = _chat_token(tokenizer, entry.token_id, entry.logprob)
-    out["top_logprobs"] = [_chat_token(tokenizer, token, logprob) for token, logprob in entry.top]
+def _chat_entry(tokenizer: TextTokenizer, entry: TokenLogprob, as_ids: bool) -> dict[str, Any]:
+    out = _chat_token(tokenizer, entry.token_id, entry.logprob, as_ids)
+    out["top_logprobs"] = [_chat_token(tokenizer, token, logprob, as_ids) for token, logprob in entry.top]
     return out
 
 
-def _chat_token(tokenizer: TextTokenizer, token: int, logprob: float | None) -> dict[str, Any]:
-    text, raw = tokenizer.token_piece(token)
+def _chat_token(tokenizer: TextTokenizer, token: int, logprob: float | None, as_ids: bool) -> dict[str, Any]:
+    text, raw = (_id_name(token), _id_name(token).encode()) if as_ids else tokenizer.token_piece(token)
     return {"token": text, "logprob": _finite(logprob), "bytes": list(raw)}
+
+
+def _id_name(token: int) -> str:
+    return f"token_id:{token}"
 
 
 class CompletionLogprobs:
     """The text-completion shape, with `text_offset` running on across the chunks of a stream."""
 
-    def __init__(self, tokenizer: TextTokenizer, offset: int = 0) -> None:
-        self._tokenizer, self._offset = tokenizer, offset
+    def __init__(self, tokenizer: TextTokenizer, offset: int = 0, as_ids: bool = False) -> None:
+        self._tokenizer, self._offset, self._as_ids = tokenizer, offset, as_ids
 
     def block(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
         tokens, offsets = [], []
         for entry in entries:
             text = self._tokenizer.token_piece(entry.token_id)[0]
-            tokens.append(text)
+            tokens.append(self._name(entry.token_id, text))
             offsets.append(self._offset)
             self._offset += len(text)
         return {
@@ -64,10 +72,15 @@ class CompletionLogprobs:
         # keep the likelier, which comes first
         out: dict[str, float] = {}
         for token, logprob in entry.top:
-            out.setdefault(self._tokenizer.token_piece(token)[0], _clamped(logprob))
+            out.setdefault(self._name(token), _clamped(logprob))
         if entry.logprob is not None:
-            out.setdefault(self._tokenizer.token_piece(entry.token_id)[0], _clamped(entry.logprob))
+            out.setdefault(self._name(entry.token_id), _clamped(entry.logprob))
         return out
+
+    def _name(self, token: int, text: str | None = None) -> str:
+        if self._as_ids:
+            return _id_name(token)
+        return text if text is not None else self._tokenizer.token_piece(token)[0]
 
 
 def _finite(logprob: float | None) -> float | None:

@@ -195,6 +195,7 @@ class _Sampling(_Body):
     # opening as the key that keeps requests on one upstream ([routing] affinity = "prefix")
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     prompt_cache_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's: log-probability entries name tokens `token_id:N`
 
     @model_validator(mode="before")
     @classmethod

@@ -189,6 +189,26 @@ async def test_chat_logprobs_cover_every_token_with_bytes(client, node, model):
     assert entries == content
 
 
+async def test_tokens_can_be_named_by_id_as_vllm_does(client, node):
+    """`return_tokens_as_token_ids`: every entry names its token `token_id:N` (prompt, answer and
+    alternatives), the same tokens and numbers as without it; offsets still count the text."""
+    tokenizer = node.engine.tokenizer
+    plain = (await completion(client, logprobs=2, echo=True))["choices"][0]["logprobs"]
+    named = (await completion(client, logprobs=2, echo=True, return_tokens_as_token_ids=True))["choices"][0]["logprobs"]
+    ids = [int(t.removeprefix("token_id:")) for t in named["tokens"]]
+    assert all(t.startswith("token_id:") for t in named["tokens"])
+    assert ids[: len(tokenizer.encode(PROMPT))] == tokenizer.encode(PROMPT)
+    assert [tokenizer.token_piece(i)[0] for i in ids] == plain["tokens"]
+    assert named["token_logprobs"] == plain["token_logprobs"] and named["text_offset"] == plain["text_offset"]
+    for by_id, by_text in zip(named["top_logprobs"][1:], plain["top_logprobs"][1:]):
+        assert {tokenizer.token_piece(int(k.removeprefix("token_id:")))[0]: v for k, v in by_id.items()} == by_text
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "It was the"}], "max_tokens": 6,
+            "temperature": 0, "logprobs": True, "top_logprobs": 1, "return_tokens_as_token_ids": True}
+    content = (await (await client.post("/v1/chat/completions", json=body)).json())["choices"][0]["logprobs"]["content"]
+    assert all(e["token"].startswith("token_id:") and bytes(e["bytes"]).decode() == e["token"]
+               and e["top_logprobs"][0]["token"] == e["token"] for e in content)
+
+
 async def test_logprobs_are_off_unless_asked(client):
     assert (await completion(client))["choices"][0]["logprobs"] is None
     zero = (await completion(client, logprobs=0))["choices"][0]["logprobs"]
