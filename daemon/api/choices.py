@@ -19,7 +19,7 @@ from ..inference.tokenizer import TextTokenizer
 from .chat_output import ChatOutput, stream_delta, whole_message
 from .logprobs import CompletionLogprobs, chat_logprobs
 from .responses import Shape, choice_body, chunk
-from .schemas import Body
+from .schemas import Body, CompletionRequest
 
 LogprobsFormat = Callable[[Sequence[TokenLogprob]], dict[str, Any]]
 
@@ -30,11 +30,12 @@ class Choice:
     output: ChatOutput | None  # chat: the split into reasoning, content and tool calls
     logprobs: LogprobsFormat | None  # None: not asked for
     echo: str = ""  # a text completion's prompt, when `echo` asks for it
+    echoes_scores: bool = False  # the prompt's entries lead the `logprobs` block (`echo` with `logprobs`)
     last: Delta | None = None
     parts: list[str] = field(default_factory=list)  # a whole answer's text
     entries: list[TokenLogprob] = field(default_factory=list)  # a whole answer's log-probabilities
     pending: list[TokenLogprob] = field(default_factory=list)  # a stream's, not yet on a chunk
-    prompt_entries: tuple[TokenLogprob, ...] = ()  # the echoed prompt's log-probabilities, when asked
+    prompt_entries: tuple[TokenLogprob, ...] = ()  # the prompt's log-probabilities, when scored
 
     @property
     def completion_tokens(self) -> int:
@@ -54,14 +55,15 @@ class Choice:
     def whole(self, shape: Shape) -> dict[str, Any]:
         text = self.echo + "".join(self.parts)
         message = whole_message(self.output, text) if self.output is not None else None
-        logprobs = None if self.logprobs is None else self.logprobs([*self.prompt_entries, *self.entries])
+        echoed = self.prompt_entries if self.echoes_scores else ()
+        logprobs = None if self.logprobs is None else self.logprobs([*echoed, *self.entries])
         return choice_body(shape, self.index, text, self.finish_reason, message, logprobs)
 
     def echo_chunk(self, shape: Shape, include_usage: bool) -> dict[str, Any]:
         """A stream's first chunk of a text completion with `echo`: the prompt, and its log-probabilities
         when asked (vLLM's order)."""
         piece = chunk(shape, self.echo, with_usage_field=include_usage, index=self.index)
-        if self.logprobs is not None:
+        if self.logprobs is not None and self.echoes_scores:
             piece["choices"][0]["logprobs"] = self.logprobs(self.prompt_entries)
         return piece
 
@@ -80,7 +82,9 @@ class Choice:
 def new_choices(tokenizer: TextTokenizer, body: Body, shape: Shape, new_output: Callable[[], ChatOutput | None],
                 echoes: list[str]) -> list[Choice]:
     """One choice per entry of `echoes` (prompts x n of them, each with its prompt's echo)."""
-    return [Choice(i, new_output(), _logprobs_format(tokenizer, body, shape), echo) for i, echo in enumerate(echoes)]
+    echoes_scores = isinstance(body, CompletionRequest) and body.echoes_scores()
+    return [Choice(i, new_output(), _logprobs_format(tokenizer, body, shape), echo, echoes_scores)
+            for i, echo in enumerate(echoes)]
 
 
 def _logprobs_format(tokenizer: TextTokenizer, body: Body, shape: Shape) -> LogprobsFormat | None:
@@ -89,7 +93,7 @@ def _logprobs_format(tokenizer: TextTokenizer, body: Body, shape: Shape) -> Logp
     as_ids = body.return_tokens_as_token_ids
     if shape.chat:
         return lambda entries: chat_logprobs(tokenizer, entries, as_ids)
-    return CompletionLogprobs(tokenizer, as_ids=as_ids).block
+    return CompletionLogprobs(tokenizer, as_ids=as_ids, top=body.requested_logprobs()).block
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from contextlib import AsyncExitStack, aclosing
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -18,6 +18,7 @@ from .appkeys import NODE
 from .chat_output import ChatOutput, new_chat_output
 from .choices import Choice, choice_params, first_deltas, merged, new_choices
 from .errors import APIError, bad_request, sse_error_event, to_api_error
+from .logprobs import vllm_prompt_logprobs
 from .responses import DONE, Shape, chunk, full_response, sse, usage, usage_chunk
 from .schemas import Body, ChatCompletionRequest, CompletionRequest
 from .tools import answer_constraint
@@ -38,6 +39,9 @@ def sampling_params(body: Body, prompt_tokens: int, max_context: int, limits: Li
         if vocab_size is not None and ids and max(ids) >= vocab_size:
             raise bad_request(f"Invalid value for '{param}': token id {max(ids)} is not in the model's "
                               f"vocabulary of {vocab_size} tokens.", param, "invalid_value")
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("Invalid value for 'prompt_logprobs': prompt log-probabilities are not available when "
+                          "stream is true (as vLLM).", "prompt_logprobs", "invalid_value")
     if body.min_tokens > max_tokens:
         raise bad_request(f"Invalid value for 'min_tokens': {body.min_tokens} is more than the {max_tokens} "
                           "tokens the answer may have (max_tokens).", "min_tokens", "invalid_value")
@@ -57,7 +61,7 @@ def sampling_params(body: Body, prompt_tokens: int, max_context: int, limits: Li
         min_tokens=body.min_tokens,
         stop_token_ids=stop_ids,
         logprobs=body.requested_logprobs(),
-        prompt_logprobs=body.requested_prompt_logprobs() if isinstance(body, CompletionRequest) else None,
+        prompt_logprobs=body.requested_prompt_logprobs(),
     )
 
 
@@ -104,7 +108,7 @@ async def serve_local(
         async with aclosing(merged(streams, firsts)) as deltas:
             if body.stream:
                 return await _stream(request, deltas, shape, body, record, choices)
-            return await _whole(deltas, shape, record, choices)
+            return await _whole(deltas, shape, record, choices, _prompt_logprobs_of(tokenizer, body))
 
 
 def cache_scope(identity: str | None, salt: str | None) -> str:
@@ -136,14 +140,28 @@ def _account(record: RequestRecord, choices: list[Choice]) -> dict[str, Any]:
     return usage(record.prompt_tokens or 0, record.completion_tokens, record.cached_tokens)
 
 
+def _prompt_logprobs_of(tokenizer: TextTokenizer, body: Body) -> Callable[[Choice], list[Any]] | None:
+    """vLLM's `prompt_logprobs` of a choice's prompt, when the request asks for them."""
+    top = body.prompt_logprobs
+    if top is None:
+        return None
+    return lambda choice: vllm_prompt_logprobs(tokenizer, choice.prompt_entries, top)
+
+
 async def _whole(deltas: AsyncIterator[tuple[int, Delta]], shape: Shape, record: RequestRecord,
-                 choices: list[Choice]) -> web.Response:
+                 choices: list[Choice], prompt_logprobs: Callable[[Choice], list[Any]] | None) -> web.Response:
     async for index, delta in deltas:
         if index == 0:  # the record's token times are one sequence's (inter-token latency)
             record.mark_token()
         choices[index].take(delta)
     use = _account(record, choices)
-    body = full_response(shape, [c.whole(shape) for c in choices], use)
+    answers = [c.whole(shape) for c in choices]
+    if prompt_logprobs is not None and not shape.chat:  # vLLM: on each choice of a completion
+        for answer, choice in zip(answers, choices):
+            answer["prompt_logprobs"] = prompt_logprobs(choice)
+    body = full_response(shape, answers, use)
+    if prompt_logprobs is not None and shape.chat:  # and once for a chat's one prompt
+        body["prompt_logprobs"] = prompt_logprobs(choices[0])
     return web.json_response(body, headers=_response_headers(record))
 
 

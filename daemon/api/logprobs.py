@@ -48,8 +48,8 @@ def _id_name(token: int) -> str:
 class CompletionLogprobs:
     """The text-completion shape, with `text_offset` running on across the chunks of a stream."""
 
-    def __init__(self, tokenizer: TextTokenizer, offset: int = 0, as_ids: bool = False) -> None:
-        self._tokenizer, self._offset, self._as_ids = tokenizer, offset, as_ids
+    def __init__(self, tokenizer: TextTokenizer, offset: int = 0, as_ids: bool = False, top: int | None = None) -> None:
+        self._tokenizer, self._offset, self._as_ids, self._top_k = tokenizer, offset, as_ids, top
 
     def block(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
         tokens, offsets = [], []
@@ -71,7 +71,7 @@ class CompletionLogprobs:
         # a dict keyed by text: two ids with the same text (rare: a special token named like text)
         # keep the likelier, which comes first
         out: dict[str, float] = {}
-        for token, logprob in entry.top:
+        for token, logprob in entry.top[: self._top_k]:  # a prompt scored for prompt_logprobs may have more
             out.setdefault(self._name(token), _clamped(logprob))
         if entry.logprob is not None:
             out.setdefault(self._name(entry.token_id), _clamped(entry.logprob))
@@ -81,6 +81,26 @@ class CompletionLogprobs:
         if self._as_ids:
             return _id_name(token)
         return text if text is not None else self._tokenizer.token_piece(token)[0]
+
+
+def vllm_prompt_logprobs(tokenizer: TextTokenizer, entries: Sequence[TokenLogprob],
+                         top: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first (nothing precedes it), else the
+    token itself and the `top` likeliest, keyed by id, each with its log-probability, rank and text."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for entry in entries:
+        if entry.logprob is None:
+            out.append(None)
+            continue
+        tokens = {str(entry.token_id): _vllm_entry(tokenizer, entry.token_id, entry.logprob, entry.rank)}
+        for rank, (token, logprob) in enumerate(entry.top[:top], 1):
+            tokens.setdefault(str(token), _vllm_entry(tokenizer, token, logprob, rank))
+        out.append(tokens)
+    return out
+
+
+def _vllm_entry(tokenizer: TextTokenizer, token: int, logprob: float, rank: int | None) -> dict[str, Any]:
+    return {"logprob": _clamped(logprob), "rank": rank, "decoded_token": tokenizer.token_piece(token)[0]}
 
 
 def _finite(logprob: float | None) -> float | None:

@@ -162,6 +162,12 @@ _COMPLETION_LOGPROBS = {"type": "object", "required": ["tokens", "token_logprobs
                                        "text_offset": {"type": "array", "items": {"type": "integer"}}}}
 
 
+# vLLM's `prompt_logprobs`: per prompt token null (the first) or {token id: {logprob, rank, decoded_token}}
+_VLLM_PROMPT_LOGPROBS = {"type": "array", "items": {"type": ["object", "null"], "additionalProperties": {
+    "type": "object", "required": ["logprob", "rank", "decoded_token"],
+    "properties": {"logprob": _NUMBER, "rank": {"type": ["integer", "null"]}, "decoded_token": _STRING}}}}
+
+
 def _response_schemas() -> dict[str, Any]:
     count = {"type": "integer", "minimum": 0}
     usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
@@ -187,6 +193,7 @@ def _response_schemas() -> dict[str, Any]:
             "properties": {
                 "id": _STRING, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
                 "model": _STRING, "usage": {"$ref": "#/components/schemas/Usage"},
+                "prompt_logprobs": _VLLM_PROMPT_LOGPROBS,
                 "choices": {"type": "array", "items": {
                     "type": "object", "required": ["index", "message", "finish_reason"],
                     "properties": {"index": {"type": "integer"}, "finish_reason": finish,
@@ -208,7 +215,8 @@ def _response_schemas() -> dict[str, Any]:
                 "choices": {"type": "array", "items": {
                     "type": "object", "required": ["index", "text", "finish_reason"],
                     "properties": {"index": {"type": "integer"}, "text": _STRING, "finish_reason": finish,
-                                   "logprobs": {"anyOf": [_COMPLETION_LOGPROBS, {"type": "null"}]}},
+                                   "logprobs": {"anyOf": [_COMPLETION_LOGPROBS, {"type": "null"}]},
+                                   "prompt_logprobs": _VLLM_PROMPT_LOGPROBS},
                 }},
             },
         },

@@ -196,6 +196,12 @@ class _Sampling(_Body):
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     prompt_cache_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's: log-probability entries name tokens `token_id:N`
+    # vLLM's: the prompt's log-probabilities in vLLM's shape, with this many alternatives (whole answers)
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
+
+    def requested_prompt_logprobs(self) -> int | None:
+        """How many alternatives the engine keeps for each prompt token, if the prompt is scored."""
+        return self.prompt_logprobs
 
     @model_validator(mode="before")
     @classmethod
@@ -341,8 +347,13 @@ class CompletionRequest(_Sampling):
 
     def requested_prompt_logprobs(self) -> int | None:
         """`echo` with `logprobs`: the prompt's tokens are scored too (OpenAI's legacy completions,
-        lm-evaluation-harness's loglikelihood requests)."""
-        return self.logprobs if self.echo else None
+        lm-evaluation-harness's loglikelihood requests); and vLLM's `prompt_logprobs`."""
+        wanted = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(wanted) if wanted else None
+
+    def echoes_scores(self) -> bool:
+        """The echoed prompt's entries go first in the answer's `logprobs` block."""
+        return self.echo and self.logprobs is not None
 
 
 @cache

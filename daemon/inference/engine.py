@@ -77,6 +77,7 @@ class TokenLogprob:
     token_id: int
     logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1 + how many tokens were likelier (vLLM's prompt_logprobs show it)
 
 
 @dataclass(frozen=True)

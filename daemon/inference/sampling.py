@@ -168,7 +168,8 @@ def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     if top > 0:
         ids = _top_k_indices(shifted, min(top, shifted.shape[0]))
         best = tuple((int(i), float(shifted[i]) - log_total) for i in ids)
-    return TokenLogprob(int(token), float(shifted[token]) - log_total, best)
+    rank = 1 + int(np.count_nonzero(shifted > shifted[token]))
+    return TokenLogprob(int(token), float(shifted[token]) - log_total, best, rank)
 
 
 def _top_k_indices(scaled: np.ndarray, top_k: int) -> np.ndarray:

@@ -209,6 +209,38 @@ async def test_tokens_can_be_named_by_id_as_vllm_does(client, node):
                and e["top_logprobs"][0]["token"] == e["token"] for e in content)
 
 
+async def test_vllms_prompt_logprobs_give_each_prompt_token_its_rank_and_alternatives(client, node, model):
+    """vLLM's `prompt_logprobs`: per prompt token (null for the first) the token itself and the N
+    likeliest, keyed by id, with log-probability, rank and text; the same figures as `echo` gives, and
+    nothing of the prompt in the answer's own `logprobs` block."""
+    tokenizer = node.engine.tokenizer
+    prompt = tokenizer.encode(PROMPT)
+    answer = await completion(client, prompt_logprobs=2, logprobs=1)
+    choice = answer["choices"][0]
+    scored = choice["prompt_logprobs"]
+    assert len(scored) == len(prompt) and scored[0] is None
+    rows = prompt_log_softmax(model, prompt)
+    for i, entry in enumerate(scored[1:], 1):
+        actual = entry[str(prompt[i])]
+        assert np.isclose(actual["logprob"], rows[i - 1][prompt[i]], atol=2e-4)
+        assert actual["rank"] == 1 + int((rows[i - 1] > rows[i - 1][prompt[i]]).sum())
+        assert actual["decoded_token"] == tokenizer.token_piece(prompt[i])[0]
+        best = [int(t) for t in np.argsort(-rows[i - 1])[:2]]
+        assert [entry[str(t)]["rank"] for t in best] == [1, 2] and len(entry) == 2 + (prompt[i] not in best)
+    assert len(choice["logprobs"]["tokens"]) == 12  # the answer's own, no prompt before them
+    echoed = (await completion(client, echo=True, logprobs=1, prompt_logprobs=3))["choices"][0]
+    assert echoed["logprobs"]["token_logprobs"][1:len(prompt)] == [e[str(t)]["logprob"] for e, t in
+                                                                   zip(scored[1:], prompt[1:])]
+    assert all(len(top) <= 2 for top in echoed["logprobs"]["top_logprobs"][1:])  # logprobs 1: the chosen and 1
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "It was the"}], "max_tokens": 3,
+            "prompt_logprobs": 1}
+    chat = await (await client.post("/v1/chat/completions", json=body)).json()
+    assert len(chat["prompt_logprobs"]) == len(tokenizer.encode_chat(body["messages"]))  # once, for the prompt
+    streamed = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "prompt_logprobs": 1,
+                                                          "stream": True})
+    assert streamed.status == 400 and (await streamed.json())["error"]["param"] == "prompt_logprobs"
+
+
 async def test_logprobs_are_off_unless_asked(client):
     assert (await completion(client))["choices"][0]["logprobs"] is None
     zero = (await completion(client, logprobs=0))["choices"][0]["logprobs"]
