@@ -106,8 +106,8 @@ class TorchRunner:
             layers = self.kv.view_of(seq_id)
             if scope is not None and layers and int(layers[0][0].shape[2]) == len(tokens):  # else a step failed
                 per_token = sum(k[:, :, :1].nbytes + v[:, :, :1].nbytes for k, v in layers)
-                self.reuse.keep(tokens, len(tokens) * per_token, scope,
-                                lambda: [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers])
+                self.prompts.add(tokens, len(tokens) * per_token, scope,
+                                 lambda: [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers])
         finally:  # a copy that fails (host memory) must not keep the sequence in the batch
             self.kv.release(seq_id)
 

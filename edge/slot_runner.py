@@ -151,8 +151,7 @@ class SlotRunner:
         self.picks_positions = LOGIT_POSITIONS in {i.name for i in session.get_inputs()}
         self.cache = CacheBuffers(self.spec, self.device, INITIAL_SLOTS, min(INITIAL_LENGTH, max_length))
         self.slot_of: dict[str, int] = {}
-        self.length_of: dict[str, int] = {}  # tokens in the cache, per sequence
-        self.fed: dict[str, list[int]] = {}  # their ids (what the prompt cache keeps them under)
+        self.fed: dict[str, list[int]] = {}  # the ids of the tokens in each sequence's cache, in order
         self.reuse: PrefixReuse[list[np.ndarray]] = PrefixReuse(prompt_cache_bytes if self.device == "cpu" else 0)
         self._decode_binding: DecodeStep | None = None
 
@@ -185,7 +184,6 @@ class SlotRunner:
         """Sequences given a prefix since the last step take their slots, and the prefix goes in."""
         for seq_id, entry, positions in self.reuse.take_pending():
             slot = self.slot_of[seq_id] = self._free_slot()
-            self.length_of[seq_id] = positions
             self.fed[seq_id] = entry.tokens[:positions].tolist()
             self._ensure_length(positions)
             self.cache.copy_in(slot, entry.payload, positions)
@@ -198,8 +196,8 @@ class SlotRunner:
                 raise RunnerError(f"{seq_id}: prefill from position {start} without a cache")
             self.slot_of[seq_id] = self._free_slot()
             self.fed[seq_id] = []
-        elif self.length_of[seq_id] != start:
-            raise RunnerError(f"{seq_id}: prefill from {start}, but {self.length_of[seq_id]} tokens are cached")
+        elif len(self.fed[seq_id]) != start:
+            raise RunnerError(f"{seq_id}: prefill from {start}, but {len(self.fed[seq_id])} tokens are cached")
         total = start + len(token_ids)
         self._ensure_length(total)
         binding = self.session.io_binding()
@@ -208,7 +206,6 @@ class SlotRunner:
             binding.bind_cpu_input(LOGIT_POSITIONS, _LAST if positions is None else positions)
         logits = self._run(binding, np.asarray([token_ids], np.int64), np.asarray([total - 1], np.int32),
                            1 if positions is None else len(positions))
-        self.length_of[seq_id] = total
         self.fed[seq_id].extend(token_ids)
         return logits  # (1 or len(positions), V)
 
@@ -229,7 +226,6 @@ class SlotRunner:
         step.total[...] = int(positions.max()) + 1
         self.session.run_with_iobinding(step.binding)
         for seq_id, token in zip(seq_ids, token_ids):
-            self.length_of[seq_id] += 1
             self.fed[seq_id].append(token)
         # (n, V) in the order asked: a copy, the bound buffer is written again by the next step
         ordered: np.ndarray = step.logits.copy() if in_order else step.logits[rows]
@@ -240,16 +236,14 @@ class SlotRunner:
         prompt cache if that wants it. Only positions a step completed are kept: a failed step has
         not counted the positions it may have written."""
         slot = self.slot_of.pop(seq_id, None)
-        self.length_of.pop(seq_id, None)
         tokens = self.fed.pop(seq_id, [])
         scope = self.reuse.finished(seq_id)
         if scope is not None and slot is not None:
-            self.reuse.keep(tokens, len(tokens) * self.cache.token_bytes(), scope,
-                            lambda: self.cache.copy_out(slot, len(tokens)))
+            self.prompts.add(tokens, len(tokens) * self.cache.token_bytes(), scope,
+                             lambda: self.cache.copy_out(slot, len(tokens)))
 
     def close(self) -> None:
         self.slot_of.clear()
-        self.length_of.clear()
         self.fed.clear()
         self.reuse.clear()
         self._decode_binding = None
@@ -262,7 +256,7 @@ class SlotRunner:
         the others decode in) at its own length, which its next step overwrites."""
         positions = np.zeros(batch, np.int32)
         for seq_id, slot in self.slot_of.items():
-            positions[slot] = self.length_of[seq_id]
+            positions[slot] = len(self.fed[seq_id])
         if len(seq_ids) < len(self.slot_of):  # a left-out row cannot write past the context limit
             left_out = [self.slot_of[s] for s in self.slot_of.keys() - set(seq_ids)]
             positions[left_out] = np.minimum(positions[left_out], self.max_length - 1)

@@ -63,27 +63,21 @@ class PromptCache(Generic[Payload]):
         return Hit(self._entries[best[0]], best[1])
 
     def wants(self, tokens: Sequence[int], nbytes: int, scope: str = "") -> bool:
-        """Whether these tokens, their KV `nbytes` large, would be kept: ask before copying them out.
-        Not when too short or too large, nor when an entry of the scope holds them already (it counts
-        as used)."""
-        if len(tokens) < BLOCK or not 0 < nbytes <= self.capacity:
-            return False
-        ids = np.asarray(tokens, np.int64)
-        for key, entry in self._in(scope):
-            if common_prefix(entry.tokens, ids) == len(ids):
-                self._entries.move_to_end(key)
-                return False
-        return True
+        """Whether these tokens, their KV `nbytes` large, would be kept: not when too short or too large,
+        nor when an entry of the scope holds them already (it counts as used)."""
+        return self._held_within(np.asarray(tokens, np.int64), nbytes, scope) is not None
 
-    def add(self, tokens: Sequence[int], payload: Payload, nbytes: int, scope: str = "") -> bool:
-        """Keep an entry, dropping those of its scope it holds all of, then the least recently used of
-        any scope while over capacity; False if it is not kept (see `wants`)."""
-        if not self.wants(tokens, nbytes, scope):
-            return False
+    def add(self, tokens: Sequence[int], nbytes: int, scope: str, make: Callable[[], Payload]) -> bool:
+        """Keep an entry, its payload made by `make` only if it is kept (a copy of a KV cache is not
+        cheap); dropping the entries of its scope it holds all of, then the least recently used of any
+        scope while over capacity. False if it is not kept (see `wants`)."""
         ids = np.asarray(tokens, np.int64)
-        for key, entry in list(self._in(scope)):
-            if common_prefix(entry.tokens, ids) == len(entry.tokens):
-                self._drop(key)
+        held = self._held_within(ids, nbytes, scope)
+        if held is None:
+            return False
+        payload = make()
+        for key in held:
+            self._drop(key)
         while self.nbytes + nbytes > self.capacity:
             self._drop(next(iter(self._entries)))
         self._entries[self._keys] = Entry(ids, payload, nbytes, scope)
@@ -94,6 +88,21 @@ class PromptCache(Generic[Payload]):
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
+
+    def _held_within(self, ids: np.ndarray, nbytes: int, scope: str) -> list[int] | None:
+        """One pass over the scope's entries: None if `ids` are not to be kept (see `wants`), else the
+        keys of the entries they hold all of."""
+        if len(ids) < BLOCK or not 0 < nbytes <= self.capacity:
+            return None
+        held = []
+        for key, entry in self._in(scope):
+            shared = common_prefix(entry.tokens, ids)
+            if shared == len(ids):
+                self._entries.move_to_end(key)
+                return None
+            if shared == len(entry.tokens):
+                held.append(key)
+        return held
 
     def _in(self, scope: str) -> Iterator[tuple[int, Entry[Payload]]]:
         return ((key, entry) for key, entry in self._entries.items() if entry.scope == scope)
@@ -110,9 +119,9 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 class PrefixReuse(Generic[Payload]):
-    """A runner's side of its prompt cache: the scope each admitted sequence is in, the entries given
-    to sequences and not copied in yet, and keeping what a released sequence computed. The runner
-    provides the copies (its cache's layout and device are its own)."""
+    """A runner's side of its prompt cache: the scope each admitted sequence is in, and the entries given
+    to sequences and not copied in yet. The runner makes the copies (its cache's layout and device are
+    its own) and keeps a released sequence with `cache.add`."""
 
     def __init__(self, capacity: int) -> None:
         self.cache: PromptCache[Payload] = PromptCache(capacity)
@@ -142,11 +151,6 @@ class PrefixReuse(Generic[Payload]):
         (whose would it be?) or was dropped before its prefix was copied in (it holds nothing)."""
         scope = self.scope_of.pop(seq_id, None)
         return None if self.pending.pop(seq_id, None) is not None else scope
-
-    def keep(self, tokens: Sequence[int], nbytes: int, scope: str, copy: Callable[[], Payload]) -> None:
-        """Keep a released sequence's tokens; `copy` makes the payload, only when the cache wants it."""
-        if self.cache.wants(tokens, nbytes, scope):
-            self.cache.add(tokens, copy(), nbytes, scope)
 
     def clear(self) -> None:
         self.cache.clear()

@@ -77,7 +77,7 @@ def test_a_later_chunk_continues_over_the_int8_cache(fp32_weights):
     last = fp32_weights.prefill("chunked", prompt[4:], 4)
     assert last.argmax() == whole.argmax()
     assert np.abs(last - whole).max() < 0.05 * whole.std()
-    assert fp32_weights.length_of["chunked"] == len(prompt)
+    assert len(fp32_weights.fed["chunked"]) == len(prompt)
 
 
 def test_each_row_of_a_batch_is_what_the_sequence_gives_alone(int8_cache_dirs):

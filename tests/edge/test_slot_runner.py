@@ -198,7 +198,7 @@ def test_a_released_sequence_gives_a_later_prompt_its_prefix(caching, torch_mode
     assert caching.reuse_prefix("next", then) == 32
     assert "next" not in caching.slot_of  # a lookup only: the slot and the copy come with its first step
     logits = caching.prefill("next", then[32:], 32)
-    assert caching.slot_of["next"] == 1 and caching.length_of["next"] == len(then)
+    assert caching.slot_of["next"] == 1 and caching.fed["next"] == then
     step = caching.decode(["next", "other"], [9, 9])
     want = expected_logits(torch_model, then, [9])
     np.testing.assert_allclose(logits, want[0], atol=1e-4)

@@ -14,7 +14,8 @@ def tokens(n: int, start: int = 0) -> list[int]:
 
 def test_the_longest_shared_prefix_wins_in_whole_blocks():
     cache: PromptCache[str] = PromptCache(10_000)
-    assert cache.add(tokens(40), "forty", 40) and cache.add(tokens(20) + tokens(30, 500), "twenty", 50)
+    assert cache.add(tokens(40), 40, "", lambda: "forty")
+    assert cache.add(tokens(20) + tokens(30, 500), 50, "", lambda: "twenty")
     hit = cache.lookup(tokens(37) + [9999])  # shares 37 with "forty", 20 with "twenty"
     assert hit is not None and hit.entry.payload == "forty" and hit.reused == 2 * BLOCK
     hit = cache.lookup(tokens(20) + tokens(5, 500))  # 25 with "twenty", 20 with "forty": one block each
@@ -25,7 +26,7 @@ def test_the_longest_shared_prefix_wins_in_whole_blocks():
 
 def test_the_prompts_last_token_is_never_reused():
     cache: PromptCache[str] = PromptCache(10_000)
-    cache.add(tokens(64), "whole", 64)
+    cache.add(tokens(64), 64, "", lambda: "whole")
     assert cache.lookup(tokens(64)).reused == 48  # 63 may be reused: three whole blocks of them
     assert cache.lookup(tokens(65)).reused == 64
     assert cache.lookup(tokens(BLOCK)) is None
@@ -33,33 +34,33 @@ def test_the_prompts_last_token_is_never_reused():
 
 def test_a_longer_turn_replaces_the_entries_it_holds_and_a_held_one_is_not_added():
     cache: PromptCache[str] = PromptCache(10_000)
-    cache.add(tokens(30), "turn 1", 30)
-    cache.add(tokens(20, 100), "elsewhere", 20)
-    assert cache.add(tokens(50), "turn 2", 50)
+    cache.add(tokens(30), 30, "", lambda: "turn 1")
+    cache.add(tokens(20, 100), 20, "", lambda: "elsewhere")
+    assert cache.add(tokens(50), 50, "", lambda: "turn 2")
     assert len(cache) == 2 and cache.nbytes == 70
-    assert not cache.wants(tokens(45), 45) and not cache.add(tokens(45), "held", 45)  # turn 2 holds it
+    assert not cache.wants(tokens(45), 45) and not cache.add(tokens(45), 45, "", lambda: "held")  # turn 2 holds it
     assert len(cache) == 2 and cache.nbytes == 70
 
 
 def test_capacity_evicts_the_least_recently_used_and_refuses_what_cannot_fit():
     cache: PromptCache[str] = PromptCache(100)
     for i, start in enumerate((0, 1000, 2000)):
-        cache.add(tokens(BLOCK, start), f"entry {i}", 30)
+        cache.add(tokens(BLOCK, start), 30, "", lambda i=i: f"entry {i}")
     cache.lookup(tokens(BLOCK) + [1])  # entry 0 used: entry 1 is now the oldest
-    cache.add(tokens(BLOCK, 3000), "entry 3", 30)
+    cache.add(tokens(BLOCK, 3000), 30, "", lambda: "entry 3")
     assert cache.nbytes == 90 and cache.lookup(tokens(BLOCK, 1000) + [1]) is None
     assert cache.lookup(tokens(BLOCK) + [1]) is not None
-    assert not cache.add(tokens(BLOCK, 4000), "too big", 101) and cache.nbytes == 90
+    assert not cache.add(tokens(BLOCK, 4000), 101, "", lambda: "too big") and cache.nbytes == 90
     assert not PromptCache(0).wants(tokens(64), 1)  # capacity 0: off
 
 
 def test_a_scope_sees_only_its_own_entries_and_keeps_its_own_copy():
     cache: PromptCache[str] = PromptCache(10_000)
-    cache.add(tokens(40), "alice's", 40, scope="alice")
+    cache.add(tokens(40), 40, "alice", lambda: "alice's")
     assert cache.lookup(tokens(40) + [1], scope="bob") is None and cache.lookup(tokens(40) + [1]) is None
     assert cache.lookup(tokens(40) + [1], scope="alice").entry.payload == "alice's"
     assert cache.wants(tokens(30), 30, scope="bob")  # alice's entry holds these tokens, not for bob
-    assert cache.add(tokens(50), "bob's", 50, scope="bob") and len(cache) == 2  # alice's stays
+    assert cache.add(tokens(50), 50, "bob", lambda: "bob's") and len(cache) == 2  # alice's stays
     assert cache.lookup(tokens(60), scope="alice").entry.payload == "alice's"
 
 
@@ -73,9 +74,9 @@ def test_a_runners_side_keeps_only_what_a_looked_up_sequence_computed():
     reuse: PrefixReuse[str] = PrefixReuse(10_000)
     assert reuse.finished("never looked up") is None  # whose would it be? not kept
     assert reuse.lookup("a", tokens(40), "alice", has_cache=False) == 0 and reuse.finished("a") == "alice"
-    reuse.keep(tokens(40), 40, "alice", lambda: "a's copy")
+    reuse.cache.add(tokens(40), 40, "alice", lambda: "a's copy")
     copies = []
-    reuse.keep(tokens(30), 30, "alice", lambda: copies.append(1) or "never")  # held already: no copy made
+    reuse.cache.add(tokens(30), 30, "alice", lambda: copies.append(1) or "never")  # held already: no copy made
     assert copies == [] and len(reuse.cache) == 1
     assert reuse.lookup("b", tokens(40) + [1], "alice", has_cache=False) == 32
     assert reuse.lookup("b", tokens(40) + [1], "alice", has_cache=False) == 0  # asked twice: once
