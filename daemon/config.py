@@ -208,6 +208,7 @@ class LimitsSection(_Section):
     max_messages: PositiveInt = 1024
     max_concurrent_per_key: PositiveInt | None = None  # per API key (needs [auth] api_keys_file)
     body_timeout: PositiveFloat = 60.0  # seconds a client may take to send a request body
+    stored_responses_mb: Annotated[int, Field(ge=0)] = 64  # /v1/responses kept for previous_response_id; 0: none
 
 
 class TlsSection(_Section):

@@ -16,6 +16,8 @@ from .auth import AUTH, Auth, auth_middleware
 from .errors import Handler, error_middleware
 from .openapi import openapi_bytes
 from .relay import RELAYS, Relays
+from .responses_api import endpoint as responses_api
+from .responses_api.store import RESPONSE_STORE, ResponseStore
 
 
 @web.middleware
@@ -40,9 +42,14 @@ def create_app(node: Node, nccl_result: Path | None = None) -> web.Application:
     app[NODE] = node
     app[AUTH] = auth
     app[RELAYS] = Relays()
+    app[RESPONSE_STORE] = ResponseStore()  # /v1/responses kept for previous_response_id, in memory
     app.cleanup_ctx.append(_upstreams_running)  # the forwarding pool, the poller and its session
     app.router.add_post("/v1/chat/completions", completions.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
+    app.router.add_post("/v1/responses", completions.responses)
+    app.router.add_get("/v1/responses/{response_id}", responses_api.get_response)
+    app.router.add_delete("/v1/responses/{response_id}", responses_api.delete_response)
+    app.router.add_get("/v1/responses/{response_id}/input_items", responses_api.list_input_items)
     app.router.add_get("/v1/models", models.list_models)
     app.router.add_get("/v1/models/{model_id:.+}", models.get_model)
     app.router.add_get("/health", probes.health)

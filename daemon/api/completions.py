@@ -16,6 +16,7 @@ outcome.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -33,6 +34,9 @@ from .errors import APIError, bad_request, client_gone, model_not_found, to_api_
 from .forward import NotForwarded, not_forwarded, serve_forwarded
 from .local import serve_local
 from .prompt import prompt_token_ids
+from .render import PASS, Render
+from .responses_api.endpoint import CHAT_PATH, translate
+from .responses_api.request import responses_param
 from .schemas import Body, ChatCompletionRequest, CompletionRequest, parse_body
 from .versioning import BROKEN, TryNextVersion, VersionPlan, failed, local_serves, note_outcome, plan_versions
 
@@ -49,6 +53,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _complete(request, "completion")
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses API: served as the chat request it stands for (`dsnode.api.responses_api`)."""
+    return await _complete(request, "responses")
+
+
 async def _complete(request: web.Request, endpoint: str) -> web.StreamResponse:
     node = request.app[NODE]
     record = RequestRecord(request_id_of(request), endpoint, node.name, client=request.remote)
@@ -59,6 +68,8 @@ async def _complete(request: web.Request, endpoint: str) -> web.StreamResponse:
         return response
     except BaseException as exc:
         error = to_api_error(exc) if isinstance(exc, Exception) else client_gone()
+        if endpoint == "responses":  # the Responses API's names for the chat request's parameters
+            error.param = responses_param(error.param)
         record.done(error.status, error.message)
         if record.version and isinstance(exc, (APIError, EngineError)):  # the version that failed says so
             error.headers[headers.VERSION] = record.version
@@ -74,7 +85,8 @@ async def _serve(request: web.Request, node: Node, endpoint: str, record: Reques
         raise APIError(503, "The node is shutting down.", type="service_unavailable", code="draining",
                        headers={"Retry-After": "5"})
     config = node.config  # read once: a reload during the request does not change its settings
-    raw, body = await _parse(request, endpoint, config.limits, record)
+    parsed = await _parse(request, endpoint, config.limits, record)
+    body = parsed.body
     check_body_limits(body, config.limits)
     with node.serving() as serving:  # the engine and version in service now, for the whole request
         prompts = await _local_prompts(serving, body)
@@ -82,7 +94,7 @@ async def _serve(request: web.Request, node: Node, endpoint: str, record: Reques
         if prompts is not None:
             record.prompt_tokens = sum(map(len, prompts))
         via = via_of(request)
-        attempt = _Attempt(request, node, serving, config.limits, raw, body, prompts, record, via,
+        attempt = _Attempt(request, node, serving, config.limits, parsed, prompts, record, via,
                            plan_versions(node, request, body, via, record))
         for version in attempt.plan.attempts[:-1]:
             try:
@@ -95,11 +107,10 @@ async def _serve(request: web.Request, node: Node, endpoint: str, record: Reques
 class _Attempt:
     """Serving one request with one version (of a split), or with any (no split)."""
 
-    def __init__(self, request: web.Request, node: Node, serving: Serving, limits: LimitsSection, raw: bytes,
-                 body: Body, prompts: Prompts | None, record: RequestRecord, via: tuple[str, ...],
-                 plan: VersionPlan) -> None:
-        self.request, self.node, self.serving, self.limits = request, node, serving, limits
-        self.raw, self.body, self.prompts, self.record, self.via, self.plan = raw, body, prompts, record, via, plan
+    def __init__(self, request: web.Request, node: Node, serving: Serving, limits: LimitsSection, parsed: Parsed,
+                 prompts: Prompts | None, record: RequestRecord, via: tuple[str, ...], plan: VersionPlan) -> None:
+        self.request, self.node, self.serving, self.limits, self.parsed = request, node, serving, limits, parsed
+        self.body, self.prompts, self.record, self.via, self.plan = parsed.body, prompts, record, via, plan
 
     async def serve(self, version: str | None, last: bool) -> web.StreamResponse:
         node, body, record = self.node, self.body, self.record
@@ -128,8 +139,9 @@ class _Attempt:
         """The upstream's answer; None: serve it here (the fallback)."""
         record, started = self.record, time.monotonic()
         try:
-            response = await serve_forwarded(self.request, self.node, self.raw, self.body, record, route, self.via,
-                                             version)
+            parsed = self.parsed
+            response = await serve_forwarded(self.request, self.node, parsed.raw, self.body, record, route, self.via,
+                                             version, parsed.path, parsed.render)
         except NotForwarded as exc:
             broken = exc.refused is not None and exc.refused.status in BROKEN
             if broken:  # an upstream of this version answered 5xx; unreachable or busy ones are no verdict
@@ -154,7 +166,8 @@ class _Attempt:
         try:
             if node.faults.next_fails(node.config.debug.inject_errors):
                 raise EngineError(INJECTED)
-            response = await serve_local(self.request, serving.engine, self.body, prompts, record, self.limits)
+            response = await serve_local(self.request, serving.engine, self.body, prompts, record, self.limits,
+                                         self.parsed.render)
         except ContextLengthExceeded as exc:
             raise APIError(400, str(exc), param=_prompt_param(self.body), code="context_length_exceeded") from None
         except (EngineNotReady, QueueFull) as exc:  # not ready or busy: no verdict on the version
@@ -185,13 +198,25 @@ def via_of(request: web.Request) -> tuple[str, ...]:
     return tuple(n for n in (p.strip() for p in value.split(",")) if n) if value else ()
 
 
-async def _parse(request: web.Request, endpoint: str, limits: LimitsSection,
-                 record: RequestRecord) -> tuple[bytes, Body]:
+@dataclass(frozen=True)
+class Parsed:
+    raw: bytes  # what an upstream is sent: the client's bytes, or the chat request a Responses one stands for
+    body: Body
+    path: str  # where an upstream is asked
+    render: Render  # how the answer (chat's or completions' shape) reaches the client
+
+
+async def _parse(request: web.Request, endpoint: str, limits: LimitsSection, record: RequestRecord) -> Parsed:
     raw, data = await read_json(request, limits.body_timeout)
-    body = parse_body(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, data)
-    record.model, record.stream = body.model, body.stream
-    record.user = record.user or body.user  # the API key's name when there is one, never the client's say
-    return raw, body
+    if endpoint == "responses":
+        translated = translate(request, data)
+        parsed = Parsed(translated.raw, translated.body, CHAT_PATH, translated.render)
+    else:
+        body = parse_body(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, data)
+        parsed = Parsed(raw, body, request.raw_path, PASS)
+    record.model, record.stream = parsed.body.model, parsed.body.stream
+    record.user = record.user or parsed.body.user  # the API key's name when there is one, never the client's say
+    return parsed
 
 
 async def _local_prompts(serving: Serving, body: Body) -> Prompts | None:

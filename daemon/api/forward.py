@@ -43,6 +43,7 @@ from .affinity import affinity_key
 from .auth import AUTH, IDENTITY
 from .errors import APIError, shutting_down
 from .relay import RELAYS, UpstreamFault, read_refusal, relay, response_headers
+from .render import PASS, Render
 from .schemas import Body
 
 log = structlog.get_logger("dsnode.forward")
@@ -90,15 +91,19 @@ async def serve_forwarded(
     route: Route,
     via: tuple[str, ...],
     version: str | None = None,
+    path: str | None = None,
+    render: Render = PASS,
 ) -> web.StreamResponse:
     """The upstream's answer, from one that serves `version` of the model when it is given (a split);
-    raises NotForwarded when no upstream took the request."""
+    raises NotForwarded when no upstream took the request. `path`: where the upstream is asked (the
+    request's own by default), `render`: how its answer reaches the client."""
     relays = request.app[RELAYS]
     task = asyncio.current_task()
     assert task is not None
     relays.tasks.add(task)
     try:
-        return await _forward(request, node, raw, body, record, route, via, version)
+        return await _forward(request, node, raw, body, record, route, via, version, path or request.raw_path,
+                              render)
     except asyncio.CancelledError:
         if not relays.cutting:
             raise  # the client went away
@@ -136,13 +141,15 @@ async def _forward(
     route: Route,
     via: tuple[str, ...],
     version: str | None,
+    path: str,
+    render: Render,
 ) -> web.StreamResponse:
     upstreams, routing = node.upstreams, node.config.routing
     balancer, pool = upstreams.balancer, upstreams.pool
     if pool is None:
         raise NotForwarded("forwarding is not running on this node", None)
     hops = (*via, node.name)  # also never picked: this node, should it be listed as its own upstream
-    outgoing = _Outgoing(request, record.request_id, hops, raw, request.app[AUTH].peers)
+    outgoing = _Outgoing(request, path, record.request_id, hops, raw, request.app[AUTH].peers)
     tried: list[Peer] = []
     refused: list[Refusal] = []
     key = affinity_key(body) if routing.affinity == "prefix" else None
@@ -162,7 +169,7 @@ async def _forward(
                 continue
             if response.status < 400:  # another upstream served this request: their 5xx were their own
                 _count_broken(balancer, refused)
-            return await _relay_counted(request, response, peer, record, body, routing, balancer)
+            return await _relay_counted(request, response, peer, record, body, routing, balancer, render)
         finally:
             peer.in_flight -= 1
     answered = {r.peer.url: f"answered HTTP {r.status}" for r in refused}
@@ -187,14 +194,14 @@ def _count_broken(balancer: Balancer, refused: list[Refusal]) -> None:
 
 
 async def _relay_counted(request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord,
-                         body: Body, routing: RoutingSection, balancer: Balancer) -> web.StreamResponse:
+                         body: Body, routing: RoutingSection, balancer: Balancer, render: Render) -> web.StreamResponse:
     """Relay the answer; a cut, a stall or an answer over the size limits counts against the peer."""
     record.upstream = peer.url
     record.node = response.header(_NODE) or peer.label
     record.version = response.header(_VERSION)
     record.admitted = time.monotonic()
     try:
-        out, fault = await relay(request, response, peer, record, body.stream, routing, request.app[RELAYS])
+        out, fault = await relay(request, response, peer, record, body.stream, routing, request.app[RELAYS], render)
     except UpstreamFault as exc:
         balancer.failed(peer, time.monotonic(), exc.message)
         log.warning("upstream_cut", request_id=record.request_id, upstream=peer.url, error=exc.message)
@@ -210,9 +217,9 @@ class _Outgoing:
     """The upstream request as bytes: the same head and body for every attempt; with a cluster
     secret, a peer credential made for the upstream it goes to (the receiving node is signed)."""
 
-    def __init__(self, request: web.Request, request_id: str, hops: tuple[str, ...], raw: bytes,
+    def __init__(self, request: web.Request, path: str, request_id: str, hops: tuple[str, ...], raw: bytes,
                  peers: PeerAuth | None) -> None:
-        self.path = request.raw_path
+        self.path = path
         self.start = b"POST " + self.path.encode() + b" HTTP/1.1\r\nHost: "
         self.via = ",".join(hops)
         self.request_id = request_id

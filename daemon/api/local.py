@@ -17,9 +17,10 @@ from ..record import RequestRecord
 from .appkeys import NODE
 from .chat_output import ChatOutput, new_chat_output
 from .choices import Choice, choice_params, first_deltas, merged, new_choices
-from .errors import APIError, bad_request, sse_error_event, to_api_error
+from .errors import APIError, bad_request, to_api_error
 from .logprobs import vllm_prompt_logprobs
-from .responses import DONE, Shape, chunk, full_response, sse, usage, usage_chunk
+from .render import PASS, Render
+from .responses import Shape, chunk, full_response, usage, usage_chunk
 from .schemas import Body, ChatCompletionRequest, CompletionRequest
 from .tools import answer_constraint
 
@@ -72,12 +73,14 @@ async def serve_local(
     prompts: list[list[int]],
     record: RequestRecord,
     limits: LimitsSection,
+    render: Render = PASS,
 ) -> web.StreamResponse:
     """`prompts`: token ids, one list per prompt (a chat has one). Each prompt gets `n` choices, choice
-    `i * n + j` the j-th of prompt i (OpenAI's order)."""
+    `i * n + j` the j-th of prompt i (OpenAI's order). `render`: how the answer reaches the client."""
     tokenizer = engine.tokenizer
     record.prompt_tokens = sum(map(len, prompts))
-    shape = Shape.new(record.endpoint, record.request_id, body.model)
+    endpoint = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
+    shape = Shape.new(endpoint, record.request_id, body.model)
     reasoning = request.app[NODE].config.model.reasoning  # [model] is restart-only: the node's is this request's
 
     def new_output() -> ChatOutput | None:
@@ -107,8 +110,8 @@ async def serve_local(
                                    for i in range(0, len(firsts), body.n))
         async with aclosing(merged(streams, firsts)) as deltas:
             if body.stream:
-                return await _stream(request, deltas, shape, body, record, choices)
-            return await _whole(deltas, shape, record, choices, _prompt_logprobs_of(tokenizer, body))
+                return await _stream(request, deltas, shape, body, record, choices, render)
+            return await _whole(deltas, shape, record, choices, _prompt_logprobs_of(tokenizer, body), render)
 
 
 def cache_scope(identity: str | None, salt: str | None) -> str:
@@ -149,7 +152,8 @@ def _prompt_logprobs_of(tokenizer: TextTokenizer, body: Body) -> Callable[[Choic
 
 
 async def _whole(deltas: AsyncIterator[tuple[int, Delta]], shape: Shape, record: RequestRecord,
-                 choices: list[Choice], prompt_logprobs: Callable[[Choice], list[Any]] | None) -> web.Response:
+                 choices: list[Choice], prompt_logprobs: Callable[[Choice], list[Any]] | None,
+                 render: Render) -> web.Response:
     async for index, delta in deltas:
         if index == 0:  # the record's token times are one sequence's (inter-token latency)
             record.mark_token()
@@ -162,7 +166,7 @@ async def _whole(deltas: AsyncIterator[tuple[int, Delta]], shape: Shape, record:
     body = full_response(shape, answers, use)
     if prompt_logprobs is not None and shape.chat:  # and once for a chat's one prompt
         body["prompt_logprobs"] = prompt_logprobs(choices[0])
-    return web.json_response(body, headers=_response_headers(record))
+    return web.json_response(render.whole(body), headers=_response_headers(record))
 
 
 async def _stream(
@@ -172,6 +176,7 @@ async def _stream(
     body: Body,
     record: RequestRecord,
     choices: list[Choice],
+    render: Render,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
@@ -183,27 +188,34 @@ async def _stream(
     )
     await response.prepare(request)
     include_usage = body.include_usage
+    out = render.opening()
     for choice in choices:
         if shape.chat:
-            await response.write(sse(chunk(shape, "", first=True, with_usage_field=include_usage, index=choice.index)))
+            out += render.chunk(chunk(shape, "", first=True, with_usage_field=include_usage, index=choice.index))
         elif choice.echo:
-            await response.write(sse(choice.echo_chunk(shape, include_usage)))
+            out += render.chunk(choice.echo_chunk(shape, include_usage))
+    await _write(response, out)
     try:
         async for index, delta in deltas:
             if index == 0:
                 record.mark_token()
             for piece in choices[index].chunks(shape, delta, include_usage):
-                await response.write(sse(piece))
+                await _write(response, render.chunk(piece))
     except (EngineError, APIError) as exc:  # mid-stream failure: say so, then end the stream properly
         error = to_api_error(exc)
         record.status, record.error = error.status, error.message
-        await response.write(sse_error_event(error))
+        await _write(response, render.failed(error))
     use = _account(record, choices)
     if include_usage:
-        await response.write(sse(usage_chunk(shape, use)))
-    await response.write(DONE)
+        await _write(response, render.chunk(usage_chunk(shape, use)))
+    await _write(response, render.closing())
     await _end_complete_stream(response)
     return response
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    if data:  # a rendered chunk may be nothing (a Responses stream has no event for chat's role chunk)
+        await response.write(data)
 
 
 async def _end_complete_stream(response: web.StreamResponse) -> None:

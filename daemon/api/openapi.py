@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from .. import __version__, headers
+from .responses_api.request import ResponsesRequest
 from .schemas import (
     LOGIT_BIAS_RANGE,
     MAX_CHOICES,
@@ -68,9 +69,13 @@ def request_schemas() -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=_REF)
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
+    responses = ResponsesRequest.model_json_schema(ref_template=_REF)
+    components.update(responses.pop("$defs", {}))
+    components[ResponsesRequest.__name__] = responses
     _add_chat_rules(components)
     _add_completion_rules(components)
-    for model in (ChatCompletionRequest, CompletionRequest):
+    _add_responses_rules(components)
+    for model in (ChatCompletionRequest, CompletionRequest, ResponsesRequest):
         props = components[model.__name__]["properties"]
         _add_validator_rules(props)
         for name in null_means_default(model):
@@ -106,6 +111,28 @@ def _add_chat_rules(components: dict[str, Any]) -> None:
     ]
 
 
+def _add_responses_rules(components: dict[str, Any]) -> None:
+    """A Responses API request's cross-field rules: something to answer (a text, or an item that is not
+    a system message or reasoning) unless it continues a stored response; `tool_choice` needs tools; a
+    `json_schema` format needs its schema."""
+    components["TextFormat"]["if"] = {"required": ["type"], "properties": {"type": {"const": "json_schema"}}}
+    components["TextFormat"]["then"] = {"required": ["schema"], "properties": {"schema": {"type": "object"}}}
+    answerable = {"anyOf": [
+        {"required": ["type"], "properties": {"type": {"enum": ["function_call", "function_call_output"]}}},
+        {"required": ["role"], "properties": {"type": {"const": "message"},
+                                              "role": {"enum": ["user", "assistant", "developer"]}}},
+    ]}
+    request = components["ResponsesRequest"]
+    request["allOf"] = [
+        {"if": {"not": {"required": ["previous_response_id"], "properties": {
+            "previous_response_id": {"type": "string"}}}},
+         "then": {"required": ["input"], "properties": {"input": {"anyOf": [
+             {"type": "string"}, {"type": "array", "contains": answerable}]}}}},
+        {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
+         "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}},
+    ]
+
+
 def _add_completion_rules(components: dict[str, Any]) -> None:
     """A text completion's prompts times `n` are at most MAX_PROMPTS sequences."""
     completion = components["CompletionRequest"]
@@ -120,6 +147,8 @@ def _add_validator_rules(props: dict[str, Any]) -> None:
     text = {"type": "string", "minLength": 1}
     props["stop"]["anyOf"] = [text, {"type": "array", "items": text, "maxItems": MAX_STOP_SEQUENCES},
                               {"type": "null"}]
+    if "logit_bias" not in props:
+        return  # a Responses API request: no logit_bias, no prompt
     props["logit_bias"]["anyOf"] = [
         {"type": "object", "maxProperties": MAX_LOGIT_BIAS, "propertyNames": {"pattern": "^[0-9]{1,9}$"},
          "additionalProperties": {"type": "number", "minimum": -LOGIT_BIAS_RANGE, "maximum": LOGIT_BIAS_RANGE}},
@@ -220,6 +249,20 @@ def _response_schemas() -> dict[str, Any]:
                 }},
             },
         },
+        "Response": {
+            "type": "object",
+            "required": ["id", "object", "created_at", "status", "model", "output"],
+            "properties": {
+                "id": _STRING, "object": {"const": "response"}, "created_at": {"type": "integer"},
+                "status": {"enum": ["completed", "incomplete", "failed", "in_progress"]}, "model": _STRING,
+                "error": {"type": ["object", "null"]}, "incomplete_details": {"type": ["object", "null"]},
+                "previous_response_id": {"type": ["string", "null"]},
+                "output": {"type": "array", "items": {"type": "object", "required": ["id", "type"], "properties": {
+                    "id": _STRING, "type": {"enum": ["message", "reasoning", "function_call"]}}}},
+                "usage": {"type": ["object", "null"], "properties": {
+                    k: count for k in ("input_tokens", "output_tokens", "total_tokens")}},
+            },
+        },
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
@@ -247,7 +290,18 @@ def _errors(statuses: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _completion(summary: str, request: str, answer: str) -> dict[str, Any]:
+_STREAM_DONE = ("The answer: whole (JSON, with `usage`), or with `stream: true` a stream of server-sent events "
+                "ending `data: [DONE]` (a failure after the first event is an `{\"error\": ...}` event before "
+                "`[DONE]`).")
+_STREAM_RESPONSES = ("The response: whole (JSON), or with `stream: true` OpenAI's Responses event stream "
+                     "(`event:` and `data:` lines, from `response.created` to `response.completed`, "
+                     "`response.incomplete` or `response.failed`; no `[DONE]`).")
+_RESPONSE_EVENT = {"type": "object", "required": ["event", "data"],
+                   "properties": {"event": {"type": "string", "minLength": 1}, "data": {"type": "string"}}}
+
+
+def _completion(summary: str, request: str, answer: str, description: str = _STREAM_DONE,
+                event: dict[str, Any] = _EVENT) -> dict[str, Any]:
     return {
         "summary": summary,
         "parameters": [{"name": headers.REQUEST_ID, "in": "header", "required": False,
@@ -258,12 +312,10 @@ def _completion(summary: str, request: str, answer: str) -> dict[str, Any]:
             "schema": {"$ref": f"#/components/schemas/{request}"}}}},
         "responses": {
             "200": {
-                "description": "The answer: whole (JSON, with `usage`), or with `stream: true` a stream "
-                               "of server-sent events ending `data: [DONE]` (a failure after the first "
-                               "event is an `{\"error\": ...}` event before `[DONE]`).",
+                "description": description,
                 "headers": copy.deepcopy(_HEADERS),
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{answer}"}},
-                            "text/event-stream": {"schema": _EVENT}},
+                            "text/event-stream": {"schema": event}},
             },
             **_errors(COMPLETION_ERRORS),
         },
@@ -282,6 +334,14 @@ def _get(summary: str, content_type: str, schema: dict[str, Any], errors: tuple[
     return operation
 
 
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": _STRING}
+_LIST_PARAMETERS = [
+    {"name": "order", "in": "query", "required": False, "schema": {"enum": ["asc", "desc"]}},
+    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+    {"name": "after", "in": "query", "required": False, "schema": _STRING},
+]
+
+
 def openapi_document(bearer: bool, peers: bool = False) -> dict[str, Any]:
     """The whole document; `bearer`: the node asks for API keys; `peers`: it has a cluster secret
     (then `/cluster` may answer 401 even without API keys)."""
@@ -296,6 +356,19 @@ def openapi_document(bearer: bool, peers: bool = False) -> dict[str, Any]:
             "/v1/chat/completions": {"post": _completion("Chat completion", "ChatCompletionRequest",
                                                          "ChatCompletion")},
             "/v1/completions": {"post": _completion("Text completion", "CompletionRequest", "Completion")},
+            "/v1/responses": {"post": _completion("Response (OpenAI's Responses API, served through the chat "
+                                                  "path)", "ResponsesRequest", "Response", _STREAM_RESPONSES,
+                                                  _RESPONSE_EVENT)},
+            "/v1/responses/{response_id}": {
+                "get": {**_get("A stored response (the API key's own)", "application/json",
+                               {"$ref": "#/components/schemas/Response"}, ("401", "404")),
+                        "parameters": [_RESPONSE_ID]},
+                "delete": {**_get("Delete a stored response", "application/json", any_json, ("401", "404")),
+                           "parameters": [_RESPONSE_ID]}},
+            "/v1/responses/{response_id}/input_items": {"get": {
+                **_get("A stored response's input items (newest first by default)", "application/json", any_json,
+                       ("400", "401", "404")),
+                "parameters": [_RESPONSE_ID, *_LIST_PARAMETERS]}},
             "/v1/models": {"get": _get("Every model reachable through this node", "application/json",
                                        {"$ref": "#/components/schemas/ModelList"}, ("401",))},
             "/v1/models/{model_id}": {"get": {

@@ -25,7 +25,8 @@ from ..cluster.pool import BodyCut, TooLarge
 from ..cluster.pool import Response as PoolResponse
 from ..config import RoutingSection
 from ..record import RequestRecord
-from .errors import APIError, shutting_down, sse_error_event
+from .errors import APIError, shutting_down
+from .render import PASS, Render
 from .responses import DONE
 
 log = structlog.get_logger("dsnode.forward")
@@ -65,18 +66,19 @@ class UpstreamFault(APIError):
 
 async def relay(
     request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord, stream: bool,
-    routing: RoutingSection, relays: Relays,
+    routing: RoutingSection, relays: Relays, render: Render,
 ) -> tuple[web.StreamResponse, str | None]:
-    """The client's answer, and what the upstream did wrong on the way (None: nothing). A whole
-    answer it broke raises UpstreamFault; a stream it broke ends with an error event."""
+    """The client's answer (through `render`), and what the upstream did wrong on the way (None:
+    nothing). A whole answer it broke raises UpstreamFault; a stream it broke ends with an error event."""
     out_headers = response_headers(response.headers, record)
     if response.sized or not stream:  # a non-streamed request gets a whole answer, whatever the framing
-        return await _relay_whole(request, response, peer, record, out_headers, routing), None
-    return await _relay_stream(request, response, peer, record, out_headers, routing, relays)
+        return await _relay_whole(request, response, peer, record, out_headers, routing, stream, render), None
+    return await _relay_stream(request, response, peer, record, out_headers, routing, relays, render)
 
 
 async def _relay_whole(request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord,
-                       out_headers: list[tuple[str, str]], routing: RoutingSection) -> web.StreamResponse:
+                       out_headers: list[tuple[str, str]], routing: RoutingSection, stream: bool,
+                       render: Render) -> web.StreamResponse:
     try:
         data = await response.read(routing.first_token_timeout, routing.max_answer_bytes)
     except BodyCut as exc:
@@ -93,6 +95,8 @@ async def _relay_whole(request: web.Request, response: PoolResponse, peer: Peer,
     response.release()
     record.mark_token()
     note_usage(record, data)
+    if not render.passthrough and response.status < 300:  # an answer, not a refusal: in the client's shape
+        data = _rendered_whole(render, bytes(data), stream)
     whole = web.Response(body=data, status=response.status, headers=out_headers)
     # Sent here rather than by aiohttp after the handler returns: the request's log event and
     # metrics (Node.observe) then come after the client has its answer, not before it.
@@ -101,18 +105,28 @@ async def _relay_whole(request: web.Request, response: PoolResponse, peer: Peer,
     return whole
 
 
+def _rendered_whole(render: Render, data: bytes, stream: bool) -> bytes:
+    if stream:  # a stream the upstream sent with a length: its events
+        return render.opening() + render.events(data)
+    return json.dumps(render.whole(json.loads(data)), ensure_ascii=False).encode()
+
+
 async def _relay_stream(request: web.Request, response: PoolResponse, peer: Peer, record: RequestRecord,
                         out_headers: list[tuple[str, str]], routing: RoutingSection,
-                        relays: Relays) -> tuple[web.StreamResponse, str | None]:
+                        relays: Relays, render: Render) -> tuple[web.StreamResponse, str | None]:
     out = web.StreamResponse(status=response.status, headers=out_headers)
     sent = _Sent()
     try:
         await out.prepare(request)
+        if response.status < 300:
+            await _write(out, render.opening())
+        else:
+            render = PASS  # a refusal streamed (an upstream's error events): as it came
         chunks = response.chunks(routing.first_token_timeout)
-        ended, fault = await _pass_events(chunks, out, record, sent, routing.max_event_bytes)
+        ended, fault = await _pass_events(chunks, out, record, sent, routing.max_event_bytes, render)
     except (asyncio.CancelledError, ConnectionError) as exc:
         response.close()  # the client went away, or the stop's deadline: drop the upstream connection
-        return await _stream_interrupted(exc, out, record, sent, relays), None
+        return await _stream_interrupted(exc, out, record, sent, relays, render), None
     except BaseException:
         response.close()
         raise
@@ -124,15 +138,15 @@ async def _relay_stream(request: web.Request, response: PoolResponse, peer: Peer
     if fault is not None and not ended:
         error = APIError(502, f"The upstream {peer.label} {fault.message}.", type="server_error", code=fault.code)
         record.status, record.error = error.status, error.message
-        await out.write(sse_error_event(error) + DONE)
+        await _write(out, render.failed(error) + render.closing())
     elif not ended:
-        await out.write(DONE)  # an upstream that ended without [DONE]: end the stream properly
+        await _write(out, render.closing())  # an upstream that ended without [DONE]: end the stream properly
     await out.write_eof()
     return out, None if fault is None else fault.message
 
 
 async def _stream_interrupted(exc: BaseException, out: web.StreamResponse, record: RequestRecord, sent: "_Sent",
-                              relays: Relays) -> web.StreamResponse:
+                              relays: Relays, render: Render) -> web.StreamResponse:
     """The client went away (raise on), or the stop's deadline passed (end the stream cleanly)."""
     if sent.done:  # the client has its whole answer ([DONE]); it only hung up before the end
         _uncancel(exc)
@@ -143,7 +157,7 @@ async def _stream_interrupted(exc: BaseException, out: web.StreamResponse, recor
     error = shutting_down()
     record.status, record.error = error.status, error.message
     with suppress(ConnectionError):
-        await out.write(sse_error_event(error) + DONE)
+        await _write(out, render.failed(error) + render.closing())
         await out.write_eof()
     return out
 
@@ -174,7 +188,8 @@ def _uncancel(exc: BaseException) -> None:
 
 
 async def _pass_events(
-    chunks: AsyncIterator[bytes], out: web.StreamResponse, record: RequestRecord, sent: _Sent, max_event: int
+    chunks: AsyncIterator[bytes], out: web.StreamResponse, record: RequestRecord, sent: _Sent, max_event: int,
+    render: Render,
 ) -> tuple[bool, _Fault | None]:
     """Write whole SSE events as they arrive (a partial one waits for its end, so a cut never leaves
     half an event before the error event, and is held up to `max_event` bytes). Returns whether the
@@ -199,15 +214,20 @@ async def _pass_events(
                 note_usage(record, data)
             if b'data: {"error"' in data:  # the upstream's own error event (its engine failed mid-stream)
                 record.stream_error = True
-            await out.write(data)
+            await _write(out, data if render.passthrough else render.events(data))
             tail = data
             sent.done = data.endswith(DONE)
     except BodyCut as exc:
         return tail.endswith(DONE), _Fault(f"stopped in the middle of the stream ({exc})", "upstream_cut")
     if carry:
-        await out.write(carry)
+        await _write(out, carry if render.passthrough else render.events(carry))
         tail = carry
     return tail.endswith(DONE), None
+
+
+async def _write(out: web.StreamResponse, data: bytes) -> None:
+    if data:
+        await out.write(data)
 
 
 def response_headers(upstream: list[tuple[str, str]], record: RequestRecord) -> list[tuple[str, str]]:

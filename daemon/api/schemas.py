@@ -380,7 +380,7 @@ def _no_bool(value: Any) -> Any:
 Body = ChatCompletionRequest | CompletionRequest
 
 
-def parse_body(model: type[_Sampling], body: Any) -> Any:
+def parse_body(model: type[_Body], body: Any) -> Any:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     try:
@@ -390,7 +390,11 @@ def parse_body(model: type[_Sampling], body: Any) -> Any:
 
 
 def _as_api_error(exc: ValidationError) -> APIError:
-    first = exc.errors()[0]
+    return error_of(exc.errors()[0])
+
+
+def error_of(first: Any) -> APIError:
+    """One of pydantic's errors (`ValidationError.errors()`) as the 400 that names its parameter."""
     loc = [p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
     param = _param_name(loc)
     if first["type"] == "missing":

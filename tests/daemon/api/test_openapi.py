@@ -10,11 +10,25 @@ import pytest
 import schemathesis
 from dsnode.api.errors import APIError
 from dsnode.api.openapi import openapi_document
+from dsnode.api.responses_api.request import ResponsesRequest, chat_request, parse_chat, parse_responses
 from dsnode.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+          "/v1/responses": ResponsesRequest}
+
+
+def served(model: type, body: Any) -> None:
+    """Raises APIError (400) where the server would refuse the body. A Responses API request goes the
+    server's way: parsed, turned into its chat request (after a stored conversation when it names one)
+    and that parsed."""
+    if model is not ResponsesRequest:
+        parse_body(model, body)
+        return
+    asked = parse_responses(body)
+    history = [{"role": "user", "content": "earlier"}] if asked.previous_response_id is not None else []
+    parse_chat(chat_request(asked, history))
 EXAMPLES = 60
 
 
@@ -46,7 +60,8 @@ def test_the_document_is_valid_openapi_3_1():
     assert DOCUMENT["openapi"] == "3.1.0"
     assert set(DOCUMENT["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models",
                                       "/v1/models/{model_id}", "/health", "/ready", "/metrics", "/cluster",
-                                      "/openapi.json"}
+                                      "/openapi.json", "/v1/responses", "/v1/responses/{response_id}",
+                                      "/v1/responses/{response_id}/input_items"}
 
 
 @pytest.mark.parametrize("path", sorted(BODIES))
@@ -58,7 +73,7 @@ def test_every_body_the_document_allows_the_server_accepts(path):
     @given(SCHEMA[path]["POST"].as_strategy())
     def check(case: Any) -> None:
         seen.append(1)
-        parse_body(model, json_numbers(case.body))  # raises APIError (400) if the server would refuse it
+        served(model, json_numbers(case.body))  # raises APIError (400) if the server would refuse it
 
     check()
     assert len(seen) >= EXAMPLES // 2
@@ -81,7 +96,7 @@ def test_every_body_the_document_refuses_the_server_refuses(path):
             return  # the negative case broke something else (a header)
         refused.append(1)
         with pytest.raises(APIError) as info:
-            parse_body(model, body)
+            served(model, body)
         assert info.value.status == 400
 
     check()

@@ -150,6 +150,48 @@ class FakeUpstream:
         await writer.drain()
         return not unterminated
 
+    async def _chat(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        """A whole chat answer with reasoning, text and a tool call, as a dsnode central gives it."""
+        message = {"role": "assistant", "content": f"from {self.name}", "reasoning_content": "thinking",
+                   "tool_calls": [{"id": "call_7", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}
+        body = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": MODEL,
+                           "choices": [{"index": 0, "message": message, "logprobs": None,
+                                        "finish_reason": "tool_calls"}],
+                           "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+                                     "prompt_tokens_details": {"cached_tokens": 4}}}).encode()
+        await self._send(writer, 200, body)
+        return True
+
+    async def _chat_stream(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+                           cut: bool = False) -> bool:
+        """A chat stream: a role chunk, reasoning, text in pieces, the finish reason, usage, [DONE]."""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                     b"X-DSNode-Node: " + self.name.encode() + b"\r\n\r\n")
+        deltas = [{"role": "assistant", "content": ""}, {"reasoning_content": "hmm"}, {"content": "fr"},
+                  {"content": f"om {self.name}"}]
+        for i, delta in enumerate(deltas):
+            event = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": MODEL, "usage": None,
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+            writer.write(_chunk(f"data: {json.dumps(event)}\n\n".encode()))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        if cut:
+            writer.write(_chunk(b'data: {"half an ev'))
+            await writer.drain()
+            return False
+        last = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": MODEL, "usage": None,
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]}
+        usage = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": MODEL, "choices": [],
+                 "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+        writer.write(_chunk(f"data: {json.dumps(last)}\n\ndata: {json.dumps(usage)}\n\n".encode()))
+        writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    async def _cut_chat_stream(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        return await self._chat_stream(writer, reader, cut=True)
+
     async def _done_then_hang_up(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
         return await self._stream(writer, reader, unterminated=True)  # [DONE], then no last chunk
 
