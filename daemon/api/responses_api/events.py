@@ -36,6 +36,7 @@ class _Item:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     call_id: str = ""
     name: str = ""
+    status: str = ""  # as a stream closed it ("": a whole answer's, from the finish reason)
 
     def body(self, status: str) -> dict[str, Any]:
         if self.kind == "message":
@@ -171,7 +172,7 @@ class ResponsesRender:
             "max_output_tokens": request.max_output_tokens,
             "metadata": request.metadata or {},
             "model": request.model,
-            "output": [item.body(self._item_status(item)) for item in self._items] if done else [],
+            "output": [item.body(item.status or self._item_status(item)) for item in self._items] if done else [],
             "parallel_tool_calls": request.parallel_tool_calls,
             "previous_response_id": request.previous_response_id,
             "reasoning": request.reasoning or {"effort": None, "summary": None},
@@ -247,6 +248,7 @@ class ResponsesRender:
         item, self._open = self._open, None
         if item is None:
             return b""
+        item.status = status
         out = b""
         if item.kind == "function_call":
             out += self._event("response.function_call_arguments.done", item_id=item.id, output_index=item.index,

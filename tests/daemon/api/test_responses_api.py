@@ -28,7 +28,36 @@ def events_of(text: str) -> list[dict]:
         assert kind == "event: " + event["type"]
         assert event["sequence_number"] == len(out)
         out.append(event)
+    assert_items_well_formed(out)
     return out
+
+
+def assert_items_well_formed(events: list[dict]) -> None:
+    """Each output item is added, gets its deltas and is done before the next one is added; what its
+    `.done` events and the final response hold is what its deltas added up to."""
+    open_, deltas, items = None, "", []
+    for event in events:
+        kind = event["type"]
+        if kind == "response.output_item.added":
+            assert open_ is None, "an item was added while another was open"
+            open_, deltas = event["item"], ""
+            assert event["output_index"] == len(items)
+        elif kind == "response.output_item.done":
+            assert open_ is not None and event["item"]["id"] == open_["id"]
+            done = event["item"]
+            text = done["arguments"] if done["type"] == "function_call" else done["content"][0]["text"]
+            assert text == deltas
+            items.append(done)
+            open_ = None
+        elif kind.endswith(".delta"):
+            assert open_ is not None and event["item_id"] == open_["id"]
+            deltas += event["delta"]
+        elif kind.endswith(".done") and "item_id" in event:
+            said = event["part"]["text"] if "part" in event else event.get("text", event.get("arguments"))
+            assert event["item_id"] == open_["id"] and said == deltas
+    if events and events[-1]["type"] in ("response.completed", "response.incomplete", "response.failed"):
+        assert open_ is None, "the response ended with an item open"
+        assert events[-1]["response"]["output"] == items
 
 
 def last_prompt(engine) -> str:
