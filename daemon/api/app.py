@@ -9,6 +9,7 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from ..metrics import install_metrics
+from ..metrics.collectors import StoredResponsesCollector
 from ..node import Node
 from . import canary, completions, models, probes
 from .appkeys import NODE
@@ -63,7 +64,8 @@ def create_app(node: Node, nccl_result: Path | None = None) -> web.Application:
         return web.Response(body=document, content_type="application/json")
 
     app.router.add_get("/openapi.json", openapi_json)
-    install_metrics(app, node, nccl_result)  # GET /metrics, and an observer counting every request
+    metrics = install_metrics(app, node, nccl_result)  # GET /metrics, and an observer counting every request
+    metrics.registry.register(StoredResponsesCollector(app[RESPONSE_STORE]))
     return app
 
 

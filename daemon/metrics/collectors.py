@@ -67,6 +67,22 @@ class NodeCollector(Collector):
             yield gauge(name, doc, [([model], read(load))], ["model"])
 
 
+class StoredResponsesCollector(Collector):
+    """`/v1/responses` kept for `previous_response_id` ([limits] stored_responses_mb)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store  # a ResponseStore: its length and `nbytes`
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield gauge("dsnode_stored_responses", "Responses kept in memory for previous_response_id.",
+                    [([], float(len(self.store)))], [])
+        yield gauge("dsnode_stored_responses_bytes", "Memory held by the stored responses, as JSON "
+                    "([limits] stored_responses_mb).", [([], float(self.store.nbytes))], [])
+
+
 def _task_families(node: "Node") -> Iterator[Metric]:
     tasks = node.background_tasks()
     restarts = CounterMetricFamily("dsnode_background_task_restarts",

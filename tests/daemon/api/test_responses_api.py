@@ -157,6 +157,11 @@ async def test_a_streamed_response_is_stored_too_and_store_false_keeps_nothing(c
     response = await client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "stream": True})
     final = events_of(await response.text())[-1]["response"]
     assert (await (await client.get(f"/v1/responses/{final['id']}")).json()) == final
+    metrics = await (await client.get("/metrics")).text()
+    assert "dsnode_stored_responses 1.0" in metrics
+    held = float(next(line for line in metrics.splitlines() if line.startswith("dsnode_stored_responses_bytes ")
+                      ).split()[1])
+    assert held > len(json.dumps(final))
     body = await (await client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "store": False})).json()
     assert body["store"] is False
     assert (await client.get(f"/v1/responses/{body['id']}")).status == 404
