@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from ..inference.engine import Delta, SamplingParams, TokenLogprob
+from ..inference.reasoning import ReasoningCounter, ReasoningSplitter
 from ..inference.tokenizer import TextTokenizer
 from .chat_output import ChatOutput, stream_delta, whole_message
 from .logprobs import CompletionLogprobs, chat_logprobs
@@ -36,6 +37,16 @@ class Choice:
     entries: list[TokenLogprob] = field(default_factory=list)  # a whole answer's log-probabilities
     pending: list[TokenLogprob] = field(default_factory=list)  # a stream's, not yet on a chunk
     prompt_entries: tuple[TokenLogprob, ...] = ()  # the prompt's log-probabilities, when scored
+    reasoning: ReasoningCounter | None = None  # a reasoning model's chat answer: its reasoning tokens
+
+    def __post_init__(self) -> None:
+        if self.output is not None and self.output.splitter is not None:
+            self.reasoning = ReasoningCounter(ReasoningSplitter(in_reasoning=self.output.starts_in_reasoning))
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        """None: the model does not reason (the usage then says nothing of it)."""
+        return None if self.reasoning is None else self.reasoning.tokens
 
     @property
     def completion_tokens(self) -> int:
@@ -48,6 +59,7 @@ class Choice:
 
     def take(self, delta: Delta) -> None:
         """A whole answer: keep the delta."""
+        self._count(delta)
         self.last = delta
         self.parts.append(delta.text)
         self.entries.extend(delta.logprobs)
@@ -69,6 +81,7 @@ class Choice:
 
     def chunks(self, shape: Shape, delta: Delta, include_usage: bool) -> list[dict[str, Any]]:
         """A stream: the chunks this delta makes, its log-probabilities on the first that carries text."""
+        self._count(delta)
         self.last = delta
         pieces = _delta_chunks(shape, delta, include_usage, self.index) if self.output is None else \
             _chat_chunks(shape, self.output, delta, include_usage, self.index)
@@ -77,6 +90,11 @@ class Choice:
             if _attach_logprobs(pieces, self.pending, self.logprobs, delta.finish_reason is not None):
                 self.pending = []
         return pieces
+
+
+    def _count(self, delta: Delta) -> None:
+        if self.reasoning is not None:
+            self.reasoning.push(delta.text, delta.completion_tokens)
 
 
 def new_choices(tokenizer: TextTokenizer, body: Body, shape: Shape, new_output: Callable[[], ChatOutput | None],

@@ -140,7 +140,9 @@ def _account(record: RequestRecord, choices: list[Choice]) -> dict[str, Any]:
     record's finish reason is the first choice's."""
     record.completion_tokens = sum(c.completion_tokens for c in choices)
     record.finish_reason = choices[0].finish_reason
-    return usage(record.prompt_tokens or 0, record.completion_tokens, record.cached_tokens)
+    counted = [c.reasoning_tokens for c in choices if c.reasoning_tokens is not None]
+    return usage(record.prompt_tokens or 0, record.completion_tokens, record.cached_tokens,
+                 sum(counted) if counted else None)
 
 
 def _prompt_logprobs_of(tokenizer: TextTokenizer, body: Body) -> Callable[[Choice], list[Any]] | None:

@@ -202,7 +202,10 @@ def _response_schemas() -> dict[str, Any]:
     usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
              "properties": {**{k: count for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
                             # prompt tokens a prompt cache gave (a local answer; a relayed one as its node says)
-                            "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": count}}}}
+                            "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": count}},
+                            # a reasoning model's chat answer: the tokens from <think> to </think>
+                            "completion_tokens_details": {"type": "object",
+                                                          "properties": {"reasoning_tokens": count}}}}
     finish = {"type": ["string", "null"]}
     return {
         "Error": {

@@ -29,14 +29,19 @@ class Shape:
         return self.endpoint == "chat"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """OpenAI's usage; `prompt_tokens_details.cached_tokens`: prompt tokens the prompt cache gave."""
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          reasoning_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens`: prompt tokens the prompt cache gave;
+    `completion_tokens_details.reasoning_tokens`: a reasoning model's chat answer's reasoning tokens."""
+    out = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
 
 
 def choice_body(shape: Shape, index: int, text: str, finish_reason: str | None, message: dict[str, Any] | None = None,

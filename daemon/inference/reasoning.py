@@ -22,6 +22,25 @@ Channel = Literal["reasoning", "content"]
 Piece = tuple[Channel, str]
 
 
+@dataclass
+class ReasoningCounter:
+    """How many of an answer's tokens are its reasoning, the tags included (OpenAI's
+    `completion_tokens_details.reasoning_tokens`): a delta's tokens count when the answer was in the
+    reasoning before them or is after them. Fed the same deltas, streamed or whole."""
+
+    splitter: "ReasoningSplitter"
+    tokens: int = 0
+    _seen: int = 0
+
+    def push(self, text: str, completion_tokens: int) -> None:
+        """A delta: its text and the answer's token count after it."""
+        was = self.splitter.in_reasoning
+        self.splitter.push(text)
+        if was or self.splitter.in_reasoning:
+            self.tokens += completion_tokens - self._seen
+        self._seen = completion_tokens
+
+
 def prompt_opens_reasoning(prompt_tail: str) -> bool:
     """Whether a rendered prompt (its last characters suffice) leaves the model inside `<think>`."""
     return prompt_tail.rstrip().endswith(THINK_START)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from dsnode.inference.reasoning import ReasoningSplitter, prompt_opens_reasoning, split_reasoning
+from dsnode.inference.reasoning import ReasoningCounter, ReasoningSplitter, prompt_opens_reasoning, split_reasoning
 
 
 def streamed(chunks: list[str], in_reasoning: bool = False) -> tuple[str, str]:
@@ -61,3 +61,25 @@ def test_held_text_is_released_as_soon_as_it_is_known():
 def test_prompt_opens_reasoning_when_it_ends_with_the_tag():
     assert prompt_opens_reasoning("<｜Assistant｜><think>\n")
     assert not prompt_opens_reasoning("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("tokens, opened, reasoning", [
+    (["<think>", "\n", "a", "b", "</", "think", ">", "\n\n", "c", "d"], False, 7),  # the tags count, split or not
+    (["a", "b", "</think>", "c"], True, 3),  # the prompt opened it
+    (["plain", " answer"], False, 0),
+    (["<think>", "cut", " off"], False, 3),  # max_tokens inside the reasoning: all of it
+    (["a <think>", "b"], False, 0),  # a tag after text is text
+])
+def test_reasoning_tokens_are_those_from_the_opening_tag_to_the_closing_one(tokens, opened, reasoning):
+    counter = ReasoningCounter(ReasoningSplitter(in_reasoning=opened))
+    for n, token in enumerate(tokens, 1):
+        counter.push(token, n)
+    assert counter.tokens == reasoning
+
+
+def test_a_delta_of_several_tokens_counts_them_all():
+    counter = ReasoningCounter(ReasoningSplitter())
+    counter.push("<think>ab", 3)  # three tokens in one delta (a held multi-byte character, say)
+    counter.push("</think>c", 5)  # the closing tag and an answer token: counted with the tag
+    counter.push("de", 7)
+    assert counter.tokens == 5

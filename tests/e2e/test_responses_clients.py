@@ -12,10 +12,22 @@ import openai
 import pytest
 from dsnode.central.bundled.formats import TIME_TOOL, WEATHER_TOOL
 
-from tests.e2e.clients_support import THINK_PROMPT
+from tests.e2e.clients_support import THINK_PROMPT, post
 from tests.e2e.test_clients import ROUTES, Book, sdk, tokenizer_of
 
 pytestmark = pytest.mark.slow
+
+
+def reasoning_tokens(route, text: str, max_tokens: int) -> int:
+    """The model's own tokens from `<think>` to `</think>` for this chat prompt (a text completion of the
+    rendered prompt, token by token)."""
+    prompt = tokenizer_of(route).render_chat([{"role": "user", "content": text}])
+    status, body = post(route.url, "/v1/completions", {"model": route.model, "prompt": prompt, "logprobs": 0,
+                                                        "max_tokens": max_tokens, "temperature": 0})
+    assert status == 200, body
+    tokens = body["choices"][0]["logprobs"]["tokens"]
+    assert tokens[0] == "<think>"
+    return next(i + 1 for i in range(len(tokens)) if "</think>" in "".join(tokens[:i + 1]))
 
 
 def flat(tool: dict) -> dict:
@@ -41,6 +53,10 @@ def test_a_response_says_what_the_chat_answer_says(routes, route_name):
     assert response.output_text == message.content
     assert (response.usage.input_tokens, response.usage.output_tokens) == (chat.usage.prompt_tokens,
                                                                            chat.usage.completion_tokens)
+    reasoning = reasoning_tokens(route, THINK_PROMPT, 48)
+    assert 0 < reasoning < chat.usage.completion_tokens
+    assert chat.usage.completion_tokens_details.reasoning_tokens == reasoning
+    assert response.usage.output_tokens_details.reasoning_tokens == reasoning
 
     with client.responses.stream(model=route.model, input=THINK_PROMPT, max_output_tokens=48,
                                  temperature=0) as stream:

@@ -275,12 +275,13 @@ def _dumped(value: Any) -> Any:
 
 
 def _usage(chat: dict[str, Any]) -> dict[str, Any]:
-    """Chat usage → the Responses API's (reasoning tokens are not counted apart: 0)."""
+    """Chat usage → the Responses API's."""
     cached = (chat.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    reasoning = (chat.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
     return {
         "input_tokens": chat.get("prompt_tokens", 0),
         "input_tokens_details": {"cached_tokens": cached},
         "output_tokens": chat.get("completion_tokens", 0),
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": chat.get("total_tokens", 0),
     }

@@ -61,6 +61,7 @@ async def test_chat_completion_is_the_models_greedy_answer(client, node, referen
         "completion_tokens": (cut + 1) if cut is not None else 20,
         "total_tokens": len(prompt) + ((cut + 1) if cut is not None else 20),
         "prompt_tokens_details": {"cached_tokens": 0},  # 11 prompt tokens: under a block, never reused
+        "completion_tokens_details": {"reasoning_tokens": 0},  # a reasoning model's (its template), not reasoning
     }
     assert body["object"] == "chat.completion" and body["model"] == MODEL
 
