@@ -28,7 +28,7 @@ class ReasoningCounter:
     `completion_tokens_details.reasoning_tokens`): a delta's tokens count when the answer was in the
     reasoning before them or is after them. Fed the same deltas, streamed or whole."""
 
-    splitter: "ReasoningSplitter"
+    splitter: ReasoningSplitter
     tokens: int = 0
     _seen: int = 0
 
