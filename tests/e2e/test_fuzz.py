@@ -109,7 +109,7 @@ def _forwards(edge: ServeProcess) -> bool:
 
 def fuzzed_document() -> dict:
     document = openapi_document(bearer=True)
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
+    for name in ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest"):
         document["components"]["schemas"][name]["properties"]["model"] = {"enum": [MODEL, "no-such-model"]}
     return document
 
@@ -234,7 +234,7 @@ def materialize(body: bytes, model: str) -> bytes:
 
 
 def send(target: ServeProcess, endpoint: str, body: bytes, headers: dict[str, str]) -> requests.Response:
-    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    path = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "responses": "/v1/responses"}[endpoint]
     sent = {"Content-Type": "application/json", **BEARER, **headers}
     return requests.post(target.url + path, data=body, headers=sent, timeout=REQUEST_TIMEOUT_S)
 
@@ -297,8 +297,9 @@ JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=4
 
 
 @settings(max_examples=60, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(value=JSON_VALUES, depth=st.integers(0, 200), field=st.sampled_from(["prompt", "messages", "stop", "x"]),
-       endpoint=st.sampled_from(["chat", "completion"]), target=st.sampled_from(TARGETS))
+@given(value=JSON_VALUES, depth=st.integers(0, 200),
+       field=st.sampled_from(["prompt", "messages", "stop", "x", "input", "tools", "text"]),
+       endpoint=st.sampled_from(["chat", "completion", "responses"]), target=st.sampled_from(TARGETS))
 def test_random_json_structures_get_4xx_never_5xx(node, edge, value, depth, field, endpoint, target):
     nested: object = value
     for _ in range(depth):
@@ -306,6 +307,11 @@ def test_random_json_structures_get_4xx_never_5xx(node, edge, value, depth, fiel
     body = {"model": target[1], "max_tokens": 2, field: nested}
     if endpoint == "chat" and field != "messages":
         body["messages"] = [{"role": "user", "content": value if isinstance(value, str) else "x"}]
+    if endpoint == "responses":
+        body["max_output_tokens"] = body.pop("max_tokens")
+        if field != "input":
+            body["input"] = [{"role": "user", "content": [{"type": "input_text", "text": value}]}] \
+                if isinstance(value, str) else "x"
     raw = json.dumps(body, ensure_ascii=True, allow_nan=True).encode()
     process = node if target[0] == "node" else edge
     assert_no_5xx_and_openai_shape(send(process, endpoint, raw, {}), f"{field} depth {depth}")
