@@ -96,7 +96,11 @@ async def _relay_whole(request: web.Request, response: PoolResponse, peer: Peer,
     record.mark_token()
     note_usage(record, data)
     if not render.passthrough and response.status < 300:  # an answer, not a refusal: in the client's shape
-        data = _rendered_whole(render, bytes(data), stream)
+        try:
+            data = _rendered_whole(render, bytes(data), stream)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+            raise UpstreamFault(f"The upstream {peer.label} answered something that is not a chat completion.",
+                                "upstream_bad_answer") from None
     whole = web.Response(body=data, status=response.status, headers=out_headers)
     # Sent here rather than by aiohttp after the handler returns: the request's log event and
     # metrics (Node.observe) then come after the client has its answer, not before it.

@@ -80,8 +80,8 @@ class ResponsesRender:
         logprobs = (choice.get("logprobs") or {}).get("content") or []
         if message.get("reasoning_content"):
             self._new("reasoning", message["reasoning_content"])
-        if message.get("content") or not message.get("tool_calls"):
-            self._new("message", message.get("content") or "", logprobs)
+        if message.get("content") or not (message.get("tool_calls") or message.get("reasoning_content")):
+            self._new("message", message.get("content") or "", logprobs)  # as a stream makes it
         for call in message.get("tool_calls") or []:
             function = call.get("function") or {}
             self._new("function_call", function.get("arguments") or "", call_id=call.get("id") or "",
@@ -131,6 +131,8 @@ class ResponsesRender:
                 piece = json.loads(payload)
             except ValueError:
                 continue  # not an event of a chat stream: nothing a response can say
+            if not isinstance(piece, dict):
+                continue
             error = piece.get("error") if "choices" not in piece else None
             if isinstance(error, dict):
                 out += self.failed(APIError(500, str(error.get("message")), type=str(error.get("type")),
@@ -150,9 +152,9 @@ class ResponsesRender:
         if self.final is not None:
             return b""
         status = self._status()
-        out = self._close("incomplete" if status == "incomplete" else "completed")
+        out = self._close(status)
         if not self._items:  # an empty answer is still a message
-            out += self._text("message", "", []) + self._close("completed")
+            out += self._text("message", "", []) + self._close(status)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
         return out + self._event(kind, response=self._finished(status))
 

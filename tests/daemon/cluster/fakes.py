@@ -163,6 +163,11 @@ class FakeUpstream:
         await self._send(writer, 200, body)
         return True
 
+    async def _not_chat(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> bool:
+        """200 with a body that is no chat completion (a broken or foreign upstream)."""
+        await self._send(writer, 200, b'["not", "a", "completion"]')
+        return True
+
     async def _chat_stream(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
                            cut: bool = False) -> bool:
         """A chat stream: a role chunk, reasoning, text in pieces, the finish reason, usage, [DONE]."""

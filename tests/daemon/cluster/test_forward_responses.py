@@ -85,3 +85,13 @@ async def test_an_upstream_refusal_is_passed_on_as_openai_error_json(fakes, edge
     response, data = await post(client, ASK)
     assert response.status == 500
     assert json.loads(data)["error"]["code"] == "engine_error"
+
+
+async def test_an_upstream_answer_that_is_no_chat_completion_is_a_502_counted_against_it(fakes, edge):
+    a = await fakes("central-a", script=["not-chat"])
+    node, client = await edge([(a.url, 1)])
+    response, data = await post(client, ASK)
+    assert response.status == 502
+    error = json.loads(data)["error"]
+    assert error["code"] == "upstream_bad_answer" and "central-a" in error["message"]
+    assert node.upstream_states()[0].fails == 1
