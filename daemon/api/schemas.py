@@ -52,6 +52,28 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
 
+class _Nullable(_Body):
+    """`null` for a field with a default means the default (OpenAI's parameters are nullable)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            defaulted = null_means_default(cls)
+            return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+        return data
+
+
+def check_stop(value: str | list[str] | None) -> str | list[str] | None:
+    """At most MAX_STOP_SEQUENCES stop strings, none empty."""
+    stops = [value] if isinstance(value, str) else (value or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must not be empty")
+    return value
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -169,7 +191,7 @@ class ResponseFormat(_Body):
         return self
 
 
-class _Sampling(_Body):
+class _Sampling(_Nullable):
     model: str = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
@@ -203,29 +225,13 @@ class _Sampling(_Body):
         """How many alternatives the engine keeps for each prompt token, if the prompt is scored."""
         return self.prompt_logprobs
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and None in data.values():
-            defaulted = null_means_default(cls)
-            return {k: v for k, v in data.items() if v is not None or k not in defaulted}
-        return data
-
     @field_validator("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
                      mode="before")
     @classmethod
     def _number_not_bool(cls, value: Any) -> Any:
         return _no_bool(value)
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return value
+    _stop = field_validator("stop")(lambda cls, value: check_stop(value))
 
     @field_validator("logit_bias")
     @classmethod

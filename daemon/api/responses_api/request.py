@@ -34,14 +34,14 @@ from ..errors import APIError, bad_request
 from ..schemas import (
     INTEGRAL,
     MAX_LOGPROBS,
-    MAX_STOP_SEQUENCES,
     PENALTY_RANGE,
     ChatCompletionRequest,
     Int,
     _Body,
     _no_bool,
+    _Nullable,
+    check_stop,
     error_of,
-    null_means_default,
     parse_body,
 )
 
@@ -153,7 +153,7 @@ class FunctionChoice(_Body):
     name: str
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(_Nullable):
     model: str = Field(min_length=1)
     input: str | list[InputItem] | None = None
     instructions: str | None = None
@@ -192,14 +192,6 @@ class ResponsesRequest(_Body):
     stop: str | list[str] | None = None
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and None in data.values():
-            defaulted = null_means_default(cls)
-            return {k: v for k, v in data.items() if v is not None or k not in defaulted}
-        return data
-
     @field_validator("top_logprobs", "max_output_tokens", "top_k", "seed", mode="before")
     @classmethod
     def _number_not_bool(cls, value: Any) -> Any:
@@ -212,15 +204,7 @@ class ResponsesRequest(_Body):
             raise ValueError("'tool_choice' is only allowed when 'tools' are given")
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return value
+    _stop = field_validator("stop")(lambda cls, value: check_stop(value))
 
     @property
     def wants_logprobs(self) -> bool:
