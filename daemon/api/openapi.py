@@ -12,6 +12,8 @@ import copy
 import json
 from typing import Any
 
+from pydantic import BaseModel
+
 from .. import __version__, headers
 from .responses_api.request import ResponsesRequest
 from .schemas import (
@@ -65,17 +67,15 @@ _WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "`Bearer`.", "schema": 
 def request_schemas() -> dict[str, Any]:
     """The request bodies and their parts, as components."""
     components: dict[str, Any] = {}
-    for model in (ChatCompletionRequest, CompletionRequest):
+    models: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, ResponsesRequest)
+    for model in models:
         schema = model.model_json_schema(ref_template=_REF)
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
-    responses = ResponsesRequest.model_json_schema(ref_template=_REF)
-    components.update(responses.pop("$defs", {}))
-    components[ResponsesRequest.__name__] = responses
     _add_chat_rules(components)
     _add_completion_rules(components)
     _add_responses_rules(components)
-    for model in (ChatCompletionRequest, CompletionRequest, ResponsesRequest):
+    for model in models:
         props = components[model.__name__]["properties"]
         _add_validator_rules(props)
         for name in null_means_default(model):

@@ -95,13 +95,14 @@ async def _relay_whole(request: web.Request, response: PoolResponse, peer: Peer,
     response.release()
     record.mark_token()
     note_usage(record, data)
+    body: bytes | bytearray = data
     if not render.passthrough and response.status < 300:  # an answer, not a refusal: in the client's shape
         try:
-            data = _rendered_whole(render, bytes(data), stream)
+            body = _rendered_whole(render, bytes(data), stream)
         except (ValueError, TypeError, AttributeError, KeyError, IndexError):
             raise UpstreamFault(f"The upstream {peer.label} answered something that is not a chat completion.",
                                 "upstream_bad_answer") from None
-    whole = web.Response(body=data, status=response.status, headers=out_headers)
+    whole = web.Response(body=body, status=response.status, headers=out_headers)
     # Sent here rather than by aiohttp after the handler returns: the request's log event and
     # metrics (Node.observe) then come after the client has its answer, not before it.
     await whole.prepare(request)

@@ -247,7 +247,7 @@ _ITEM_TAGS = {"message", "function_call", "function_call_output", "reasoning"}
 def _deepest(exc: ValidationError) -> Any:
     """The error deepest in the body (of `input: str | [items]`, the item's, not "not a string"), its
     location without the item kind pydantic adds after an item's index."""
-    error = dict(max(exc.errors(), key=lambda e: len(e["loc"])))
+    error: dict[str, Any] = dict(max(exc.errors(), key=lambda e: len(e["loc"])))
     loc = list(error["loc"])
     error["loc"] = tuple(p for i, p in enumerate(loc) if not (p in _ITEM_TAGS and i and isinstance(loc[i - 1], int)))
     return error
