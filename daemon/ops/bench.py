@@ -46,9 +46,9 @@ def _register_load(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     p.add_argument(
         "--endpoint",
-        choices=("chat", "completions"),
+        choices=("chat", "completions", "responses"),
         default="chat",
-        help="/v1/chat/completions or /v1/completions (default chat)",
+        help="/v1/chat/completions, /v1/completions or /v1/responses (default chat)",
     )
     stream = p.add_mutually_exclusive_group()
     stream.add_argument(

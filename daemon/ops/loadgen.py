@@ -70,7 +70,7 @@ def parse_mix(text: str) -> tuple[RequestShape, ...]:
 class LoadPlan:
     url: str
     model: str
-    endpoint: Literal["chat", "completions"] = "chat"
+    endpoint: Literal["chat", "completions", "responses"] = "chat"
     concurrency: int = 4
     requests: int | None = 64  # stop after this many (None: only the duration counts)
     duration_s: float | None = None  # stop sending after this long; requests in flight finish
@@ -224,20 +224,22 @@ def make_prompt(words: int, index: int, seed: int = 0) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}
+
+
 def request_body(plan: LoadPlan, index: int, shape: RequestShape) -> dict[str, Any]:
     prompt = make_prompt(shape.prompt_words, index, plan.seed)
-    body: dict[str, Any] = {
-        "model": plan.model,
-        "max_tokens": shape.max_tokens,
-        "temperature": plan.temperature,
-    }
-    if plan.endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+    body: dict[str, Any] = {"model": plan.model, "temperature": plan.temperature}
+    if plan.endpoint == "responses":
+        body["input"], body["max_output_tokens"] = prompt, shape.max_tokens
     else:
-        body["prompt"] = prompt
+        body["max_tokens"] = shape.max_tokens
+        body["messages" if plan.endpoint == "chat" else "prompt"] = \
+            [{"role": "user", "content": prompt}] if plan.endpoint == "chat" else prompt
     if plan.stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if plan.endpoint != "responses":  # a response's usage comes with response.completed
+            body["stream_options"] = {"include_usage": True}
     if plan.ignore_eos:
         body["ignore_eos"] = True
     return body
@@ -246,7 +248,7 @@ def request_body(plan: LoadPlan, index: int, shape: RequestShape) -> dict[str, A
 async def send_one(
     session: aiohttp.ClientSession, plan: LoadPlan, index: int, shape: RequestShape
 ) -> Outcome:
-    path = "/v1/chat/completions" if plan.endpoint == "chat" else "/v1/completions"
+    path = PATHS[plan.endpoint]
     body = request_body(plan, index, shape)
     started = time.perf_counter()
     outcome = Outcome(index, shape, None, None, 0.0)
@@ -258,7 +260,8 @@ async def send_one(
             if response.status >= 400:
                 outcome.error = _error_message(await response.read(), response.status)
             elif plan.stream:
-                await _read_stream(response, outcome, started)
+                read = _read_events if plan.endpoint == "responses" else _read_stream
+                await read(response, outcome, started)
             else:
                 _read_whole(await response.json(content_type=None), outcome)
     except asyncio.TimeoutError:
@@ -292,13 +295,43 @@ async def _read_stream(response: aiohttp.ClientResponse, outcome: Outcome, start
 
 
 def _chunk_text(choice: dict[str, Any]) -> str:
+    """A chunk's generated text: a reasoning model's first tokens are its reasoning."""
     if "delta" in choice:
-        return str((choice.get("delta") or {}).get("content") or "")
+        delta = choice.get("delta") or {}
+        return str(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls") or "")
     return str(choice.get("text") or "")
 
 
+_FIRST_EVENTS = ("response.output_text.delta", "response.reasoning_text.delta",
+                 "response.function_call_arguments.delta")
+_LAST_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+
+
+async def _read_events(response: aiohttp.ClientResponse, outcome: Outcome, started: float) -> None:
+    """A Responses API stream: the first token is the first text delta; usage and the end come with
+    the last event (`response.failed` is the request's error)."""
+    done = False
+    async for raw in response.content:
+        line = raw.decode("utf-8", "replace").strip()
+        if done or not line.startswith("data:"):
+            continue
+        event = json.loads(line[len("data:"):].strip())
+        kind = event.get("type")
+        if outcome.ttft_s is None and kind in _FIRST_EVENTS:
+            outcome.ttft_s = time.perf_counter() - started
+        if kind in _LAST_EVENTS:
+            done = True
+            answer = event.get("response") or {}
+            if kind == "response.failed":
+                outcome.error = f"stream error: {(answer.get('error') or {}).get('message')}"
+            elif answer.get("usage"):
+                _read_usage(answer["usage"], outcome)
+    if not done and outcome.error is None:
+        outcome.error = "stream ended without response.completed"
+
+
 def _read_whole(data: Any, outcome: Outcome) -> None:
-    if not isinstance(data, dict) or not data.get("choices"):
+    if not isinstance(data, dict) or not (data.get("choices") or data.get("output")):
         outcome.error = "answer has no choices"
         return
     if data.get("usage"):
@@ -306,8 +339,9 @@ def _read_whole(data: Any, outcome: Outcome) -> None:
 
 
 def _read_usage(usage: dict[str, Any], outcome: Outcome) -> None:
-    outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-    outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+    """Chat's and completions' usage, or a response's (input and output tokens)."""
+    outcome.prompt_tokens = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+    outcome.completion_tokens = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
 
 
 def _error_message(raw: bytes, status: int) -> str:

@@ -191,8 +191,10 @@ class ResponsesRequest(_Nullable):
     frequency_penalty: Annotated[float, Field(ge=-PENALTY_RANGE, le=PENALTY_RANGE)] | None = None
     stop: str | list[str] | None = None
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
 
-    @field_validator("top_logprobs", "max_output_tokens", "top_k", "seed", mode="before")
+    @field_validator("top_logprobs", "max_output_tokens", "top_k", "seed", "min_tokens", mode="before")
     @classmethod
     def _number_not_bool(cls, value: Any) -> Any:
         return _no_bool(value)
@@ -295,6 +297,7 @@ def chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> di
         "seed": request.seed, "top_k": request.top_k, "min_p": request.min_p,
         "repetition_penalty": request.repetition_penalty, "presence_penalty": request.presence_penalty,
         "frequency_penalty": request.frequency_penalty, "stop": request.stop, "cache_salt": request.cache_salt,
+        "ignore_eos": request.ignore_eos or None, "min_tokens": request.min_tokens or None,
     }
     chat.update({k: v for k, v in fields.items() if v is not None})
     if request.wants_logprobs:

@@ -122,8 +122,10 @@ async def counters(client_session, url: str) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
-async def test_load_against_a_live_node_adds_up(server, stream):
+@pytest.mark.parametrize("stream, endpoint", [(True, "chat"), (False, "completions"), (True, "responses"),
+                                              (False, "responses")],
+                         ids=["streamed", "whole", "responses-streamed", "responses-whole"])
+async def test_load_against_a_live_node_adds_up(server, stream, endpoint):
     import aiohttp
 
     url = str(server.make_url("")).rstrip("/")
@@ -134,7 +136,7 @@ async def test_load_against_a_live_node_adds_up(server, stream):
         requests=10,
         mix=parse_mix(MIX),
         stream=stream,
-        endpoint="chat" if stream else "completions",
+        endpoint=endpoint,
     )
     async with aiohttp.ClientSession() as session:
         before = await counters(session, url)
@@ -196,3 +198,10 @@ def test_bench_load_when_the_server_cannot_be_reached(capsys):
 
     assert main(["bench", "load", "--url", f"http://127.0.0.1:{free_port()}", "-n", "1"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_a_reasoning_models_first_token_is_its_reasoning():
+    assert loadgen._chunk_text({"delta": {"reasoning_content": "Let me think"}})
+    assert loadgen._chunk_text({"delta": {"tool_calls": [{"index": 0}]}})
+    assert not loadgen._chunk_text({"delta": {"role": "assistant", "content": ""}})
+    assert loadgen._chunk_text({"text": "x"}) == "x"
