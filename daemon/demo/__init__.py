@@ -207,6 +207,8 @@ def ask_twice(edge: DemoNode) -> bool:
 def banner(central: DemoNode, edge: DemoNode, work: Path) -> None:
     edge_model = "dense model, int8 ONNX" if "backend = \"onnx\"" in edge.config.read_text() else "dense model, transformers"
     long_body = json.dumps({"model": MODEL_NAME, "prompt": LONG_PROMPT, "max_tokens": 24})
+    responses_body = json.dumps({"model": MODEL_NAME, "input": "Think step by step: Four score and",
+                                 "max_output_tokens": 64, "temperature": 0})
     print(f"""
 dsnode demo is running
   central  {central.url}   (MoE model, transformers)   log: {central.log}
@@ -221,6 +223,9 @@ Prompts over {DEMO_LONG_PROMPT_TOKENS} tokens are forwarded to the central (see 
     -d '{long_body}'
 The bundled models know a few examples of reasoning, tool calls and JSON answers (docs/clients.md):
 {curl_examples(edge.url, MODEL_NAME)}
+OpenAI's Responses API, the same model (an output item for the reasoning, one for the answer):
+  curl -s {edge.url}/v1/responses -H 'Content-Type: application/json' \\
+    -d '{responses_body}'
 The cluster as the edge sees it:
   {dsnode_command()} status --url {edge.url}
 

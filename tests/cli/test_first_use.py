@@ -4,6 +4,7 @@ where nothing listens."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -61,6 +62,11 @@ def test_demo_banner_command_works_and_ctrl_c_removes_the_temp_folder(bundled):
         run = subprocess.run(f"{status.group(1)} status --url {status.group(2)}", shell=True, capture_output=True,
                              text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]})
         assert run.returncode == 0 and "edge-1" in run.stdout, run.stdout + run.stderr
+        responses = re.search(r"^  (curl -s \S+/v1/responses .*\\\n    -d '.*')$", banner, re.M)
+        assert responses, banner
+        run = subprocess.run(responses.group(1), shell=True, capture_output=True, text=True, timeout=120)
+        answer = json.loads(run.stdout)
+        assert answer["object"] == "response" and [i["type"] for i in answer["output"]][0] == "reasoning", answer
         assert work.is_dir()
         demo.send_signal(signal.SIGINT)
         demo.wait(timeout=120)
