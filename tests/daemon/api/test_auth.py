@@ -395,6 +395,13 @@ async def test_a_signed_forward_carries_the_key_name_not_the_key(tmp_path, node_
         assert got.header("X-DSNode-User") == "alice"
         assert central.verified[-1] == "node-under-test"  # the credential held, made for central-a
         assert node.records[-1].user == "alice"
+        central.script.append("chat")  # a Responses API request goes on as the chat request, signed for that path
+        response = await client.post("/v1/responses", json={"model": REMOTE_MODEL, "input": "Hi"},
+                                     headers=bearer(ALICE))
+        assert response.status == 200 and (await response.json())["object"] == "response"
+        got = central.received[-1]
+        assert got.head.startswith(b"POST /v1/chat/completions ") and got.header("X-DSNode-User") == "alice"
+        assert central.verified[-1] == "node-under-test"
     finally:
         await central.stop()
 
