@@ -61,16 +61,18 @@ FATAL_GRACE_S = 10.0  # a rank that reported a fatal error exits within this
 @dataclass
 class PromptCacheFigure:
     nbytes: int = 0
+    capacity: int = 0  # per rank: [batching] prompt_cache_mb (each rank holds its own)
 
 
 class RemoteRunner:
     """`ModelRunner` over rank 0's control socket. Called from the engine's worker thread only."""
 
-    def __init__(self, control: Connection, ranks: RankGroup, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
+    def __init__(self, control: Connection, ranks: RankGroup, call_timeout_s: float = CALL_TIMEOUT_S,
+                 prompt_cache_bytes: int = 0) -> None:
         self._control = control
         self._ranks = ranks
         self._call_timeout_s = call_timeout_s
-        self.prompts = PromptCacheFigure()  # rank 0's prompt cache, as of the last admission
+        self.prompts = PromptCacheFigure(capacity=prompt_cache_bytes)  # rank 0's, as of the last admission
 
     def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
         return self._call(("prefill", seq_id, list(token_ids), start))  # (V,)
@@ -90,6 +92,9 @@ class RemoteRunner:
 
     def release(self, seq_id: str) -> None:
         self._send(("release", seq_id))  # no answer: it cannot fail, and saves a round trip
+
+    def keep_prefix(self, seq_id: str) -> None:
+        self._send(("keep_prefix", seq_id))  # every rank keeps its own shard; no answer, as release
 
     def close(self) -> None:
         self._ranks.expect_exit()
@@ -175,7 +180,8 @@ class DeepSpeedEngine(BatchingEngine):
         log.info("model_loaded", model=info.name, backend=info.backend, device=info.device,
                  tensor_parallel=world, architecture=info.architecture, weights=self._weights,
                  max_context=info.max_context, quantization=info.quantization)
-        return Loaded(RemoteRunner(control, ranks), tokenizer, info)
+        return Loaded(RemoteRunner(control, ranks, prompt_cache_bytes=self._batching.prompt_cache_mb * 2**20),
+                      tokenizer, info)
 
     def _form_group(self, placement: Placement, gpus: list[GPU]) -> None:
         """[distributed]: meet the followers before any rank starts (bounded by join_timeout)."""

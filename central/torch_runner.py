@@ -103,13 +103,21 @@ class TorchRunner:
         tokens = self.fed.pop(seq_id, [])
         scope = self.reuse.finished(seq_id)
         try:
-            layers = self.kv.view_of(seq_id)
-            if scope is not None and layers and int(layers[0][0].shape[2]) == len(tokens):  # else a step failed
-                per_token = sum(k[:, :, :1].nbytes + v[:, :, :1].nbytes for k, v in layers)
-                self.prompts.add(tokens, len(tokens) * per_token, scope,
-                                 lambda: [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers])
+            self._offer(seq_id, tokens, scope)
         finally:  # a copy that fails (host memory) must not keep the sequence in the batch
             self.kv.release(seq_id)
+
+    def keep_prefix(self, seq_id: str) -> None:
+        """Offer what a running sequence has computed to the prompt cache now (a prompt just prefilled,
+        for its other choices); the sequence goes on."""
+        self._offer(seq_id, list(self.fed.get(seq_id, [])), self.reuse.keeps(seq_id))
+
+    def _offer(self, seq_id: str, tokens: list[int], scope: str | None) -> None:
+        layers = self.kv.view_of(seq_id)
+        if scope is not None and layers and int(layers[0][0].shape[2]) == len(tokens):  # else a step failed
+            per_token = sum(k[:, :, :1].nbytes + v[:, :, :1].nbytes for k, v in layers)
+            self.prompts.add(tokens, len(tokens) * per_token, scope,
+                             lambda: [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers])
 
     def close(self) -> None:
         self.kv.clear()

@@ -11,7 +11,8 @@ local rank 0 of a follower host also has a control socket to its own daemon, whi
 group's timeout, and a dead peer is found within a tick even when the node is idle.
 
 Calls and answers are pickled tuples: ("prefill" or "prefill_all", seq_id, token_ids, start),
-("decode", seq_ids, token_ids), ("release", seq_id) (no answer), ("close",). Answers: ("ready", facts), ("ok", logits),
+("decode", seq_ids, token_ids), ("release", seq_id) and ("keep_prefix", seq_id) (no answer),
+("reuse_prefix", seq_id, token_ids, scope), ("close",). Answers: ("ready", facts), ("ok", logits),
 ("error", message) (the step failed, the rank carries on), ("fatal", message) (the rank exits).
 
 A rank ignores SIGINT/SIGTERM (the daemon drains first, then closes it), exits when the control socket
@@ -39,7 +40,7 @@ log = structlog.get_logger("dsnode.central.rank")
 
 PR_SET_PDEATHSIG = 1
 ANSWERED = ("prefill", "prefill_all", "decode", "reuse_prefix")
-CALLS = ("prefill", "prefill_all", "decode", "release", "reuse_prefix")
+CALLS = ("prefill", "prefill_all", "decode", "release", "reuse_prefix", "keep_prefix")
 TICK_S = 30.0  # rank 0 broadcasts a no-op after this long without a call
 
 

@@ -242,6 +242,15 @@ class SlotRunner:
             self.prompts.add(tokens, len(tokens) * self.cache.token_bytes(), scope,
                              lambda: self.cache.copy_out(slot, len(tokens)))
 
+    def keep_prefix(self, seq_id: str) -> None:
+        """Offer what a running sequence has computed to the prompt cache now (a prompt just prefilled,
+        for its other choices); the sequence goes on."""
+        scope, slot, tokens = self.reuse.keeps(seq_id), self.slot_of.get(seq_id), self.fed.get(seq_id)
+        if scope is not None and slot is not None and tokens:
+            kept = list(tokens)
+            self.prompts.add(kept, len(kept) * self.cache.token_bytes(), scope,
+                             lambda: self.cache.copy_out(slot, len(kept)))
+
     def close(self) -> None:
         self.slot_of.clear()
         self.fed.clear()

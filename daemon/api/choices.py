@@ -2,8 +2,9 @@
 generation in the engine's batch, its own chat output (reasoning, tool calls) and log-probabilities,
 merged into one response or one stream.
 
-Every choice is a sequence of its own (a prompt is prefilled for each of its choices: no prefix
-sharing), all admitted together so they batch; a `seed` gives a prompt's j-th choice the seed
+Every choice is a sequence of its own, all admitted together so they batch (or, where the engine shares
+prompts, a prompt's first choice first and the others after its first token: `dsnode.api.local`); a
+`seed` gives a prompt's j-th choice the seed
 `seed + j`, so the same request gives the same choices and no two choices of a prompt share a random
 stream. A choice that fails ends the whole answer.
 """

@@ -12,6 +12,7 @@ from aiohttp import web
 from .. import headers
 from ..config import LimitsSection
 from ..inference.engine import Delta, Engine, EngineError, GenerationRequest, SamplingParams
+from ..inference.prompt_cache import BLOCK
 from ..inference.tokenizer import TextTokenizer
 from ..record import RequestRecord
 from .appkeys import NODE
@@ -94,24 +95,45 @@ async def serve_local(
     if output is not None and isinstance(body, ChatCompletionRequest):
         constraint = await answer_constraint(body, tokenizer, output.reasons, output.starts_in_reasoning)
     streams, scope = [], cache_scope(record.user, body.cache_salt)
+    shared = _shares_prompt(engine, body, prompts)
     for prompt in prompts:
         params = sampling_params(body, len(prompt), engine.info.max_context, limits, tokenizer.vocab_size)
         streams += [engine.generate(GenerationRequest(record.request_id, tuple(prompt), choice_params(params, j),
-                                                      constraint, scope)) for j in range(body.n)]
+                                                      constraint, scope, share_prompt=shared and j == 0))
+                    for j in range(body.n)]
     async with AsyncExitStack() as stack:
         for stream in streams:
             await stack.enter_async_context(aclosing(stream))
-        firsts = await first_deltas(streams)  # admission errors surface here, before any header is sent
+        # admission errors surface here, before any header is sent
+        firsts = await _shared_firsts(streams, body.n) if shared else await first_deltas(streams)
         for choice, first in zip(choices, firsts):
             choice.prompt_entries = first.prompt_logprobs
         record.queued_s = firsts[0].queued_s
-        # each prompt counted once, as its tokens are: by its choice that found the most in the cache
-        record.cached_tokens = sum(max(f.cached_tokens for f in firsts[i:i + body.n])
+        # each prompt counted once, as its tokens are: by its choice that found the most in the cache (the
+        # first, when the others took the prompt it computed)
+        record.cached_tokens = sum(firsts[i].cached_tokens if shared else
+                                   max(f.cached_tokens for f in firsts[i:i + body.n])
                                    for i in range(0, len(firsts), body.n))
         async with aclosing(merged(streams, firsts)) as deltas:
             if body.stream:
                 return await _stream(request, deltas, shape, body, record, choices, render)
             return await _whole(deltas, shape, record, choices, _prompt_logprobs_of(tokenizer, body), render)
+
+
+def _shares_prompt(engine: Engine, body: Body, prompts: list[list[int]]) -> bool:
+    """`n` choices of a prompt long enough to reuse: the first is prefilled alone and its prompt kept,
+    and the others take it from the prompt cache instead of computing it again (not for a prompt being
+    scored: each choice's scores are computed whole)."""
+    return (body.n > 1 and engine.shares_prompts and body.requested_prompt_logprobs() is None
+            and max(map(len, prompts)) > BLOCK)
+
+
+async def _shared_firsts(streams: list[AsyncIterator[Delta]], n: int) -> list[Delta]:
+    """Each prompt's first choice to its first token (its prompt is in the prompt cache then), then the
+    others; the first deltas in choice order."""
+    leads = await first_deltas(streams[::n])
+    rest = iter(await first_deltas([s for i, s in enumerate(streams) if i % n]))
+    return [leads[i // n] if i % n == 0 else next(rest) for i in range(len(streams))]
 
 
 def cache_scope(identity: str | None, salt: str | None) -> str:

@@ -132,6 +132,12 @@ class BatchingEngine(Engine):
             return Health(False, "engine is shutting down")
         return Health(True)
 
+    @property
+    def shares_prompts(self) -> bool:
+        runner = self._loaded.runner if self._loaded else None
+        prompts = getattr(runner, "prompts", None)
+        return hasattr(runner, "keep_prefix") and prompts is not None and prompts.capacity > 0
+
     def load_figures(self) -> EngineLoad:
         with self._cond:
             waiting, running = self._scheduler.num_waiting, self._scheduler.num_active
@@ -292,6 +298,8 @@ class BatchingEngine(Engine):
                 failed[feed.seq_id] = exc
                 continue
             if feed.sample:
+                if live.request.share_prompt and live.completion_tokens == 0:
+                    self._keep_prompt(runner, live)
                 self._sample(live, logits, sampled, failed)
         decoding = [(f.seq_id, self._live.get(f.seq_id)) for f in plan.decode]
         decoding = [(seq_id, live) for seq_id, live in decoding if live is not None]
@@ -300,6 +308,20 @@ class BatchingEngine(Engine):
             for row, (seq_id, live) in enumerate(decoding):
                 self._sample(live, logits[row], sampled, failed)
         return sampled, failed
+
+    @staticmethod
+    def _keep_prompt(runner: ModelRunner, live: LiveSequence) -> None:
+        """The prompt is prefilled: into the prompt cache now, before its first token goes out (the
+        request's other choices are admitted after it, and take it from there)."""
+        keep = getattr(runner, "keep_prefix", None)
+        if keep is None:
+            return
+        try:
+            keep(live.seq_id)
+        except RunnerDied:
+            raise
+        except Exception:  # an optimisation: the other choices compute the prompt themselves
+            log.exception("engine_prompt_keep_failed", seq_id=live.seq_id)
 
     @staticmethod
     def _prefill(runner: ModelRunner, live: LiveSequence, start: int, end: int) -> np.ndarray:

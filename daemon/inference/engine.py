@@ -67,6 +67,9 @@ class GenerationRequest:
     # Whose prompt cache entries it may take and leave: requests of another scope never share a prefix
     # (the API key's identity and the request's `cache_salt`)
     cache_scope: str = ""
+    # The first of several choices of one prompt (`n`): its prompt's KV goes into the prompt cache as
+    # soon as it is prefilled, so the other choices, asked for after its first token, take it from there
+    share_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,12 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def load_figures(self) -> EngineLoad: ...
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether a prompt prefilled for one request can be given to the next ones (a prompt cache
+        that keeps on request: `GenerationRequest.share_prompt`)."""
+        return False
 
     @abc.abstractmethod
     async def close(self) -> None: ...

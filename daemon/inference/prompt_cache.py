@@ -141,6 +141,11 @@ class PrefixReuse(Generic[Payload]):
         self.pending[seq_id] = (hit.entry, hit.reused)
         return int(hit.reused)
 
+    def keeps(self, seq_id: str) -> str | None:
+        """A running sequence is to be kept now (its prompt, for other choices): its scope, or None if
+        it was never looked up or its prefix is not copied in yet."""
+        return None if seq_id in self.pending else self.scope_of.get(seq_id)
+
     def take_pending(self) -> list[tuple[str, Entry[Payload], int]]:
         taken = [(seq_id, entry, n) for seq_id, (entry, n) in self.pending.items()]
         self.pending.clear()

@@ -50,6 +50,20 @@ async def next_turn_reuses_the_cache(engine: Engine, reference_greedy: Callable[
     assert token_ids(deltas) == reference_greedy(follow, n)[: len(token_ids(deltas))]
 
 
+async def shared_prompt_is_reused(engine: Engine, reference_greedy: Callable[[Sequence[int], int], list[int]],
+                                   text: str, n: int) -> None:
+    """A request that shares its prompt (`n` choices' first) has it in the prompt cache once prefilled: a
+    request admitted after its first token takes it while it still runs, and both answer as `generate`."""
+    ids = tuple(engine.tokenizer.encode(text))
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    first = engine.generate(GenerationRequest("lead", ids, params, cache_scope="shared", share_prompt=True))
+    lead = [await anext(first)]
+    other = [d async for d in engine.generate(GenerationRequest("other", ids, params, cache_scope="shared"))]
+    lead += [d async for d in first]
+    assert other[0].cached_tokens == (len(ids) - 1) // 16 * 16 > 0 and lead[0].cached_tokens == 0
+    assert token_ids(other) == token_ids(lead) == reference_greedy(ids, n)[:n]
+
+
 @pytest.fixture(scope="session")
 def hf_moe(moe_dir):
     """The same checkpoint in plain transformers, for reference outputs."""

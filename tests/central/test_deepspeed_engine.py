@@ -12,7 +12,14 @@ import pytest
 from dsnode.config import BatchingSection
 from dsnode.inference.engine import EngineNotReady, GenerationRequest, SamplingParams
 
-from .conftest import PROMPTS, collect, model_section, next_turn_reuses_the_cache, token_ids
+from .conftest import (
+    PROMPTS,
+    collect,
+    model_section,
+    next_turn_reuses_the_cache,
+    shared_prompt_is_reused,
+    token_ids,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 
@@ -123,3 +130,9 @@ async def test_a_rank_that_cannot_load_fails_the_load_with_its_reason(moe_dir, t
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                    for pid in engine.rank_pids)
     await engine.close()
+
+
+async def test_n_choices_share_a_prompt_prefilled_once(deepspeed_tp2, reference_greedy):
+    """The first of `n` choices keeps its prompt once prefilled (every rank its shard); the others take it."""
+    await shared_prompt_is_reused(deepspeed_tp2, reference_greedy, "We hold these truths to be self-evident, that all "
+                                  "men are created equal, that they are endowed", 8)

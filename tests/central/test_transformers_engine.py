@@ -16,7 +16,14 @@ from dsnode.inference.engine import (
     SamplingParams,
 )
 
-from .conftest import PROMPTS, collect, model_section, next_turn_reuses_the_cache, token_ids
+from .conftest import (
+    PROMPTS,
+    collect,
+    model_section,
+    next_turn_reuses_the_cache,
+    shared_prompt_is_reused,
+    token_ids,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -258,3 +265,9 @@ async def test_a_conversations_next_turn_reuses_the_cache_and_answers_as_generat
     runner = transformers_moe._loaded.runner
     assert 0 < runner.prompts.nbytes <= 1024 * 2**20 and transformers_moe.load_figures().prompt_cache_bytes == \
         runner.prompts.nbytes
+
+
+async def test_n_choices_share_a_prompt_prefilled_once(transformers_moe, reference_greedy):
+    """The first of `n` choices keeps its prompt once prefilled; the others take it."""
+    await shared_prompt_is_reused(transformers_moe, reference_greedy, "We hold these truths to be self-evident, that all "
+                                  "men are created equal, that they are endowed", 8)

@@ -298,3 +298,30 @@ async def test_the_next_turn_of_a_conversation_reuses_the_cache_of_the_last(fp32
     finally:
         await caching.close()
         await plain.close()
+
+
+async def test_a_prompt_shared_by_its_first_choice_is_reused_while_that_choice_runs(fp32_dir):
+    """`share_prompt`: the prompt goes into the prompt cache once prefilled, so a request admitted after
+    the first token (another choice of the same prompt) takes it while the first still runs, and answers
+    as an engine without a cache does; without it, nothing is there to take until the first ends."""
+    caching = await loaded(onnx_engine(fp32_dir))
+    plain = await loaded(onnx_engine(fp32_dir, BatchingSection(prompt_cache_mb=0)))
+    try:
+        assert caching.shares_prompts and not plain.shares_prompts
+        ids = tuple(caching.tokenizer.encode("It was the best of times, it was the worst of times, it was the "
+                                             "age of wisdom, it was the age of foolishness"))
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        expected = tokens_of([d async for d in plain.generate(GenerationRequest("ref", ids, params))])
+        for share, cached in ((False, 0), (True, (len(ids) - 1) // 16 * 16)):
+            scope = f"share {share}"
+            first = caching.generate(GenerationRequest(f"first-{share}", ids, params, cache_scope=scope,
+                                                       share_prompt=share))
+            lead = [await anext(first)]  # prefilled (and kept, when shared); still running
+            other = [d async for d in caching.generate(GenerationRequest(f"other-{share}", ids, params,
+                                                                         cache_scope=scope))]
+            lead += [d async for d in first]
+            assert other[0].cached_tokens == cached and lead[0].cached_tokens == 0
+            assert tokens_of(other) == tokens_of(lead) == expected
+    finally:
+        await caching.close()
+        await plain.close()

@@ -194,3 +194,26 @@ async def test_a_hang_up_after_done_does_not_undo_a_complete_answer():
     task.cancel()  # what aiohttp's handler_cancellation does on a hang-up
     assert await task == "served" and not task.cancelled()
     assert await handler_tail(ResetEof()) == "served"
+
+
+async def test_n_choices_compute_their_prompt_once(client, node, monkeypatch):
+    """`n` choices of a long prompt: the first is prefilled alone and its prompt kept in the prompt cache,
+    the others take it from there (all but the last few tokens), and every choice is still the greedy
+    answer a single choice gets."""
+    runner = node.engine._loaded.runner
+    fed: list[int] = []
+    prefill = runner.prefill
+    monkeypatch.setattr(runner, "prefill", lambda seq_id, ids, start: (fed.append(len(ids)), prefill(seq_id, ids,
+                                                                                                     start))[1])
+    prompt = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "cache_salt": "n-choices"}
+    one = await (await client.post("/v1/completions", json=body)).json()
+    length = one["usage"]["prompt_tokens"]
+    assert length > 32 and sum(fed) == length
+    fed.clear()
+    many = await (await client.post("/v1/completions", json={**body, "n": 4, "cache_salt": "n-choices-2"})).json()
+    assert [c["text"] for c in many["choices"]] == [one["choices"][0]["text"]] * 4
+    reused = (length - 1) // 16 * 16
+    assert sum(fed) == length + 3 * (length - reused)  # without sharing: 4 * length
+    assert many["usage"]["prompt_tokens"] == length
+    assert many["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the prompt was computed, once
