@@ -37,15 +37,19 @@ NOT_A_KEY = "sk-soak-nobody-000000000000"
 PER_KEY = 3
 MAX_BODY = 64 * 1024
 RSS_GROWTH_LIMIT_MIB = 200  # generous: a leak of a few KiB per request over ~1000s of requests shows
+PROMPT_CACHE_MB = 32  # the prompt cache grows to its bound by design: a small one, so RSS growth still means a leak
 FD_SLACK = 4
 KINDS = {  # what a client does next, with its weight
     "stream": 5, "whole": 4, "abandon": 3, "bad_json": 1, "unknown_model": 1, "too_many_tokens": 1,
     "too_big": 1, "no_key": 1, "wrong_key": 1,
+    "responses": 3, "responses_abandon": 1,  # the Responses API, streamed
+    "n_choices": 2,  # three choices of a prompt long enough to be computed once and shared
 }
 EXPECTED = {  # the statuses each kind may end with (429: the key's 3 slots were in use)
     "stream": {200, 429}, "whole": {200, 429}, "abandon": {"abandoned", 429}, "bad_json": {400, 429},
     "unknown_model": {404, 429}, "too_many_tokens": {400, 429}, "too_big": {413, 429},
     "no_key": {401}, "wrong_key": {401},
+    "responses": {200, 429}, "responses_abandon": {"abandoned", 429}, "n_choices": {200, 429},
 }
 
 
@@ -63,6 +67,9 @@ async def node(tmp_path_factory, dense_dir):
     port = free_port()
     extra = f"""[auth]
 api_keys_file = "keys"
+
+[batching]
+prompt_cache_mb = {PROMPT_CACHE_MB}
 
 [limits]
 max_concurrent_per_key = {PER_KEY}
@@ -116,6 +123,11 @@ async def one(session: aiohttp.ClientSession, url: str, kind: str, key: str, rng
         body["max_tokens"] = 10_000
     elif kind == "abandon":
         body.update(max_tokens=24, ignore_eos=True)
+    if kind == "n_choices":
+        body.update(n=3, stream=True, messages=[{"role": "user", "content": " ".join(
+            f"Tell me about {rng.randrange(1000)}." for _ in range(6))}])
+    if kind.startswith("responses"):
+        return await one_response(session, url, kind, body, headers)
     data = json.dumps(body).encode()
     if kind == "bad_json":
         data = data[:-3]
@@ -136,6 +148,25 @@ async def one(session: aiohttp.ClientSession, url: str, kind: str, key: str, rng
             assert set(error) == {"message", "type", "param", "code"}
             if response.status == 429:
                 assert response.headers["Retry-After"] == "1"
+        return response.status
+
+
+async def one_response(session: aiohttp.ClientSession, url: str, kind: str, chat: dict,
+                       headers: dict[str, str]) -> int | str:
+    """A Responses API request for the same ask, streamed: read to its last event, or abandoned."""
+    body = {"model": chat["model"], "input": chat["messages"][0]["content"], "stream": True,
+            "max_output_tokens": 24 if kind == "responses_abandon" else chat["max_tokens"],
+            "ignore_eos": kind == "responses_abandon"}
+    async with session.post(url + "/v1/responses", json=body, headers=headers) as response:
+        if kind == "responses_abandon" and response.status == 200:
+            await response.content.readuntil(b"\n\n")
+            response.close()
+            return "abandoned"
+        payload = await response.read()
+        if response.status == 200:
+            last = payload.rstrip().rsplit(b"\n\n", 1)[-1]
+            assert last.startswith((b"event: response.completed", b"event: response.incomplete")), payload[-300:]
+            assert b"response.failed" not in payload and b"[DONE]" not in payload
         return response.status
 
 
@@ -191,6 +222,7 @@ async def test_many_clients_for_a_while_every_request_accounted_for_nothing_leak
     for request_id, s in sent.items():
         assert s.outcome in EXPECTED[s.kind], (request_id, s)
     assert outcomes["200"] > 50 and outcomes["abandoned"] > 5 and outcomes["429"] > 0
+    assert all(by_kind[kind] > 3 for kind in ("responses", "n_choices"))
 
     logged = await logged_outcomes(node, set(sent))
     assert set(logged) == set(sent), (set(sent) - set(logged), set(logged) - set(sent))
