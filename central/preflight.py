@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import psutil
 import structlog
 from dsnode.config import BatchingSection, ModelSection
+from dsnode.inference.prompt_cache import check_host_memory
 from dsnode.probe import GPU
 from dsnode.sizing import (
     DoesNotFit,
@@ -68,6 +69,7 @@ def check_fits(model: ModelSection, hf_config: dict[str, Any], batching: Batchin
         log.warning("fit_check_skipped", reason=str(exc))
         return None
     here = local_ranks or ranks
+    check_host_memory(batching.prompt_cache_mb, here)  # each rank of this host keeps its own
     if device != "cpu" and len(gpus) < here:  # GPUs NVML does not list: nothing to size against
         log.warning("fit_check_skipped", reason=f"memory of {here} GPU(s) unknown (NVML lists {len(gpus)})")
         return None

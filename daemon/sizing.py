@@ -415,3 +415,23 @@ def fit_summary(model_name: str, f: Fit, where: str) -> str:
         f"KV cache {f.kv_bytes_per_token} bytes/token × {f.kv_tokens_needed} tokens ([batching] max_batch_tokens) = {gb(kv)}; "
         f"usable {gb(f.usable_per_rank)} ({USABLE_FRACTION:.0%}). See `dsnode plan MODEL_DIR`"
     )
+
+
+# --- the prompt cache's host memory -------------------------------------------------------------------
+PROMPT_CACHE_REFUSED = 0.7  # of the host's memory: refused at start (vLLM's rule for its CPU swap space)
+PROMPT_CACHE_WARNED = 0.4  # of the host's memory: a warning
+
+
+def prompt_cache_verdict(prompt_cache_mb: int, ranks_here: int, host_bytes: int) -> tuple[str, str]:
+    """("ok" | "warn" | "refuse", why): `[batching] prompt_cache_mb` is host memory each rank (or the one
+    engine) of this host may fill, on top of the model. As vLLM does for its swap space: over 70% of the
+    host's memory is refused, over 40% warned of."""
+    held = prompt_cache_mb * 2**20 * ranks_here
+    share = held / host_bytes if host_bytes else 0.0
+    who = f"{ranks_here} ranks x {prompt_cache_mb} MB" if ranks_here > 1 else f"{prompt_cache_mb} MB"
+    why = (f"the prompt cache may hold {gb(held)} of host memory ({who}), {share:.0%} of this host's "
+           f"{gb(host_bytes)}")
+    if share > PROMPT_CACHE_REFUSED:
+        return "refuse", (f"batching.prompt_cache_mb = {prompt_cache_mb}: {why}, over "
+                          f"{PROMPT_CACHE_REFUSED:.0%}; lower it (0 turns the cache off)")
+    return ("warn" if share > PROMPT_CACHE_WARNED else "ok"), why

@@ -24,6 +24,7 @@ import structlog
 from dsnode.config import BatchingSection, ModelSection
 from dsnode.inference.batching import BatchingEngine, context_limit
 from dsnode.inference.engine import ModelInfo
+from dsnode.inference.prompt_cache import check_host_memory
 from dsnode.inference.runner import Loaded
 from dsnode.inference.tokenizer import TextTokenizer
 
@@ -67,6 +68,8 @@ class OnnxEngine(BatchingEngine):
         runner: OnnxRunner | SlotRunner
         if manifest.graph == GRAPH_GQA:
             runner = SlotRunner(session, manifest.context_limit, self._batching.prompt_cache_mb * 2**20)
+            if runner.prompts.capacity:  # on the CPU only
+                check_host_memory(self._batching.prompt_cache_mb)
             layers = runner.spec.layers
         else:
             runner = OnnxRunner(session)

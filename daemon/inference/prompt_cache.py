@@ -18,6 +18,12 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
+import psutil
+import structlog
+
+from ..sizing import DoesNotFit, prompt_cache_verdict
+
+log = structlog.get_logger("dsnode.inference")
 
 BLOCK = 16  # tokens: the unit a prefix is reused in
 Payload = TypeVar("Payload")
@@ -161,3 +167,14 @@ class PrefixReuse(Generic[Payload]):
         self.cache.clear()
         self.scope_of.clear()
         self.pending.clear()
+
+
+def check_host_memory(prompt_cache_mb: int, ranks_here: int = 1) -> None:
+    """At start: `prompt_cache_mb` of host memory for each of this host's ranks (or the one engine), on
+    top of the model. Over 70% of the host's memory is refused (DoesNotFit: `dsnode serve` exits 78,
+    which systemd does not retry), over 40% warned of (`dsnode.sizing.prompt_cache_verdict`)."""
+    verdict, why = prompt_cache_verdict(prompt_cache_mb, ranks_here, psutil.virtual_memory().total)
+    if verdict == "refuse":
+        raise DoesNotFit(why)
+    if verdict == "warn":
+        log.warning("prompt_cache_large", reason=why)

@@ -101,3 +101,31 @@ def test_a_model_that_cannot_fit_is_refused_at_start_with_exit_78(tmp_path, moe_
     assert "model deepseek-r1 (fp32) on 2 rank(s)" in failed["error"] and "does not fit" in failed["error"]
     assert "routed experts 1307.8 GB" in failed["error"] and "Traceback" not in node.log_text()
     assert "rank_started" not in node.log_text()
+
+
+@pytest.mark.parametrize("backend", ["transformers", "deepspeed", "onnx"])
+def test_a_prompt_cache_larger_than_the_host_can_hold_is_refused_at_start(tmp_path, moe_dir, backend):
+    """`[batching] prompt_cache_mb` is host memory each rank may fill: over 70% of this host's memory
+    (two deepspeed ranks: twice that) is refused before loading, with exit 78 and the figures."""
+    from dsnode.demo import prepare_models
+
+    from tests.support.models import cache_dir
+
+    total_mb = psutil.virtual_memory().total // 2**20
+    ranks = 2 if backend == "deepspeed" else 1
+    cache_mb = int(total_mb * 0.72 / ranks) + 1
+    folder = prepare_models(cache_dir()).dense_onnx_int8 if backend == "onnx" else moe_dir
+    port = free_port()
+    config = tmp_path / "dsnode.toml"
+    config.write_text(node_toml("big-cache", "central", port, MODEL, folder, backend,
+                                model_extra=TWO_CPU_RANKS if backend == "deepspeed" else "",
+                                extra=f"[batching]\nprompt_cache_mb = {cache_mb}\n"))
+    node = ServeProcess("big-cache", config, port, tmp_path / "serve.log").start()
+    try:
+        assert node.process.wait(timeout=180) == EXIT_DOES_NOT_FIT
+    finally:
+        node.kill()
+        node.stop()
+    failed = node.log_events("model_load_failed")[0]
+    assert failed["error"].startswith(f"batching.prompt_cache_mb = {cache_mb}:"), failed
+    assert ("2 ranks x" in failed["error"]) == (backend == "deepspeed") and "Traceback" not in node.log_text()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dsnode.inference.prompt_cache import BLOCK, PrefixReuse, PromptCache, common_prefix
+from dsnode.inference.prompt_cache import BLOCK, PrefixReuse, PromptCache, check_host_memory, common_prefix
+from dsnode.sizing import DoesNotFit, prompt_cache_verdict
+from structlog.testing import capture_logs
 
 
 def tokens(n: int, start: int = 0) -> list[int]:
@@ -86,3 +88,37 @@ def test_a_runners_side_keeps_only_what_a_looked_up_sequence_computed():
     assert [(seq, n) for seq, _, n in reuse.take_pending()] == [("d", 32)] and reuse.take_pending() == []
     assert reuse.finished("d") == "alice"
     assert PrefixReuse(0).lookup("x", tokens(40), "", has_cache=False) == 0  # off
+
+
+# --- host memory ------------------------------------------------------------------------------------
+GIB = 2**30
+
+
+@pytest.mark.parametrize("cache_mb, ranks, verdict", [
+    (1024, 1, "ok"),  # the default on a 24 GiB host: 4%
+    (4096, 8, "refuse"),  # configs/central.toml's per-rank figure, 8 ranks: 32 GiB of 24
+    (4096, 2, "ok"),  # 8 GiB: 33%
+    (4096, 3, "warn"),  # 12 GiB: 50%
+    (18 * 1024, 1, "refuse"),  # 75%
+    (0, 8, "ok"),  # no cache
+])
+def test_the_prompt_cache_is_refused_over_70_percent_of_the_host_and_warned_of_over_40(cache_mb, ranks, verdict):
+    got, why = prompt_cache_verdict(cache_mb, ranks, 24 * GIB)
+    assert got == verdict
+    assert f"{cache_mb * ranks / (24 * 1024):.0%}" in why
+    if got == "refuse":
+        assert why.startswith(f"batching.prompt_cache_mb = {cache_mb}:")
+        assert (f"{ranks} ranks x {cache_mb} MB" if ranks > 1 else f"({cache_mb} MB)") in why
+
+
+def test_a_start_with_too_large_a_prompt_cache_is_refused_with_exit_78(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("dsnode.inference.prompt_cache.psutil.virtual_memory", lambda: SimpleNamespace(total=8 * GIB))
+    with pytest.raises(DoesNotFit, match="prompt_cache_mb = 6144") as info:
+        check_host_memory(6144)
+    assert info.value.exit_code == 78
+    with capture_logs() as logs:
+        check_host_memory(4096)  # 50%: served, with a warning
+        check_host_memory(1024)
+    assert [e["event"] for e in logs] == ["prompt_cache_large"]
