@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from dsnode.inference.kvbatch import ArrayOps, KVBatch, LayerKV
-from dsnode.inference.prompt_cache import PrefixReuse, PromptCache
+from dsnode.inference.prompt_cache import PrefixReuse, PromptCache, Segments
 from transformers import DynamicCache
 
 TORCH_OPS: ArrayOps[torch.Tensor] = ArrayOps(
@@ -36,7 +36,7 @@ class TorchRunner:
         self.reuse: PrefixReuse[list[LayerKV]] = PrefixReuse(prompt_cache_bytes)  # host tensors
 
     @property
-    def prompts(self) -> PromptCache[list[LayerKV]]:
+    def prompts(self) -> PromptCache[Segments[list[LayerKV]]]:
         return self.reuse.cache
 
     def prefill(self, seq_id: str, token_ids: Sequence[int], start: int) -> np.ndarray:
@@ -53,10 +53,11 @@ class TorchRunner:
         return int(self.reuse.lookup(seq_id, token_ids, scope, seq_id in self.fed))
 
     def _take_reused(self) -> None:
-        for seq_id, entry, n in self.reuse.take_pending():
-            self.kv.store(seq_id, [(k[:, :, :n].to(self.device, copy=True), v[:, :, :n].to(self.device, copy=True))
-                                   for k, v in entry.payload])
-            self.fed[seq_id] = entry.tokens[:n].tolist()
+        for seq_id, tokens, segments in self.reuse.take_pending():
+            layers = zip(*(segment.part for segment in segments))  # per layer: its (K, V) of each segment
+            self.kv.store(seq_id, [_joined(parts, [s.end - s.start for s in segments], self.device)
+                                   for parts in layers])
+            self.fed[seq_id] = tokens
 
     @torch.inference_mode()
     def _prefill(self, seq_id: str, token_ids: Sequence[int], start: int, keep: int) -> np.ndarray:
@@ -101,23 +102,26 @@ class TorchRunner:
     def release(self, seq_id: str) -> None:
         """Forget a sequence; the prompt cache keeps a host copy of what it computed, if it wants it."""
         tokens = self.fed.pop(seq_id, [])
-        scope = self.reuse.finished(seq_id)
         try:
-            self._offer(seq_id, tokens, scope)
+            layers = self._held(seq_id, tokens)
+            self.reuse.released(seq_id, tokens if layers else [], _token_bytes(layers),
+                                lambda start, end: _host_copy(layers, start, end))
         finally:  # a copy that fails (host memory) must not keep the sequence in the batch
             self.kv.release(seq_id)
 
     def keep_prefix(self, seq_id: str) -> None:
         """Offer what a running sequence has computed to the prompt cache now (a prompt just prefilled,
         for its other choices); the sequence goes on."""
-        self._offer(seq_id, list(self.fed.get(seq_id, [])), self.reuse.keeps(seq_id))
+        tokens = list(self.fed.get(seq_id, []))
+        layers = self._held(seq_id, tokens)
+        if layers:
+            self.reuse.offer(seq_id, tokens, self.reuse.keeps(seq_id), _token_bytes(layers),
+                             lambda start, end: _host_copy(layers, start, end))
 
-    def _offer(self, seq_id: str, tokens: list[int], scope: str | None) -> None:
+    def _held(self, seq_id: str, tokens: list[int]) -> list[LayerKV]:
+        """The sequence's cache on the device, if it holds exactly its tokens (else a step failed)."""
         layers = self.kv.view_of(seq_id)
-        if scope is not None and layers and int(layers[0][0].shape[2]) == len(tokens):  # else a step failed
-            per_token = sum(k[:, :, :1].nbytes + v[:, :, :1].nbytes for k, v in layers)
-            self.prompts.add(tokens, len(tokens) * per_token, scope,
-                             lambda: [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers])
+        return layers if layers and int(layers[0][0].shape[2]) == len(tokens) else []
 
     def close(self) -> None:
         self.kv.clear()
@@ -128,6 +132,24 @@ class TorchRunner:
         if not layers:
             return DynamicCache(config=self.config)
         return DynamicCache(ddp_cache_data=layers, config=self.config)
+
+
+def _token_bytes(layers: list[LayerKV]) -> int:
+    return sum(k[:, :, :1].nbytes + v[:, :, :1].nbytes for k, v in layers)
+
+
+def _host_copy(layers: list[LayerKV], start: int, end: int) -> list[LayerKV]:
+    """Positions start..end of every layer, copied to host memory."""
+    return [(k[:, :, start:end].to("cpu", copy=True), v[:, :, start:end].to("cpu", copy=True)) for k, v in layers]
+
+
+def _joined(parts: tuple[LayerKV, ...], lengths: list[int], device: torch.device) -> LayerKV:
+    """One layer's (K, V) on the device from the segments' host copies, each cut to its length."""
+    keys = [k[:, :, :n] for (k, _), n in zip(parts, lengths)]
+    values = [v[:, :, :n] for (_, v), n in zip(parts, lengths)]
+    if len(parts) == 1:
+        return keys[0].to(device, copy=True), values[0].to(device, copy=True)
+    return torch.cat(keys, dim=2).to(device), torch.cat(values, dim=2).to(device)
 
 
 def _layers(cache: DynamicCache) -> list[LayerKV]:

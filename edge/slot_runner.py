@@ -19,8 +19,9 @@ it in place. Nothing of the cache crosses into numpy on a step, and no step copi
   token. Sequences joining and leaving never move data.
 - A decode step writes its inputs into arrays bound once per batch size, and its logits into one
   bound output: the per-token work outside the session call is filling those and picking the rows.
-- **The prompt cache** (CPU only; `[batching] prompt_cache_mb`): when a sequence is released, a copy of
-  its slot's cache goes to a host-memory `PromptCache` with the tokens it holds. A sequence the engine
+- **The prompt cache** (CPU only; `[batching] prompt_cache_mb`): when a sequence is released, its
+  slot's cache goes to a host-memory `PromptCache` with the tokens it holds: the host copies it took
+  its prefix from, and a copy of the positions it computed after them. A sequence the engine
   admits asks it (`reuse_prefix`) for the longest prefix it shares, in whole blocks; that copy is put
   back into the new sequence's slot before its first step, and prefilling starts after it. On a GPU the
   cache is not kept (the buffers are device memory, and a prefill there is fast).
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
-from dsnode.inference.prompt_cache import PrefixReuse, PromptCache
+from dsnode.inference.prompt_cache import PrefixReuse, PromptCache, Segments
 
 from .manifest import LOGIT_POSITIONS
 from .onnx_runner import CUDA, RunnerError
@@ -98,13 +99,16 @@ class CacheBuffers:
         """Bytes of one position of one slot, all layers, K and V."""
         return 2 * self.spec.layers * self.spec.kv_heads * self.spec.head_dim * np.dtype(self.spec.dtype).itemsize
 
-    def copy_out(self, slot: int, positions: int) -> list[np.ndarray]:
-        """A host copy of a slot's first positions (CPU buffers only)."""
-        return [array[slot, :, :positions].copy() for array in self.arrays]
+    def copy_out(self, slot: int, start: int, end: int) -> list[np.ndarray]:
+        """A host copy of a slot's positions start..end, per layer K and V (CPU buffers only)."""
+        return [array[slot, :, start:end].copy() for array in self.arrays]
 
-    def copy_in(self, slot: int, kept: list[np.ndarray], positions: int) -> None:
-        for array, part in zip(self.arrays, kept):
-            array[slot, :, :positions] = part[:, :positions]
+    def copy_in(self, slot: int, segments: Segments[list[np.ndarray]]) -> None:
+        """Host copies into a slot, each segment at its positions."""
+        for segment in segments:
+            n = segment.end - segment.start
+            for array, part in zip(self.arrays, segment.part):
+                array[slot, :, segment.start:segment.end] = part[:, :n]
 
     @property
     def slot_bytes(self) -> int:
@@ -156,7 +160,7 @@ class SlotRunner:
         self._decode_binding: DecodeStep | None = None
 
     @property
-    def prompts(self) -> PromptCache[list[np.ndarray]]:
+    def prompts(self) -> PromptCache[Segments[list[np.ndarray]]]:
         return self.reuse.cache
 
     @property
@@ -182,11 +186,11 @@ class SlotRunner:
 
     def _copy_reused(self) -> None:
         """Sequences given a prefix since the last step take their slots, and the prefix goes in."""
-        for seq_id, entry, positions in self.reuse.take_pending():
+        for seq_id, tokens, segments in self.reuse.take_pending():
             slot = self.slot_of[seq_id] = self._free_slot()
-            self.fed[seq_id] = entry.tokens[:positions].tolist()
-            self._ensure_length(positions)
-            self.cache.copy_in(slot, entry.payload, positions)
+            self.fed[seq_id] = tokens
+            self._ensure_length(len(tokens))
+            self.cache.copy_in(slot, segments)
 
     def _prefill(self, seq_id: str, token_ids: Sequence[int], start: int,
                  positions: np.ndarray | None) -> np.ndarray:
@@ -235,21 +239,18 @@ class SlotRunner:
         """The sequence is done (or dropped): its slot is free, and what its cache holds goes to the
         prompt cache if that wants it. Only positions a step completed are kept: a failed step has
         not counted the positions it may have written."""
-        slot = self.slot_of.pop(seq_id, None)
-        tokens = self.fed.pop(seq_id, [])
-        scope = self.reuse.finished(seq_id)
-        if scope is not None and slot is not None:
-            self.prompts.add(tokens, len(tokens) * self.cache.token_bytes(), scope,
-                             lambda: self.cache.copy_out(slot, len(tokens)))
+        slot = self.slot_of.pop(seq_id, -1)  # -1: it never had one (dropped before its first step)
+        tokens = self.fed.pop(seq_id, []) if slot >= 0 else []
+        self.reuse.released(seq_id, tokens, self.cache.token_bytes(),
+                            lambda start, end: self.cache.copy_out(slot, start, end))
 
     def keep_prefix(self, seq_id: str) -> None:
         """Offer what a running sequence has computed to the prompt cache now (a prompt just prefilled,
         for its other choices); the sequence goes on."""
-        scope, slot, tokens = self.reuse.keeps(seq_id), self.slot_of.get(seq_id), self.fed.get(seq_id)
-        if scope is not None and slot is not None and tokens:
-            kept = list(tokens)
-            self.prompts.add(kept, len(kept) * self.cache.token_bytes(), scope,
-                             lambda: self.cache.copy_out(slot, len(kept)))
+        slot = self.slot_of.get(seq_id)
+        if slot is not None:
+            self.reuse.offer(seq_id, list(self.fed.get(seq_id, [])), self.reuse.keeps(seq_id),
+                             self.cache.token_bytes(), lambda start, end: self.cache.copy_out(slot, start, end))
 
     def close(self) -> None:
         self.slot_of.clear()

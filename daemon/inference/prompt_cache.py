@@ -124,15 +124,39 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
-class PrefixReuse(Generic[Payload]):
-    """A runner's side of its prompt cache: the scope each admitted sequence is in, and the entries given
-    to sequences and not copied in yet. The runner makes the copies (its cache's layout and device are
-    its own) and keeps a released sequence with `cache.add`."""
+Part = TypeVar("Part")
+
+
+@dataclass(frozen=True)
+class Segment(Generic[Part]):
+    """A runner's host copy of positions start..end of a sequence's KV cache (`part` may hold more
+    positions past `end`: an entry that took only some of an older one's positions shares its copy)."""
+
+    start: int
+    end: int
+    part: Part
+
+
+Segments = tuple[Segment[Part], ...]
+
+
+def truncated(segments: Segments[Part], positions: int) -> Segments[Part]:
+    """The segments that hold positions 0..positions, the last one cut there."""
+    return tuple(Segment(s.start, min(s.end, positions), s.part) for s in segments if s.start < positions)
+
+
+class PrefixReuse(Generic[Part]):
+    """A runner's side of its prompt cache: the scope each admitted sequence is in, the entries given to
+    sequences and not copied in yet, and what each took. The runner makes the copies (its cache's
+    layout and device are its own); an entry is the segments its sequence took from an older entry
+    plus a copy of what it computed after them, so keeping a conversation's next turn copies only the
+    turn, not the whole conversation again."""
 
     def __init__(self, capacity: int) -> None:
-        self.cache: PromptCache[Payload] = PromptCache(capacity)
+        self.cache: PromptCache[Segments[Part]] = PromptCache(capacity)
         self.scope_of: dict[str, str] = {}  # told at admission: what it computes is kept under it
-        self.pending: dict[str, tuple[Entry[Payload], int]] = {}  # given a prefix, not copied in yet
+        self.pending: dict[str, tuple[Entry[Segments[Part]], int]] = {}  # given a prefix, not copied in yet
+        self.took: dict[str, Segments[Part]] = {}  # the segments a sequence's first positions came from
 
     def lookup(self, seq_id: str, token_ids: Sequence[int], scope: str, has_cache: bool) -> int:
         """A sequence of `scope` is being admitted: how many of its first tokens the cache holds for that
@@ -152,21 +176,48 @@ class PrefixReuse(Generic[Payload]):
         it was never looked up or its prefix is not copied in yet."""
         return None if seq_id in self.pending else self.scope_of.get(seq_id)
 
-    def take_pending(self) -> list[tuple[str, Entry[Payload], int]]:
-        taken = [(seq_id, entry, n) for seq_id, (entry, n) in self.pending.items()]
+    def take_pending(self) -> list[tuple[str, list[int], Segments[Part]]]:
+        """The sequences given a prefix since the last step: their first tokens and the segments that
+        hold them (to copy into their caches)."""
+        taken = []
+        for seq_id, (entry, n) in self.pending.items():
+            self.took[seq_id] = truncated(entry.payload, n)
+            taken.append((seq_id, entry.tokens[:n].tolist(), self.took[seq_id]))
         self.pending.clear()
         return taken
 
-    def finished(self, seq_id: str) -> str | None:
-        """A sequence is released: its scope if what it holds may be kept; None if it was never looked up
-        (whose would it be?) or was dropped before its prefix was copied in (it holds nothing)."""
+    def offer(self, seq_id: str, tokens: list[int], scope: str | None, token_bytes: int,
+              copy: Callable[[int, int], Part]) -> None:
+        """Keep what a sequence holds (its `tokens`, `token_bytes` each) if the cache wants it: the
+        segments it took, and `copy(start, end)` of the positions it computed after them. What it kept
+        then counts as taken, so a later offer of the same sequence copies only what came after."""
+        if scope is None or not tokens:
+            return
+        took = self.took.get(seq_id, ())
+        start = took[-1].end if took else 0
+
+        def make() -> Segments[Part]:
+            made = took + ((Segment(start, len(tokens), copy(start, len(tokens))),) if len(tokens) > start else ())
+            self.took[seq_id] = made
+            return made
+
+        self.cache.add(tokens, len(tokens) * token_bytes, scope, make)
+
+    def released(self, seq_id: str, tokens: list[int], token_bytes: int, copy: Callable[[int, int], Part]) -> None:
+        """A sequence is released: what it holds is offered (`offer`) unless it was never looked up (whose
+        would it be?) or was dropped before its prefix was copied in (it holds nothing); then forgotten."""
         scope = self.scope_of.pop(seq_id, None)
-        return None if self.pending.pop(seq_id, None) is not None else scope
+        try:
+            if self.pending.pop(seq_id, None) is None:
+                self.offer(seq_id, tokens, scope, token_bytes, copy)
+        finally:
+            self.took.pop(seq_id, None)
 
     def clear(self) -> None:
         self.cache.clear()
         self.scope_of.clear()
         self.pending.clear()
+        self.took.clear()
 
 
 def check_host_memory(prompt_cache_mb: int, ranks_here: int = 1) -> None:

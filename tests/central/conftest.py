@@ -50,6 +50,24 @@ async def next_turn_reuses_the_cache(engine: Engine, reference_greedy: Callable[
     assert token_ids(deltas) == reference_greedy(follow, n)[: len(token_ids(deltas))]
 
 
+async def third_turn_reuses_two_turns(engine: Engine, reference_greedy: Callable[[Sequence[int], int], list[int]],
+                                      opening: str, turns: tuple[str, str], n: int) -> None:
+    """A conversation's third turn takes a prefix kept in two host copies (the first turn's, and the
+    second's of what it computed after what it took) and answers as `generate` does."""
+    history = engine.tokenizer.encode(opening)
+    cached = []
+    for i, then in enumerate(("", *turns)):
+        history = history + (engine.tokenizer.encode(then) if then else [])
+        request = GenerationRequest(f"turn {i}", tuple(history), SamplingParams(temperature=0.0, max_tokens=n,
+                                                                                ignore_eos=True),
+                                    cache_scope="third turn")  # a scope of its own: no other test's entries
+        deltas = [delta async for delta in engine.generate(request)]
+        assert token_ids(deltas) == reference_greedy(history, n)[:n]
+        cached.append(deltas[0].cached_tokens)
+        history = history + token_ids(deltas)
+    assert cached[0] == 0 and 0 < cached[1] < cached[2]
+
+
 async def shared_prompt_is_reused(engine: Engine, reference_greedy: Callable[[Sequence[int], int], list[int]],
                                    text: str, n: int) -> None:
     """A request that shares its prompt (`n` choices' first) has it in the prompt cache once prefilled: a

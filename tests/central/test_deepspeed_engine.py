@@ -18,6 +18,7 @@ from .conftest import (
     model_section,
     next_turn_reuses_the_cache,
     shared_prompt_is_reused,
+    third_turn_reuses_two_turns,
     token_ids,
 )
 
@@ -136,3 +137,8 @@ async def test_n_choices_share_a_prompt_prefilled_once(deepspeed_tp2, reference_
     """The first of `n` choices keeps its prompt once prefilled (every rank its shard); the others take it."""
     await shared_prompt_is_reused(deepspeed_tp2, reference_greedy, "We hold these truths to be self-evident, that all "
                                   "men are created equal, that they are endowed", 8)
+
+
+async def test_a_third_turn_takes_its_prefix_from_two_turns_copies(deepspeed_tp2, reference_greedy):
+    await third_turn_reuses_two_turns(deepspeed_tp2, reference_greedy, "It was the best of times, it was the worst of "
+                                      "times, it was", (" We hold these truths to be", " Four score and seven"), 10)

@@ -22,6 +22,7 @@ from .conftest import (
     model_section,
     next_turn_reuses_the_cache,
     shared_prompt_is_reused,
+    third_turn_reuses_two_turns,
     token_ids,
 )
 
@@ -271,3 +272,8 @@ async def test_n_choices_share_a_prompt_prefilled_once(transformers_moe, referen
     """The first of `n` choices keeps its prompt once prefilled; the others take it."""
     await shared_prompt_is_reused(transformers_moe, reference_greedy, "We hold these truths to be self-evident, that all "
                                   "men are created equal, that they are endowed", 8)
+
+
+async def test_a_third_turn_takes_its_prefix_from_two_turns_copies(transformers_moe, reference_greedy):
+    await third_turn_reuses_two_turns(transformers_moe, reference_greedy, "It was the best of times, it was the worst of "
+                                      "times, it was", (" We hold these truths to be", " Four score and seven"), 10)

@@ -219,6 +219,28 @@ def test_a_prompt_held_whole_feeds_only_its_last_token_and_may_decode_first(cach
     assert len(caching.prompts) == 1 and caching.prompts.nbytes == 40 * caching.cache.token_bytes()
 
 
+def test_a_conversation_kept_turn_by_turn_is_copied_once_and_its_third_turn_is_exact(caching, torch_model,
+                                                                                     monkeypatch):
+    """Each turn's entry shares the host copies its sequence took and adds a copy of the turn alone; the
+    third turn, built from three copies made by three sequences, gives torch's logits."""
+    copied: list[tuple[int, int]] = []
+    copy_out = caching.cache.copy_out
+    monkeypatch.setattr(caching.cache, "copy_out", lambda slot, start, end: (copied.append((start, end)),
+                                                                             copy_out(slot, start, end))[1])
+    history = list(LONG)  # 40
+    caching.admit("turn 1", history)
+    caching.release("turn 1")
+    for turn, new in ((2, list(range(100, 130))), (3, list(range(200, 230)))):
+        caching.prefill("noise", [7] * 60, 0)  # a neighbour writes slots before the next turn comes
+        caching.release("noise")  # (not looked up: not kept)
+        history = history + new
+        logits = caching.admit(f"turn {turn}", history)
+        np.testing.assert_allclose(logits, expected_logits(torch_model, history, [])[0], atol=1e-4)
+        caching.release(f"turn {turn}")
+    assert copied == [(0, 40), (32, 70), (64, 100)]  # 40 + 38 + 36 positions, not 40 + 70 + 100
+    assert len(caching.prompts) == 1 and caching.prompts.nbytes == 100 * caching.cache.token_bytes()
+
+
 def test_short_or_unshared_prompts_reuse_nothing_and_a_gpu_keeps_no_cache(caching, runner):
     caching.admit("short", LONG[:15])  # under one block: not kept
     caching.release("short")

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dsnode.inference.prompt_cache import BLOCK, PrefixReuse, PromptCache, check_host_memory, common_prefix
+from dsnode.inference.prompt_cache import (
+    BLOCK,
+    PrefixReuse,
+    PromptCache,
+    Segment,
+    check_host_memory,
+    common_prefix,
+)
 from dsnode.sizing import DoesNotFit, prompt_cache_verdict
 from structlog.testing import capture_logs
 
@@ -72,22 +79,69 @@ def test_common_prefix(a, b, shared):
     assert common_prefix(np.asarray(a, np.int64), np.asarray(b, np.int64)) == shared
 
 
+class Copies:
+    """A runner's copies, as (start, end) ranges of the sequence they were made of."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[str, int, int]] = []
+
+    def of(self, seq_id: str):
+        return lambda start, end: self.made.append((seq_id, start, end)) or f"{seq_id}[{start}:{end}]"
+
+
 def test_a_runners_side_keeps_only_what_a_looked_up_sequence_computed():
     reuse: PrefixReuse[str] = PrefixReuse(10_000)
-    assert reuse.finished("never looked up") is None  # whose would it be? not kept
-    assert reuse.lookup("a", tokens(40), "alice", has_cache=False) == 0 and reuse.finished("a") == "alice"
-    reuse.cache.add(tokens(40), 40, "alice", lambda: "a's copy")
-    copies = []
-    reuse.cache.add(tokens(30), 30, "alice", lambda: copies.append(1) or "never")  # held already: no copy made
-    assert copies == [] and len(reuse.cache) == 1
+    copies = Copies()
+    reuse.released("never looked up", tokens(40), 1, copies.of("x"))  # whose would it be? not kept
+    assert copies.made == [] and len(reuse.cache) == 0
+    assert reuse.lookup("a", tokens(40), "alice", has_cache=False) == 0
+    reuse.released("a", tokens(40), 1, copies.of("a"))
+    assert copies.made == [("a", 0, 40)] and len(reuse.cache) == 1
+    reuse.cache.add(tokens(30), 30, "alice", lambda: copies.made.append("never"))  # held already: no copy
+    assert copies.made == [("a", 0, 40)] and len(reuse.cache) == 1
     assert reuse.lookup("b", tokens(40) + [1], "alice", has_cache=False) == 32
     assert reuse.lookup("b", tokens(40) + [1], "alice", has_cache=False) == 0  # asked twice: once
-    assert reuse.finished("b") is None  # dropped before its prefix was copied in: it holds nothing
+    reuse.released("b", tokens(40) + [1], 1, copies.of("b"))  # dropped before its prefix was copied in
+    assert copies.made == [("a", 0, 40)]
     assert reuse.lookup("c", tokens(40) + [1], "alice", has_cache=True) == 0  # it has a cache already
     assert reuse.lookup("d", tokens(40) + [1], "alice", has_cache=False) == 32
-    assert [(seq, n) for seq, _, n in reuse.take_pending()] == [("d", 32)] and reuse.take_pending() == []
-    assert reuse.finished("d") == "alice"
+    [(seq, first, segments)] = reuse.take_pending()
+    assert (seq, first) == ("d", tokens(32)) and reuse.take_pending() == []
+    assert segments == (Segment(0, 32, "a[0:40]"),)  # a's copy, cut at what d takes
     assert PrefixReuse(0).lookup("x", tokens(40), "", has_cache=False) == 0  # off
+
+
+def test_a_conversations_next_turn_copies_only_the_turn():
+    """Each turn's entry is the segments its sequence took plus a copy of what it computed after them:
+    the copies made over a conversation add up to its length once, not once per turn."""
+    reuse: PrefixReuse[str] = PrefixReuse(10_000)
+    copies = Copies()
+    history = tokens(40)
+    reuse.lookup("turn 1", history, "", has_cache=False)
+    reuse.released("turn 1", history, 1, copies.of("turn 1"))
+    for turn in (2, 3):
+        history = history + tokens(30, 100 * turn)
+        reused = reuse.lookup(f"turn {turn}", history, "", has_cache=False)
+        [(_, first, segments)] = reuse.take_pending()
+        assert len(first) == reused == {2: 32, 3: 64}[turn]  # whole blocks of what the last turn held
+        reuse.released(f"turn {turn}", history, 1, copies.of(f"turn {turn}"))
+    assert [(seq, start, end) for seq, start, end in copies.made] == [("turn 1", 0, 40), ("turn 2", 32, 70),
+                                                                        ("turn 3", 64, 100)]
+    [entry] = list(reuse.cache._entries.values())  # each turn replaced the one before
+    assert [(s.start, s.end, s.part) for s in entry.payload] == [(0, 32, "turn 1[0:40]"), (32, 64, "turn 2[32:70]"),
+                                                                  (64, 100, "turn 3[64:100]")]
+    assert entry.nbytes == 100  # counted whole: the entries it replaced are gone
+
+
+def test_a_sequence_kept_while_it_runs_copies_the_rest_at_its_end():
+    """`offer` mid-run (a prompt kept for other choices): its release then copies only what came after."""
+    reuse: PrefixReuse[str] = PrefixReuse(10_000)
+    copies = Copies()
+    reuse.lookup("lead", tokens(50), "", has_cache=False)
+    reuse.offer("lead", tokens(50), reuse.keeps("lead"), 1, copies.of("lead"))
+    reuse.released("lead", tokens(58), 1, copies.of("lead"))
+    assert copies.made == [("lead", 0, 50), ("lead", 50, 58)]
+    assert reuse.took == {}
 
 
 # --- host memory ------------------------------------------------------------------------------------
