@@ -8,6 +8,11 @@ a chat template's opening, are in almost every entry and say nothing). The store
 `capacity` bytes, evicting the least recently used; an entry that is a prefix of a newer one is
 dropped (a conversation's next turn holds all of the previous one). Every entry belongs to a scope
 (the API key and `cache_salt` of the request that computed it): a lookup sees its own scope's only.
+
+`PrefixReuse` is a runner's side of it: a runner's payload is a list of `Segment`s, the host copies a
+sequence took its prefix from (shared with the entry they came from) and a copy of what it computed
+after them, so keeping a conversation's next turn copies only that turn. No model and no threads here;
+`check_host_memory` is the one look at the host (its memory, at start).
 """
 
 from __future__ import annotations
