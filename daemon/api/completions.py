@@ -36,7 +36,7 @@ from .local import serve_local
 from .prompt import prompt_token_ids
 from .render import PASS, Render
 from .responses_api.endpoint import CHAT_PATH, translate
-from .responses_api.request import responses_param
+from .responses_api.request import as_responses_error
 from .schemas import Body, ChatCompletionRequest, CompletionRequest, parse_body
 from .versioning import BROKEN, TryNextVersion, VersionPlan, failed, local_serves, note_outcome, plan_versions
 
@@ -69,7 +69,7 @@ async def _complete(request: web.Request, endpoint: str) -> web.StreamResponse:
     except BaseException as exc:
         error = to_api_error(exc) if isinstance(exc, Exception) else client_gone()
         if endpoint == "responses":  # the Responses API's names for the chat request's parameters
-            error.param = responses_param(error.param)
+            as_responses_error(error)
         record.done(error.status, error.message)
         if record.version and isinstance(exc, (APIError, EngineError)):  # the version that failed says so
             error.headers[headers.VERSION] = record.version

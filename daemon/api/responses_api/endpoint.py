@@ -14,9 +14,9 @@ from aiohttp import web
 from ..appkeys import NODE
 from ..auth import IDENTITY
 from ..errors import APIError, bad_request
-from ..schemas import ChatCompletionRequest
+from ..schemas import ChatCompletionRequest, parse_body
 from .events import ResponsesRender
-from .request import as_history, chat_request, input_messages, parse_chat, parse_responses
+from .request import as_history, chat_request, input_messages, parse_responses
 from .store import RESPONSE_STORE
 
 CHAT_PATH = "/v1/chat/completions"  # where an upstream is asked (its answer is rendered here)
@@ -45,7 +45,7 @@ def translate(request: web.Request, data: Any) -> Translated:
                            param="previous_response_id", code="previous_response_not_found")
         history = previous.history
     chat = chat_request(asked, history)
-    body = parse_chat(chat)
+    body: ChatCompletionRequest = parse_body(ChatCompletionRequest, chat)  # its refusals: as_responses_error
     items = _input_items(data.get("input"))  # as the client sent them (validated above)
     limit = request.app[NODE].config.limits.stored_responses_mb * 1024 * 1024
 

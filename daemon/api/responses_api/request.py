@@ -35,14 +35,12 @@ from ..schemas import (
     INTEGRAL,
     MAX_LOGPROBS,
     PENALTY_RANGE,
-    ChatCompletionRequest,
     Int,
     _Body,
     _no_bool,
     _Nullable,
     check_stop,
     error_of,
-    parse_body,
 )
 
 MAX_METADATA = 16  # OpenAI's limit: 16 pairs, keys up to 64 characters, values up to 512
@@ -317,15 +315,11 @@ def chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> di
     return chat
 
 
-def parse_chat(chat: dict[str, Any]) -> ChatCompletionRequest:
-    """The chat request, validated; its refusal names the Responses API's parameter."""
-    try:
-        body: ChatCompletionRequest = parse_body(ChatCompletionRequest, chat)
-        return body
-    except APIError as exc:
-        exc.param = responses_param(exc.param)
-        exc.message = _renamed(exc.message)
-        raise
+def as_responses_error(error: APIError) -> None:
+    """A refusal of the chat request a Responses request stands for, said in the Responses API's names
+    (`max_output_tokens`, `text.format`, `tools[0].name`, `input`): its param and its message."""
+    error.param = responses_param(error.param)
+    error.message = _renamed(error.message)
 
 
 def responses_param(param: str | None) -> str | None:

@@ -10,7 +10,7 @@ import pytest
 import schemathesis
 from dsnode.api.errors import APIError
 from dsnode.api.openapi import openapi_document
-from dsnode.api.responses_api.request import ResponsesRequest, chat_request, parse_chat, parse_responses
+from dsnode.api.responses_api.request import ResponsesRequest, chat_request, parse_responses
 from dsnode.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
@@ -28,7 +28,7 @@ def served(model: type, body: Any) -> None:
         return
     asked = parse_responses(body)
     history = [{"role": "user", "content": "earlier"}] if asked.previous_response_id is not None else []
-    parse_chat(chat_request(asked, history))
+    parse_body(ChatCompletionRequest, chat_request(asked, history))
 EXAMPLES = 60
 
 

@@ -268,3 +268,16 @@ def test_the_store_keeps_the_most_recently_used_within_its_bytes():
     put("e", 100)
     assert put("e", 200) and len([i for i in ("c", "d", "e") if store.get("k", i)]) == 3  # replaced, not twice
     assert store.nbytes == sum(s.nbytes for s in store._kept.values())
+
+
+async def test_a_limit_of_the_chat_path_is_said_in_the_responses_apis_words(tmp_path, stub_model_dir, fake_engines,
+                                                                             aiohttp_client):
+    node = await make_node(tmp_path, stub_model_dir, fake_engines, extra="[limits]\nmax_tokens = 8\n")
+    try:
+        client = await aiohttp_client(create_app(node))
+        response = await client.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 9})
+        assert response.status == 400
+        error = assert_openai_error(await response.json(), "max_tokens_too_large", "max_output_tokens")
+        assert error["message"].startswith("'max_output_tokens' is 9") and "max_completion" not in error["message"]
+    finally:
+        await node.engine.close()
