@@ -312,14 +312,19 @@ async def test_a_prompt_shared_by_its_first_choice_is_reused_while_that_choice_r
                                              "age of wisdom, it was the age of foolishness"))
         params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
         expected = tokens_of([d async for d in plain.generate(GenerationRequest("ref", ids, params))])
+        # The first runs far longer than the other, so it is still running when the other ends (a
+        # first of 16 tokens could end, and be kept on release, before the other is admitted).
+        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
         for share, cached in ((False, 0), (True, (len(ids) - 1) // 16 * 16)):
             scope = f"share {share}"
-            first = caching.generate(GenerationRequest(f"first-{share}", ids, params, cache_scope=scope,
+            first = caching.generate(GenerationRequest(f"first-{share}", ids, long, cache_scope=scope,
                                                        share_prompt=share))
             lead = [await anext(first)]  # prefilled (and kept, when shared); still running
             other = [d async for d in caching.generate(GenerationRequest(f"other-{share}", ids, params,
                                                                          cache_scope=scope))]
-            lead += [d async for d in first]
+            while len(tokens_of(lead)) < len(expected):
+                lead.append(await anext(first))
+            await first.aclose()  # cancelled
             assert other[0].cached_tokens == cached and lead[0].cached_tokens == 0
             assert tokens_of(other) == tokens_of(lead) == expected
     finally:
