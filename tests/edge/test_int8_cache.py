@@ -18,6 +18,11 @@ from .conftest import convert_cli, onnx_engine, run, tokens_of
 
 PROMPTS = {"a": [5, 17, 99, 200, 31, 8, 77, 4, 300, 12], "b": [40, 41, 42], "c": [300, 12, 12, 64, 7, 7]}
 THEN = [3, 150, 9, 77]
+# How far logits of one prompt fed two ways may differ, where one way attends over rounded keys and
+# values: a tenth of their spread. How much the rounding moves them depends on the trained weights
+# (under 0.05 of the spread on the bundled model CI built, 0.057 on one built on another machine); a
+# wrong cache moves them by the spread itself, and the argmax with them.
+ROUNDING = 0.1
 
 
 def runner_for(folder):
@@ -66,7 +71,7 @@ def test_a_first_chunk_writes_the_cache_as_the_int8_kernel_does(fp32_weights):
         assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 2
         assert np.count_nonzero(a) > a.size // 2  # written, not left at zero
     assert whole.argmax() == one_by_one.argmax()
-    assert np.abs(whole - one_by_one).max() < 0.05 * whole.std()
+    assert np.abs(whole - one_by_one).max() < ROUNDING * whole.std()
 
 
 def test_a_later_chunk_continues_over_the_int8_cache(fp32_weights):
@@ -76,7 +81,7 @@ def test_a_later_chunk_continues_over_the_int8_cache(fp32_weights):
     fp32_weights.prefill("chunked", prompt[:4], 0)
     last = fp32_weights.prefill("chunked", prompt[4:], 4)
     assert last.argmax() == whole.argmax()
-    assert np.abs(last - whole).max() < 0.05 * whole.std()
+    assert np.abs(last - whole).max() < ROUNDING * whole.std()
     assert len(fp32_weights.fed["chunked"]) == len(prompt)
 
 
