@@ -98,7 +98,7 @@ def to_api_error(exc: BaseException) -> APIError:
             code="not_ready", headers={"Retry-After": "5"},
         )
     if isinstance(exc, ConstraintFailed):
-        return APIError(400, str(exc), param="response_format", code="invalid_schema")
+        return APIError(400, str(exc), param=exc.param, code="invalid_schema")
     if isinstance(exc, EngineError):
         return APIError(500, str(exc), type="server_error", code="engine_error")
     if isinstance(exc, SplitError):  # an operator's canary command that does not apply

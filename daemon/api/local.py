@@ -18,12 +18,12 @@ from ..record import RequestRecord
 from .appkeys import NODE
 from .chat_output import ChatOutput, new_chat_output
 from .choices import Choice, choice_params, first_deltas, merged, new_choices
+from .constraint import answer_constraint
 from .errors import APIError, bad_request, to_api_error
 from .logprobs import vllm_prompt_logprobs
 from .render import PASS, Render
 from .responses import Shape, chunk, full_response, usage, usage_chunk
 from .schemas import Body, ChatCompletionRequest, CompletionRequest
-from .tools import answer_constraint
 
 
 def sampling_params(body: Body, prompt_tokens: int, max_context: int, limits: LimitsSection,
@@ -91,9 +91,9 @@ async def serve_local(
 
     echoes = _echo_texts(tokenizer, body, prompts)
     choices = new_choices(tokenizer, body, shape, new_output, [echo for echo in echoes for _ in range(body.n)])
-    constraint, output = None, choices[0].output
-    if output is not None and isinstance(body, ChatCompletionRequest):
-        constraint = await answer_constraint(body, tokenizer, output.reasons, output.starts_in_reasoning)
+    output = choices[0].output
+    constraint = await answer_constraint(body, tokenizer, output is not None and output.reasons,
+                                         output is not None and output.starts_in_reasoning)
     streams, scope = [], cache_scope(record.user, body.cache_salt)
     shared = _shares_prompt(engine, body, prompts)
     for prompt in prompts:

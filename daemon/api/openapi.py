@@ -22,6 +22,7 @@ from .schemas import (
     MAX_LOGIT_BIAS,
     MAX_PROMPTS,
     MAX_STOP_SEQUENCES,
+    STRUCTURED_KINDS,
     ChatCompletionRequest,
     CompletionRequest,
     null_means_default,
@@ -75,6 +76,7 @@ def request_schemas() -> dict[str, Any]:
     _add_chat_rules(components)
     _add_completion_rules(components)
     _add_responses_rules(components)
+    _add_structure_rules(components)
     for model in models:
         props = components[model.__name__]["properties"]
         _add_validator_rules(props)
@@ -131,6 +133,23 @@ def _add_responses_rules(components: dict[str, Any]) -> None:
         {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": ["none", None]}}}},
          "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}},
     ]
+
+
+def _add_structure_rules(components: dict[str, Any]) -> None:
+    """vLLM's `structured_outputs` gives exactly one kind of structure (`json_object` counts when
+    true), and not with a JSON `response_format` (a Responses request's `text.format`)."""
+    not_null = {"not": {"type": "null"}}
+    kinds = [{"required": [kind], "properties": {kind: not_null}} for kind in STRUCTURED_KINDS[:-1]]
+    components["StructuredOutputs"]["oneOf"] = [*kinds, {"required": ["json_object"],
+                                                         "properties": {"json_object": {"const": True}}}]
+    json_format = {"type": "object", "required": ["type"],
+                   "properties": {"type": {"enum": ["json_object", "json_schema"]}}}
+    no_structure = {"properties": {"structured_outputs": {"type": "null"}}}
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        components[request].setdefault("allOf", []).append({"anyOf": [
+            no_structure, {"properties": {"response_format": {"not": json_format}}}]})
+    components["ResponsesRequest"]["allOf"].append({"anyOf": [
+        no_structure, {"properties": {"text": {"properties": {"format": {"not": json_format}}}}}]})
 
 
 def _add_completion_rules(components: dict[str, Any]) -> None:

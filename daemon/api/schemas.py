@@ -191,6 +191,44 @@ class ResponseFormat(_Body):
         return self
 
 
+MAX_CHOICE_STRINGS = 1024  # structured_outputs.choice
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: the answer matches exactly one of a JSON schema (an object, or its
+    JSON text), a regular expression, one of several strings, a Lark or GBNF grammar, or any JSON
+    object. vLLM's knobs with no meaning here are refused rather than ignored."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: Annotated[str, Field(min_length=1)] | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICE_STRINGS)] | None = None
+    grammar: Annotated[str, Field(min_length=1)] | None = None
+    json_object: bool | None = None
+    whitespace_pattern: None = None
+    structural_tag: None = None
+    disable_fallback: bool | None = None  # one grammar library, no fallback: true or not, the same
+    disable_any_whitespace: bool | None = None  # JSON is always compact here (no free whitespace)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputs":
+        given = self.kinds()
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(STRUCTURED_KINDS[:-1])} or json_object: true"
+                             + (f", not {' and '.join(given)}" if given else ""))
+        return self
+
+    def kinds(self) -> list[str]:
+        values = {"json": self.json_, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                  "json_object": self.json_object or None}
+        return [kind for kind in STRUCTURED_KINDS if values[kind] is not None]
+
+    def json_schema(self) -> dict[str, Any] | str | None:
+        """The JSON schema asked for, as an object or its JSON text (`json_object`: any object); None:
+        not JSON."""
+        return {"type": "object"} if self.json_object else self.json_
+
+
 class _Sampling(_Nullable):
     model: str = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
@@ -220,6 +258,24 @@ class _Sampling(_Nullable):
     return_tokens_as_token_ids: bool = False  # vLLM's: log-probability entries name tokens `token_id:N`
     # vLLM's: the prompt's log-probabilities in vLLM's shape, with this many alternatives (whole answers)
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = None
+    response_format: ResponseFormat | None = None  # a text completion takes it too (as vLLM)
+    structured_outputs: StructuredOutputs | None = None  # vLLM's
+    # vLLM's older spellings, removed in vLLM 0.12: refused with the new name rather than ignored
+    guided_json: None = None
+    guided_regex: None = None
+    guided_choice: None = None
+    guided_grammar: None = None
+    guided_whitespace_pattern: None = None
+    guided_decoding_backend: str | None = None  # one grammar library here: whatever is named, it is used
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_structure(cls, value: Any, info: ValidationInfo) -> Any:
+        """One way of asking for structured output."""
+        form = info.data.get("response_format")
+        if value is not None and form is not None and form.type != "text":
+            raise ValueError("'response_format' is given too; give one of them: each sets the answer's structure")
+        return value
 
     def requested_prompt_logprobs(self) -> int | None:
         """How many alternatives the engine keeps for each prompt token, if the prompt is scored."""
@@ -272,7 +328,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolSpecIn] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    response_format: ResponseFormat | None = None
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -428,6 +483,8 @@ _UNION_TAGS = {"str", "int", "list[str]", "list[int]", "list[list[int]]", "list[
 _UNSUPPORTED_HINT = {
     "best_of": "only best_of=1 is supported",
     "suffix": "suffix (insertion) is not supported",
+    **{f"guided_{kind}": f"vLLM's guided_{kind} is structured_outputs.{kind} since vLLM 0.12; send that"
+       for kind in ("json", "regex", "choice", "grammar", "whitespace_pattern")},
 }
 
 

@@ -6,25 +6,18 @@ and turned into the grammar its answer must follow.
   words of the model's own format. `tool_choice: "none"` renders no tools.
 - `tool_choice: "required"` or a named function: the answer is constrained to the model's tool-call
   format, arguments to each tool's parameter schema; `"auto"`: the model decides, its calls are parsed.
-- `response_format` `json_object` / `json_schema`: the answer is constrained to the schema (not when a
-  tool call is forced: the call is the answer then).
+
+The grammar a forced call (or `response_format`, or vLLM's `structured_outputs`) makes the answer
+follow is built in `dsnode.api.constraint`.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from ..inference.grammar import (
-    Constraint,
-    GrammarError,
-    check_grammar,
-    json_schema_grammar,
-    lark_grammar,
-)
 from ..inference.tokenizer import TextTokenizer
 from ..inference.toolformats import ToolSpec, format_for_template, template_renders_tools
-from .errors import APIError, bad_request
+from .errors import bad_request
 from .schemas import ChatCompletionRequest
 
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -77,49 +70,3 @@ def _with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[st
         first = {**messages[0], "content": messages[0]["content"] + "\n\n" + text}
         return [first, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
-
-
-async def answer_constraint(body: ChatCompletionRequest, tokenizer: TextTokenizer, reasons: bool = False,
-                            in_reasoning: bool = False) -> Constraint | None:
-    """The grammar the answer must follow, checked against the model's vocabulary off the event loop.
-    A schema or tool the grammar library cannot use → 400 naming it."""
-    if not offered_tools(body) and _response_schema(body) is None:
-        return None  # free text: no thread hop
-    grammar = await asyncio.to_thread(_grammar, body, tokenizer)
-    return None if grammar is None else Constraint(grammar, after_reasoning=reasons, in_reasoning=in_reasoning)
-
-
-def _grammar(body: ChatCompletionRequest, tokenizer: TextTokenizer) -> str | None:
-    for i, tool in enumerate(offered_tools(body)):
-        _check(json_schema_grammar, tool.parameters, tokenizer, f"tools[{i}].function.parameters",
-               f"The parameters of tool `{tool.name}` are not a JSON schema dsnode can use")
-    forced = forced_tools(body)
-    if forced:
-        form = format_for_template(tokenizer.chat_template)
-        return _check(lark_grammar, form.lark(forced, tokenizer, body.parallel_tool_calls), tokenizer, "tools",
-                      "The tools cannot be turned into a grammar")
-    schema = _response_schema(body)
-    if schema is None:
-        return None
-    return _check(json_schema_grammar, schema, tokenizer, "response_format",
-                  "response_format's schema cannot be compiled")
-
-
-def _response_schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
-    form = body.response_format
-    if form is None or form.type == "text":
-        return None
-    if form.type == "json_object":
-        return {"type": "object"}
-    assert form.json_schema is not None and form.json_schema.schema_ is not None  # checked by the schema
-    return form.json_schema.schema_
-
-
-def _check(build: Any, source: Any, tokenizer: TextTokenizer, param: str, what: str) -> str:
-    try:
-        grammar: str = build(source)
-        check_grammar(grammar, tokenizer)
-    except Exception as exc:  # whatever the library says of a client's schema, it is the client's 400
-        why = str(exc) if isinstance(exc, GrammarError) else f"{type(exc).__name__}: {exc}"
-        raise APIError(400, f"{what}: {why}", param=param, code="invalid_schema") from None
-    return grammar

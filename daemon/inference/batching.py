@@ -349,7 +349,7 @@ class BatchingEngine(Engine):
                 logits = live.guide.mask(logits, params.max_tokens - live.completion_tokens)
         except (GrammarError, GuideError) as exc:
             log.warning("engine_constraint_failed", seq_id=live.seq_id, error=str(exc))
-            failed[live.seq_id] = exc
+            failed[live.seq_id] = _constraint_failed(live, exc)
             return
         token = sample_token(logits, params, live.rng)
         logprob = None if params.logprobs is None else token_logprob(raw, token, params.logprobs)
@@ -367,7 +367,7 @@ class BatchingEngine(Engine):
                 delta = self._advance(live, token, logprob)
             except GuideError as exc:  # the mask should make this impossible: fail the request, not the node
                 log.error("engine_constraint_broken", seq_id=seq_id, error=str(exc))
-                broken[seq_id] = exc
+                broken[seq_id] = _constraint_failed(live, exc)
                 continue
             outgoing.append((live, delta))
             if delta.finish_reason is not None:
@@ -463,9 +463,14 @@ def _step_ids(plan: StepPlan) -> set[str]:
 
 
 def _model_failed(exc: Exception) -> EngineError:
-    if isinstance(exc, (GrammarError, GuideError)):
-        return ConstraintFailed(f"the request's grammar (response_format or tools) failed: {exc}")
+    if isinstance(exc, ConstraintFailed):
+        return exc
     return EngineError(f"the model failed on this request: {exc}")
+
+
+def _constraint_failed(live: LiveSequence, exc: Exception) -> ConstraintFailed:
+    param = live.request.constraint.param if live.request.constraint is not None else "response_format"
+    return ConstraintFailed(f"the request's grammar ({param}) failed: {exc}", param)
 
 
 def context_limit(model_limit: int, configured: int | None, batching: BatchingSection) -> int:

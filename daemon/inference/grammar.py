@@ -1,16 +1,18 @@
 """Constrained decoding: each step, a token mask from a grammar, applied to the logits before sampling.
 
-The grammar library is llguidance: it compiles JSON schemas and Lark grammars, computes the mask as a
-numpy bitmask on the CPU (no torch: the edge has none) and has no dependencies of its own. A request's
-`Constraint` is plain data; the engine's worker thread turns it into a `TokenGuide` (one per
-sequence) and steps it: `mask(logits, remaining)` before sampling, `accept(token)` after.
+The grammar library is llguidance: it compiles JSON schemas, regular expressions and Lark grammars,
+computes the mask as a numpy bitmask on the CPU (no torch: the edge has none) and has no dependencies
+of its own. A request's `Constraint` is plain data; the engine's worker thread turns it into a
+`TokenGuide` (one per sequence) and steps it: `mask(logits, remaining)` before sampling,
+`accept(token)` after.
 
 Two things beyond the mask keep every answer complete:
 - near the end of `max_tokens` (the last third, 8 to 160 tokens) the guide prefers, among the
   allowed tokens, the one that closes the innermost open JSON string, array or object (it follows
   the nesting of the text so far), then separators (`,`, `:`) that move on to what the schema still
   requires, then end of text and closing markers (`</tool_call>`), so a document finishes instead of
-  being cut;
+  being cut; a grammar that is not JSON (a regex, a choice, a Lark/GBNF grammar: vLLM's
+  `structured_outputs`) is only steered to end of text, where it allows it, so its match ends there;
 - a reasoning model thinks first, unconstrained, until `</think>`; its reasoning is closed for it
   when only half of `max_tokens` is left, so the answer has room.
 """
@@ -19,17 +21,20 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import llguidance
 import llguidance.numpy as llnp
 import numpy as np
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
 from .tokenizer import TextTokenizer
 
 # Compact JSON with Python's separators (what the bundled models were trained on); no free whitespace,
 # which a model could otherwise repeat until max_tokens.
+FIRST_MASK_BUDGET_S = 0.5  # check_grammar: a grammar whose first token mask takes longer is refused
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 THINK_START, THINK_END = "<think>", "</think>"
 _CLOSING_CHARS = frozenset('"}]` \n')
@@ -54,9 +59,14 @@ class Constraint:
     grammar: str
     after_reasoning: bool = False
     in_reasoning: bool = False
+    # a JSON document (a schema, a tool call): near `max_tokens` the guide steers towards closing it;
+    # otherwise (a regex, a choice, a grammar) it only prefers ending where the grammar allows it
+    closes_json: bool = True
+    param: str = "response_format"  # the request parameter the grammar came from, for its errors
 
 
-def json_schema_grammar(schema: dict[str, Any]) -> str:
+def json_schema_grammar(schema: dict[str, Any] | str) -> str:
+    """`schema`: a JSON schema, or its JSON text."""
     try:
         return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE))  # type: ignore[arg-type]
     except ValueError as exc:
@@ -72,13 +82,50 @@ def lark_grammar(lark: str) -> str:
     return str(llguidance.LLMatcher.grammar_from_lark(lark))
 
 
-def check_grammar(grammar: str, tokenizer: TextTokenizer | None = None) -> None:
+def regex_grammar(pattern: str) -> str:
+    """The whole answer matches `pattern` (Rust's regex syntax, as vLLM's guidance backend)."""
+    return str(llguidance.LLMatcher.grammar_from_regex(pattern))
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """The whole answer is exactly one of `choices`."""
+    return lark_grammar("start: " + " | ".join(json.dumps(choice) for choice in choices))
+
+
+def cfg_grammar(text: str) -> str:
+    """A context-free grammar in Lark syntax or in llama.cpp's GBNF (as vLLM's `grammar`)."""
+    try:
+        return lark_grammar(any_to_lark(text))
+    except GbnfToLarkError as exc:
+        raise GrammarError(f"neither Lark nor GBNF: {exc}") from None
+
+
+def check_grammar(grammar: str, tokenizer: TextTokenizer | None = None,
+                  first_mask_budget_s: float = FIRST_MASK_BUDGET_S) -> None:
     """Compile `grammar` (for this tokenizer's vocabulary when given); raises GrammarError saying why it
-    cannot be used. Milliseconds for usual schemas: call it off the event loop."""
-    llg = vocab_of(tokenizer).llg if tokenizer is not None else None
+    cannot be used. Milliseconds for usual schemas: call it off the event loop.
+
+    With a tokenizer, the first token mask is computed too, and a grammar whose first mask takes over
+    `first_mask_budget_s` is refused: some regexes (`(a{1000}){1000}`) compile in a millisecond, then
+    spend over a second on their first mask and fail at the next token with "too many expressions
+    constructed". Found here, in the API's thread, that time is not taken from the engine's worker
+    thread, which steps every running sequence. Usual schemas and regexes take milliseconds."""
+    vocab = vocab_of(tokenizer) if tokenizer is not None else None
+    llg = vocab.llg if vocab is not None else None
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llg)
     if is_error:
         raise GrammarError(messages[0] if messages else "the grammar does not compile")
+    if vocab is None:
+        return
+    started = time.perf_counter()
+    matcher = llguidance.LLMatcher(vocab.llg, grammar, log_level=0)
+    llnp.fill_next_token_bitmask(matcher, llnp.allocate_token_bitmask(1, vocab.size))
+    took = time.perf_counter() - started
+    if matcher.is_error():
+        raise GrammarError(matcher.get_error().split("\n<state>", 1)[0].strip())
+    if took > first_mask_budget_s:
+        raise GrammarError(f"it is too complex to follow while decoding: its first token mask took {took:.2f} s "
+                           f"(at most {first_mask_budget_s} s; usual grammars take milliseconds)")
 
 
 @dataclass(frozen=True)
@@ -172,6 +219,7 @@ class TokenGuide:
         reasons = constraint.after_reasoning and vocab.think_end is not None
         self._phase = ("reasoning" if constraint.in_reasoning else "may_reason") if reasons else "grammar"
         self._nesting = _Nesting([])
+        self._closes_json = constraint.closes_json
 
     @property
     def finished(self) -> bool:
@@ -189,9 +237,12 @@ class TokenGuide:
             allowed[self._vocab.think_start] = True
         if remaining <= self._reserve:
             vocab = self._vocab
-            innermost = vocab.first_char == self._nesting.closer
-            allowed = _narrowed(allowed, innermost & vocab.closing, innermost & vocab.moving_on, vocab.moving_on,
-                                vocab.ending)
+            if self._closes_json:
+                innermost = vocab.first_char == self._nesting.closer
+                allowed = _narrowed(allowed, innermost & vocab.closing, innermost & vocab.moving_on,
+                                    vocab.moving_on, vocab.ending)
+            else:
+                allowed = _narrowed(allowed, vocab.eos)
         if not allowed.any():
             raise GuideError(f"the grammar allows no token: {self._matcher.get_error() or 'it is complete'}")
         return _keep(logits, allowed)

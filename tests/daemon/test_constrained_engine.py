@@ -79,9 +79,10 @@ async def test_constrained_requests_batched_with_free_ones_all_answer_valid_json
 
 async def test_a_constraint_that_cannot_start_fails_only_its_request(engine):
     good = Constraint(json_schema_grammar(SCHEMA))
-    broken = Constraint('{"grammars": [{"lark_grammar": "start: @nonsense"}]}')
+    broken = Constraint('{"grammars": [{"lark_grammar": "start: @nonsense"}]}', param="structured_outputs.grammar")
     results = await asyncio.gather(run(engine, "broken", broken, 40), run(engine, "good", good, 120),
                                    return_exceptions=True)
     assert isinstance(results[0], ConstraintFailed)  # a 400: the client's grammar, not the node
+    assert results[0].param == "structured_outputs.grammar"  # the 400 names where the grammar came from
     text, finish, _ = results[1]
     assert finish == "stop" and json.loads(text)["city"] is not None

@@ -1,17 +1,22 @@
-"""Constrained decoding with llguidance: random logits under a schema still give valid JSON."""
+"""Constrained decoding with llguidance: random logits under a schema still give valid JSON; under a
+regex, a choice or a Lark/GBNF grammar (vLLM's `structured_outputs`), a match."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
 from dsnode.inference.grammar import (
     Constraint,
     GrammarError,
+    cfg_grammar,
     check_grammar,
+    choice_grammar,
     closing_reserve,
     json_schema_grammar,
+    regex_grammar,
     start_guide,
 )
 
@@ -80,3 +85,59 @@ def test_schemas_the_library_cannot_compile_say_why(tokenizer, schema, words):
     with pytest.raises(GrammarError) as info:
         check_grammar(json_schema_grammar(schema), tokenizer)
     assert words in str(info.value) and str(info.value)
+
+
+def _not_json(grammar: str) -> Constraint:
+    return Constraint(grammar, closes_json=False, param="structured_outputs")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_logits_under_a_choice_give_exactly_one_of_the_choices(tokenizer, seed):
+    choices = ["whale", "ship", 'a "quoted" \\ line\n', "sea and sky"]
+    text, finish = generate(tokenizer, _not_json(choice_grammar(choices)), max_tokens=40, seed=seed)
+    assert finish == "stop" and text in choices
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_logits_under_a_regex_give_a_full_match(tokenizer, seed):
+    pattern = r"[a-z]{2,8}@[a-z]{2,6}\.(com|org)"
+    text, finish = generate(tokenizer, _not_json(regex_grammar(pattern)), max_tokens=40, seed=seed)
+    assert finish == "stop" and re.fullmatch(pattern, text), text
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_open_ended_regex_ends_where_it_may_in_the_last_third(tokenizer, seed):
+    """This regex never has to end: in the last third of max_tokens the guide takes end of text (a
+    match), not the JSON closers (`"`, `}`) a schema's answer is steered to, which it also allows."""
+    pattern = '[a-z "}]+'
+    text, finish = generate(tokenizer, _not_json(regex_grammar(pattern)), max_tokens=30, seed=seed)
+    assert finish == "stop" and re.fullmatch(pattern, text), text
+
+
+@pytest.mark.parametrize("grammar", [
+    'start: "yes" | "no" | "maybe " NUMBER\nNUMBER: /[0-9]{1,3}/',  # Lark
+    'root ::= "yes" | "no" | "maybe " [0-9] [0-9]? [0-9]?',  # llama.cpp's GBNF
+])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_logits_under_a_lark_or_gbnf_grammar_give_a_sentence_of_it(tokenizer, grammar, seed):
+    text, finish = generate(tokenizer, _not_json(cfg_grammar(grammar)), max_tokens=20, seed=seed)
+    assert finish == "stop" and re.fullmatch(r"yes|no|maybe [0-9]{1,3}", text), text
+
+
+@pytest.mark.parametrize("build, source, words", [
+    (regex_grammar, "(unclosed", "unclosed group"),
+    (cfg_grammar, "root ::== x", "neither Lark nor GBNF"),
+    (cfg_grammar, "start: missing_rule", "missing_rule"),
+])
+def test_regexes_and_grammars_the_library_cannot_compile_say_why(tokenizer, build, source, words):
+    with pytest.raises(GrammarError) as info:
+        check_grammar(build(source), tokenizer)
+    assert words in str(info.value)
+
+
+def test_a_grammar_whose_first_mask_is_too_slow_is_refused_before_it_reaches_an_engine(tokenizer):
+    """This regex compiles at once, then spends over a second on its first mask here (and fails at the
+    next token): refused at the check, with what it took. A usual regex is well inside the budget."""
+    with pytest.raises(GrammarError, match="too complex to follow while decoding"):
+        check_grammar(regex_grammar("(a{1000}){1000}"), tokenizer, first_mask_budget_s=0.2)
+    check_grammar(regex_grammar(r"[a-z]{2,8}@[a-z]{2,6}\.(com|org)"), tokenizer, first_mask_budget_s=0.2)

@@ -6,6 +6,7 @@ is the client-compatibility table of docs/clients.md.
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -129,6 +130,76 @@ def test_a_schema_the_library_cannot_compile_is_400_naming_response_format(route
             model=route.model, messages=[{"role": "user", "content": "x"}],
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
     assert info.value.body["param"] == "response_format" and "objekt" in info.value.body["message"]
+
+
+# --- vLLM's structured_outputs ------------------------------------------------------------------------
+SENTIMENTS = ["positive", "negative", "neutral"]
+DATE = r"(18|19|20)[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]"
+
+
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_a_chat_answer_is_one_of_the_choices(routes, route_name):
+    """vLLM's commonest use of structured outputs (classification), as its docs send it: the SDK's
+    `extra_body`. A reasoning model reasons first, unconstrained, then answers one of the choices."""
+    route = routes[route_name]
+    for content in ("Describe Ahab.", THINK_PROMPT, "Is the sea blue?"):
+        answer = sdk(route).chat.completions.create(
+            model=route.model, messages=[{"role": "user", "content": content}], max_tokens=80,
+            extra_body={"structured_outputs": {"choice": SENTIMENTS}})
+        choice = answer.choices[0]
+        assert choice.message.content in SENTIMENTS and choice.finish_reason == "stop", choice
+
+
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_a_text_completion_matches_a_regex_and_a_grammar(routes, route_name):
+    """Text completions take structured outputs too (as vLLM), constrained from the first token."""
+    route = routes[route_name]
+    client = sdk(route)
+    dated = client.completions.create(model=route.model, prompt="Moby-Dick was published on", max_tokens=24,
+                                      temperature=0.8, seed=3, n=3, extra_body={"structured_outputs": {"regex": DATE}})
+    for choice in dated.choices:
+        assert re.fullmatch(DATE, choice.text) and choice.finish_reason == "stop", choice
+    gbnf = 'root ::= "Call me " name "."\nname ::= [A-Z] [a-z]+'
+    named = client.completions.create(model=route.model, prompt="The first line:", max_tokens=24, temperature=0,
+                                      extra_body={"structured_outputs": {"grammar": gbnf}})
+    assert re.fullmatch(r"Call me [A-Z][a-z]+\.", named.choices[0].text), named.choices[0]
+
+
+@pytest.mark.parametrize("route_name", ["edge", "edge→central"])
+def test_a_streamed_chat_follows_a_json_schema_given_as_structured_outputs(routes, route_name):
+    route = routes[route_name]
+    schema = Book.model_json_schema()
+    stream = sdk(route).chat.completions.create(
+        model=route.model, messages=[{"role": "user", "content": "Describe Ishmael in JSON."}], max_tokens=120,
+        stream=True, extra_body={"structured_outputs": {"json": schema}})
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_text_completion_takes_response_format_as_vllm_does(routes):
+    route = routes["edge"]
+    answer = sdk(route).completions.create(model=route.model, prompt="Ahab as JSON:", max_tokens=80,
+                                           extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(answer.choices[0].text), dict)
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex", "unclosed group"),
+    ({"structured_outputs": {"grammar": "root ::== x"}}, "structured_outputs.grammar", "neither Lark nor GBNF"),
+    ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json", "key must be a string"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs", "not regex and choice"),
+    ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "structured_outputs",
+     "'response_format' is given too"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice", "structured_outputs.choice"),
+    ({"structured_outputs": {"choice": ["a"]}, "tools": [WEATHER_TOOL], "tool_choice": "required"},
+     "structured_outputs", "a tool call is forced"),
+])
+def test_a_structured_output_that_cannot_be_used_is_400_naming_it(routes, extra, param, words):
+    """Refused by the node that would answer: here the central, behind the edge."""
+    route = routes["edge→central"]
+    body = {"model": route.model, "messages": [{"role": "user", "content": "x"}], **extra}
+    status, answer = post(route.url, "/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
 
 
 # --- tools ------------------------------------------------------------------------------------------

@@ -77,6 +77,19 @@ def test_responses_parse_with_a_pydantic_model(routes, route_name):
     assert isinstance(response.output_parsed, Book), response.output_text
 
 
+@pytest.mark.parametrize("route_name", ["edge", "edge→central"])
+def test_a_response_takes_vllms_structured_outputs(routes, route_name):
+    route = routes[route_name]
+    client = sdk(route)
+    response = client.responses.create(model=route.model, input="Is the sea blue?", max_output_tokens=80,
+                                       extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert response.status == "completed" and response.output_text in ("yes", "no"), response
+    with pytest.raises(openai.BadRequestError) as info:  # not with a JSON text.format: each sets the structure
+        client.responses.create(model=route.model, input="x", text={"format": {"type": "json_object"}},
+                                extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert info.value.body["param"] == "structured_outputs" and "'text.format'" in info.value.body["message"]
+
+
 def test_a_tool_call_and_its_output_round_trip_through_previous_response_id(routes):
     """The bundled dense model calls the weather tool on its own; the next turn sends only the tool's
     output and the previous response's id, and the node renders the whole conversation: its prompt is

@@ -36,6 +36,7 @@ from ..schemas import (
     MAX_LOGPROBS,
     PENALTY_RANGE,
     Int,
+    StructuredOutputs,
     _Body,
     _no_bool,
     _Nullable,
@@ -191,6 +192,7 @@ class ResponsesRequest(_Nullable):
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
+    structured_outputs: StructuredOutputs | None = None  # the chat request's (a JSON text.format excludes it)
 
     @field_validator("top_logprobs", "max_output_tokens", "top_k", "seed", "min_tokens", mode="before")
     @classmethod
@@ -296,6 +298,8 @@ def chat_request(request: ResponsesRequest, history: list[dict[str, Any]]) -> di
         "repetition_penalty": request.repetition_penalty, "presence_penalty": request.presence_penalty,
         "frequency_penalty": request.frequency_penalty, "stop": request.stop, "cache_salt": request.cache_salt,
         "ignore_eos": request.ignore_eos or None, "min_tokens": request.min_tokens or None,
+        "structured_outputs": request.structured_outputs and request.structured_outputs.model_dump(
+            by_alias=True, exclude_none=True),
     }
     chat.update({k: v for k, v in fields.items() if v is not None})
     if request.wants_logprobs:

@@ -48,6 +48,10 @@ def test_image_parts_are_refused():
     ("tool_choice", "auto", "tool_choice"),
     # Literal[1] / Literal[False] compare by equality in Python; JSON keeps true and 1 apart, and so do we
     ("n", True, "n"), ("presence_penalty", False, "presence_penalty"), ("logprobs", 0, "logprobs"),
+    # vLLM's structured_outputs: exactly one kind; its knobs with no meaning here, and its older spellings
+    ("structured_outputs", {}, "structured_outputs"), ("structured_outputs", {"json_object": False}, "structured_outputs"),
+    ("structured_outputs", {"regex": "a", "grammar": "b"}, "structured_outputs"),
+    ("guided_regex", "a+", "guided_regex"), ("guided_json", {"type": "object"}, "guided_json"),
 ])
 def test_refused_values_name_their_parameter(field, value, param):
     error = refused(ChatCompletionRequest, {**CHAT, field: value})
@@ -128,3 +132,27 @@ def test_sampling_defaults_and_caps():
                           LimitsSection(max_tokens=5))
     assert info.value.param == "max_completion_tokens"
     check_body_limits(parse_body(ChatCompletionRequest, {**CHAT, "max_tokens": 5}), LimitsSection(max_tokens=5))
+
+
+@pytest.mark.parametrize("given, param", [
+    ({"choice": []}, "structured_outputs.choice"), ({"choice": ["x"] * 1025}, "structured_outputs.choice"),
+    ({"regex": ""}, "structured_outputs.regex"), ({"choice": "a"}, "structured_outputs.choice"),
+    ({"json_object": True, "structural_tag": {"x": 1}}, "structured_outputs.structural_tag"),
+    ({"json_object": True, "whitespace_pattern": " "}, "structured_outputs.whitespace_pattern"),
+])
+def test_a_bad_structured_outputs_field_is_named(given, param):
+    assert refused(ChatCompletionRequest, {**CHAT, "structured_outputs": given}).param == param
+
+
+def test_structured_outputs_take_one_kind_and_not_a_json_response_format():
+    for given in ({"choice": ["a", "b"]}, {"regex": "[0-9]+"}, {"grammar": 'start: "x"'}, {"json": {"type": "object"}},
+                  {"json": '{"type": "object"}'}, {"json_object": True}, {"json_object": False, "regex": "a"}):
+        for model, body in ((ChatCompletionRequest, CHAT), (CompletionRequest, {"model": "m", "prompt": "x"})):
+            parsed = parse_body(model, {**body, "structured_outputs": given})
+            assert len(parsed.structured_outputs.kinds()) == 1
+    both = {**CHAT, "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}
+    assert refused(ChatCompletionRequest, both).param == "structured_outputs"
+    text = {**both, "response_format": {"type": "text"}}  # text format: no structure of its own
+    assert parse_body(ChatCompletionRequest, text).structured_outputs.regex == "a"
+    guided = refused(ChatCompletionRequest, {**CHAT, "guided_choice": ["a"]})
+    assert "structured_outputs.choice" in guided.message and guided.code == "unsupported_value"
