@@ -484,7 +484,7 @@ _UNSUPPORTED_HINT = {
     "best_of": "only best_of=1 is supported",
     "suffix": "suffix (insertion) is not supported",
     **{f"guided_{kind}": f"vLLM's guided_{kind} is structured_outputs.{kind} since vLLM 0.12; send that"
-       for kind in ("json", "regex", "choice", "grammar", "whitespace_pattern")},
+       for kind in ("json", "regex", "choice", "grammar")},
 }
 
 
