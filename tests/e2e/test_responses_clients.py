@@ -88,6 +88,9 @@ def test_a_response_takes_vllms_structured_outputs(routes, route_name):
         client.responses.create(model=route.model, input="x", text={"format": {"type": "json_object"}},
                                 extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
     assert info.value.body["param"] == "structured_outputs" and "'text.format'" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:  # vLLM's removed spelling: refused, not ignored
+        client.responses.create(model=route.model, input="x", extra_body={"guided_choice": ["yes", "no"]})
+    assert info.value.body["param"] == "guided_choice" and "structured_outputs.choice" in info.value.body["message"]
 
 
 def test_a_tool_call_and_its_output_round_trip_through_previous_response_id(routes):

@@ -193,6 +193,10 @@ class ResponsesRequest(_Nullable):
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
     structured_outputs: StructuredOutputs | None = None  # the chat request's (a JSON text.format excludes it)
+    guided_json: None = None  # vLLM's removed spellings of structured_outputs: refused with the new name
+    guided_regex: None = None
+    guided_choice: None = None
+    guided_grammar: None = None
 
     @field_validator("top_logprobs", "max_output_tokens", "top_k", "seed", "min_tokens", mode="before")
     @classmethod
