@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
@@ -57,7 +56,6 @@ from .transformers_engine import describe_model
 log = structlog.get_logger("dsnode.central")
 
 FATAL_GRACE_S = 10.0  # a rank that reported a fatal error exits within this
-CAUSE_GRACE_S = 2.0  # _cause_of: how long a rank's exit waits for the group's link to name a lost host
 
 
 @dataclass
@@ -225,25 +223,11 @@ class DeepSpeedEngine(BatchingEngine):
             self._ranks.end(f"the group ended: {reason}")
 
     def _rank_died(self, reason: str) -> None:
-        reason = self._cause_of(reason)
         self._leave_group(reason)
         if self._loaded is None:  # still loading: `_load_blocking` raises with this reason
             log.error("rank_died_while_loading", reason=reason)
             return
         self._die(reason)
-
-
-    def _cause_of(self, reason: str) -> str:
-        """In a group of hosts, a rank that exited with an error code is often the effect of another host
-        leaving (its collective broke), and may be seen first on a busy host: give the group's link a
-        moment to say which host left, and report that as the cause. A signal is a cause of its own."""
-        link = self._link
-        if link is None or "killed by" in reason:
-            return reason
-        deadline = time.monotonic() + CAUSE_GRACE_S
-        while link.lost_reason is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return reason if link.lost_reason is None else f"the group ended: {link.lost_reason} ({reason})"
 
 
 def _device_name(placement: Placement) -> str:

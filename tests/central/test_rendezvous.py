@@ -205,28 +205,3 @@ def _catch(into: list[Any], call: Any) -> None:
 def test_member_who_names_the_host():
     assert member(0).who() == "the leader central-0"
     assert replace(member(1), node="gpu-b").who() == "host 1 (gpu-b)"
-
-
-@pytest.mark.parametrize("seen_after_s, rank_reason, cause", [
-    (0.2, "tensor-parallel rank 0 (pid 7) exited with code 1", "the group ended: host 1 (central-1) closed its link"),
-    (0.2, "tensor-parallel rank 0 (pid 7) was killed by SIGKILL", "tensor-parallel rank 0 (pid 7) was killed"),
-    (None, "tensor-parallel rank 0 (pid 7) exited with code 1", "tensor-parallel rank 0 (pid 7) exited"),
-])
-def test_a_rank_that_exits_after_a_host_left_is_reported_as_that_host_leaving(monkeypatch, seen_after_s,
-                                                                              rank_reason, cause):
-    """On a busy host the leader's own rank (its collective broken by the dead host) can exit before the
-    group's link reads the closed connection: the death waits a moment for the link and names the host.
-    A rank killed by a signal is a cause of its own; with no host lost, the rank's exit is the reason."""
-    from types import SimpleNamespace
-
-    from dsnode.central import deepspeed_engine
-
-    monkeypatch.setattr(deepspeed_engine, "CAUSE_GRACE_S", 1.0)
-    link = SimpleNamespace(lost_reason=None)
-    if seen_after_s is not None:
-        def lose() -> None:
-            time.sleep(seen_after_s)
-            link.lost_reason = "host 1 (central-1) closed its link to this host (its daemon stopped or died)"
-        threading.Thread(target=lose, daemon=True).start()
-    reason = deepspeed_engine.DeepSpeedEngine._cause_of(SimpleNamespace(_link=link), rank_reason)
-    assert reason.startswith(cause) and rank_reason in reason
