@@ -312,7 +312,9 @@ async def test_penalised_greedy_answers_equal_the_model_decoded_with_the_same_ru
     # after random tokens it is unsure.
     rng = random.Random(0)
     candidates = [[rng.randrange(10, 500) for _ in range(6)] for _ in range(40)]
-    ids, expected = next((c, e) for c in candidates if (e := changed(c)) is not None)
+    found = next(((c, e) for c in candidates if (e := changed(c)) is not None), None)
+    assert found is not None, "no prompt whose greedy answer the rule changes: the comparison would mean nothing"
+    ids, expected = found
     answer = await completion(client, prompt=ids, max_tokens=24, logprobs=0, **params)
     served = ids_of(tokenizer, answer["choices"][0]["logprobs"]["tokens"])
     assert served == expected, json.dumps(answer["choices"][0]["text"])
