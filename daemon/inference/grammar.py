@@ -32,9 +32,9 @@ from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
 from .tokenizer import TextTokenizer
 
+FIRST_MASK_BUDGET_S = 0.5  # check_grammar: a grammar whose first token mask takes longer is refused
 # Compact JSON with Python's separators (what the bundled models were trained on); no free whitespace,
 # which a model could otherwise repeat until max_tokens.
-FIRST_MASK_BUDGET_S = 0.5  # check_grammar: a grammar whose first token mask takes longer is refused
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 THINK_START, THINK_END = "<think>", "</think>"
 _CLOSING_CHARS = frozenset('"}]` \n')
