@@ -135,7 +135,7 @@ class ConstraintFailed(EngineError):
     """The request's grammar could not be followed (it compiled, but the library gave up on it): the
     client's schema, not the node, is at fault. `param`: the request parameter the grammar came from."""
 
-    def __init__(self, message: str, param: str = "response_format") -> None:
+    def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
 

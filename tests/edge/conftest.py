@@ -9,7 +9,7 @@ import hashlib
 import io
 import json
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,9 +134,9 @@ async def torch_engine(dense_dir) -> AsyncIterator[Engine]:
     await engine.close()
 
 
-async def run(engine: Engine, prompt: str, request_id: str = "r", **params: Any) -> list[Delta]:
-    """Every delta of one generation of `prompt` (completion-style encoding)."""
-    ids = tuple(engine.tokenizer.encode(prompt))
+async def run(engine: Engine, prompt: str | Sequence[int], request_id: str = "r", **params: Any) -> list[Delta]:
+    """Every delta of one generation of `prompt`: a text (completion-style encoding) or token ids."""
+    ids = tuple(engine.tokenizer.encode(prompt)) if isinstance(prompt, str) else tuple(prompt)
     request = GenerationRequest(request_id, ids, SamplingParams(**{"temperature": 0.0, **params}))
     return [delta async for delta in engine.generate(request)]
 

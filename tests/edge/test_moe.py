@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 from dsnode.edge.manifest import read_manifest
-from dsnode.inference.engine import GenerationRequest, SamplingParams
 
-from tests.edge.conftest import convert_quietly, loaded, model_section, onnx_engine, tokens_of
+from tests.edge.conftest import convert_quietly, loaded, model_section, onnx_engine, run, tokens_of
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +27,15 @@ async def test_deepseek_v3_converts_and_generates_like_torch(tmp_path_factory, m
         same = total = 0
         for prompt in ("Four score and", "It was the best of times", "Call me"):
             ids = tuple(torch_engine.tokenizer.encode(prompt))
-            expected = tokens_of(await generate(torch_engine, ids, 16))
+            expected = tokens_of(await run(torch_engine, ids, max_tokens=16, ignore_eos=True))
             # each next token after torch's own prefix: one flipped near-tie does not make every later
             # position differ, as it would in two free-running answers
             for i, token in enumerate(expected):
-                same += tokens_of(await generate(edge, ids + tuple(expected[:i]), 1)) == [token]
+                after = ids + tuple(expected[:i])
+                same += tokens_of(await run(edge, after, max_tokens=1, ignore_eos=True)) == [token]
                 total += 1
         assert same / total >= 0.9  # the same int8 bar as the dense model, for the same reason
     finally:
         await edge.close()
         await torch_engine.close()
 
-
-async def generate(engine, ids: tuple[int, ...], max_tokens: int):
-    request = GenerationRequest("r", ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-    return [delta async for delta in engine.generate(request)]
