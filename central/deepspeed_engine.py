@@ -213,6 +213,7 @@ class DeepSpeedEngine(BatchingEngine):
             env=lambda rank: (group.rank_env(dict(os.environ), rank, extra) if group is not None
                               else worker_env(dict(os.environ), rank, placement.ranks, port, extra)),
             on_death=self._rank_died,
+            ending_elsewhere=self._host_left,
             first_rank=group.settings.first_rank if group is not None else 0,
         )
         return self._ranks
@@ -221,6 +222,9 @@ class DeepSpeedEngine(BatchingEngine):
         """Another host left the group (its link said so, closed, or went silent): end ours."""
         if self._ranks is not None:
             self._ranks.end(f"the group ended: {reason}")
+
+    def _host_left(self) -> bool:
+        return self._link is not None and self._link.peer_closed()
 
     def _rank_died(self, reason: str) -> None:
         self._leave_group(reason)

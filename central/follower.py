@@ -123,7 +123,8 @@ class FollowerEngine(Engine):
         command, extra = rank_command(self._model, placement, weights, self._batching), rank_threads(self._model, placement)
         self._ranks = RankGroup(placement.ranks, command=lambda rank: command,
                                 env=lambda rank: group.rank_env(dict(os.environ), rank, extra),
-                                on_death=self._rank_died, first_rank=group.settings.first_rank)
+                                on_death=self._rank_died, first_rank=group.settings.first_rank,
+                                ending_elsewhere=self._link.peer_closed)
         control = self._ranks.start()
         kind, facts = receive(control, self._ranks, LOAD_TIMEOUT_S, "while loading the model")
         if kind != "ready":

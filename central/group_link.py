@@ -53,6 +53,13 @@ class GroupLink:
     def ended(self) -> bool:
         return self._ended.is_set()
 
+    def peer_closed(self) -> bool:
+        """Whether another host has already closed its link (its daemon died or left), before the reader
+        thread may have read so: that host's account is on its way to `on_lost`."""
+        if self._ended.is_set():
+            return self.lost_reason is not None  # not when this host ended the group itself
+        return any(wire.peer_closed() for wire in list(self.formed.wires.values()))
+
     # --- threads ---------------------------------------------------------------------------------
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

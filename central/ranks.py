@@ -7,7 +7,10 @@ ranks only talk to rank 0, through torch.distributed.
 A watcher thread owns the processes: it starts them (so `PR_SET_PDEATHSIG`, which the workers set,
 fires when *it* ends, i.e. with the daemon) and polls them. When a rank exits while the group is not
 being stopped, the watcher kills the others at once (they would wait forever in a collective),
-records why, and calls `on_death(reason)`.
+records why, and calls `on_death(reason)`. In a group of hosts a rank's exit is often the effect of
+another host leaving (its collective broke): when `ending_elsewhere()` says that host's account is on
+its way (its link is closed), the watcher gives it `ELSEWHERE_GRACE_S` to arrive through `end`, so the
+death is reported with its cause, not as "rank 0 exited with code 1".
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ log = structlog.get_logger("dsnode.central")
 
 POLL_S = 0.1  # how often the watcher looks at the processes
 STOP_TIMEOUT_S = 15.0  # a rank asked to close gets this long before it is killed
+# Under the 1 s that a runner call waits for the death's account (`RemoteRunner._send`), which would
+# otherwise report the closed control socket instead
+ELSEWHERE_GRACE_S = 0.5
 
 
 class RankStartError(Exception):
@@ -44,6 +50,7 @@ class RankGroup:
     env: Callable[[int], dict[str, str]]
     on_death: Callable[[str], None]
     first_rank: int = 0
+    ending_elsewhere: Callable[[], bool] = lambda: False  # another host left; its `end` is coming
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     dead_reason: str | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -153,6 +160,8 @@ class RankGroup:
             time.sleep(POLL_S)
 
     def _died(self) -> None:
+        if self.ending_elsewhere() and self._dead.wait(ELSEWHERE_GRACE_S):
+            return  # `end` reported the death, with the other host's reason
         exited = [(self.first_rank + rank, p) for rank, p in enumerate(self.processes)
                   if p.poll() is not None]
         # a signal is a cause; an exit code is often the effect (a peer's broken collective)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import select
 import socket
 import threading
 import time
@@ -66,6 +67,15 @@ class Wire:
         if not isinstance(message, dict):
             raise WireClosed(f"{self.peer} sent JSON that is not an object: not a dsnode daemon")
         return message
+
+    def peer_closed(self) -> bool:
+        """Whether the other side has closed (or reset) the connection, even with messages of it still
+        unread: polled without reading, so it may be asked from any thread while another receives."""
+        if self.sock.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         try:

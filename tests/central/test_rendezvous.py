@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from dsnode.central.group_link import GroupLink
 from dsnode.central.rendezvous import Formed, Member, RendezvousError, join, lead
+from dsnode.central.wire import WireClosed
 from dsnode.distributed import DistributedSection
 
 from tests.support.nodes import free_port
@@ -205,3 +206,33 @@ def _catch(into: list[Any], call: Any) -> None:
 def test_member_who_names_the_host():
     assert member(0).who() == "the leader central-0"
     assert replace(member(1), node="gpu-b").who() == "host 1 (gpu-b)"
+
+
+def test_a_closed_link_is_seen_before_its_last_messages_are_read():
+    """A rank's exit asks whether another host has left (`GroupLink.peer_closed`) while the reader
+    thread may not have read that host's last words yet: the poll sees the close without reading them."""
+    leader, follower = meet(None, None)
+    assert isinstance(leader, Formed) and isinstance(follower, Formed)
+    link = GroupLink(leader, 0, 3.0, lambda reason: None)  # not started: nothing reads its wires
+    assert not link.peer_closed()
+    follower.wires[0].send({"type": "ended", "why": "rank 3 was killed by SIGKILL"})
+    assert not link.peer_closed()  # a message alone is not a close
+    follower.wires[0].close()
+    deadline = time.monotonic() + 5
+    while not link.peer_closed() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert link.peer_closed()
+    wire = leader.wires[1]
+    assert wire.receive(1.0) == {"type": "ended", "why": "rank 3 was killed by SIGKILL"}  # still there
+    with pytest.raises(WireClosed):
+        wire.receive(1.0)
+    close(leader)
+
+
+def test_a_host_that_ended_its_group_itself_has_no_closed_peer_to_wait_for():
+    leader, follower = meet(None, None)
+    assert isinstance(leader, Formed) and isinstance(follower, Formed)
+    link = GroupLink(leader, 0, 3.0, lambda reason: None)
+    link.end("the leader central-0 is stopping")
+    assert not link.peer_closed()
+    close(follower)
