@@ -169,8 +169,8 @@ class Node:
         `upstreams_provider`)."""
         return self.upstreams_provider() if self.upstreams_provider else []
 
-    def observe(self, record: RequestRecord) -> None:
-        """A request ended: log its one record and let observers (metrics) count it."""
+    def log_request(self, record: RequestRecord) -> None:
+        """A request's one log record (a warning for 4xx, an error for 5xx)."""
         fields = record.fields()
         if record.status >= 500:
             log.error("request", **fields)
@@ -178,6 +178,10 @@ class Node:
             log.warning("request", **fields)
         else:
             log.info("request", **fields)
+
+    def observe(self, record: RequestRecord) -> None:
+        """A request ended: log its one record and let observers (metrics) count it."""
+        self.log_request(record)
         for observer in self.observers:
             try:
                 observer(record)

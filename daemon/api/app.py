@@ -11,7 +11,7 @@ from aiohttp import web
 from ..metrics import install_metrics
 from ..metrics.collectors import StoredResponsesCollector
 from ..node import Node
-from . import canary, completions, models, probes
+from . import canary, completions, models, probes, tokenize
 from .appkeys import NODE
 from .auth import AUTH, Auth, auth_middleware
 from .errors import Handler, error_middleware
@@ -52,6 +52,8 @@ def create_app(node: Node, nccl_result: Path | None = None) -> web.Application:
     app.router.add_delete("/v1/responses/{response_id}", responses_api.delete_response)
     app.router.add_get("/v1/responses/{response_id}/input_items", responses_api.list_input_items)
     app.router.add_get("/v1/models", models.list_models)
+    app.router.add_post("/tokenize", tokenize.tokenize)
+    app.router.add_post("/detokenize", tokenize.detokenize)
     app.router.add_get("/v1/models/{model_id:.+}", models.get_model)
     app.router.add_get("/health", probes.health)
     app.router.add_get("/ready", probes.ready)

@@ -27,6 +27,7 @@ from .schemas import (
     CompletionRequest,
     null_means_default,
 )
+from .tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 OPENAPI_VERSION = "3.1.0"
 _REF = "#/components/schemas/{model}"
@@ -82,7 +83,22 @@ def request_schemas() -> dict[str, Any]:
         _add_validator_rules(props)
         for name in null_means_default(model):
             props[name] = _or_null(props[name])
+    _add_tokenizer_schemas(components)
     return components
+
+
+def _add_tokenizer_schemas(components: dict[str, Any]) -> None:
+    """vLLM's `/tokenize` (a text, or a chat's messages) and `/detokenize` bodies."""
+    for model in (TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest):
+        schema = model.model_json_schema(ref_template=_REF)
+        for name, part in schema.pop("$defs", {}).items():
+            components.setdefault(name, part)
+        for name in null_means_default(model):
+            schema["properties"][name] = _or_null(schema["properties"][name])
+        components[model.__name__] = schema
+    text_form = {"allOf": [{"$ref": _REF.format(model="TokenizeCompletionRequest")},
+                           {"not": {"required": ["messages"]}}]}  # with `messages` it is the chat form
+    components["TokenizeRequest"] = {"anyOf": [text_form, {"$ref": _REF.format(model="TokenizeChatRequest")}]}
 
 
 _ANNOTATIONS = ("default", "title", "description")
@@ -285,6 +301,14 @@ def _response_schemas() -> dict[str, Any]:
                     k: count for k in ("input_tokens", "output_tokens", "total_tokens")}},
             },
         },
+        "Tokens": {
+            "type": "object",
+            "required": ["count", "max_model_len", "tokens", "token_strs"],
+            "properties": {"count": count, "max_model_len": {"type": "integer"},
+                           "tokens": {"type": "array", "items": count},
+                           "token_strs": {"type": ["array", "null"], "items": _STRING}},
+        },
+        "Text": {"type": "object", "required": ["prompt"], "properties": {"prompt": _STRING}},
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
@@ -344,6 +368,14 @@ def _completion(summary: str, request: str, answer: str, description: str = _STR
     }
 
 
+def _tokenizer(summary: str, request: str, answer: str) -> dict[str, Any]:
+    """vLLM's tokenizer endpoints: a JSON answer with the completion headers (who answered, and how)."""
+    operation = _completion(summary, request, answer)
+    operation["responses"]["200"]["description"] = "The answer of the node whose tokenizer counts (X-DSNode-Node)."
+    del operation["responses"]["200"]["content"]["text/event-stream"]
+    return operation
+
+
 def _get(summary: str, content_type: str, schema: dict[str, Any], errors: tuple[str, ...] = (),
          extra: dict[str, Any] | None = None, open_: bool = False) -> dict[str, Any]:
     operation: dict[str, Any] = {
@@ -391,6 +423,10 @@ def openapi_document(bearer: bool, peers: bool = False) -> dict[str, Any]:
                 **_get("A stored response's input items (newest first by default)", "application/json", any_json,
                        ("400", "401", "404")),
                 "parameters": [_RESPONSE_ID, *_LIST_PARAMETERS]}},
+            "/tokenize": {"post": _tokenizer("A text's or a chat's token ids, with the tokenizer and chat template "
+                                             "of the node that serves the model (vLLM's)", "TokenizeRequest",
+                                             "Tokens")},
+            "/detokenize": {"post": _tokenizer("The text of token ids (vLLM's)", "DetokenizeRequest", "Text")},
             "/v1/models": {"get": _get("Every model reachable through this node", "application/json",
                                        {"$ref": "#/components/schemas/ModelList"}, ("401",))},
             "/v1/models/{model_id}": {"get": {

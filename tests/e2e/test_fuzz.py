@@ -109,8 +109,11 @@ def _forwards(edge: ServeProcess) -> bool:
 
 def fuzzed_document() -> dict:
     document = openapi_document(bearer=True)
+    schemas = document["components"]["schemas"]
     for name in ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest"):
-        document["components"]["schemas"][name]["properties"]["model"] = {"enum": [MODEL, "no-such-model"]}
+        schemas[name]["properties"]["model"] = {"enum": [MODEL, "no-such-model"]}
+    for name in ("TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"):  # optional there
+        schemas[name]["properties"]["model"] = {"enum": [MODEL, "no-such-model", None]}
     return document
 
 
