@@ -7,6 +7,7 @@ Both are real `dsnode serve` processes with real config files, as on a LAN.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import headers
-from ..processes import stop_process
+from ..processes import sigterm_when_parent_dies, stop_process
 from .formats import curl_examples, show_formats
 
 MODEL_NAME = "deepseek-r1-tiny"  # both nodes serve this name: the edge a distilled int8 variant
@@ -130,6 +131,8 @@ def start(node: DemoNode) -> None:
         node.process = subprocess.Popen(
             [sys.executable, "-m", "dsnode.cli", "serve", "--config", str(node.config)],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            # a demo killed with SIGKILL takes its nodes along (the demo starts no threads of its own)
+            preexec_fn=sigterm_when_parent_dies(),  # noqa: PLW1509
         )
 
 
@@ -233,6 +236,8 @@ Press Ctrl-C to stop.""", flush=True)
 
 
 def run_demo(cache_dir: Path, once: bool, port: int) -> int:
+    for stopping in _STOP_SIGNALS:  # `kill`, a closed terminal: as Ctrl-C, at any point of the demo
+        signal.signal(stopping, _interrupted)
     models = prepare_models(cache_dir)
     work = Path(tempfile.mkdtemp(prefix="dsnode-demo-"))
     central, edge = node_configs(models, work, port)
@@ -271,7 +276,8 @@ def _clean_up(work: Path, keep: bool, interactive: bool) -> None:
         return
     shutil.rmtree(work, ignore_errors=True)
     if interactive:
-        print(f"\nstopped both nodes; removed {work}", flush=True)
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            print(f"\nstopped both nodes; removed {work}", flush=True)
 
 
 def dsnode_command() -> str:
@@ -281,10 +287,16 @@ def dsnode_command() -> str:
     return str(script) if script.is_file() else f"{sys.executable} -m dsnode.cli"
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _wait_for_interrupt() -> None:
-    signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    signal.sigwait(signals)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.sigwait(_STOP_SIGNALS)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

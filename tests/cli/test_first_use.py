@@ -1,9 +1,10 @@
-"""What a newcomer meets first: `dsnode --help`, `make demo` stopped with Ctrl-C, the banner's
-`dsnode status` command pasted into a shell without the venv on PATH, `dsnode bench load` at a URL
-where nothing listens."""
+"""What a newcomer meets first: `dsnode --help`, `make demo` stopped with Ctrl-C (or `kill`, a closed
+terminal, SIGKILL: its nodes never outlive it), the banner's `dsnode status` command pasted into a shell
+without the venv on PATH, `dsnode bench load` at a URL where nothing listens."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -16,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.store.conftest import dsnode
@@ -77,6 +79,43 @@ def test_demo_banner_command_works_and_ctrl_c_removes_the_temp_folder(bundled):
     rest = output.until(f"removed {work}", timeout=10)
     assert demo.returncode == 0, rest
     assert not work.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stopping", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_demo_stopped_while_its_nodes_start_leaves_no_node_running(bundled, tmp_path, stopping):
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "dsnode.cli", "demo", "--port", str(free_port_pair()), "--cache-dir", str(cache_dir())],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)})
+    nodes: list[psutil.Process] = []
+    try:
+        nodes = children_once_started(demo, count=2, timeout=300)
+        demo.send_signal(stopping)
+        code = demo.wait(timeout=120)
+        _, alive = psutil.wait_procs(nodes, timeout=120)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        demo.kill()
+        for node in nodes:  # a failed run leaves nothing behind either
+            with contextlib.suppress(psutil.NoSuchProcess):
+                node.kill()
+    if stopping == signal.SIGKILL:
+        assert code == -signal.SIGKILL  # nothing of the demo ran: its nodes went by themselves
+    else:
+        assert code == 0 and not list(tmp_path.glob("dsnode-demo-*"))  # cleaned up as after Ctrl-C
+
+
+def children_once_started(process: subprocess.Popen[bytes], count: int, timeout: float) -> list[psutil.Process]:
+    """The `dsnode serve` children of `process`, once it has started `count` of them (not yet ready)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = [c for c in psutil.Process(process.pid).children() if "serve" in c.cmdline()]
+        if len(children) == count:
+            return children
+        assert process.poll() is None, f"the demo exited with {process.returncode}"
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} nodes started in {timeout:.0f}s")
 
 
 class Output:
