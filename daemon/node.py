@@ -169,21 +169,22 @@ class Node:
         `upstreams_provider`)."""
         return self.upstreams_provider() if self.upstreams_provider else []
 
-    def log_request(self, record: RequestRecord) -> None:
-        """A request's one log record (a warning for 4xx, an error for 5xx)."""
-        fields = record.fields()
-        if record.status >= 500:
-            log.error("request", **fields)
-        elif record.status >= 400:
-            log.warning("request", **fields)
-        else:
-            log.info("request", **fields)
-
     def observe(self, record: RequestRecord) -> None:
         """A request ended: log its one record and let observers (metrics) count it."""
-        self.log_request(record)
+        log_request(record)
         for observer in self.observers:
             try:
                 observer(record)
             except Exception:
                 log.exception("observer_failed", request_id=record.request_id)
+
+
+def log_request(record: RequestRecord) -> None:
+    """A request's one log record (a warning for 4xx, an error for 5xx)."""
+    fields = record.fields()
+    if record.status >= 500:
+        log.error("request", **fields)
+    elif record.status >= 400:
+        log.warning("request", **fields)
+    else:
+        log.info("request", **fields)

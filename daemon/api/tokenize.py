@@ -26,7 +26,7 @@ from .. import headers
 from ..cluster.routing import Route
 from ..inference.engine import EngineNotReady
 from ..inference.tokenizer import TextTokenizer
-from ..node import Node, Serving
+from ..node import Node, Serving, log_request
 from ..record import RequestRecord
 from .appkeys import NODE
 from .auth import admit
@@ -104,7 +104,7 @@ async def _answer(request: web.Request, endpoint: str) -> web.StreamResponse:
         record.done(error.status, error.message)
         raise
     finally:
-        node.log_request(record)
+        log_request(record)
 
 
 async def _serve(request: web.Request, node: Node, endpoint: str, record: RequestRecord) -> web.StreamResponse:

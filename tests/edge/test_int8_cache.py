@@ -23,6 +23,11 @@ THEN = [3, 150, 9, 77]
 # (under 0.05 of the spread on the bundled model CI built, 0.057 on one built on another machine); a
 # wrong cache moves them by the spread itself, and the argmax with them.
 ROUNDING = 0.1
+# Against the source model the error is measured per position (each row of logits: a wrong position
+# or step moves its row by about the spread) as an RMS, not a largest value: over a model's whole
+# vocabulary a few logits stray furthest, and how far depends on the build (largest 0.10-0.14 of the
+# spread, RMS 0.010-0.022 on one built on a 2-core machine).
+SOURCE_RMS = 0.05
 
 
 def runner_for(folder):
@@ -121,7 +126,8 @@ def test_the_rounded_cache_stays_close_to_the_source_model(int8_cache_dirs, dens
         with torch.inference_mode():
             want = model(input_ids=torch.tensor([prompt + THEN])).logits[0, len(prompt) - 1:].numpy()
         spread = want.std()
-        assert np.abs(got - want).max() < 0.1 * spread  # float32 weights: only the cache is rounded
+        rms_per_position = np.sqrt(((got - want) ** 2).mean(-1))
+        assert rms_per_position.max() < SOURCE_RMS * spread  # float32 weights: only the cache is rounded
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
     runner.close()
 
