@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -97,12 +98,23 @@ async def test_the_body_must_be_json(client):
     assert response.status == 400 and "error" in await response.json()
 
 
-async def test_long_inputs_are_handled_off_the_event_loop_with_the_same_answer(client, node):
+async def test_long_inputs_are_handled_off_the_event_loop_with_the_same_answer(client, node, monkeypatch):
+    threaded = []
+    to_thread = asyncio.to_thread
+
+    async def spy(function, *args):
+        threaded.append(function)
+        return await to_thread(function, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    status, _, _ = await post(client, "/tokenize", {"prompt": TEXT})
+    assert status == 200 and not threaded  # a short text: on the loop, no thread hop
     long_text = TEXT * 1000  # over TOKENIZE_IN_THREAD_CHARS
     status, answer, _ = await post(client, "/tokenize", {"prompt": long_text, "add_special_tokens": False})
     assert status == 200 and answer["tokens"] == node.engine.tokenizer.encode(long_text, add_special_tokens=False)
     status, back, _ = await post(client, "/detokenize", {"tokens": answer["tokens"]})
     assert status == 200 and back["prompt"] == long_text
+    assert len(threaded) == 2  # the encoding and the decoding each in a thread
 
 
 async def test_a_chat_over_the_message_limit_is_refused(tmp_path, stub_model_dir, fake_engines, aiohttp_client):
