@@ -8,7 +8,7 @@
 The model is the issue's: a random-weight Qwen2 of 246M parameters with Qwen2-7B's proportions (hidden
 1024, 16 layers, 16 heads / 4 KV heads, intermediate 2816, vocab 32000, untied LM head). It is
 converted by the product (`dsnode convert`: int8, int8 with 64-weight blocks, int8 with an int8 KV cache,
-int4, int8-dynamic) and
+int8 with both, int4, int8-dynamic) and
 by onnxruntime-genai's builder (int8 and int4, block 128, accuracy level 4, as dsnode's default; its
 blocks are symmetric, as dsnode's int8; dsnode's int4 blocks carry zero points).
 
@@ -43,7 +43,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 BASELINE = "genai int8"
 # name, --quant, --block-size (None: the default, 128), --kv-cache
 DSNODE_CONTENDERS = (("dsnode int8", "int8", None, "float"), ("dsnode int8 b64", "int8", 64, "float"),
-                     ("dsnode int8 kv8", "int8", None, "int8"), ("dsnode int4", "int4", None, "float"),
+                     ("dsnode int8 kv8", "int8", None, "int8"), ("dsnode int8 b64 kv8", "int8", 64, "int8"),
+                     ("dsnode int4", "int4", None, "float"),
                      ("dsnode int8-dynamic", "int8-dynamic", None, "float"))
 METRICS = ("decode_tok_s", "decode_tok_cpu_s", "prefill_tok_s", "prefill_tok_cpu_s", "ttft_s")
 

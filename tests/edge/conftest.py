@@ -155,14 +155,15 @@ async def run_all(engine: Engine, prompts: list[str], **params: Any) -> list[lis
 
 @pytest.fixture(scope="session")
 def int8_cache_dirs(tmp_path_factory, dense_dir) -> dict[str, Path]:
-    """`--kv-cache int8` over float32 weights ("none": the cache's rounding alone) and over int8 weights,
+    """`--kv-cache int8` over float32 weights ("none": the cache's rounding alone), over int8 weights, and
+    over int8 weights in blocks of 64 ("int8-b64": the CPU configuration docs/edge.md recommends),
     converted by the command line."""
     root = tmp_path_factory.mktemp("kv8")
     folders = {}
-    for quant in ("none", "int8"):
-        run = convert_cli(str(dense_dir), str(root / quant), "--quant", quant, "--kv-cache", "int8", "--quiet")
+    for name, quant, block in (("none", "none", ()), ("int8", "int8", ()), ("int8-b64", "int8", ("--block-size", "64"))):
+        run = convert_cli(str(dense_dir), str(root / name), "--quant", quant, *block, "--kv-cache", "int8", "--quiet")
         assert run.code == 0, run.stderr
-        folders[quant] = root / quant
+        folders[name] = root / name
     return folders
 
 

@@ -133,8 +133,9 @@ def test_the_rounded_cache_stays_close_to_the_source_model(int8_cache_dirs, dens
 
 
 @pytest.mark.asyncio
-async def test_the_engine_serves_an_int8_cache_folder_alone_and_batched(int8_cache_dirs):
-    engine = onnx_engine(int8_cache_dirs["int8"])
+@pytest.mark.parametrize(("name", "block"), [("int8", 128), ("int8-b64", 64)])
+async def test_the_engine_serves_an_int8_cache_folder_alone_and_batched(int8_cache_dirs, name, block):
+    engine = onnx_engine(int8_cache_dirs[name])
     await engine.load()
     try:
         prompts = ["It was the best of times", "The quick brown fox", "Once upon a time"]
@@ -143,6 +144,7 @@ async def test_the_engine_serves_an_int8_cache_folder_alone_and_batched(int8_cac
         assert [tokens_of(d) for d in together] == alone
         assert all(len(tokens) == 12 for tokens in alone)
         assert engine.info.extra["weights"]["method"] == "MatMulNBits"
+        assert engine.info.extra["weights"]["block_size"] == block
         assert engine.info.extra["kv_cache"] == "int8"
     finally:
         await engine.close()
